@@ -1,0 +1,1 @@
+"""Observers of the training step (gradients, attention, profiling) and the offline analysis."""

@@ -1,0 +1,1 @@
+"""Training: config, data, distributed setup, the loop and checkpoints."""

@@ -1,0 +1,167 @@
+"""Assemble a run from its config: folders, logging, data, model, optimizer, observers."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+import yaml
+
+from diagnostics.observer import ObserverGroup, RunContext
+from diagnostics.observers import build_observers
+from model import CelestialPGAT
+from trainer import distributed
+from trainer.checkpoint import CheckpointManager
+from trainer.config import Config
+from trainer.data import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
+from trainer.distributed import DistEnv
+from trainer.errors import UserError
+from trainer.loop import Progress, Trainer
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.run_log import RunLog, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    prepared: PreparedData
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    test_loader: torch.utils.data.DataLoader
+
+
+def resolve_experiment_name(config: Config, config_path: str | None) -> str:
+    """`train.experiment_name`, else `<config stem>_<start time>`, agreed by all ranks.
+
+    Under torchrun the start time is the launcher's, so workers restarted after a failure
+    find the same experiment (and its checkpoints)."""
+    if config.train.experiment_name:
+        return config.train.experiment_name
+    started = time.time()
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        started = psutil.Process(os.getppid()).create_time()
+    stem = Path(config_path).stem if config_path else "run"
+    name = f"{stem}_{time.strftime('%Y%m%d_%H%M%S', time.localtime(started))}"
+    return distributed.broadcast_object(name)
+
+
+def build_data(config: Config, env: DistEnv) -> DataBundle:
+    if env.rank == 0:
+        ensure_dataset(config.data)   # the built-in dataset is generated once, by rank 0
+    distributed.barrier()
+    m = config.model
+    prepared = prepare(config.data, m.seq_len, m.pred_len)
+    datasets = {split: WindowDataset(prepared, split, m.seq_len, m.pred_len,
+                                     config.data.window_stride) for split in prepared.borders}
+    loaders = {split: build_loader(ds, config.data, env.rank, env.world_size, config.train.seed,
+                                   train=split == "train") for split, ds in datasets.items()}
+    if len(loaders["train"]) < config.train.grad_accum_steps:
+        raise UserError(f"the training split gives {len(loaders['train'])} batches per rank, fewer "
+                        f"than train.grad_accum_steps ({config.train.grad_accum_steps}): lower "
+                        f"data.batch_size or use more data")
+    return DataBundle(prepared, loaders["train"], loaders["val"], loaders["test"])
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "bf16" if cuda_bf16 else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    if not enabled:
+        return model
+    try:
+        compiled = torch.compile(model)
+        log.info("model compiled with torch.compile (first steps are slower while it traces)")
+        return compiled
+    except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+        log.warning("torch.compile failed (%s): training the eager model", err)
+        return model
+
+
+def check_experiment_folder(checkpoints: CheckpointManager, resume: str, name: str) -> None:
+    if not resume and checkpoints.complete_checkpoints():
+        raise UserError(f"experiment {name!r} already has checkpoints in {checkpoints.folder}: "
+                        f"pass --resume auto to continue it, or choose another --experiment_name")
+
+
+def build_trainer(config: Config, env: DistEnv, config_path: str | None = None) -> Trainer:
+    name = resolve_experiment_name(config, config_path)
+    config.train.experiment_name = name
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and not config.train.resume:
+        config.train.resume = "auto"   # a restarted worker continues from the newest checkpoint
+    log_dir = Path(config.train.log_root) / name
+    setup_logging(log_dir, env.rank, config.train.progress_bar)
+    checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name)
+    check_experiment_folder(checkpoints, config.train.resume, name)
+    if env.rank == 0:
+        (log_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    data = build_data(config, env)
+
+    seed_everything(config.train.seed)   # identical initial weights on every rank
+    model = CelestialPGAT(config.model, data.prepared.spec).to(env.device)
+    train_model = distributed.wrap_ddp(maybe_compile(model, config.train.compile), env)
+    optimizer = build_optimizer(model, config.optim, env.device)
+    steps_per_epoch = len(data.train_loader) // config.train.grad_accum_steps
+    total = config.train.epochs * steps_per_epoch
+    if config.train.max_steps:
+        total = min(total, config.train.max_steps)
+    scheduler = build_scheduler(optimizer, config.optim, total)
+    dtype = autocast_dtype(config.train.precision, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
+    observers = build_observers(config.diagnostics, config.checkpoint.interval, env.world_size)
+    run_log = RunLog(log_dir if env.rank == 0 else None, total, 0,
+                     config.diagnostics.tensorboard, config.train.progress_bar)
+    local_batch = config.data.batch_size * config.train.grad_accum_steps
+    context = RunContext(config, model, train_model, optimizer, data.prepared.spec, log_dir,
+                         run_log, env.device, env.world_size, local_batch, env.rank == 0)
+    trainer = Trainer(config, env, data, model, train_model, optimizer, scheduler, scaler,
+                      ObserverGroup(observers), checkpoints, run_log, context, dtype)
+    trainer.progress = Progress(total_steps=total)
+    start_from_checkpoint(trainer, checkpoints, config, env)
+    describe_run(trainer, steps_per_epoch, log_dir, checkpoints.folder)
+    return trainer
+
+
+def start_from_checkpoint(trainer: Trainer, checkpoints: CheckpointManager, config: Config,
+                          env: DistEnv) -> None:
+    # Per-rank RNG streams (dropout, graph sampling) derive from the one seed.
+    seed_everything(config.train.seed + 1_000_003 * env.rank)
+    if not config.train.resume:
+        return
+    try:
+        folder = checkpoints.find_resumable(config.train.resume)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if folder is None:
+        log.info("--resume auto: no usable checkpoint in %s, starting fresh", checkpoints.folder)
+        return
+    trainer.resume(folder)
+    trainer.run_log.bar.n = trainer.progress.step
+    trainer.run_log.bar.total = trainer.progress.total_steps
+
+
+def describe_run(trainer: Trainer, steps_per_epoch: int, log_dir: Path, ckpt_dir: Path) -> None:
+    c, env = trainer.config, trainer.env
+    params = sum(p.numel() for p in trainer.model.parameters())
+    log.info("experiment %s: logs in %s, checkpoints in %s", c.train.experiment_name, log_dir, ckpt_dir)
+    log.info("device %s x %d rank(s), backend %s, precision %s, %s parameters",
+             env.device, env.world_size, env.backend or "none", c.train.precision, f"{params:,}")
+    log.info("effective batch %d = %d per rank x %d rank(s) x %d accumulation; %d steps per "
+             "epoch, %d steps in all", trainer.samples_per_step, c.data.batch_size,
+             env.world_size, c.train.grad_accum_steps, steps_per_epoch, trainer.progress.total_steps)

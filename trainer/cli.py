@@ -1,0 +1,75 @@
+"""`python launch/train.py --config ...` (also the `celestial-train` console script).
+
+The reference card's flags are shortcuts for config keys; `--set key=value` sets any key.
+Precedence: defaults < YAML file < card flags < --set, in the order given.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from trainer import distributed
+from trainer.config import load_config, parse_override
+from trainer.errors import UserError
+
+# flag -> (dotted config key, type)
+VALUE_FLAGS = {
+    "experiment_name": ("train.experiment_name", str),
+    "epochs": ("train.epochs", int),
+    "max_steps": ("train.max_steps", int),
+    "log_interval": ("train.log_interval", int),
+    "resume": ("train.resume", str),
+    "device": ("train.device", str),
+    "precision": ("train.precision", str),
+    "batch_size": ("data.batch_size", int),
+    "checkpoint_interval": ("checkpoint.interval", int),
+    "gradient_log_interval": ("diagnostics.gradient_log_interval", int),
+    "attention_log_interval": ("diagnostics.attention_log_interval", int),
+}
+SWITCH_FLAGS = {
+    "enable_gradient_diagnostics": "diagnostics.enable_gradient_diagnostics",
+    "enable_attention_logging": "diagnostics.enable_attention_logging",
+    "enable_component_profiling": "diagnostics.enable_component_profiling",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="launch/train.py",
+                                     description="Train the Celestial Enhanced PGAT.")
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    for flag, (key, kind) in VALUE_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=kind, help=f"sets {key}")
+    for flag, key in SWITCH_FLAGS.items():
+        parser.add_argument(f"--{flag}", action="store_true", help=f"sets {key}: true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], nargs="+",
+                        metavar="KEY=VALUE", help="any config key, e.g. --set optim.lr=3e-4")
+    return parser.parse_args(argv)
+
+
+def overrides_from(args: argparse.Namespace) -> list[tuple[str, object]]:
+    pairs = [(key, getattr(args, flag)) for flag, (key, _) in VALUE_FLAGS.items()
+             if getattr(args, flag) is not None]
+    pairs += [(key, True) for flag, key in SWITCH_FLAGS.items() if getattr(args, flag)]
+    pairs += [parse_override(text) for group in args.overrides for text in group]
+    return pairs
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Train; returns the exit status (0 done, 2 bad input, 75 stopped on a signal)."""
+    args = parse_args(argv)
+    from trainer.build import build_trainer   # after argparse: --help stays fast
+    try:
+        config = load_config(args.config, overrides_from(args))
+        env = distributed.init_distributed(config.train.device, config.train.collective_timeout_s)
+        return build_trainer(config, env, args.config).train()
+    except UserError as err:
+        logging.getLogger(__name__).debug("user error", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.destroy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))

@@ -1,0 +1,193 @@
+"""The one module that touches torch.distributed.
+
+Launch modes, all through `init_distributed()`:
+- plain `python launch/train.py`: one process, no process group;
+- `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set);
+- `srun` without torchrun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; MASTER_ADDR defaults to
+  the first host of the allocation, MASTER_PORT to 29500 + job id % 1000).
+NCCL with one GPU per LOCAL_RANK on CUDA, gloo on CPU. Control-flow flags (stop, save now)
+travel over a gloo group so agreeing on them never syncs the GPU.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from trainer.errors import UserError
+
+_control_group = None
+_checkpoint_group = None
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None       # None: no process group
+
+
+def _launch_env() -> tuple[int, int, int]:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        _fill_slurm_rendezvous()
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
+    return 0, 0, 1
+
+
+def _fill_slurm_rendezvous() -> None:
+    """MASTER_ADDR / MASTER_PORT for ranks started by srun without torchrun."""
+    env = os.environ
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list (`node[01-04],gpu7` -> node01), via scontrol if present."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, check=True, timeout=30).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = nodelist.split(",")[0]
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is 'cuda' but CUDA is not available on this machine")
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> DistEnv:
+    """Join the process group if launched with several ranks (no-op for a single process)."""
+    global _control_group
+    rank, local_rank, world_size = _launch_env()
+    device = pick_device(device_preference, local_rank)
+    if world_size == 1:
+        return DistEnv(0, 0, 1, device, None)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    # torchrun's workers share the launcher's store across restarts; a fresh prefix per attempt
+    # keeps a restarted group from reading the dead attempt's addresses (pytorch issue 135712).
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"celestial/attempt{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
+    _control_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    return DistEnv(rank, local_rank, world_size, device, backend)
+
+
+def enable_async_checkpoint_group() -> None:
+    """A separate gloo group for async checkpoint writes (on the default group they hang).
+    Collective: every rank must call it."""
+    global _checkpoint_group
+    if is_distributed() and _checkpoint_group is None:
+        _checkpoint_group = dist.new_group(backend="gloo")
+
+
+def checkpoint_group():
+    return _checkpoint_group
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier(group=_control_group)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity for one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= world_size()
+    return tensor
+
+
+def agree_any(flags: list[bool]) -> list[bool]:
+    """Per flag: True on every rank if True on any rank (one small gloo all-reduce)."""
+    if not is_distributed():
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
+    return [bool(v) for v in t.tolist()]
+
+
+def all_gather_object(obj) -> list:
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj, group=_control_group)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_control_group)
+    return box[0]
+
+
+def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    if env.world_size == 1:
+        return model
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                     find_unused_parameters=False)
+
+
+def register_local_gradient_hook(ddp_model, on_bucket) -> None:
+    """Show each bucket's LOCAL gradients (before the all-reduce) to `on_bucket(params, grads)`,
+    then all-reduce as DDP would by default (averaged, bitwise the same result)."""
+    def hook(state, bucket):
+        on_bucket(bucket.parameters(), bucket.gradients())
+        return default_hooks.allreduce_hook(None, bucket)
+    ddp_model.register_comm_hook(None, hook)
+
+
+def destroy() -> None:
+    global _control_group, _checkpoint_group
+    if is_distributed():
+        dist.destroy_process_group()
+    _control_group = _checkpoint_group = None

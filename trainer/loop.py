@@ -1,0 +1,339 @@
+"""The training loop: `Trainer.train()` runs epochs; `train_step()` is one optimizer step.
+
+Everything that changes control flow (skip a step, stop, save now, early stopping) is decided
+from values every rank has (all-reduced gradients and metrics) or agreed with one small
+all-reduce, so ranks never take different branches.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from diagnostics.observer import ObserverGroup, RunContext, StepContext
+from trainer import distributed
+from trainer.checkpoint import CheckpointManager, save_consolidated
+from trainer.evaluate import evaluate
+from trainer.preemption import EXIT_PREEMPTED, StopRequests, requeue_slurm_job
+from trainer.resources import memory_mb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    step: int = 0                   # optimizer steps taken (skipped ones included)
+    epoch: int = 0
+    epoch_position: int = 0         # samples of this epoch's permutation consumed (all ranks)
+    total_steps: int = 0            # fixed at the first start: the LR schedule depends on it
+    best_val_nll: float = math.inf
+    evals_without_improvement: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+
+class AppState(Stateful):
+    """What a sharded checkpoint holds (per-rank RNG states go in files beside it)."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self.t = trainer
+
+    def state_dict(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.t.train_model, self.t.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd,
+                "scheduler": self.t.scheduler.state_dict(),
+                "scaler": self.t.scaler.state_dict() if self.t.scaler.is_enabled() else {"off": 1},
+                "progress": asdict(self.t.progress), "config": self.t.config.to_yaml()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        set_state_dict(self.t.train_model, self.t.optimizer, model_state_dict=sd["model"],
+                       optim_state_dict=sd["optimizer"])
+        self.t.scheduler.load_state_dict(sd["scheduler"])
+        if self.t.scaler.is_enabled():
+            self.t.scaler.load_state_dict(sd["scaler"])
+        self.t.progress = Progress(**sd["progress"])
+
+
+class IntervalMeter:
+    """Device-side sums between two log steps; read (one sync) only when logging."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.norm = torch.zeros((), device=self.device)
+        self.clipped = torch.zeros((), device=self.device)
+        self.skip_flags: list[torch.Tensor] = []
+        self.data_time = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, found_inf: torch.Tensor,
+            clip_norm: float) -> None:
+        finite = found_inf == 0
+        self.loss += torch.where(finite, loss, 0.0)
+        self.norm += torch.where(finite, grad_norm, 0.0)
+        if clip_norm > 0:
+            self.clipped += (finite & (grad_norm > clip_norm)).float()
+        self.skip_flags.append(found_inf)
+
+
+class Trainer:
+    def __init__(self, config, env, data, model, train_model, optimizer, scheduler, scaler,
+                 observers: ObserverGroup, checkpoints: CheckpointManager, run_log,
+                 run_context: RunContext, autocast_dtype) -> None:
+        self.config, self.env, self.data = config, env, data
+        self.model, self.train_model = model, train_model
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.observers, self.checkpoints, self.run_log = observers, checkpoints, run_log
+        self.run_context = run_context
+        self.autocast_dtype = autocast_dtype
+        self.progress = Progress()
+        self.app_state = AppState(self)
+        self.requests = StopRequests()
+        self.meter = IntervalMeter(env.device)
+        self.stop_reason: str | None = None
+        self.last_checkpoint_step = -1
+        self.last_validation_step, self.last_validation = -1, {}
+        self.fused_optimizer = bool(optimizer.defaults.get("fused"))
+        train = config.train
+        self.samples_per_step = config.data.batch_size * train.grad_accum_steps * env.world_size
+
+    # ----------------------------------------------------------------- the loop
+    def train(self) -> int:
+        """Train to the configured length; returns the process exit status."""
+        self.requests.install()
+        try:
+            self.observers.on_start(self.run_context)
+            if self.progress.step == 0:
+                self.validate()   # the starting point, so the curve shows what training gained
+            while self.stop_reason is None and self.progress.step < self.progress.total_steps:
+                self.run_epoch()
+            return self.finish()
+        finally:
+            self.requests.uninstall()
+            self.checkpoints.wait()
+            self.run_log.close()
+
+    def run_epoch(self) -> None:
+        loader = self.data.train_loader
+        loader.sampler.set_epoch(self.progress.epoch)
+        loader.sampler.position = self.progress.epoch_position
+        accum = self.config.train.grad_accum_steps
+        micro_batches, fetch_started = [], time.perf_counter()
+        for batch in loader:
+            self.meter.data_time += time.perf_counter() - fetch_started
+            micro_batches.append(batch)
+            if len(micro_batches) == accum:
+                self.run_step(micro_batches)
+                micro_batches = []
+                if self.stop_reason or self.progress.step >= self.progress.total_steps:
+                    return
+            fetch_started = time.perf_counter()
+        self.end_epoch()
+
+    def run_step(self, micro_batches) -> None:
+        step_started = time.perf_counter()
+        step = self.progress.step + 1
+        ctx = StepContext(step=step, epoch=self.progress.epoch, lr=self.scheduler.get_last_lr()[0],
+                          clip_norm=self.config.optim.grad_clip_norm)
+        active = self.observers.active(step)
+        loss = self.train_step(micro_batches, ctx, active)
+        self.progress.step = step
+        self.progress.epoch_position += self.samples_per_step
+        self.meter.add(loss, ctx.grad_norm, ctx.found_inf, ctx.clip_norm)
+        ctx.step_time_s = time.perf_counter() - step_started
+        for observer in active:
+            observer.after_step(ctx)
+        self.after_step(step)
+
+    def train_step(self, micro_batches, ctx: StepContext, active) -> torch.Tensor:
+        """Forward/backward over the micro-batches, clip, and step (skipped if non-finite)."""
+        want_attention = any(o.needs_attention for o in active)
+        for observer in active:
+            observer.before_forward(ctx)
+        loss_sum = torch.zeros((), device=self.env.device)
+        for i, batch in enumerate(micro_batches):
+            batch = batch.to(self.env.device, non_blocking=True)
+            syncing = i == len(micro_batches) - 1
+            with self._no_sync_unless(syncing), self._autocast():
+                out = self.train_model(batch.wave, batch.target, batch.future_wave,
+                                       return_attention=want_attention)
+                loss = out.loss(batch.future_target) / len(micro_batches)
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+            if want_attention:
+                ctx.attention.append(out.attention)
+        self.scaler.unscale_(self.optimizer)
+        for observer in active:
+            observer.after_backward(ctx)
+        max_norm = ctx.clip_norm if ctx.clip_norm > 0 else math.inf
+        ctx.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        ctx.found_inf = (~torch.isfinite(ctx.grad_norm)).float()
+        for observer in active:
+            observer.before_optimizer_step(ctx)
+        self._optimizer_step(ctx.found_inf)
+        return loss_sum
+
+    def _optimizer_step(self, found_inf: torch.Tensor) -> None:
+        """Step unless the (all-reduced, so rank-wide) gradient is non-finite. Fused AdamW skips
+        on the device from `found_inf`, with no host sync; other optimizers must read it."""
+        if self.fused_optimizer:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, found_inf
+            self.optimizer.step()
+        elif found_inf.item() == 0:
+            self.optimizer.step()
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _no_sync_unless(self, syncing: bool):
+        if syncing or self.env.world_size == 1:
+            return nullcontext()
+        return self.train_model.no_sync()
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    # ---------------------------------------------------------- step boundary
+    def after_step(self, step: int) -> None:
+        train = self.config.train
+        if step % train.log_interval == 0:
+            self.log_interval(step)
+        else:
+            self.run_log.advance()
+        if train.eval_interval and step % train.eval_interval == 0:
+            self.validate()
+        stop, save_now = distributed.agree_any(
+            [self.requests.stop_signal is not None, self.requests.save_now])
+        self.requests.save_now = False
+        if stop and self.stop_reason is None:
+            self.stop_reason = "signal"
+            log.warning("stop requested (signal) at step %d: saving a checkpoint and exiting", step)
+        elif save_now or step % self.config.checkpoint.interval == 0:
+            self.save_checkpoint()
+
+    def log_interval(self, step: int) -> None:
+        """One sync: read the interval's sums, log them, check for runs of skipped steps."""
+        m, steps = self.meter, self.config.train.log_interval
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - m.started
+        flags = [int(f) for f in torch.stack(m.skip_flags).tolist()]
+        skipped = [step - len(flags) + 1 + i for i, f in enumerate(flags) if f]
+        done = max(1, len(flags) - len(skipped))
+        values = {"epoch": self.progress.epoch, "loss": m.loss.item() / done,
+                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": m.norm.item() / done,
+                  "clip_fraction": m.clipped.item() / len(flags), "skipped_steps": len(skipped),
+                  "samples_per_s": len(flags) * self.samples_per_step / elapsed,
+                  "step_time_s": elapsed / len(flags), "data_time_s": m.data_time / len(flags),
+                  "memory_mb": memory_mb(self.env.device)}
+        self.run_log.record("train", step, values)
+        self.run_log.advance(1, loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+        log.info("step %d/%d epoch %d: loss %.4f, lr %.2e, grad norm %.3g, %.1f samples/s",
+                 step, self.progress.total_steps, self.progress.epoch, values["loss"],
+                 values["lr"], values["grad_norm"], values["samples_per_s"],
+                 extra={"progress_line": True})
+        self._count_skips(flags, skipped)
+        m.reset()
+
+    def _count_skips(self, flags: list[int], skipped: list[int]) -> None:
+        p = self.progress
+        p.skipped_steps += len(skipped)
+        for f in flags:
+            p.consecutive_skips = p.consecutive_skips + 1 if f else 0
+        if skipped:
+            log.warning("skipped %d optimizer step(s) with a non-finite loss or gradient: steps %s",
+                        len(skipped), skipped)
+        limit = self.config.train.max_consecutive_skips
+        if p.consecutive_skips >= limit and self.stop_reason is None:
+            self.stop_reason = "nonfinite"
+            log.error("stopping: %d optimizer steps in a row had a non-finite loss or gradient "
+                      "(limit train.max_consecutive_skips=%d). Lower optim.lr, tighten "
+                      "optim.grad_clip_norm or check the data.", p.consecutive_skips, limit)
+
+    def end_epoch(self) -> None:
+        self.progress.epoch += 1
+        self.progress.epoch_position = 0
+        if self.config.train.eval_interval == 0:
+            self.validate()
+
+    # ------------------------------------------------------------- evaluation
+    def evaluate(self, split: str = "val", **kwargs) -> dict:
+        loader = self.data.val_loader if split == "val" else self.data.test_loader
+        autocast = self._autocast() if self.autocast_dtype is not None else None
+        return evaluate(self.model, loader, self.env.device, self.data.prepared.target_std,
+                        autocast=autocast, **kwargs)
+
+    def validate(self) -> None:
+        metrics = self.evaluate("val")
+        p, step = self.progress, self.progress.step
+        improved = metrics["nll"] < p.best_val_nll - 1e-6
+        if improved:
+            p.best_val_nll, p.evals_without_improvement = metrics["nll"], 0
+            self.save_model_file("best_model.pth", metrics)
+        else:
+            p.evals_without_improvement += 1
+        self.last_validation, self.last_validation_step = metrics, step
+        self.run_log.record("val", step, {"epoch": p.epoch, "best": improved, **metrics})
+        log.info("validation at step %d: nll %.4f (random walk %.4f), mae %.4f, coverage 50%% "
+                 "%.3f, 90%% %.3f%s", step, metrics["nll"], metrics["rw_nll"], metrics["mae"],
+                 metrics["coverage_50"], metrics["coverage_90"], " (best)" if improved else "")
+        self.observers.on_validation(step, metrics, self.evaluate)
+        patience = self.config.train.early_stopping_patience
+        stop = patience and p.evals_without_improvement >= patience
+        if distributed.agree_any([bool(stop)])[0] and self.stop_reason is None:
+            self.stop_reason = "early_stopping"
+            log.info("early stopping: no improvement of validation NLL in %d validations "
+                     "(best %.4f)", patience, p.best_val_nll)
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        blocked = self.checkpoints.save(self.progress.step, {"app": self.app_state},
+                                        self.config.to_yaml())
+        self.last_checkpoint_step = self.progress.step
+        self.run_log.record("checkpoint", self.progress.step, {"blocked_s": blocked})
+
+    def resume(self, folder) -> None:
+        self.checkpoints.load(folder, {"app": self.app_state})
+        self.last_checkpoint_step = self.progress.step
+        log.info("resumed from %s at step %d (epoch %d, %d samples into it)", folder,
+                 self.progress.step, self.progress.epoch, self.progress.epoch_position)
+
+    def save_model_file(self, name: str, metrics: dict) -> None:
+        if distributed.is_main():
+            save_consolidated(self.checkpoints.folder / name, self.model, {
+                "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
+                "step": self.progress.step, "epoch": self.progress.epoch,
+                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+
+    def finish(self) -> int:
+        if self.stop_reason == "nonfinite":
+            return 1
+        if self.last_checkpoint_step != self.progress.step:
+            self.save_checkpoint()
+        self.checkpoints.wait()
+        if self.stop_reason == "signal":
+            if distributed.is_main():
+                requeue_slurm_job()
+            return EXIT_PREEMPTED
+        if self.last_validation_step != self.progress.step:
+            self.validate()
+        final = self.last_validation
+        self.save_model_file("final_model.pth", final)
+        test = self.evaluate("test")
+        self.run_log.record("test", self.progress.step, test)
+        self.observers.on_end({"val": final, "test": test, "best_val_nll": self.progress.best_val_nll})
+        log.info("finished at step %d (%s): best validation NLL %.4f, test NLL %.4f (random walk "
+                 "%.4f)", self.progress.step, self.stop_reason or "completed",
+                 self.progress.best_val_nll, test["nll"], test["rw_nll"])
+        return 0

@@ -124,7 +124,7 @@ def build_trainer(config: Config, env: DistEnv, config_path: str | None = None) 
     scheduler = build_scheduler(optimizer, config.optim, total)
     dtype = autocast_dtype(config.train.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
-    observers = build_observers(config.diagnostics, config.checkpoint.interval, env.world_size)
+    observers = build_observers(config.diagnostics, config.checkpoint.interval)
     run_log = RunLog(log_dir if env.rank == 0 else None, total, 0,
                      config.diagnostics.tensorboard, config.train.progress_bar)
     local_batch = config.data.batch_size * config.train.grad_accum_steps

@@ -41,17 +41,20 @@ def _batch_sums(out, y_BPT, last_BT, change_scale_PT, target_std_T, sigma_min):
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, target_std_T, *,
              autocast: AbstractContextManager | None = None,
-             blank_columns: list[int] | None = None, max_batches: int | None = None) -> dict:
+             blank_columns: list[int] | None = None, max_batches: int | None = None,
+             with_c2t: bool = False) -> dict:
     """Metrics over the loader's shard on this rank, reduced over all ranks.
 
     `blank_columns` zeroes those feature columns (occlusion); `max_batches` caps the batches
-    per rank. Returns overall values and `<metric>_per_target` lists.
+    per rank; `with_c2t` adds `c2t_map`, the (targets x bodies) C->T weights averaged over
+    samples, horizon and heads. Returns overall values and `<metric>_per_target` lists.
     """
     was_training = model.training
     model.eval()
     change_scale_PT = model.decoder.change_scale_PT
     std_T = torch.as_tensor(target_std_T, dtype=torch.float32, device=device)
     sums = torch.zeros(len(_SUM_KEYS), len(std_T), dtype=torch.float64, device=device)
+    c2t_sum = torch.zeros(len(std_T), len(model.spec.bodies), dtype=torch.float64, device=device)
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -62,12 +65,18 @@ def evaluate(model, loader, device: torch.device, target_std_T, *,
             wave[..., blank_columns] = 0.0
             future[..., blank_columns] = 0.0
         with autocast or nullcontext():
-            out = model(wave, batch.target, future)
+            out = model(wave, batch.target, future, return_attention=with_c2t)
+        if with_c2t:
+            c2t_sum += out.attention["c2t"].double().mean((1, 3)).sum(0)
         sums += _batch_sums(out, batch.future_target, batch.target[:, -1], change_scale_PT,
                             std_T, model.config.sigma_min).double()
     model.train(was_training)
     distributed.all_reduce_sum(sums)
-    return _as_metrics(sums.cpu(), horizon=change_scale_PT.shape[0])
+    metrics = _as_metrics(sums.cpu(), horizon=change_scale_PT.shape[0])
+    if with_c2t:
+        distributed.all_reduce_sum(c2t_sum)
+        metrics["c2t_map"] = (c2t_sum / max(1, metrics["num_windows"])).tolist()
+    return metrics
 
 
 def _as_metrics(sums, horizon: int) -> dict:

@@ -127,23 +127,24 @@ class Trainer:
         loader.sampler.set_epoch(self.progress.epoch)
         loader.sampler.position = self.progress.epoch_position
         accum = self.config.train.grad_accum_steps
-        micro_batches, fetch_started = [], time.perf_counter()
+        micro_batches, data_time, fetch_started = [], 0.0, time.perf_counter()
         for batch in loader:
-            self.meter.data_time += time.perf_counter() - fetch_started
+            data_time += time.perf_counter() - fetch_started
             micro_batches.append(batch)
             if len(micro_batches) == accum:
-                self.run_step(micro_batches)
-                micro_batches = []
+                self.meter.data_time += data_time
+                self.run_step(micro_batches, data_time)
+                micro_batches, data_time = [], 0.0
                 if self.stop_reason or self.progress.step >= self.progress.total_steps:
                     return
             fetch_started = time.perf_counter()
         self.end_epoch()
 
-    def run_step(self, micro_batches) -> None:
+    def run_step(self, micro_batches, data_time: float) -> None:
         step_started = time.perf_counter()
         step = self.progress.step + 1
         ctx = StepContext(step=step, epoch=self.progress.epoch, lr=self.scheduler.get_last_lr()[0],
-                          clip_norm=self.config.optim.grad_clip_norm)
+                          clip_norm=self.config.optim.grad_clip_norm, data_time_s=data_time)
         active = self.observers.active(step)
         loss = self.train_step(micro_batches, ctx, active)
         self.progress.step = step
@@ -288,7 +289,7 @@ class Trainer:
         log.info("validation at step %d: nll %.4f (random walk %.4f), mae %.4f, coverage 50%% "
                  "%.3f, 90%% %.3f%s", step, metrics["nll"], metrics["rw_nll"], metrics["mae"],
                  metrics["coverage_50"], metrics["coverage_90"], " (best)" if improved else "")
-        self.observers.on_validation(step, metrics, self.evaluate)
+        self.observers.on_validation(step, {"epoch": p.epoch, **metrics}, self.evaluate)
         patience = self.config.train.early_stopping_patience
         stop = patience and p.evals_without_improvement >= patience
         if distributed.agree_any([bool(stop)])[0] and self.stop_reason is None:

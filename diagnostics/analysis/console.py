@@ -1,0 +1,63 @@
+"""The console summary, in the spirit of the reference card's example analysis output."""
+from __future__ import annotations
+
+from diagnostics.analysis.findings import Finding
+from diagnostics.analysis.load import RunData
+from diagnostics.analysis.summary import ComponentStats, top_bodies
+
+HEALTHY_LINE = "[ok] No major issues detected. Training appears healthy!"
+
+
+def gradient_lines(stats: list[ComponentStats]) -> list[str]:
+    lines = []
+    for s in stats:
+        lines += [f"{s.name}:",
+                  f"  Mean norm: {s.mean_norm:<12.6f} {s.mean_verdict}",
+                  f"  Max norm:  {s.max_norm:<12.6f} {s.max_verdict}"]
+    return lines
+
+
+def top_body_lines(run: RunData) -> list[str]:
+    top = top_bodies(run)
+    if top is None:
+        return []
+    step, per_target = top
+    lines = [f"Top celestial bodies per target (C->T attention, step {step}):"]
+    for target, bodies in per_target.items():
+        names = ", ".join(f"{body} ({weight:.3f})" if weight is not None else body
+                          for body, weight in bodies)
+        lines.append(f"  Top celestial ({target}): {names}")
+    return lines
+
+
+def finding_lines(finding: Finding) -> list[str]:
+    mark = "[ok]" if not finding.is_problem else "[!]"
+    lines = [f"  {mark} {finding.severity.upper()} {finding.component}: {finding.issue}",
+             f"      {finding.message}", f"      -> {finding.suggestion}"]
+    if finding.config_change:
+        change = ", ".join(f"{k}: {v}" for k, v in finding.config_change.items())
+        lines.append(f"      config: {change}")
+    return lines
+
+
+def recommendation_lines(findings: list[Finding]) -> list[str]:
+    lines = ["Recommendations:"]
+    if not any(f.is_problem for f in findings):
+        lines.append(f"  {HEALTHY_LINE}")
+    for finding in findings:
+        lines += finding_lines(finding)
+    return lines
+
+
+def console_summary(run: RunData, stats: list[ComponentStats], findings: list[Finding]) -> str:
+    lines = [f"Analysis of {run.log_dir}"]
+    if run.notes:
+        lines += ["Not analysed / tolerated:", *(f"  - {note}" for note in run.notes)]
+    if stats:
+        steps = run.gradients.steps
+        header = f"Gradient flow ({len(steps)} records, steps {steps[0]}-{steps[-1]}):"
+        lines += ["", header, *gradient_lines(stats)]
+    body_lines = top_body_lines(run)
+    if body_lines:
+        lines += ["", *body_lines]
+    return "\n".join(lines + ["", *recommendation_lines(findings)])

@@ -1,0 +1,173 @@
+"""The analysis plots (matplotlib, Agg backend: no display needed). Each function writes one PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")   # before pyplot is imported: no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+
+from diagnostics.analysis.load import GradientSeries, RunData, column
+from diagnostics.analysis.thresholds import Thresholds
+
+DPI = 100
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _float(value) -> float:
+    return np.nan if value is None else value
+
+
+def _colors(n: int):
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def gradient_flow(g: GradientSeries, t: Thresholds, path: Path) -> Path:
+    """Per-component gradient norms over steps, log scale, the healthy band shaded."""
+    floor = t.vanishing / 100   # zero or missing norms are drawn here, on the log axis
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    ax.axhspan(t.healthy_low, t.healthy_high, color="tab:green", alpha=0.12,
+               label=f"healthy {t.healthy_low:g}..{t.healthy_high:g}")
+    ax.axhline(t.vanishing, color="tab:blue", ls="--", lw=1, label=f"vanishing < {t.vanishing:g}")
+    ax.axhline(t.exploding, color="tab:red", ls="--", lw=1, label=f"exploding > {t.exploding:g}")
+    drawn_at_floor = False
+    for color, (name, norms) in zip(_colors(len(g.norms)), g.norms.items()):
+        positive = np.isfinite(norms) & (norms > 0)
+        drawn_at_floor |= not positive.all()
+        ax.plot(g.steps, np.where(positive, norms, floor), marker=".", color=color, label=name)
+    if drawn_at_floor:
+        ax.axhline(floor, color="gray", ls=":", lw=1, label="zero or missing norm")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("gradient L2 norm")
+    ax.set_title("Gradient flow per component")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    return _save(fig, path)
+
+
+def fusion_attention_entropy(attention: list[dict], t: Thresholds, path: Path) -> Path:
+    """Normalised fusion entropy (overall and per head) over steps; the last token weights."""
+    steps = [r["step"] for r in attention]
+    fusion = [r["fusion"] for r in attention]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
+    heads = np.array([[_float(v) for v in f["head_normalized_entropy"]] for f in fusion])
+    for h in range(heads.shape[1] if heads.ndim == 2 else 0):
+        ax.plot(steps, heads[:, h], lw=0.8, alpha=0.6, label=f"head {h}")
+    ax.plot(steps, [_float(f["normalized_entropy"]) for f in fusion], marker="o", color="black",
+            lw=2, label="all heads")
+    ax.axhline(t.entropy_collapse, color="tab:red", ls="--", lw=1, label="collapse")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("entropy / log(num_tokens)  (1 = uniform)")
+    ax.set_title("Fusion attention entropy")
+    ax.legend(fontsize=8)
+    last = fusion[-1]
+    weights = [_float(w) for w in last["token_mean_weight"]]
+    bx.bar(range(len(weights)), weights, width=1.0, color="tab:gray")
+    for color, (group, (start, end)) in zip(_colors(len(last["token_groups"])),
+                                            last["token_groups"].items()):
+        bx.axvspan(start - 0.5, end - 0.5, color=color, alpha=0.15, label=group)
+    bx.axhline(1 / max(1, len(weights)), color="black", ls=":", lw=1, label="uniform")
+    bx.set_xlabel("temporal token")
+    bx.set_ylabel("mean attention weight")
+    bx.set_title(f"Fusion token weights at step {steps[-1]}")
+    bx.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def c2t_heatmap(record: dict, path: Path) -> Path:
+    """The C->T map of one attention record: targets x bodies, by name."""
+    targets, bodies = record["c2t"]["targets"], record["c2t"]["bodies"]
+    weights = np.array([[np.nan if record["c2t"]["weights"].get(tg, {}).get(b) is None
+                         else record["c2t"]["weights"][tg][b] for b in bodies] for tg in targets])
+    fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(bodies)), 1.2 + 0.6 * len(targets)))
+    image = ax.imshow(weights, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(bodies)), bodies, rotation=45, ha="right")
+    ax.set_yticks(range(len(targets)), targets)
+    for i in range(len(targets)):
+        for j in range(len(bodies)):
+            if np.isfinite(weights[i, j]):
+                ax.text(j, i, f"{weights[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if weights[i, j] < np.nanmean(weights) else "black")
+    fig.colorbar(image, ax=ax, label="mean attention weight")
+    ax.set_title(f"C->T attention at step {record['step']} (uniform = {1 / len(bodies):.3f})")
+    return _save(fig, path)
+
+
+def training_curves(run: RunData, t: Thresholds, path: Path) -> Path:
+    """Training loss, validation NLL against the random walk, and 90%/50% coverage."""
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(16, 4.5))
+    if run.train:
+        ax.plot(*column(run.train, "loss"), color="tab:blue", label="train loss")
+    ax.set_title("Training loss (NLL)")
+    if run.val:
+        bx.plot(*column(run.val, "nll"), marker="o", label="validation NLL")
+        bx.plot(*column(run.val, "rw_nll"), ls="--", color="gray", label="random walk")
+        cx.plot(*column(run.val, "coverage_90"), marker="o", label="90% interval")
+        cx.plot(*column(run.val, "coverage_50"), marker="s", label="50% interval")
+    if run.test:
+        bx.plot(*column(run.test[-1:], "nll"), marker="*", ms=12, ls="", color="tab:red",
+                label="test NLL")
+    bx.set_title("Validation NLL (lower is better)")
+    cx.axhspan(t.coverage_90_low, t.coverage_90_high, color="tab:green", alpha=0.12,
+               label="wanted 90% coverage")
+    cx.axhline(0.5, color="gray", ls=":", lw=1)
+    cx.set_ylim(0, 1)
+    cx.set_title("Interval coverage (validation)")
+    for axis in (ax, bx, cx):
+        axis.set_xlabel("optimizer step")
+        axis.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def compare_curves(runs: list[RunData], path: Path) -> Path:
+    """Runs overlaid: training loss, validation NLL, total gradient norm."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for color, run in zip(_colors(len(runs)), runs):
+        if run.train:
+            axes[0].plot(*column(run.train, "loss"), color=color, label=run.name)
+        if run.val:
+            axes[1].plot(*column(run.val, "nll"), marker="o", color=color, label=run.name)
+        if run.gradients is not None:
+            axes[2].plot(run.gradients.steps, run.gradients.total_norm, marker=".", color=color,
+                         label=run.name)
+    axes[2].set_yscale("log")
+    for axis, title in zip(axes, ("Training loss", "Validation NLL", "Total gradient norm")):
+        axis.set_title(title)
+        axis.set_xlabel("optimizer step")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def compare_gradient_norms(runs: list[RunData], t: Thresholds, path: Path) -> Path:
+    """One panel per component, the runs overlaid (log scale, healthy band shaded)."""
+    names = list(dict.fromkeys(c for r in runs if r.gradients for c in r.gradients.components))
+    cols = 4
+    rows = max(1, -(-len(names) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    colors = _colors(len(runs))
+    for axis, name in zip(axes.flat, names):
+        axis.axhspan(t.healthy_low, t.healthy_high, color="tab:green", alpha=0.12)
+        for color, run in zip(colors, runs):
+            norms = run.gradients.norms.get(name) if run.gradients else None
+            if norms is not None:
+                axis.plot(run.gradients.steps, np.where(norms > 0, norms, np.nan), color=color,
+                          label=run.name)
+        axis.set_yscale("log")
+        axis.set_title(name, fontsize=9)
+    for axis in list(axes.flat)[len(names):]:
+        axis.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=8)
+    return _save(fig, path)

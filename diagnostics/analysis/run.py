@@ -1,0 +1,132 @@
+"""From run folders to findings and files: one run (`analyze_run`) or several (`compare_runs`)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from diagnostics.analysis import plots
+from diagnostics.analysis.findings import Finding
+from diagnostics.analysis.load import RunData, column, load_run
+from diagnostics.analysis.report import render_compare, render_report
+from diagnostics.analysis.rules import run_rules
+from diagnostics.analysis.summary import (
+    ComponentStats,
+    component_stats,
+    run_summary,
+    write_gradient_csv,
+)
+from diagnostics.analysis.thresholds import Thresholds, build_thresholds
+from trainer.errors import UserError
+
+
+@dataclass
+class RunAnalysis:
+    run: RunData
+    thresholds: Thresholds
+    findings: list[Finding]
+    stats: list[ComponentStats]
+
+
+def analyze(log_dir: Path, overrides: list[tuple[str, float]]) -> RunAnalysis:
+    """Load a run and apply every rule (writes nothing)."""
+    run = load_run(log_dir)
+    thresholds = build_thresholds(run.config, overrides)
+    stats = component_stats(run.gradients, thresholds) if run.gradients is not None else []
+    return RunAnalysis(run, thresholds, run_rules(run, thresholds), stats)
+
+
+def _output_folder(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{path}: cannot create the output folder "
+                        f"({err.strerror or err})") from None
+    return path
+
+
+def _plots(a: RunAnalysis, out: Path) -> dict[str, Path]:
+    """Title -> PNG for every plot the run has records for."""
+    run, t = a.run, a.thresholds
+    images = {}
+    if run.train or run.val:
+        images["Loss and validation"] = plots.training_curves(run, t, out / "training_curves.png")
+    if run.gradients is not None:
+        images["Gradient flow"] = plots.gradient_flow(run.gradients, t, out / "gradient_flow.png")
+    if run.attention:
+        images["Fusion attention entropy"] = plots.fusion_attention_entropy(
+            run.attention, t, out / "fusion_attention_entropy.png")
+        images["C->T attention (targets x bodies)"] = plots.c2t_heatmap(
+            run.attention[-1], out / "c2t_attention_heatmap.png")
+    return images
+
+
+def write_outputs(a: RunAnalysis, out: Path) -> list[Path]:
+    """The analysis folder: CSV, plots, recommendations.json, report.html."""
+    _output_folder(out)
+    try:
+        written = []
+        if a.run.gradients is not None:
+            write_gradient_csv(a.run.gradients, out / "gradient_norms.csv")
+            written.append(out / "gradient_norms.csv")
+        images = _plots(a, out)
+        written += images.values()
+        recommendations = out / "recommendations.json"
+        recommendations.write_text(json.dumps([f.to_dict() for f in a.findings], indent=2) + "\n")
+        report = out / "report.html"
+        report.write_text(render_report(a.run, run_summary(a.run), a.stats, a.findings, images))
+        return [*written, recommendations, report]
+    except OSError as err:
+        raise UserError(f"{out}: cannot write the analysis ({err.strerror or err})") from None
+
+
+def analyze_run(log_dir: Path, out: Path | None, overrides: list[tuple[str, float]]
+                ) -> tuple[RunAnalysis, list[Path]]:
+    analysis = analyze(Path(log_dir), overrides)
+    return analysis, write_outputs(analysis, Path(out) if out else Path(log_dir) / "analysis")
+
+
+COMPARE_HEADER = ["run", "last step", "last train loss", "best val NLL (step)", "val 90% coverage",
+                  "test NLL", "findings (critical/warning/info)"]
+
+
+def _last(lines: list[dict], key: str) -> str:
+    value = lines[-1].get(key) if lines else None
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def compare_row(a: RunAnalysis) -> list[str]:
+    run = a.run
+    best = "n/a"
+    if run.val:
+        steps, nll = column(run.val, "nll")
+        finite = [(v, s) for v, s in zip(nll, steps) if math.isfinite(v)]
+        if finite:
+            value, step = min(finite)
+            best = f"{value:.4f} ({step})"
+    counts = "/".join(str(sum(f.severity == s for f in a.findings))
+                      for s in ("critical", "warning", "info"))
+    return [str(run.log_dir), str(run.train[-1]["step"]) if run.train else "n/a",
+            _last(run.train, "loss"), best, _last(run.val, "coverage_90"),
+            _last(run.test, "nll"), counts]
+
+
+def compare_runs(log_dirs: list[Path], out: Path | None, overrides: list[tuple[str, float]]
+                 ) -> tuple[list[RunAnalysis], list[Path]]:
+    """Several runs overlaid in one report (default folder: <first run>/analysis/compare)."""
+    analyses = [analyze(Path(d), overrides) for d in log_dirs]
+    runs = [a.run for a in analyses]
+    out = _output_folder(Path(out) if out else Path(log_dirs[0]) / "analysis" / "compare")
+    try:
+        images = {"Loss, validation NLL and gradient norm": plots.compare_curves(
+            runs, out / "compare_curves.png")}
+        if any(r.gradients is not None for r in runs):
+            images["Gradient norms per component"] = plots.compare_gradient_norms(
+                runs, analyses[0].thresholds, out / "compare_gradient_norms.png")
+        report = out / "report.html"
+        rows = [compare_row(a) for a in analyses]
+        report.write_text(render_compare(rows, COMPARE_HEADER, images))
+    except OSError as err:
+        raise UserError(f"{out}: cannot write the comparison ({err.strerror or err})") from None
+    return analyses, [*images.values(), report]

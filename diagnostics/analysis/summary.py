@@ -1,0 +1,161 @@
+"""Numbers that summarise a run, shared by the console, the report and gradient_norms.csv."""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diagnostics.analysis.load import GradientSeries, RunData, column
+from diagnostics.analysis.thresholds import Thresholds
+
+
+@dataclass
+class ComponentStats:
+    name: str
+    mean_norm: float
+    max_norm: float
+    mean_verdict: str
+    max_verdict: str
+
+
+def mean_verdict(norms: np.ndarray, t: Thresholds) -> str:
+    finite = norms[np.isfinite(norms)]
+    if not finite.size:
+        return "[!] No finite gradient norm"
+    mean = finite.mean()
+    if np.all(finite == 0):
+        return "[!] Dead: zero gradient"
+    if mean < t.vanishing:
+        return f"[!] Vanishing gradients (below {t.vanishing:g})"
+    if mean < t.healthy_low:
+        return f"[~] Weak gradient flow (below {t.healthy_low:g}, above {t.vanishing:g})"
+    if mean <= t.healthy_high:
+        return "[ok] Healthy gradient flow"
+    if mean <= t.exploding:
+        return f"[~] Strong gradient flow (above {t.healthy_high:g})"
+    return f"[!] Exploding gradients (above {t.exploding:g})"
+
+
+def max_verdict(norms: np.ndarray, t: Thresholds) -> str:
+    if np.any(~np.isfinite(norms)):
+        return "[!] Non-finite gradient norms"
+    if np.max(norms, initial=0) > t.exploding:
+        return f"[!] Exploding gradients (above {t.exploding:g})"
+    return "[ok] No exploding gradients"
+
+
+def component_stats(g: GradientSeries, t: Thresholds) -> list[ComponentStats]:
+    stats = []
+    for name, norms in g.norms.items():
+        finite = norms[np.isfinite(norms)]
+        stats.append(ComponentStats(
+            name=name, mean_norm=float(finite.mean()) if finite.size else math.nan,
+            max_norm=float(finite.max()) if finite.size else math.nan,
+            mean_verdict=mean_verdict(norms, t), max_verdict=max_verdict(norms, t)))
+    return stats
+
+
+def top_bodies(run: RunData) -> tuple[int, dict[str, list[tuple[str, float]]]] | None:
+    """(step, target -> [(body, weight), ...]) from the latest attention record's top-K."""
+    if not run.attention:
+        return None
+    last = run.attention[-1]
+    return last["step"], {target: [(entry["body"], entry["weight"]) for entry in entries]
+                          for target, entries in last["c2t"]["top_k"].items()}
+
+
+def _median(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else math.nan
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def _world_size(run: RunData) -> int | None:
+    for source in (run.profiles, run.attention):
+        if source:
+            return source[-1]["world_size"]
+    return run.gradients.world_size if run.gradients is not None else None
+
+
+def _progress_rows(run: RunData) -> list[tuple[str, str]]:
+    last = run.train[-1] if run.train else {}
+    planned = run.config_value("train.max_steps") or "as many as train.epochs take"
+    world_size = _world_size(run)
+    settings = (f"{run.config_value('optim.lr', 'n/a')} / "
+                f"{run.config_value('data.batch_size', 'n/a')} per rank")
+    return [("steps", f"{last.get('step', 'none logged')} (planned: {planned})"),
+            ("epoch", _fmt(last.get("epoch"), "d") if last else "n/a"),
+            ("world size", str(world_size) if world_size else "unknown"),
+            ("device", run.profiles[-1]["device_name"] if run.profiles else "unknown"),
+            ("optim.lr / data.batch_size", settings)]
+
+
+def _throughput_rows(run: RunData) -> list[tuple[str, str]]:
+    if not run.train:
+        return [("throughput", "n/a (no training lines)")]
+    rows = [(label, _fmt(_median(column(run.train, key)[1]), spec)) for label, key, spec in (
+        ("throughput (samples/s, median)", "samples_per_s", ".1f"),
+        ("step time (s, median)", "step_time_s", ".4f"),
+        ("data time (s, median)", "data_time_s", ".4f"))]
+    _, memory = column(run.train, "memory_mb")
+    peak = float(memory[np.isfinite(memory)].max()) if np.isfinite(memory).any() else None
+    return rows + [("memory (MiB, peak in metrics.jsonl)", _fmt(peak, ".0f"))]
+
+
+def _rank_memory(rank: dict) -> str:
+    if rank.get("nvml_total_mb"):
+        return f"{_fmt(rank.get('nvml_used_mb'), '.0f')}/{rank['nvml_total_mb']:.0f} MiB GPU"
+    return f"{_fmt(rank['rss_mb'], '.0f')} MiB RSS"
+
+
+def _profile_rows(run: RunData) -> list[tuple[str, str]]:
+    if not run.profiles:
+        return []
+    last = run.profiles[-1]
+    memory = ", ".join(f"rank {r['rank']}: {_rank_memory(r)}" for r in last["memory"]["per_rank"])
+    return [("parameters", f"{last['parameters']['total']:,}"),
+            (f"memory per rank (profile, step {last['step']})", memory),
+            ("MFU", _fmt(last.get("mfu"), ".1%"))]
+
+
+def _result_rows(run: RunData) -> list[tuple[str, str]]:
+    rows = []
+    if run.val:
+        steps, nll = column(run.val, "nll")
+        if np.isfinite(nll).any():
+            best = int(np.nanargmin(nll))
+            rw_nll = _fmt(run.val[best].get("rw_nll"))
+            rows.append(("best validation NLL",
+                         f"{nll[best]:.4f} at step {steps[best]} (random walk {rw_nll})"))
+        coverage = _fmt(run.val[-1].get("coverage_90"), ".3f")
+        rows.append(("latest 90% coverage (validation)", coverage))
+    if run.test:
+        test = run.test[-1]
+        rw_nll = _fmt(test.get("rw_nll"))
+        rows.append(("test NLL", f"{_fmt(test.get('nll'))} (random walk {rw_nll})"))
+    return rows
+
+
+def run_summary(run: RunData) -> list[tuple[str, str]]:
+    """(label, value) rows: progress, throughput, memory, results."""
+    return [("run", str(run.log_dir)), *_progress_rows(run), *_throughput_rows(run),
+            *_profile_rows(run), *_result_rows(run)]
+
+
+def write_gradient_csv(g: GradientSeries, path: Path) -> None:
+    """One row per logged step: step, total_norm, then one column per component."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "total_norm", *g.components])
+        for i, step in enumerate(g.steps):
+            values = [g.total_norm[i], *(g.norms[c][i] for c in g.components)]
+            writer.writerow([int(step), *("" if not np.isfinite(v) else repr(float(v))
+                                          for v in values)])

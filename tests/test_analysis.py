@@ -1,0 +1,480 @@
+"""The analysis command (diagnostics/analysis/): rules on planted problems, outputs, the CLI,
+runs in progress or with diagnostics off, bad folders; and (slow) a real short training run."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import jsonschema
+import matplotlib.image
+import numpy as np
+import pytest
+from run_folder_factory import BODIES, COMPONENTS, build_run_folder
+
+from diagnostics import schemas
+from diagnostics.analysis.cli import run as cli
+from diagnostics.analysis.console import HEALTHY_LINE
+from diagnostics.analysis.findings import FINDINGS_SCHEMA
+from diagnostics.analysis.load import GradientSeries, RunData, load_run
+from diagnostics.analysis.rules import (
+    MAX_EVIDENCE_POINTS,
+    _evidence,
+    rolling_robust_z,
+    vanishing_gradients,
+)
+from diagnostics.analysis.run import analyze
+from diagnostics.analysis.thresholds import Thresholds, build_thresholds, parse_threshold
+from trainer.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def findings_of(folder: Path, overrides=()) -> list:
+    return analyze(folder, list(overrides)).findings
+
+
+def issues_of(folder: Path, overrides=()) -> set[str]:
+    return {f.issue for f in findings_of(folder, overrides)}
+
+
+def assert_valid_png(path: Path) -> None:
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def assert_self_contained(html: str) -> None:
+    """Nothing outside the page: every src/href is data: or a #fragment, no CSS url()."""
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", html, flags=re.IGNORECASE)
+    assert all(r.startswith(("data:", "#")) for r in refs), refs
+    assert "url(" not in html and "<link" not in html.lower()
+    assert "<script" not in html.lower()
+
+
+def assert_valid_findings(path: Path) -> list[dict]:
+    findings = json.loads(path.read_text())
+    jsonschema.validate(findings, FINDINGS_SCHEMA)
+    return findings
+
+
+# --- rules on planted problems ----------------------------------------------------------------
+
+def test_healthy_folder_has_no_findings_and_nothing_missing(tmp_path):
+    folder = build_run_folder(tmp_path / "healthy")
+    analysis = analyze(folder, [])
+    assert analysis.findings == []
+    assert analysis.run.notes == []
+
+
+PLANTED = [  # (knobs, issue, component)
+    ({"dead_component": "decoder"}, "dead_component", "decoder"),
+    ({"lr_too_small": True, "lr": 1e-6}, "learning_rate_too_small", "optimizer"),
+    ({"vanishing_component": "graph_combiner"}, "vanishing_gradients", "graph_combiner"),
+    ({"exploding_component": "decoder"}, "exploding_gradients", "decoder"),
+    ({"clip_fraction": 0.3}, "frequent_clipping", "optimizer"),
+    ({"loss_spike_steps": (150,)}, "loss_spikes", "optimizer"),
+    ({"skipped_steps": (77,)}, "nonfinite_steps", "optimizer"),
+    ({"fusion_entropy": "flat"}, "fusion_attention_flat", "fusion_cross_attention"),
+    ({"fusion_entropy": "collapsed"}, "fusion_attention_collapse", "fusion_cross_attention"),
+    ({"c2t_uniform": True}, "c2t_attention_uniform", "celestial_to_target_attention"),
+    ({"spearman": 0.05}, "c2t_attention_unfaithful", "celestial_to_target_attention"),
+    ({"effective_components": 1.2}, "mixture_collapse", "decoder"),
+    ({"sigma_at_floor": 0.5}, "sigma_collapse", "decoder"),
+    ({"coverage_90": 0.7}, "miscalibration", "decoder"),
+    ({"coverage_90": 0.99}, "miscalibration", "decoder"),
+    ({"agreement": 0.0}, "rank_disagreement", ", ".join(COMPONENTS)),
+    ({"noise_scale": 5.0}, "batch_above_noise_scale", "data"),
+    ({"noise_scale": 5000.0}, "batch_below_noise_scale", "data"),
+    ({"data_time_fraction": 0.6}, "data_loading_bound", "data"),
+    ({"memory_fraction": 0.95}, "memory_near_limit", "memory"),
+    ({"memory_fraction": 0.95, "device": "cuda"}, "memory_near_limit", "memory"),
+]
+
+
+@pytest.mark.parametrize("knobs,issue,component", PLANTED,
+                         ids=[f"{p[1]}-{i}" for i, p in enumerate(PLANTED)])
+def test_planted_problem_is_found_with_evidence(tmp_path, knobs, issue, component):
+    findings = findings_of(build_run_folder(tmp_path / "run", **knobs))
+    matching = [f for f in findings if f.issue == issue and f.component == component]
+    assert matching, [(f.issue, f.component) for f in findings]
+    finding = matching[0]
+    assert finding.evidence["steps"] and finding.evidence["values"]
+    assert finding.suggestion
+    dumped = json.dumps([f.to_dict() for f in findings], allow_nan=False)
+    jsonschema.validate(json.loads(dumped), FINDINGS_SCHEMA)
+
+
+def test_dead_component_is_told_apart_from_a_small_learning_rate(tmp_path):
+    dead = findings_of(build_run_folder(tmp_path / "dead", dead_component="decoder"))
+    assert {f.issue for f in dead} == {"dead_component"}
+    assert dead[0].severity == "critical" and "optim.lr" not in dead[0].config_change
+    slow = findings_of(build_run_folder(tmp_path / "slow", lr_too_small=True, lr=1e-6))
+    assert "dead_component" not in {f.issue for f in slow}
+    lr_finding = next(f for f in slow if f.issue == "learning_rate_too_small")
+    assert lr_finding.config_change == {"optim.lr": 1e-5}   # 10x at most in one change
+    vanishing = [f for f in slow if f.issue == "vanishing_gradients"]
+    assert vanishing and all("LR is too small" in f.message for f in vanishing)
+
+
+def test_weak_component_with_moving_weights_is_not_called_dead_or_lr(tmp_path):
+    findings = findings_of(build_run_folder(tmp_path / "run", vanishing_component="decoder"))
+    assert {f.issue for f in findings} == {"vanishing_gradients"}
+    assert "Adam compensates" in findings[0].message
+    assert findings[0].config_change == {"optim.lr": 0.002}
+
+
+def test_exploding_without_clipping_suggests_turning_clipping_on(tmp_path):
+    findings = findings_of(build_run_folder(tmp_path / "run", exploding_component="decoder",
+                                            grad_clip_norm=0.0))
+    exploding = next(f for f in findings if f.issue == "exploding_gradients")
+    assert exploding.severity == "critical"
+    assert exploding.config_change == {"optim.grad_clip_norm": 1.0}
+    assert all(v > 100 for v in exploding.evidence["values"])
+
+
+def test_loss_spike_evidence_names_the_step(tmp_path):
+    findings = findings_of(build_run_folder(tmp_path / "run", loss_spike_steps=(150,)))
+    spike = next(f for f in findings if f.issue == "loss_spikes")
+    assert spike.evidence["steps"] == [150]
+    assert spike.evidence["z_score"][0] > Thresholds().spike_z
+
+
+def test_skipped_steps_evidence_names_the_log_interval(tmp_path):
+    findings = findings_of(build_run_folder(tmp_path / "run", skipped_steps=(77, 78)))
+    skipped = next(f for f in findings if f.issue == "nonfinite_steps")
+    assert skipped.evidence["steps"] == [80] and skipped.evidence["values"] == [2]
+
+
+def test_fp16_nonfinite_steps_suggest_bf16(tmp_path):
+    folder = build_run_folder(tmp_path / "run", skipped_steps=(77,), precision="fp16")
+    finding = next(f for f in findings_of(folder) if f.issue == "nonfinite_steps")
+    assert finding.config_change == {"train.precision": "bf16"}
+
+
+def test_one_rank_run_has_no_rank_findings(tmp_path):
+    folder = build_run_folder(tmp_path / "run", world_size=1, agreement=0.0, noise_scale=1.0)
+    assert findings_of(folder) == []
+
+
+def test_memory_suggestion_halves_the_batch(tmp_path):
+    folder = build_run_folder(tmp_path / "run", memory_fraction=0.95, batch_size=12)
+    finding = next(f for f in findings_of(folder) if f.issue == "memory_near_limit")
+    assert finding.config_change == {"data.batch_size": 6}
+
+
+def _series(norms: dict[str, list[float]], ratio: float = 1e-3) -> GradientSeries:
+    n = len(next(iter(norms.values())))
+    return GradientSeries(
+        steps=np.arange(1, n + 1) * 10, total_norm=np.ones(n), clipped=np.zeros(n, bool),
+        skipped=np.zeros(n, bool), lr=np.full(n, 1e-3),
+        norms={c: np.array(v) for c, v in norms.items()},
+        update_ratios={c: np.full(n, ratio) for c in norms}, agreement={}, noise_scale={})
+
+
+def test_vanishing_must_be_sustained():
+    t = Thresholds()
+    blip = RunData(Path("x"), {}, gradients=_series({"decoder": [0.1, 1e-7, 0.1, 1e-7, 0.1]}))
+    assert vanishing_gradients(blip, t) == []
+    sustained = RunData(Path("x"), {}, gradients=_series({"decoder": [0.1, 1e-7, 1e-7, 1e-7]}))
+    [finding] = vanishing_gradients(sustained, t)
+    assert finding.evidence["steps"] == [20, 30, 40]
+
+
+def test_rolling_robust_z_flags_only_the_spike():
+    rng = np.random.default_rng(1)
+    loss = -2.0 + 0.01 * rng.standard_normal(60)
+    loss[40] += 0.5
+    z = rolling_robust_z(loss, window=20, min_window=5)
+    assert np.all(np.isnan(z[:5]))
+    assert z[40] > 20 and np.nanmax(np.delete(z, 40)) < 6
+
+
+def test_evidence_is_capped_and_json_safe():
+    evidence = _evidence("x", range(100), [math.nan] + [1.234567] * 99, extra=np.float32(2.5))
+    assert len(evidence["steps"]) == MAX_EVIDENCE_POINTS and evidence["num_points"] == 100
+    assert evidence["values"][0] is None and evidence["values"][1] == 1.235
+    json.dumps(evidence, allow_nan=False)
+
+
+# --- thresholds ---------------------------------------------------------------------------------
+
+def test_threshold_overrides_are_parsed_and_checked():
+    assert parse_threshold("vanishing=1e-6") == ("vanishing", 1e-6)
+    with pytest.raises(UserError, match="unknown name 'vanish'"):
+        parse_threshold("vanish=1e-6")
+    with pytest.raises(UserError, match="not a number"):
+        parse_threshold("vanishing=tiny")
+    with pytest.raises(UserError, match="vanishing < healthy_low"):
+        build_thresholds({}, [("vanishing", 0.5)])
+    with pytest.raises(UserError, match="whole number"):
+        build_thresholds({}, [("spike_window", 2.5)])
+    assert build_thresholds({}, [("spike_window", 30.0)]).spike_window == 30
+
+
+def test_run_config_thresholds_are_taken_over_and_cli_wins():
+    config = {"diagnostics": {"vanishing_threshold": 1e-7, "exploding_threshold": 50.0}}
+    t = build_thresholds(config, [])
+    assert (t.vanishing, t.exploding) == (1e-7, 50.0)
+    assert build_thresholds(config, [("exploding", 20.0)]).exploding == 20.0
+
+
+def test_cli_threshold_override_changes_the_verdict(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run", coverage_90=0.8, gradients=False, attention=False,
+                              profiles=False)
+    assert issues_of(folder) == {"miscalibration"}
+    assert issues_of(folder, [("coverage_90_low", 0.75)]) == set()
+    assert cli(["--log_dir", str(folder), "--threshold", "coverage_90_low=0.75"]) == 0
+    assert HEALTHY_LINE in capsys.readouterr().out
+
+
+# --- outputs and the console ------------------------------------------------------------------
+
+def test_healthy_run_outputs_and_console(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run")
+    assert cli(["--log_dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert HEALTHY_LINE in out
+    assert "fusion_cross_attention:\n  Mean norm:" in out and "[ok] Healthy gradient flow" in out
+    assert "[ok] No exploding gradients" in out
+    assert "Top celestial (Asset_A): Moon (0.300)" in out
+    analysis = folder / "analysis"
+    with open(analysis / "gradient_norms.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "total_norm", *COMPONENTS]
+    assert [int(r[0]) for r in rows[1:]] == list(range(20, 201, 20))
+    assert all(float(v) > 0 for r in rows[1:] for v in r[1:])
+    for png in ("gradient_flow.png", "fusion_attention_entropy.png", "c2t_attention_heatmap.png",
+                "training_curves.png"):
+        assert_valid_png(analysis / png)
+    assert assert_valid_findings(analysis / "recommendations.json") == []
+    html = (analysis / "report.html").read_text()
+    assert_self_contained(html)
+    assert html.count("data:image/png;base64,") == 4
+    assert "Summary" in html and "throughput" in html and "memory per rank" in html
+
+
+def test_sick_run_console_and_recommendations(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run", exploding_component="decoder", coverage_90=0.7)
+    out_dir = tmp_path / "elsewhere"
+    assert cli(["--log_dir", str(folder), "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert HEALTHY_LINE not in out
+    assert "[!] CRITICAL decoder: exploding_gradients" in out
+    assert "[!] Exploding gradients (above 100)" in out
+    assert "config: optim.lr: 0.0005" in out
+    findings = assert_valid_findings(out_dir / "recommendations.json")
+    assert [f["issue"] for f in findings][:1] == ["exploding_gradients"]   # most severe first
+    assert {f["issue"] for f in findings} == {"exploding_gradients", "miscalibration"}
+    assert not (folder / "analysis").exists()
+    assert_self_contained((out_dir / "report.html").read_text())
+
+
+def test_diagnostics_off_says_what_is_missing_and_analyses_the_rest(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run", gradients=False, attention=False, profiles=False,
+                              coverage_90=0.7)
+    assert cli(["--log_dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "gradients/: none (diagnostics.enable_gradient_diagnostics is off)" in out
+    assert "attention/: none (diagnostics.enable_attention_logging is off)" in out
+    assert "components/: none (diagnostics.enable_component_profiling is off)" in out
+    assert "miscalibration" in out
+    written = sorted(p.name for p in (folder / "analysis").iterdir())
+    assert written == ["recommendations.json", "report.html", "training_curves.png"]
+    assert_self_contained((folder / "analysis" / "report.html").read_text())
+
+
+# --- runs in progress -------------------------------------------------------------------------
+
+def test_half_written_last_metrics_line_is_tolerated(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run")
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 210, "ti')
+    analysis = analyze(folder, [])
+    assert analysis.run.train[-1]["step"] == 200
+    assert any("half-written last line" in n for n in analysis.run.notes)
+
+
+def test_a_broken_metrics_line_before_the_last_is_an_error(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run")
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    lines[3] = lines[3][:20]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert cli(["--log_dir", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'metrics.jsonl'} line 4: not valid JSON" in err
+
+
+def test_history_caught_mid_rewrite_falls_back_to_step_files(tmp_path):
+    folder = build_run_folder(tmp_path / "run")
+    history = folder / "gradients" / "history.json"
+    history.write_text(history.read_text()[:100])
+    run = load_run(folder)
+    assert list(run.gradients.steps) == list(range(20, 201, 20))
+    assert any("history.json: unreadable" in n for n in run.notes)
+
+
+def test_history_ahead_of_step_files_is_used(tmp_path):
+    """A run in progress: history.json may hold records whose step files are gone or late."""
+    folder = build_run_folder(tmp_path / "run")
+    for path in sorted((folder / "gradients").glob("gradients_step_*.json"))[5:]:
+        path.unlink()
+    run = load_run(folder)
+    assert list(run.gradients.steps) == list(range(20, 201, 20))
+    assert run.gradients.global_batch == 128
+
+
+def test_young_run_with_only_a_config(tmp_path, capsys):
+    folder = tmp_path / "young"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("optim:\n  lr: 0.001\n")
+    assert cli(["--log_dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "no training lines yet" in out and HEALTHY_LINE in out
+
+
+def test_metrics_without_config_is_analysed(tmp_path):
+    folder = build_run_folder(tmp_path / "run", coverage_90=0.7)
+    (folder / "config.yaml").unlink()
+    run = load_run(folder)
+    assert any("config.yaml: missing" in n for n in run.notes)
+    assert "miscalibration" in issues_of(folder)
+
+
+def test_resumed_run_keeps_the_later_line_of_a_step(tmp_path):
+    folder = build_run_folder(tmp_path / "run", gradients=False, attention=False, profiles=False)
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    again = json.loads(next(line for line in lines if '"step": 100' in line and '"train"' in line))
+    again["loss"] = -9.0
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(again) + "\n")
+    run = load_run(folder)
+    assert [line["loss"] for line in run.train if line["step"] == 100] == [-9.0]
+
+
+# --- bad input: one line, exit status 2 ---------------------------------------------------------
+
+def _error_of(capsys, argv) -> str:
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_not_a_run_folder(tmp_path, capsys):
+    build_run_folder(tmp_path / "logs" / "exp1", gradients=False, attention=False, profiles=False)
+    err = _error_of(capsys, ["--log_dir", str(tmp_path / "logs")])
+    assert "is not a run folder" in err and "exp1" in err
+    assert "no such folder" in _error_of(capsys, ["--log_dir", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize("relative,damage", [
+    ("gradients/gradients_step_000040.json", "truncate"),
+    ("gradients/gradients_step_000040.json", "drop_norm"),
+    ("gradients/history.json", "drop_steps"),
+    ("attention/attention_step_000100.json", "truncate"),
+    ("attention/attribution_step_000050.json", "drop_spearman"),
+    ("components/profile_step_000100.json", "drop_memory"),
+    ("config.yaml", "yaml"),
+    ("metrics.jsonl", "schema"),
+])
+def test_invalid_file_is_named(tmp_path, capsys, relative, damage):
+    folder = build_run_folder(tmp_path / "run")
+    path = folder / relative
+    text = path.read_text()
+    if damage == "truncate":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "yaml":
+        path.write_text("model: [unclosed\n")
+    elif damage == "schema":
+        path.write_text(text.replace('"loss": ', '"loss": "high", "x": ', 1))
+    else:
+        doc = json.loads(text)
+        {"drop_norm": lambda d: d["components"]["decoder"].pop("norm"),
+         "drop_steps": lambda d: d.pop("steps"),
+         "drop_spearman": lambda d: d.pop("spearman"),
+         "drop_memory": lambda d: d.pop("memory")}[damage](doc)
+        path.write_text(json.dumps(doc))
+    err = _error_of(capsys, ["--log_dir", str(folder)])
+    assert str(path) in err
+
+
+def test_unreadable_file_is_named(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run")
+    path = folder / "attention" / "attention_step_000050.json"
+    path.unlink()
+    path.mkdir()   # unreadable as a file, whoever runs the test (root ignores chmod)
+    assert str(path) in _error_of(capsys, ["--log_dir", str(folder)])
+
+
+def test_entry_point_exits_2_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "launch/analyze.py", "--log_dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "is not a run folder" in result.stderr
+
+
+def test_list_thresholds(capsys):
+    assert cli(["--list_thresholds"]) == 0
+    assert "vanishing=1e-05" in capsys.readouterr().out
+
+
+# --- compare ------------------------------------------------------------------------------------
+
+def test_compare_overlays_runs_in_one_report(tmp_path, capsys):
+    a = build_run_folder(tmp_path / "a")
+    b = build_run_folder(tmp_path / "b", exploding_component="decoder", lr=3e-3)
+    c = build_run_folder(tmp_path / "c", gradients=False, attention=False, profiles=False)
+    assert cli(["--compare", str(a), str(b), str(c)]) == 0
+    out = capsys.readouterr().out
+    assert str(a) in out and str(b) in out and str(c) in out
+    compare = a / "analysis" / "compare"
+    for png in ("compare_curves.png", "compare_gradient_norms.png"):
+        assert_valid_png(compare / png)
+    html = (compare / "report.html").read_text()
+    assert_self_contained(html)
+    assert html.count("data:image/png;base64,") == 2 and str(b) in html
+
+
+# --- a real short training run ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_real_training_run_is_analysed(tmp_path):
+    name = f"analysis_{uuid.uuid4().hex[:8]}"
+    train = [sys.executable, "launch/train.py", "--config", "configs/quickstart_cpu.yaml",
+             "--experiment_name", name, "--max_steps", "40", "--enable_gradient_diagnostics",
+             "--enable_attention_logging", "--enable_component_profiling",
+             "--gradient_log_interval", "10", "--attention_log_interval", "20",
+             "--checkpoint_interval", "20", "--set", f"train.log_root={tmp_path}/logs",
+             f"checkpoint.root={tmp_path}/checkpoints"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1500, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log_dir = tmp_path / "logs" / name
+    result = subprocess.run([sys.executable, "launch/analyze.py", "--log_dir", str(log_dir)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Mean norm:" in result.stdout and "Top celestial (" in result.stdout
+    analysis = log_dir / "analysis"
+    for png in ("gradient_flow.png", "fusion_attention_entropy.png", "c2t_attention_heatmap.png",
+                "training_curves.png"):
+        assert_valid_png(analysis / png)
+    with open(analysis / "gradient_norms.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
+    assert "decoder" in rows[0] and all(float(r["decoder"]) > 0 for r in rows)
+    assert_valid_findings(analysis / "recommendations.json")
+    html = (analysis / "report.html").read_text()
+    assert_self_contained(html)
+    assert html.count("data:image/png;base64,") == 4
+    for path in log_dir.glob("*/*_step_*.json"):   # what was analysed is what the schemas say
+        jsonschema.validate(json.loads(path.read_text()), schemas.schema_for(path.name))
+    top = json.loads(max((log_dir / "attention").glob("attention_step_*.json")).read_text())
+    assert set(top["c2t"]["bodies"]) == set(BODIES)

@@ -17,7 +17,7 @@ class DiagnosticsConfig:
     top_k: int = 5
     noise_scale_smoothing: float = 0.9  # EMA factor of the noise-scale estimates
     attribution_at_validation: bool = True  # occlusion at each validation (with attention logging)
-    attribution_max_samples: int = 2048
+    attribution_max_samples: int = 1024
     tensorboard: bool = True
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ wrong type or impossible value as a `UserError` that names the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ def _convert(value: Any, tp, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, datetime.date):
+        return value.isoformat()     # YAML reads an unquoted 1950-01-01 as a date
     if tp in (int, float, str) and not (isinstance(value, tp) and not isinstance(value, bool)):
         raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     return value
@@ -112,7 +115,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
         value = raw
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)

@@ -85,6 +85,17 @@ class IntervalMeter:
         self.skip_flags.append(found_inf)
 
 
+def flat_hparams(config) -> dict:
+    """The settings worth comparing across runs, as `section.key` scalars."""
+    tree = config.to_dict()
+    keys = {"model": ("d_model", "num_heads", "num_mixtures", "dropout", "body_dropout"),
+            "optim": ("lr", "weight_decay", "grad_clip_norm", "warmup_steps"),
+            "data": ("batch_size",), "train": ("grad_accum_steps", "seed")}
+    flat = {f"{section}.{k}": tree[section][k] for section, ks in keys.items() for k in ks}
+    flat["world_size"] = distributed.world_size()
+    return flat
+
+
 class Trainer:
     def __init__(self, config, env, data, model, train_model, optimizer, scheduler, scaler,
                  observers: ObserverGroup, checkpoints: CheckpointManager, run_log,
@@ -231,9 +242,10 @@ class Trainer:
         elapsed = time.perf_counter() - m.started
         flags = [int(f) for f in torch.stack(m.skip_flags).tolist()]
         skipped = [step - len(flags) + 1 + i for i, f in enumerate(flags) if f]
-        done = max(1, len(flags) - len(skipped))
-        values = {"epoch": self.progress.epoch, "loss": m.loss.item() / done,
-                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": m.norm.item() / done,
+        done = len(flags) - len(skipped)
+        values = {"epoch": self.progress.epoch, "loss": m.loss.item() / done if done else math.nan,
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": m.norm.item() / done if done else math.nan,
                   "clip_fraction": m.clipped.item() / len(flags), "skipped_steps": len(skipped),
                   "samples_per_s": len(flags) * self.samples_per_step / elapsed,
                   "step_time_s": elapsed / len(flags), "data_time_s": m.data_time / len(flags),
@@ -334,6 +346,9 @@ class Trainer:
         test = self.evaluate("test")
         self.run_log.record("test", self.progress.step, test)
         self.observers.on_end({"val": final, "test": test, "best_val_nll": self.progress.best_val_nll})
+        self.run_log.hparams(flat_hparams(self.config), {
+            "hparam/best_val_nll": self.progress.best_val_nll, "hparam/test_nll": test["nll"],
+            "hparam/test_mae": test["mae"], "hparam/test_coverage_90": test["coverage_90"]})
         log.info("finished at step %d (%s): best validation NLL %.4f, test NLL %.4f (random walk "
                  "%.4f)", self.progress.step, self.stop_reason or "completed",
                  self.progress.best_val_nll, test["nll"], test["rw_nll"])

@@ -41,8 +41,8 @@ def progress_bar_wanted(enabled: bool) -> bool:
 
 def setup_logging(log_dir: Path | None, rank: int, progress_bar: bool = True) -> None:
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for handler in [h for h in root.handlers if getattr(h, "celestial", False)]:
+        root.removeHandler(handler)     # ours from an earlier run in this process
         handler.close()
     root.setLevel(logging.INFO)
     prefix = "" if rank == 0 else f"[rank {rank}] "
@@ -52,12 +52,14 @@ def setup_logging(log_dir: Path | None, rank: int, progress_bar: bool = True) ->
     console.setFormatter(formatter)
     if progress_bar_wanted(progress_bar):
         console.addFilter(_HideProgressLines())
+    console.celestial = True
     root.addHandler(console)
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(log_dir / "training_full.log")
         file_handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
         file_handler.setFormatter(formatter)
+        file_handler.celestial = True
         root.addHandler(file_handler)
     logging.captureWarnings(True)
     # Expected when training in one process: DCP then saves without a process group.
@@ -102,6 +104,21 @@ class RunLog:
         for name, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        """The run's key settings with its final metrics, in TensorBoard's HParams tab."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+        values = {k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))}
+        finite = {k: v for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and math.isfinite(v)}
+        experiment, session_start, session_end = hparams_summary(values, finite)
+        file_writer = self.writer._get_file_writer()
+        for summary in (experiment, session_start, session_end):
+            file_writer.add_summary(summary)
+        for name, value in finite.items():
+            self.writer.add_scalar(name, value)
 
     def advance(self, steps: int = 1, **postfix) -> None:
         self.bar.update(steps)

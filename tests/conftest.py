@@ -1,0 +1,63 @@
+"""Shared fixtures: a short built-in dataset, small configs, and helpers to run the CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.builtin_data import BuiltinDataConfig, write_builtin_csv
+from trainer.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def short_csv(tmp_path_factory) -> Path:
+    """The built-in dataset over 1996-2003 (about 2900 daily rows)."""
+    path = tmp_path_factory.mktemp("data") / "builtin_short.csv"
+    write_builtin_csv(BuiltinDataConfig(start_date="1996-01-01", end_date="2003-12-31"), path)
+    return path
+
+
+def small_overrides(csv: Path, root: Path, name: str = "t") -> list[tuple[str, object]]:
+    """A model and run small enough for unit tests (seconds on 2 cores)."""
+    return [("data.path", str(csv)), ("data.batch_size", 16), ("data.eval_batch_size", 128),
+            ("model.seq_len", 48), ("model.pred_len", 12), ("model.d_model", 32),
+            ("model.num_heads", 4), ("model.fusion_heads", 2), ("model.num_mixtures", 3),
+            ("model.num_time_summaries", 4), ("model.graph_rounds", 1),
+            ("model.patch_scales", [[4, 2], [8, 4]]),
+            ("train.experiment_name", name), ("train.log_root", str(root / "logs")),
+            ("train.progress_bar", False), ("checkpoint.root", str(root / "checkpoints")),
+            ("optim.warmup_steps", 5)]
+
+
+def small_config(csv: Path, root: Path, name: str = "t", **extra):
+    overrides = small_overrides(csv, root, name) + [(k.replace("__", "."), v) for k, v in extra.items()]
+    return load_config(None, overrides)
+
+
+def as_cli_args(overrides: list[tuple[str, object]]) -> list[str]:
+    import json
+    return ["--set", *[f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides]]
+
+
+def run_cli(args: list[str], *, torchrun: int = 0, env: dict | None = None, timeout: int = 300,
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run launch/train.py (or torchrun with N ranks) in a subprocess, one thread per rank."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else "2", **(env or {})}
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={torchrun}", str(REPO / "launch/train.py"), *args]
+    else:
+        cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)

@@ -1,0 +1,123 @@
+"""The single-device loop: run folder, accumulation, skipped steps, early stopping, CLI errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import as_cli_args, run_cli, small_config, small_overrides
+from trainer import distributed
+from trainer.build import build_trainer
+from trainer.cli import run
+
+
+def make_trainer(short_csv, tmp_path, name="t", **extra):
+    config = small_config(short_csv, tmp_path, name, **extra)
+    env = distributed.init_distributed("cpu")
+    return build_trainer(config, env)
+
+
+def metrics(tmp_path, name="t", kind=None):
+    lines = [json.loads(l) for l in (tmp_path / "logs" / name / "metrics.jsonl").read_text().splitlines()]
+    return [l for l in lines if kind is None or l["kind"] == kind]
+
+
+def test_short_run_writes_logs_checkpoints_and_model_files(short_csv, tmp_path):
+    argv = as_cli_args(small_overrides(short_csv, tmp_path, "run1") +
+                       [("train.max_steps", 24), ("train.log_interval", 6),
+                        ("checkpoint.interval", 12)])
+    assert run(argv) == 0
+    logs, ckpts = tmp_path / "logs" / "run1", tmp_path / "checkpoints" / "run1"
+    assert (logs / "config.yaml").is_file() and "step 24/24" in (logs / "training_full.log").read_text()
+    train = metrics(tmp_path, "run1", "train")
+    assert [l["step"] for l in train] == [6, 12, 18, 24]
+    assert all(math.isfinite(l["loss"]) and l["samples_per_s"] > 0 for l in train)
+    val = metrics(tmp_path, "run1", "val")
+    assert val[0]["step"] == 0 and val[-1]["step"] == 24
+    assert {"nll", "mae", "coverage_50", "coverage_90", "rw_nll"} <= set(val[-1])
+    assert sorted(p.name for p in ckpts.glob("checkpoint_step_*")) == \
+        ["checkpoint_step_000012", "checkpoint_step_000024"]
+    final = torch.load(ckpts / "final_model.pth", weights_only=True)
+    assert final["step"] == 24 and "spec" in final and (ckpts / "best_model.pth").is_file()
+
+
+def _one_step_params(trainer, micro_batches):
+    trainer.model.eval()          # no dropout or graph sampling: both runs see the same function
+    trainer.train_step(micro_batches, _ctx(trainer), [])
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def _ctx(trainer):
+    from diagnostics.observer import StepContext
+    return StepContext(step=1, epoch=0, clip_norm=trainer.config.optim.grad_clip_norm)
+
+
+def test_gradient_accumulation_matches_one_large_batch(short_csv, tmp_path):
+    from trainer.data import Batch
+    big = make_trainer(short_csv, tmp_path, "big", data__batch_size=16)
+    batch = next(iter(big.data.train_loader))
+    halves = [Batch(*(t[:8] for t in batch)), Batch(*(t[8:] for t in batch))]
+    accum = make_trainer(short_csv, tmp_path, "acc", data__batch_size=8, train__grad_accum_steps=2)
+    for a, b in zip(_one_step_params(big, [batch]), _one_step_params(accum, halves)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_nonfinite_step_is_skipped_exactly(short_csv, tmp_path):
+    trainer = make_trainer(short_csv, tmp_path)
+    batch = next(iter(trainer.data.train_loader))
+    batch.target[0, 0, 0] = float("nan")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    ctx = _ctx(trainer)
+    trainer.train_step([batch], ctx, [])
+    assert ctx.found_inf.item() == 1.0
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(short_csv, tmp_path, caplog):
+    trainer = make_trainer(short_csv, tmp_path, train__log_interval=2, train__max_consecutive_skips=3)
+    original = trainer.train_step
+
+    def poisoned(micro_batches, ctx, active):
+        if ctx.step >= 3:
+            micro_batches[0].target[:] = float("nan")
+        return original(micro_batches, ctx, active)
+    trainer.train_step = poisoned
+    assert trainer.train() == 1
+    assert "3 optimizer steps in a row had a non-finite" in caplog.text or \
+           "4 optimizer steps in a row" in caplog.text
+    assert any(l["skipped_steps"] > 0 for l in metrics(tmp_path, kind="train"))
+
+
+def test_early_stopping_after_patience(short_csv, tmp_path):
+    trainer = make_trainer(short_csv, tmp_path, train__early_stopping_patience=2)
+    trainer.evaluate = lambda split="val", **kw: {"nll": 1.0, "rw_nll": 1.0, "mae": 0.1,
+                                                  "coverage_50": 0.5, "coverage_90": 0.9,
+                                                  "nll_per_target": [1.0] * 4}
+    trainer.validate()
+    assert trainer.stop_reason is None and trainer.progress.best_val_nll == 1.0
+    trainer.validate()
+    assert trainer.stop_reason is None
+    trainer.validate()
+    assert trainer.stop_reason == "early_stopping"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "model.d_model=30"], "error: model.d_model (30) must be divisible by model.num_heads"),
+    (["--set", "data.path=/nonexistent.csv", "data.source=csv"], "error: data file not found: /nonexistent.csv"),
+    (["--config", "/nonexistent.yaml"], "error: config file not found"),
+    (["--set", "optim.learning_rate=1"], "error: unknown config key optim.learning_rate"),
+])
+def test_user_errors_exit_2_with_one_line(extra, message, tmp_path):
+    result = run_cli(["--set", f"train.log_root={tmp_path}/logs", *extra], timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_existing_experiment_needs_resume(short_csv, tmp_path, capsys):
+    base = as_cli_args(small_overrides(short_csv, tmp_path, "again") + [("train.max_steps", 4)])
+    assert run(base) == 0
+    assert run(base) == 2
+    assert "already has checkpoints" in capsys.readouterr().err
+    assert run(base + ["--resume", "auto", "--set", "train.max_steps=6"]) == 0

@@ -23,7 +23,7 @@ from trainer.data import PreparedData, WindowDataset, build_loader, ensure_datas
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
 from trainer.loop import Progress, Trainer
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler, set_total_steps
 from trainer.run_log import RunLog, setup_logging
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,23 @@ def build_trainer(config: Config, env: DistEnv, config_path: str | None = None) 
                          run_log, env.device, env.world_size, local_batch, env.rank == 0)
     trainer = Trainer(config, env, data, model, train_model, optimizer, scheduler, scaler,
                       ObserverGroup(observers), checkpoints, run_log, context, dtype)
-    trainer.progress = Progress(total_steps=total)
+    trainer.progress = Progress(total_steps=total, length_setting=length_setting(config))
     start_from_checkpoint(trainer, checkpoints, config, env)
+    if trainer.progress.length_setting != length_setting(config):
+        log.info("run length changed on resume (%s -> %s): %d steps in all, the LR schedule "
+                 "follows the new length", trainer.progress.length_setting,
+                 length_setting(config), total)
+        trainer.progress.total_steps, trainer.progress.length_setting = total, length_setting(config)
+        set_total_steps(trainer.scheduler, total)
+        trainer.run_log.bar.total = total
     describe_run(trainer, steps_per_epoch, log_dir, checkpoints.folder)
     return trainer
+
+
+def length_setting(config: Config) -> str:
+    """What the run length was derived from: a resumed run keeps its length (and LR schedule)
+    unless these change, even when the number of ranks (so steps per epoch) changes."""
+    return f"epochs={config.train.epochs} max_steps={config.train.max_steps}"
 
 
 def start_from_checkpoint(trainer: Trainer, checkpoints: CheckpointManager, config: Config,

@@ -32,6 +32,7 @@ class Progress:
     epoch: int = 0
     epoch_position: int = 0         # samples of this epoch's permutation consumed (all ranks)
     total_steps: int = 0            # fixed at the first start: the LR schedule depends on it
+    length_setting: str = ""        # "epochs=E max_steps=M" that total_steps was computed from
     best_val_nll: float = math.inf
     evals_without_improvement: int = 0
     skipped_steps: int = 0
@@ -236,7 +237,7 @@ class Trainer:
 
     def log_interval(self, step: int) -> None:
         """One sync: read the interval's sums, log them, check for runs of skipped steps."""
-        m, steps = self.meter, self.config.train.log_interval
+        m = self.meter
         if self.env.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - m.started
@@ -330,6 +331,8 @@ class Trainer:
                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
 
     def finish(self) -> int:
+        if self.meter.skip_flags:
+            self.log_interval(self.progress.step)    # the steps since the last log line
         if self.stop_reason == "nonfinite":
             return 1
         if self.last_checkpoint_step != self.progress.step:

@@ -59,7 +59,23 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class WarmupCosine:
+    """The schedule as an object: LambdaLR checkpoints its attributes, and a resumed run whose
+    length changed can set `total_steps`."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        warmup = min(self.warmup_steps, max(0, self.total_steps - 1))
+        return lr_multiplier(step, warmup, self.total_steps, self.min_lr_ratio)
+
+
 def build_scheduler(optimizer, config: OptimConfig, total_steps: int):
-    warmup = min(config.warmup_steps, max(0, total_steps - 1))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup, total_steps, config.min_lr_ratio))
+    schedule = WarmupCosine(config.warmup_steps, total_steps, config.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def set_total_steps(scheduler, total_steps: int) -> None:
+    for schedule in scheduler.lr_lambdas:
+        schedule.total_steps = total_steps

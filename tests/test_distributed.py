@@ -1,0 +1,224 @@
+"""Multi-process behaviour with real gloo process groups (2 ranks, one thread each).
+
+DDP gradients, exact resume (mid-epoch), world-size changes, elastic restart after SIGKILL,
+signal-triggered checkpoints, NaN on one rank, and damaged checkpoints on resume.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests import dist_workers
+from tests.conftest import REPO, as_cli_args, small_config, small_overrides
+from trainer import distributed
+from trainer.build import build_trainer
+
+pytestmark = pytest.mark.slow
+
+
+def train_args(csv, root, name, **extra) -> list[str]:
+    overrides = small_overrides(csv, root, name) + [(k.replace("__", "."), v) for k, v in extra.items()]
+    return as_cli_args(overrides)
+
+
+def launch(args, ranks: int, max_restarts: int = 0, env=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           f"--max-restarts={max_restarts}", str(REPO / "launch/train.py"), *args]
+    if ranks == 0:
+        cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 120) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def train_losses(root: Path, name: str) -> dict[int, float]:
+    lines = (root / "logs" / name / "metrics.jsonl").read_text().splitlines()
+    return {l["step"]: l["loss"] for l in map(json.loads, lines) if l["kind"] == "train"}
+
+
+def model_file(root: Path, name: str, which: str = "final_model.pth") -> dict:
+    return torch.load(root / "checkpoints" / name / which, weights_only=True)["model"]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    from tests.test_model import inputs, make_model
+    dist_workers.spawn(dist_workers.ddp_gradients, 2, str(tmp_path))
+    torch.manual_seed(0)
+    model = make_model().eval()
+    torch.manual_seed(1)
+    wave, target, future, y = inputs(model, batch=8)
+    model(wave, target, future).loss(y).backward()
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        for name, param in model.named_parameters():
+            assert torch.allclose(grads[name], param.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_exact_resume_mid_epoch_on_two_ranks(short_csv, tmp_path):
+    common = dict(train__max_steps=16, train__log_interval=1, checkpoint__interval=8,
+                  checkpoint__keep_last=3)
+    code, out = finish(launch(train_args(short_csv, tmp_path, "straight", **common), ranks=2))
+    assert code == 0, out[-3000:]
+    middle = tmp_path / "checkpoints" / "straight" / "checkpoint_step_000008"
+    resumed = train_args(short_csv, tmp_path, "resumed", **common) + ["--resume", str(middle)]
+    code, out = finish(launch(resumed, ranks=2))
+    assert code == 0, out[-3000:]
+    assert "resumed from" in out and "samples into it" in out
+    straight, after = train_losses(tmp_path, "straight"), train_losses(tmp_path, "resumed")
+    assert sorted(after) == list(range(9, 17))
+    for step, loss in after.items():
+        assert loss == pytest.approx(straight[step], abs=1e-6), step
+    a, b = model_file(tmp_path, "straight"), model_file(tmp_path, "resumed")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def _reference_state(checkpoint: Path, tmp_path: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(checkpoint, tmp_path / "ref.pt")
+    return torch.load(tmp_path / "ref.pt", weights_only=False)["app"]
+
+
+def _assert_same_state(state: dict, reference: dict) -> None:
+    for name, value in state["model"].items():
+        assert torch.equal(value, reference["model"][name]), name
+    for name, moments in state["optim"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(moments[key], reference["optimizer"]["state"][name][key]), (name, key)
+
+
+def test_world_size_two_to_one(short_csv, tmp_path):
+    code, out = finish(launch(train_args(short_csv, tmp_path, "w2", train__max_steps=8,
+                                         checkpoint__interval=8), ranks=2))
+    assert code == 0, out[-3000:]
+    checkpoint = tmp_path / "checkpoints" / "w2" / "checkpoint_step_000008"
+    config = small_config(short_csv, tmp_path, "w1", train__resume=str(checkpoint))
+    trainer = build_trainer(config, distributed.init_distributed("cpu"))
+    _assert_same_state(dist_workers.state_of(trainer), _reference_state(checkpoint, tmp_path))
+    assert trainer.progress.step == 8 and trainer.progress.epoch_position == 8 * 16 * 2
+    # ... and training goes on from there, on one rank, to a longer configured length.
+    code, out = finish(launch(train_args(short_csv, tmp_path, "w1b", train__max_steps=12)
+                              + ["--resume", str(checkpoint)], ranks=0))
+    assert code == 0 and max(train_losses(tmp_path, "w1b")) == 12, out[-3000:]
+
+
+def test_world_size_one_to_two(short_csv, tmp_path):
+    code, out = finish(launch(train_args(short_csv, tmp_path, "one", train__max_steps=8,
+                                         checkpoint__interval=8), ranks=0))
+    assert code == 0, out[-3000:]
+    checkpoint = tmp_path / "checkpoints" / "one" / "checkpoint_step_000008"
+    dist_workers.spawn(dist_workers.resume_and_report_state, 2, str(short_csv), str(tmp_path),
+                       str(checkpoint))
+    reference = _reference_state(checkpoint, tmp_path)
+    for rank in range(2):
+        state = torch.load(tmp_path / f"state_w2_r{rank}.pt", weights_only=False)
+        _assert_same_state(state, reference)
+        assert state["step"] == 8
+
+
+def test_elastic_restart_after_sigkill(short_csv, tmp_path):
+    args = train_args(short_csv, tmp_path, "elastic", train__max_steps=60, checkpoint__interval=10,
+                      train__log_interval=5)
+    proc = launch(args, ranks=2, max_restarts=1)
+    wait_for(tmp_path / "checkpoints" / "elastic" / "checkpoint_step_000010", proc)
+    workers = [c for c in psutil.Process(proc.pid).children() if "train.py" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGKILL)
+    code, out = finish(proc)
+    assert code == 0, out[-4000:]
+    log = (tmp_path / "logs" / "elastic" / "training_full.log").read_text()
+    assert "resumed from" in log and "finished at step 60" in log
+    assert max(train_losses(tmp_path, "elastic")) == 60
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_signal_checkpoints_and_exits_75(short_csv, tmp_path, ranks):
+    name = f"sig{ranks}"
+    proc = launch(train_args(short_csv, tmp_path, name, train__max_steps=2000,
+                             checkpoint__interval=10, train__log_interval=5), ranks=ranks)
+    ckpts = tmp_path / "checkpoints" / name
+    wait_for(ckpts / "checkpoint_step_000010", proc)
+    target = proc if ranks == 0 else [c for c in psutil.Process(proc.pid).children()
+                                      if "train.py" in " ".join(c.cmdline())][-1]
+    target.send_signal(signal.SIGUSR1)
+    code, out = finish(proc)
+    log = (tmp_path / "logs" / name / "training_full.log").read_text()
+    assert "stop requested (signal)" in log, out[-3000:]
+    stop_step = int(log.split("stop requested (signal) at step ")[1].split(":")[0])
+    assert (ckpts / f"checkpoint_step_{stop_step:06d}" / "manifest.json").is_file()
+    if ranks == 0:
+        assert code == 75
+    else:
+        assert code != 0 and "exitcode  : 75" in out   # torchrun reports its workers' status
+
+
+def test_nan_on_one_rank_skips_the_step_on_both(short_csv, tmp_path):
+    dist_workers.spawn(dist_workers.trainer_with_poisoned_rank, 2, str(short_csv), str(tmp_path), 2)
+    results = [json.loads((tmp_path / f"nan{r}.json").read_text()) for r in range(2)]
+    assert [r["skipped"] for r in results] == [1, 1] and [r["step"] for r in results] == [6, 6]
+    assert results[0]["param_sum"] == results[1]["param_sum"]
+
+
+@pytest.mark.parametrize("damage", ["truncated_shard", "missing_metadata", "flipped_byte"])
+def test_damaged_newest_checkpoint_falls_back(short_csv, tmp_path, damage):
+    args = train_args(short_csv, tmp_path, "dmg", train__max_steps=10, checkpoint__interval=5,
+                      checkpoint__keep_last=3)
+    assert finish(launch(args, ranks=2))[0] == 0
+    newest = tmp_path / "checkpoints" / "dmg" / "checkpoint_step_000010"
+    shard = newest / "__1_0.distcp"
+    if damage == "truncated_shard":
+        shard.write_bytes(shard.read_bytes()[:200])
+    elif damage == "missing_metadata":
+        (newest / ".metadata").unlink()
+    else:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    code, out = finish(launch(train_args(short_csv, tmp_path, "dmg", train__max_steps=12,
+                                         checkpoint__interval=5) + ["--resume", "auto"], ranks=2))
+    assert code == 0, out[-3000:]
+    assert "skipping checkpoint" in out and "checkpoint_step_000010" in out
+    assert "resumed from" in out and "checkpoint_step_000005 at step 5" in out
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(short_csv, tmp_path):
+    code, out = finish(launch(train_args(short_csv, tmp_path, "fresh", train__max_steps=2)
+                              + ["--resume", "auto"], ranks=0))
+    assert code == 0 and "no usable checkpoint" in out and "starting fresh" in out
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_async_checkpoints_are_complete_and_resumable(short_csv, tmp_path, ranks):
+    name = f"async{ranks}"
+    args = train_args(short_csv, tmp_path, name, train__max_steps=10, checkpoint__interval=3,
+                      checkpoint__keep_last=2, checkpoint__async_save=True)
+    code, out = finish(launch(args, ranks=ranks))
+    assert code == 0, out[-3000:]
+    folders = sorted(p.name for p in (tmp_path / "checkpoints" / name).glob("checkpoint_step_*"))
+    assert folders == ["checkpoint_step_000009", "checkpoint_step_000010"]
+    from trainer.checkpoint import verify
+    assert all(verify(tmp_path / "checkpoints" / name / f) is None for f in folders)
+    longer = train_args(short_csv, tmp_path, name, train__max_steps=12, checkpoint__interval=3,
+                        checkpoint__async_save=True) + ["--resume", "auto"]
+    code, out = finish(launch(longer, ranks=ranks))
+    assert code == 0 and "checkpoint_step_000010 at step 10" in out, out[-3000:]

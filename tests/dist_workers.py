@@ -86,3 +86,66 @@ def state_of(trainer) -> dict:
         optim[names[p]] = {k: v.clone() for k, v in st.items()}
     return {"model": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
             "optim": optim, "step": trainer.progress.step}
+
+
+def observed_step(rank, world_size, port, out_dir):
+    """One optimizer step on this rank's share of a fixed global batch of 8, observed by the
+    gradient and attention observers (eval mode: identical function on every rank)."""
+    from diagnostics.attention import AttentionObserver
+    from diagnostics.config import DiagnosticsConfig
+    from diagnostics.gradients import GradientObserver
+    from diagnostics.observer import RunContext, StepContext
+    from tests.test_model import inputs, make_model
+    from trainer.config import Config
+    from trainer.run_log import RunLog
+    env = join_group(rank, world_size, port) if world_size > 1 else \
+        distributed.DistEnv(0, 0, 1, torch.device("cpu"), None)
+    torch.manual_seed(0)
+    model = make_model().eval()
+    train_model = distributed.wrap_ddp(model, env)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    diag = DiagnosticsConfig(gradient_log_interval=1, attention_log_interval=1)
+    observers = [GradientObserver(diag), AttentionObserver(diag)]
+    local = 8 // world_size
+    run = RunContext(Config(), model, train_model, optimizer, model.spec, Path(out_dir) / f"w{world_size}",
+                     RunLog(None, 1, 0, False, False), env.device, world_size, local, rank == 0)
+    for o in observers:
+        o.on_start(run)
+    torch.manual_seed(1)
+    wave, target, future, y = inputs(model, batch=8)
+    part = slice(rank * local, rank * local + local)
+    ctx = StepContext(step=1, epoch=0, clip_norm=1e9)
+    for o in observers:
+        o.before_forward(ctx)
+    out = train_model(wave[part], target[part], future[part], return_attention=True)
+    ctx.attention.append(out.attention)
+    out.loss(y[part]).backward()
+    for o in observers:
+        o.after_backward(ctx)
+    ctx.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+    ctx.found_inf = torch.zeros(())
+    for o in observers:
+        o.before_optimizer_step(ctx)
+    optimizer.step()
+    for o in observers:
+        o.after_step(ctx)
+    if world_size > 1:
+        distributed.destroy()
+
+
+def known_noise(rank, world_size, port, out_dir, dim, sigma2, local_batch):
+    """Local gradients G + noise with known per-sample covariance sigma2 * I (|G| = 1)."""
+    from diagnostics.gradients import noise_scale_terms, rank_statistics
+    join_group(rank, world_size, port)
+    g_true = torch.randn(dim, generator=torch.Generator().manual_seed(0))
+    g_true /= g_true.norm()
+    noise = torch.randn(dim, generator=torch.Generator().manual_seed(100 + rank))
+    local = g_true + noise * (sigma2 / local_batch) ** 0.5
+    global_mean = distributed.all_reduce_mean(local.clone())
+    unit_sq, small_sq, big_sq = rank_statistics({"c": [local]}, {"c": [global_mean]}, world_size)[0].tolist()
+    true_sq, trace = noise_scale_terms(small_sq, big_sq, local_batch, world_size * local_batch)
+    if rank == 0:
+        result = {"agreement": (unit_sq - world_size) / (world_size * (world_size - 1)),
+                  "noise_scale": trace / true_sq, "true_sq": true_sq, "trace": trace}
+        (Path(out_dir) / "noise.json").write_text(json.dumps(result))
+    distributed.destroy()

@@ -85,9 +85,13 @@ def seed_everything(seed: int) -> None:
 def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     if not enabled:
         return model
+    # Compilation happens lazily at the first call: a failure there falls back to eager code
+    # for the affected frames (with a warning) instead of ending the run.
+    torch._dynamo.config.suppress_errors = True
     try:
         compiled = torch.compile(model)
-        log.info("model compiled with torch.compile (first steps are slower while it traces)")
+        log.info("model compiled with torch.compile (the first steps are slower while it traces; "
+                 "a compiler error falls back to eager execution with a warning)")
         return compiled
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
         log.warning("torch.compile failed (%s): training the eager model", err)

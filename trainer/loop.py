@@ -124,7 +124,7 @@ class Trainer:
         self.requests.install()
         try:
             self.observers.on_start(self.run_context)
-            if self.progress.step == 0:
+            if self.progress.step == 0 and self.config.train.validate_at_start:
                 self.validate()   # the starting point, so the curve shows what training gained
             while self.stop_reason is None and self.progress.step < self.progress.total_steps:
                 self.run_epoch()

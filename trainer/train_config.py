@@ -17,6 +17,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     log_interval: int = 10
     eval_interval: int = 0             # steps between validations; 0: at the end of each epoch
+    validate_at_start: bool = True     # a validation before the first step: the curve's origin
     early_stopping_patience: int = 3  # validations without improvement; 0 disables
     max_consecutive_skips: int = 10    # non-finite steps in a row before the run stops
     collective_timeout_s: int = 600

@@ -1,0 +1,45 @@
+"""Component profiling: host timers cover the step, FLOPs, and the MFU table."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from diagnostics.profiling import ComponentTimer, _Clock, count_flops_per_sample, peak_tflops
+from tests.test_model import inputs, make_model
+
+
+def test_component_times_cover_the_step_on_cpu():
+    model = make_model()
+    wave, target, future, y = inputs(model, batch=16)
+    components = {n: getattr(model, n) for n in model.component_parameters()}
+    timer = ComponentTimer(components, _Clock(torch.device("cpu")))
+    model(wave, target, future).loss(y).backward()        # warm-up
+    model.zero_grad()
+    timer.attach()
+    start = time.perf_counter()
+    model(wave, target, future).loss(y).backward()
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    times = timer.detach()
+    assert set(times) == set(components)
+    assert all(t["forward_ms"] > 0 and t["backward_ms"] > 0 for t in times.values())
+    total = sum(t["forward_ms"] + t["backward_ms"] for t in times.values())
+    assert 0.5 * elapsed_ms < total <= elapsed_ms * 1.01
+    assert not timer.handles        # nothing left attached after the profiled step
+
+
+def test_flops_are_counted_without_touching_the_model():
+    model = make_model()
+    before = torch.get_rng_state()
+    flops = count_flops_per_sample(model, model.spec.num_features, 4, torch.device("cpu"))
+    assert flops > 1e5
+    assert torch.equal(before, torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.1),
+                                        ("NVIDIA L4", 121.0), ("Some Future GPU", None)])
+def test_mfu_peak_table(name, peak):
+    assert peak_tflops(name) == peak

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from diagnostics.observer import ObserverGroup, RunContext, StepContext
 from trainer import distributed
-from trainer.checkpoint import CheckpointManager, save_consolidated
+from trainer.checkpoint import CheckpointManager, load_consolidated, save_consolidated
 from trainer.evaluate import evaluate
 from trainer.preemption import EXIT_PREEMPTED, StopRequests, requeue_slurm_job
 from trainer.resources import memory_mb
@@ -330,6 +330,20 @@ class Trainer:
                 "step": self.progress.step, "epoch": self.progress.epoch,
                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
 
+    def restore_best_weights(self) -> dict | None:
+        """After early stopping, load best_model.pth (the sharded checkpoint keeps the last
+        state for resuming) and return its validation metrics."""
+        best = self.checkpoints.folder / "best_model.pth"
+        if not (self.stop_reason == "early_stopping" and self.config.train.restore_best):
+            return None
+        distributed.barrier()
+        self.model.load_state_dict(load_consolidated(best)["model"])
+        metrics = self.evaluate("val")
+        self.run_log.record("val", self.progress.step, {"epoch": self.progress.epoch,
+                                                        "restored_best": True, **metrics})
+        log.info("early stopping: restored the best weights (validation NLL %.4f)", metrics["nll"])
+        return metrics
+
     def finish(self) -> int:
         if self.meter.skip_flags:
             self.log_interval(self.progress.step)    # the steps since the last log line
@@ -344,7 +358,7 @@ class Trainer:
             return EXIT_PREEMPTED
         if self.last_validation_step != self.progress.step:
             self.validate()
-        final = self.last_validation
+        final = self.restore_best_weights() or self.last_validation
         self.save_model_file("final_model.pth", final)
         test = self.evaluate("test")
         self.run_log.record("test", self.progress.step, test)

@@ -19,6 +19,7 @@ class TrainConfig:
     eval_interval: int = 0             # steps between validations; 0: at the end of each epoch
     validate_at_start: bool = True     # a validation before the first step: the curve's origin
     early_stopping_patience: int = 3  # validations without improvement; 0 disables
+    restore_best: bool = True          # after early stopping, end with the best weights
     max_consecutive_skips: int = 10    # non-finite steps in a row before the run stops
     collective_timeout_s: int = 600
     compile: bool = False              # torch.compile the model (falls back if it fails)

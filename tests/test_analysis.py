@@ -16,7 +16,6 @@ import jsonschema
 import matplotlib.image
 import numpy as np
 import pytest
-from run_folder_factory import BODIES, COMPONENTS, build_run_folder
 
 from diagnostics import schemas
 from diagnostics.analysis.cli import run as cli
@@ -31,9 +30,9 @@ from diagnostics.analysis.rules import (
 )
 from diagnostics.analysis.run import analyze
 from diagnostics.analysis.thresholds import Thresholds, build_thresholds, parse_threshold
+from tests.conftest import REPO
+from tests.run_folder_factory import BODIES, COMPONENTS, RunSpec, build_run_folder, eval_line
 from trainer.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def findings_of(folder: Path, overrides=()) -> list:
@@ -127,6 +126,22 @@ def test_weak_component_with_moving_weights_is_not_called_dead_or_lr(tmp_path):
     assert {f.issue for f in findings} == {"vanishing_gradients"}
     assert "Adam compensates" in findings[0].message
     assert findings[0].config_change == {"optim.lr": 0.002}
+
+
+def test_frequent_clipping_suggests_a_clip_norm_above_the_current_one(tmp_path):
+    findings = findings_of(build_run_folder(tmp_path / "run", clip_fraction=0.3))
+    assert findings[0].issue == "frequent_clipping"
+    assert findings[0].config_change == {"optim.grad_clip_norm": 1.5}
+    assert findings[0].evidence["overall"] == 0.3
+
+
+def test_validation_before_training_is_not_judged(tmp_path):
+    folder = build_run_folder(tmp_path / "run", gradients=False, attention=False, profiles=False,
+                              num_steps=40, val_interval=1000)
+    untrained = eval_line(RunSpec(coverage_90=0.5, effective_components=1.0), "val", 0, True)
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(untrained) + "\n")
+    assert findings_of(folder) == []
 
 
 def test_exploding_without_clipping_suggests_turning_clipping_on(tmp_path):

@@ -287,7 +287,10 @@ def _note_missing(run: RunData) -> None:
         else:
             run.notes.append(f"{folder}/: no records yet: analysed the rest")
     if run.attention and not run.attribution:
-        run.notes.append("attention/attribution_step_*.json: none yet (written at validation)")
+        why = ("diagnostics.attribution_at_validation is off"
+               if run.config_value("diagnostics.attribution_at_validation") is False
+               else "written at each validation")
+        run.notes.append(f"attention/attribution_step_*.json: none yet ({why})")
     if not run.train:
         run.notes.append("metrics.jsonl: no training lines yet")
     if not run.val:

@@ -26,6 +26,12 @@ def _float(value) -> float:
     return np.nan if value is None else value
 
 
+def _legend(axis) -> None:
+    """A legend only where something is labelled (a run without validation has no curve)."""
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=8)
+
+
 def _colors(n: int):
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(n)]
@@ -125,7 +131,7 @@ def training_curves(run: RunData, t: Thresholds, path: Path) -> Path:
     cx.set_title("Interval coverage (validation)")
     for axis in (ax, bx, cx):
         axis.set_xlabel("optimizer step")
-        axis.legend(fontsize=8)
+        _legend(axis)
     return _save(fig, path)
 
 
@@ -144,8 +150,7 @@ def compare_curves(runs: list[RunData], path: Path) -> Path:
     for axis, title in zip(axes, ("Training loss", "Validation NLL", "Total gradient norm")):
         axis.set_title(title)
         axis.set_xlabel("optimizer step")
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=8)
+        _legend(axis)
     return _save(fig, path)
 
 

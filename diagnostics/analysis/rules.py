@@ -255,8 +255,8 @@ def exploding_gradients(run: RunData, t: Thresholds) -> list[Finding]:
 
 def frequent_clipping(run: RunData, t: Thresholds) -> list[Finding]:
     """Clipping acting on more than clip_fraction of the steps (metrics.jsonl, else records)."""
-    clip = run.config_value("optim.grad_clip_norm")
-    if clip == 0:
+    clip = _number(run, "optim.grad_clip_norm")
+    if _clipping_off(run):
         return []
     if run.train:
         steps, fractions = column(run.train, "clip_fraction")
@@ -271,18 +271,19 @@ def frequent_clipping(run: RunData, t: Thresholds) -> list[Finding]:
         return []
     p90 = float(np.nanpercentile(norms, 90)) if np.isfinite(norms).any() else math.nan
     high = fractions > t.clip_fraction
-    change = {"optim.grad_clip_norm": _nice(p90)} if math.isfinite(p90) else {}
+    new_clip = _nice(max(p90, 1.5 * clip)) if math.isfinite(p90) and clip else None
+    change = {"optim.grad_clip_norm": new_clip} if new_clip else {}
     return [Finding(
         component="optimizer", issue="frequent_clipping", severity="warning",
         message=f"Gradient clipping acted on {overall:.0%} of the steps (limit "
-                f"{t.clip_fraction:.0%}): the clip norm ({clip}) sits below the typical gradient "
-                f"norm (median {_median(norms):.3g}), so it rescales most updates like a smaller "
-                "LR.",
+                f"{t.clip_fraction:.0%}) at optim.grad_clip_norm = {clip} (median gradient norm "
+                f"{_median(norms):.3g}): it rescales many updates, like a smaller, noisier LR.",
         evidence=_evidence("clip_fraction", steps[high], fractions[high], overall=overall,
                            clip_norm=clip, median_grad_norm=_median(norms)),
-        suggestion=(f"Raise optim.grad_clip_norm to about the 90th percentile of the norms "
-                    f"({_nice(p90)}) so it only catches outliers; if the norms keep growing, "
-                    "lower optim.lr instead.") if change else "Raise optim.grad_clip_norm.",
+        suggestion=(f"Raise the clip norm to about the 90th percentile of the norms "
+                    f"(optim.grad_clip_norm: {new_clip}) so it only catches outliers; if the "
+                    "norms keep growing, lower optim.lr instead.") if change else
+                   "Raise optim.grad_clip_norm.",
         config_change=change)]
 
 
@@ -444,7 +445,7 @@ def c2t_attention_uniform(run: RunData, t: Thresholds) -> list[Finding]:
 def c2t_attention_unfaithful(run: RunData, t: Thresholds) -> list[Finding]:
     """The C->T ranking of bodies unlike the occlusion ranking (median Spearman over the late
     attribution records: one record's occlusion is noisy)."""
-    late = _late_records(run.attribution, t)
+    late = _late_records(_after_training_started(run.attribution), t)
     if not late:
         return []
     spearman = {tg: _median([r["spearman"].get(tg) if r["spearman"].get(tg) is not None
@@ -470,9 +471,14 @@ def c2t_attention_unfaithful(run: RunData, t: Thresholds) -> list[Finding]:
 
 # --- the mixture decoder and calibration (validation) ------------------------------------------
 
+def _after_training_started(records: list[dict]) -> list[dict]:
+    """Records of a trained model: a validation at step 0 judges the initialisation."""
+    return [r for r in records if r["step"] > 0]
+
+
 def _latest(run: RunData, key: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """(steps, values, latest finite value) of a validation metric."""
-    steps, values = column(run.val, key)
+    """(steps, values, latest finite value) of a validation metric after step 0."""
+    steps, values = column(_after_training_started(run.val), key)
     finite = values[np.isfinite(values)]
     return steps, values, float(finite[-1]) if finite.size else math.nan
 

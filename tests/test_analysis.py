@@ -177,6 +177,15 @@ def test_one_rank_run_has_no_rank_findings(tmp_path):
     assert findings_of(folder) == []
 
 
+def test_data_loading_is_judged_from_profiles_without_metrics(tmp_path):
+    folder = build_run_folder(tmp_path / "run", data_time_fraction=0.6)
+    (folder / "metrics.jsonl").write_text("")
+    assert "data_loading_bound" in issues_of(folder)
+    healthy = build_run_folder(tmp_path / "healthy", data_time_fraction=0.0)
+    (healthy / "metrics.jsonl").write_text("")
+    assert "data_loading_bound" not in issues_of(healthy)
+
+
 def test_memory_suggestion_halves_the_batch(tmp_path):
     folder = build_run_folder(tmp_path / "run", memory_fraction=0.95, batch_size=12)
     finding = next(f for f in findings_of(folder) if f.issue == "memory_near_limit")

@@ -651,9 +651,9 @@ def _data_fractions(run: RunData) -> tuple[np.ndarray, np.ndarray]:
         steps, data = column(run.train, "data_time_s")
         _, step = column(run.train, "step_time_s")
     else:
-        steps = np.array([p["step"] for p in run.profiles], dtype=int)
-        data = np.array([p["timing"]["data_time_ms"] or np.nan for p in run.profiles], dtype=float)
-        step = np.array([p["timing"]["step_time_ms"] or np.nan for p in run.profiles], dtype=float)
+        timings = [{"step": p["step"], **p["timing"]} for p in run.profiles]
+        steps, data = column(timings, "data_time_ms")
+        _, step = column(timings, "step_time_ms")
     with np.errstate(divide="ignore", invalid="ignore"):
         return steps, data / step
 

@@ -1,0 +1,25 @@
+# shellcheck shell=bash
+# Thread and NCCL settings for every rank: the one place to tune them for a cluster.
+# Sourced by torchrun_node.sh on each node, after NPROC_PER_NODE is known. A value already in
+# the environment (e.g. `sbatch --export=ALL,NCCL_DEBUG=INFO`) wins over the default here.
+
+# CPU threads per rank: the task's CPUs shared among the node's ranks (at least 1), so ranks do
+# not oversubscribe the cores they were given.
+_cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
+_threads=$((_cpus / ${NPROC_PER_NODE:-1}))
+((_threads < 1)) && _threads=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$_threads}
+export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
+unset _cpus _threads
+
+# NCCL: warnings only; asynchronous error handling turns a stuck or failed collective into an
+# error instead of a hang. Site-specific choices stay commented out until a cluster needs them.
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# export NCCL_SOCKET_IFNAME=ib0        # the interface for bootstrap traffic
+# export NCCL_IB_HCA=mlx5              # InfiniBand adapters to use
+# export NCCL_IB_DISABLE=1             # Ethernet-only clusters
+
+# Python: log lines reach the Slurm output file at once; a crash prints every thread's stack.
+export PYTHONUNBUFFERED=1
+export PYTHONFAULTHANDLER=1

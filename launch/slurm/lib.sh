@@ -76,7 +76,7 @@ _on_stop_signal() {
 }
 
 _wait_forwarding() {
-    local status sleeper waited=0
+    local status="" sleeper waited=0 final
     while true; do
         if [[ -z "$_stop_signal" ]]; then
             wait "$_child_pid"
@@ -95,6 +95,12 @@ _wait_forwarding() {
         fi
     done
     wait "$_child_pid"
+    final=$?
+    # 127 where bash forgets a status once waited for: keep the one an earlier wait collected
+    if ((final == 127)) && [[ -n "$status" ]]; then
+        return "$status"
+    fi
+    return "$final"
 }
 
 # Forwarders: the direct child (srun passes signals on to every task of its step) ...

@@ -36,14 +36,22 @@ class SlurmUnavailable(Exception):
 
 
 # ------------------------------------------------------------------ installing
-def ensure_installed() -> None:
-    """Install the Slurm and munge packages if a daemon is missing (root and apt-get needed)."""
+def slurm_installed() -> bool:
+    return all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged"))
+
+
+def check_can_run() -> None:
+    """Raise SlurmUnavailable if this machine cannot start the cluster (cheap checks only)."""
     if os.geteuid() != 0:
         raise SlurmUnavailable("slurmd and munged must be started as root (and installed by it)")
-    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
-        return
-    if shutil.which("apt-get") is None:
+    if not slurm_installed() and shutil.which("apt-get") is None:
         raise SlurmUnavailable("Slurm is not installed and apt-get is not available")
+
+
+def install_if_missing() -> None:
+    """`apt-get update`, then install the Slurm and munge packages, unless they are there."""
+    if slurm_installed():
+        return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update"],
                     ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
@@ -253,8 +261,9 @@ def slurm_cluster():
     """Start the cluster, yield it, always stop it. Skips the test where it cannot run."""
     with contextlib.ExitStack() as stack:
         try:
+            check_can_run()
             stack.enter_context(exclusive_lock())
-            ensure_installed()
+            install_if_missing()
         except SlurmUnavailable as why:
             pytest.skip(f"no Slurm test cluster: {why}")
         folder = Path(tempfile.mkdtemp(prefix="celestial-slurm-"))

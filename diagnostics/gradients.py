@@ -191,6 +191,7 @@ class GradientObserver(Observer):
         h["total_norm"].append(record["total_norm"])
         h["clipped"].append(record["clipped"])
         h["lr"].append(record["lr"])
+        h.setdefault("skipped", []).append(record["skipped"])
         ranks = (record["ranks"] or {}).get("components", {})
         for name, comp in record["components"].items():
             series = h["components"].setdefault(name, {"norm": [], "update_ratio": [], "status": []})
@@ -228,14 +229,14 @@ def update_ratio(before: list[torch.Tensor], params: list[torch.nn.Parameter]) -
 
 
 def _all_series(h: dict) -> list[list]:
-    series = [h["steps"], h["epochs"], h["total_norm"], h["clipped"], h["lr"]]
+    series = [h["steps"], h["epochs"], h["total_norm"], h["clipped"], h["lr"], h.setdefault("skipped", [])]
     for comp in h["components"].values():
         series += [comp["norm"], comp["update_ratio"], comp["status"]]
     return series + list(h["agreement"].values()) + list(h["noise_scale"].values())
 
 
 def empty_history(config: DiagnosticsConfig) -> dict:
-    return {"steps": [], "epochs": [], "total_norm": [], "clipped": [], "lr": [],
+    return {"steps": [], "epochs": [], "total_norm": [], "clipped": [], "lr": [], "skipped": [],
             "thresholds": {"vanishing": config.vanishing_threshold,
                            "exploding": config.exploding_threshold},
             "components": {}, "agreement": {}, "noise_scale": {}}

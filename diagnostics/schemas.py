@@ -41,7 +41,7 @@ GRADIENT_HISTORY = _obj({
     "components": _map_of(_obj({"norm": _NUM_LIST, "update_ratio": _NUM_LIST,
                                 "status": {"type": "array", "items": _STATUS}})),
     "agreement": _map_of(_NUM_LIST), "noise_scale": _map_of(_NUM_LIST),
-})
+}, {"skipped": {"type": "array", "items": {"type": "boolean"}}})
 ATTENTION_RECORD = _obj({
     **_RECORD_HEAD, "num_samples": _INT, "reduced_over_ranks": {"type": "boolean"},
     "fusion": _obj({"num_tokens": _INT, "num_heads": _INT,
@@ -70,7 +70,10 @@ PROFILE_RECORD = _obj({
     "parameters": _obj({"total": _INT, "trainable": _INT,
                         "components": _map_of(_obj({"total": _INT, "trainable": _INT}))}),
     "config": {"type": "object"},
-    "memory": _obj({"per_rank": {"type": "array", "items": _obj({"rank": _INT, "rss_mb": _NUM})}}),
+    "memory": _obj({"per_rank": {"type": "array", "items": _obj(
+        {"rank": _INT, "rss_mb": _NUM},
+        {"host": _STR, "system_total_mb": _NUM, "cuda_allocated_peak_mb": _NUM,
+         "cuda_reserved_peak_mb": _NUM, "nvml_used_mb": _NUM, "nvml_total_mb": _NUM})}}),
     "timing": _obj({"method": {"enum": ["host_timer", "cuda_events"]},
                     "components": _map_of(_obj({"forward_ms": _NUM, "backward_ms": _NUM})),
                     "step_time_ms": _NUM, "data_time_ms": _NUM, "samples_per_s": _NUM}),
@@ -81,7 +84,8 @@ METRICS_LINE = {"type": "object", "required": ["kind", "step", "time"], "propert
     "time": {"type": "number"}}}
 TRAIN_LINE = _obj({"loss": _NUM, "lr": _NUM, "grad_norm": _NUM, "clip_fraction": _NUM,
                    "skipped_steps": _INT, "samples_per_s": _NUM, "step_time_s": _NUM,
-                   "data_time_s": _NUM, "memory_mb": _NUM, "epoch": _INT})
+                   "data_time_s": _NUM, "memory_mb": _NUM, "epoch": _INT},
+                  {"world_size": _INT})
 EVAL_LINE = _obj({"nll": _NUM, "mae": _NUM, "coverage_50": _NUM, "coverage_90": _NUM,
                   "rw_nll": _NUM, "effective_components": _NUM, "sigma_at_floor": _NUM,
                   "num_windows": _INT})

@@ -112,6 +112,7 @@ class Trainer:
         self.requests = StopRequests()
         self.meter = IntervalMeter(env.device)
         self.stop_reason: str | None = None
+        self.requeue_requested = False
         self.last_checkpoint_step = -1
         self.last_validation_step, self.last_validation = -1, {}
         self.fused_optimizer = bool(optimizer.defaults.get("fused"))
@@ -226,11 +227,12 @@ class Trainer:
             self.run_log.advance()
         if train.eval_interval and step % train.eval_interval == 0:
             self.validate()
-        stop, save_now = distributed.agree_any(
-            [self.requests.stop_signal is not None, self.requests.save_now])
+        stop, save_now, requeue = distributed.agree_any(
+            [self.requests.stop_signal is not None, self.requests.save_now, self.requests.requeue])
         self.requests.save_now = False
         if stop and self.stop_reason is None:
             self.stop_reason = "signal"
+            self.requeue_requested = requeue
             log.warning("stop requested (signal) at step %d: saving a checkpoint and exiting", step)
         elif save_now or step % self.config.checkpoint.interval == 0:
             self.save_checkpoint()
@@ -250,7 +252,7 @@ class Trainer:
                   "clip_fraction": m.clipped.item() / len(flags), "skipped_steps": len(skipped),
                   "samples_per_s": len(flags) * self.samples_per_step / elapsed,
                   "step_time_s": elapsed / len(flags), "data_time_s": m.data_time / len(flags),
-                  "memory_mb": memory_mb(self.env.device)}
+                  "memory_mb": memory_mb(self.env.device), "world_size": self.env.world_size}
         self.run_log.record("train", step, values)
         self.run_log.advance(1, loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         log.info("step %d/%d epoch %d: loss %.4f, lr %.2e, grad norm %.3g, %.1f samples/s",
@@ -353,8 +355,10 @@ class Trainer:
             self.save_checkpoint()
         self.checkpoints.wait()
         if self.stop_reason == "signal":
-            if distributed.is_main():
+            if distributed.is_main() and self.requeue_requested:
                 requeue_slurm_job()
+            elif distributed.is_main():
+                log.info("stopped on SIGTERM after a checkpoint: resume with --resume auto")
             return EXIT_PREEMPTED
         if self.last_validation_step != self.progress.step:
             self.validate()

@@ -1,8 +1,10 @@
 """Stop and save requests from signals, acted on at a step boundary by all ranks together.
 
-SIGTERM and SIGUSR1 ask the run to checkpoint and stop (preemption; Slurm sends SIGUSR1 ahead
-of the time limit with `--signal=B:USR1@<s>`); SIGUSR2 asks for a checkpoint now, training
-goes on. The handlers only set flags: saving inside a handler can deadlock.
+SIGTERM and SIGUSR1 ask the run to checkpoint and stop. Only SIGUSR1 (what a job asks Slurm to
+send ahead of its time limit, `--signal=B:USR1@<s>`) also requeues the Slurm job: SIGTERM is
+what `scancel` sends, and a cancelled job must stay cancelled (under preemption with
+PreemptMode=REQUEUE, Slurm requeues the job itself). SIGUSR2 asks for a checkpoint now and
+training goes on. The handlers only set flags: saving inside a handler can deadlock.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ EXIT_PREEMPTED = 75
 class StopRequests:
     def __init__(self) -> None:
         self.stop_signal: int | None = None
+        self.requeue = False
         self.save_now = False
         self._previous = {}
 
@@ -37,6 +40,7 @@ class StopRequests:
 
     def _on_stop(self, signum, frame) -> None:
         self.stop_signal = signum
+        self.requeue = self.requeue or signum == signal.SIGUSR1
 
     def _on_save(self, signum, frame) -> None:
         self.save_now = True

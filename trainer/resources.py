@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import socket
 
 import psutil
 import torch
@@ -27,7 +28,7 @@ def _nvml_ready() -> bool:
 def memory_report(device: torch.device) -> dict:
     """Everything known about this rank's memory (MiB)."""
     process = psutil.Process().memory_info()
-    report = {"rss_mb": process.rss / 2**20,
+    report = {"host": socket.gethostname(), "rss_mb": process.rss / 2**20,
               "system_total_mb": psutil.virtual_memory().total / 2**20}
     if device.type == "cuda":
         report["cuda_allocated_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

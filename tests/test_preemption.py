@@ -1,0 +1,37 @@
+"""Signals set flags (acted on at a step boundary); only SIGUSR1 asks for a Slurm requeue."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from trainer.preemption import StopRequests, requeue_slurm_job
+
+
+def test_sigterm_stops_without_requeue_and_usr1_requeues():
+    requests = StopRequests().install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert requests.stop_signal == signal.SIGTERM and not requests.requeue
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert requests.requeue
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert requests.save_now
+    finally:
+        requests.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_requeue_without_scontrol_says_so(monkeypatch, caplog):
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with caplog.at_level(logging.INFO):
+        requeue_slurm_job()
+    assert "scontrol is not available" in caplog.text and "--resume auto" in caplog.text
+
+
+def test_requeue_outside_slurm_is_a_note(monkeypatch, caplog):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with caplog.at_level(logging.INFO):
+        requeue_slurm_job()
+    assert "not a Slurm job" in caplog.text

@@ -303,3 +303,21 @@ def test_multi_node_script_on_one_node_rendezvous_requeue_and_resume(cluster, tm
     assert output.count("received SIGUSR1") >= 2, "batch shell and node launcher"
     assert_stopped_and_resumed(tmp_path, "multi", job_id, output)
     assert_trained_to_the_end(tmp_path, "multi", max_steps=60)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_plain_scancel_checkpoints_and_stays_cancelled(cluster, tmp_path):
+    job_id = submit(cluster, SINGLE_NODE, tmp_path, "cancelled", max_steps=2000)
+    checkpoints = tmp_path / "checkpoints" / "cancelled"
+    cluster.wait_until(lambda: any(checkpoints.glob("checkpoint_step_*")) or
+                       cluster.job(job_id).get("JobState") not in ("PENDING", "RUNNING"),
+                       JOB_TIMEOUT_S, "the first checkpoint")
+    cluster.run("scancel", job_id)
+    info = wait_finished(cluster, tmp_path, job_id)
+    assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", \
+        job_output(tmp_path, job_id)
+    log = (tmp_path / "logs" / "cancelled" / "training_full.log").read_text()
+    assert "stop requested (signal)" in log and "requeued" not in log
+    stop_step = int(log.split("stop requested (signal) at step ")[1].split(":")[0])
+    assert (checkpoints / f"checkpoint_step_{stop_step:06d}" / "manifest.json").is_file()

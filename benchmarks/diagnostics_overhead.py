@@ -1,0 +1,246 @@
+"""What diagnostics cost: training throughput with every diagnostic on at the card's intervals
+against none, interleaved in one process, and the size of one record at each model size.
+
+    python benchmarks/diagnostics_overhead.py                        # quickstart and production
+    python benchmarks/diagnostics_overhead.py --json \
+        --configs configs/celestial_enhanced_pgat_production.yaml
+
+The card's intervals: log 10, gradients 50, attention 100, component profile 500 (= the
+checkpoint interval). Target (issue 4): at most 3% slower; each record under 100 KB.
+
+Method. One trainer from `build_trainer` (the real model, optimizer, observers and run folder)
+is driven through `Trainer.run_step`, as `Trainer.run_epoch` drives it: observers are asked
+`is_active(step)` and only the active ones are called. Blocks of steps alternate between the
+full observer set and none, in ABBA order so that slow drift cancels. Each arm keeps its own
+step counter, so over R blocks of K steps the "on" arm passes steps 1..R*K once and meets every
+interval in its true proportion (the defaults, 5 x 100, include one profiled step).
+Overhead = 1 - (on samples/s) / (off samples/s) over all blocks; the per-pair ratios give the
+median and spread. Both arms write a train line every 10 steps (the trainer always does).
+Not part of the comparison: validation and the occlusion attribution that runs with it (they
+run at validations, not on training steps), checkpoint saving (not a diagnostic: moved beyond
+the run here), the observers' one-time set-up (FLOP counting) and data loading (batches are
+drawn from the real loader once, before timing, and reused).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):          # run as a file: make `benchmarks.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.throughput import (
+    PRODUCTION,
+    REPO,
+    CpuWitness,
+    add_common_options,
+    describe_load,
+    load_benchmark_config,
+    machine_info,
+)
+
+QUICKSTART = REPO / "configs" / "quickstart_cpu.yaml"
+TARGET_OVERHEAD, TARGET_RECORD_BYTES = 0.03, 100_000
+CARD = ["train.log_interval=10", "diagnostics.gradient_log_interval=50",
+        "diagnostics.attention_log_interval=100", "diagnostics.profile_interval=500"]
+ALL_ON = ["diagnostics.enable_gradient_diagnostics=true",
+          "diagnostics.enable_attention_logging=true",
+          "diagnostics.enable_component_profiling=true"]
+
+
+def build(config_path: str, overrides: list[str], out: Path, total_steps: int):
+    """The trainer of a run with every diagnostic on; no validation or checkpoint in range."""
+    from trainer import distributed
+    from trainer.build import build_trainer
+    name = f"diagnostics_overhead_{Path(config_path).stem}"
+    run = [f"train.experiment_name={name}", f"train.log_root={out / 'logs'}",
+           f"checkpoint.root={out / 'checkpoints'}", "train.progress_bar=false",
+           f"train.max_steps={total_steps}", "train.eval_interval=0",
+           f"checkpoint.interval={10**9}"]
+    config = load_benchmark_config(config_path, [*ALL_ON, *CARD, *overrides, *run])
+    return build_trainer(config, distributed.init_distributed(config.train.device))
+
+
+def take_batches(trainer, count: int) -> list:
+    batches = []
+    for batch in trainer.data.train_loader:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+class Arms:
+    """The two observer sets, each with its own step counter, on one trainer."""
+
+    def __init__(self, trainer) -> None:
+        from diagnostics.observer import ObserverGroup
+        self.trainer = trainer
+        self.groups = {"on": trainer.observers, "off": ObserverGroup([])}
+        self.next_step = {"on": 0, "off": 0}
+        self.batch_index = 0
+
+    def run(self, arm: str, num_steps: int, batches: list) -> float:
+        """Take `num_steps` steps with arm's observers; returns the seconds they took."""
+        t = self.trainer
+        t.observers = self.groups[arm]
+        t.progress.step = self.next_step[arm]
+        started = time.perf_counter()
+        for _ in range(num_steps):
+            t.run_step([batches[self.batch_index % len(batches)]], 0.0)
+            self.batch_index += 1
+        if t.env.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        self.next_step[arm] = t.progress.step
+        return elapsed
+
+
+def warm_up(arms: Arms, batches: list, steps: int) -> None:
+    """Untimed: plain steps, then steps ending on a multiple of 500, where every observer
+    fires once (first files, folders and TensorBoard tags); then both counters restart."""
+    arms.run("off", steps, batches)
+    arms.next_step["on"] = -steps % 500
+    arms.run("on", steps, batches)
+    arms.next_step = {"on": 0, "off": 0}
+
+
+def interleave(arms: Arms, batches: list, pairs: int, block: int) -> list[dict]:
+    """ABBA: off/on, on/off, ... Returns each pair's seconds per arm."""
+    results = []
+    for r in range(pairs):
+        order = ("off", "on") if r % 2 == 0 else ("on", "off")
+        results.append({arm: arms.run(arm, block, batches) for arm in order})
+    return results
+
+
+def activations(arms: Arms) -> dict[str, int]:
+    """How many times each observer ran on a training step in the "on" arm."""
+    last = arms.next_step["on"]
+    return {type(o).__name__: sum(o.is_active(s) for s in range(1, last + 1))
+            for o in arms.groups["on"].observers}
+
+
+def intervals(config) -> dict[str, int]:
+    d = config.diagnostics
+    return {"log": config.train.log_interval, "gradients": d.gradient_log_interval,
+            "attention": d.attention_log_interval, "profile": d.profile_interval}
+
+
+def record_sizes(log_dir: Path) -> dict[str, int]:
+    """Bytes of the largest file of each kind the observers wrote."""
+    kinds = {"gradient_record": "gradients/gradients_step_*.json",
+             "gradient_history": "gradients/history.json",
+             "attention_record": "attention/attention_step_*.json",
+             "profile_record": "components/profile_step_*.json"}
+    return {kind: max((p.stat().st_size for p in log_dir.glob(pattern)), default=0)
+            for kind, pattern in kinds.items()}
+
+
+def summarize(pairs: list[dict], samples_per_step: int, block: int) -> dict:
+    rate = {arm: [samples_per_step * block / p[arm] for p in pairs] for arm in ("on", "off")}
+    total = {arm: samples_per_step * block * len(pairs) / sum(p[arm] for p in pairs)
+             for arm in ("on", "off")}
+    pair_overhead = [1 - on / off for on, off in zip(rate["on"], rate["off"])]
+    return {"samples_per_s": {arm: {"total": total[arm], "median": statistics.median(rate[arm]),
+                                    "min": min(rate[arm]), "max": max(rate[arm])}
+                              for arm in ("on", "off")},
+            "overhead": 1 - total["on"] / total["off"],
+            "pair_overhead": {"median": statistics.median(pair_overhead),
+                              "min": min(pair_overhead), "max": max(pair_overhead),
+                              "all": pair_overhead}}
+
+
+def measure_config(config_path: str, args: argparse.Namespace, out: Path) -> dict:
+    witness = CpuWitness()
+    total = args.warmup * 2 + 2 * args.pairs * args.block
+    trainer = build(config_path, args.overrides, out, total)
+    trainer.observers.on_start(trainer.run_context)         # as Trainer.train() does
+    batches = take_batches(trainer, args.num_batches)
+    arms = Arms(trainer)
+    warm_up(arms, batches, args.warmup)
+    pairs = interleave(arms, batches, args.pairs, args.block)
+    result = summarize(pairs, trainer.samples_per_step, args.block)
+    trainer.run_log.close()
+    c = trainer.config
+    return {"config": str(config_path), "batch_size": c.data.batch_size,
+            "d_model": c.model.d_model,
+            "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            "device": str(trainer.env.device), "torch_threads": torch.get_num_threads(),
+            "block_steps": args.block, "pairs": args.pairs, **result,
+            "intervals": intervals(c), "observer_activations": activations(arms),
+            "record_bytes": record_sizes(trainer.run_context.log_dir), "load": witness.report()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=[str(QUICKSTART), str(PRODUCTION)])
+    p.add_argument("--pairs", type=int, default=5, help="on/off block pairs (repetitions)")
+    p.add_argument("--block", type=int, default=100, help="steps per block (multiple of 10)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps per arm first")
+    p.add_argument("--num-batches", type=int, default=32, help="real batches, reused in turn")
+    p.add_argument("--out", help="run folders go here (default: a temporary folder, removed)")
+    add_common_options(p)
+    args = p.parse_args(argv)
+    if args.block % 10:
+        p.error("--block must be a multiple of the log interval, 10")
+    return args
+
+
+def format_report(r: dict) -> str:
+    m = r["machine"]
+    lines = [("Diagnostics overhead: all diagnostics on against none, interleaved (ABBA) in one "
+              "process (the card's intervals: log 10, gradients 50, attention 100, profile 500)"),
+             f"machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}; {m['date']}"]
+    for c in r["configs"]:
+        lines += ["", *config_rows(c)]
+    lines += ["", ("Not compared: validation and occlusion attribution (they run at validations, "
+                   "not on training steps), checkpoint saves, observer set-up, data loading.")]
+    return "\n".join(lines)
+
+
+def config_rows(c: dict) -> list[str]:
+    s, po = c["samples_per_s"], c["pair_overhead"]
+    verdict = "meets" if c["overhead"] <= TARGET_OVERHEAD else "MISSES"
+    rows = [(f"{Path(c['config']).name}: batch {c['batch_size']}, d_model {c['d_model']}, "
+             f"{c['parameters']:,} parameters, {c['device']}, {c['torch_threads']} threads; "
+             f"{c['pairs']} pairs of {c['block_steps']}-step blocks"),
+            "  intervals: " + ", ".join(f"{k} {v}" for k, v in c["intervals"].items())]
+    for arm in ("off", "on"):
+        a = s[arm]
+        rows.append(f"  diagnostics {arm:<3}: {a['total']:8.1f} samples/s over all blocks "
+                    f"(blocks: median {a['median']:.1f}, {a['min']:.1f}-{a['max']:.1f})")
+    rows.append(f"  overhead {100 * c['overhead']:+.2f}% ({verdict} the 3% target); per pair: "
+                f"median {100 * po['median']:+.2f}%, {100 * po['min']:+.2f}% to "
+                f"{100 * po['max']:+.2f}%")
+    rows.append("  observer calls in the 'on' arm: "
+                + ", ".join(f"{k} {v}" for k, v in c["observer_activations"].items()))
+    sizes = ", ".join(f"{k} {v:,}" for k, v in c["record_bytes"].items())
+    rows.append(f"  largest record (bytes): {sizes} (target < {TARGET_RECORD_BYTES:,} for "
+                "gradient and attention records)")
+    rows.append("  " + describe_load(c["load"]))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="diag_overhead_"))
+    try:
+        configs = [measure_config(path, args, out) for path in args.configs]
+    finally:
+        if not args.out:
+            shutil.rmtree(out, ignore_errors=True)
+    result = {"benchmark": "diagnostics_overhead", "machine": machine_info(), "configs": configs}
+    print(json.dumps(result, indent=1) if args.json else format_report(result))
+
+
+if __name__ == "__main__":
+    main()

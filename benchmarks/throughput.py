@@ -1,0 +1,417 @@
+"""Throughput of one training step: samples/s, peak RSS, FLOPs per sample, share of matmul peak.
+
+    python benchmarks/throughput.py                                # production config, batch 12
+    python benchmarks/throughput.py --optimizer fused foreach for_loop --compile --json
+    python benchmarks/throughput.py --config configs/quickstart_cpu.yaml --batch-size 64
+
+What is timed is the trainer's own step, `Trainer.train_step` (forward, backward, clipping,
+AdamW, LR schedule), on synthetic batches of the real shapes: warm-up steps first, then several
+timed rounds (median and range reported). Data loading is not included (ddp_scaling.py times
+whole training runs, data included).
+
+Each (optimizer, compile) setting runs in a fresh subprocess, so its peak RSS (getrusage
+ru_maxrss: the kernel's high-water mark of the process) is that of training alone: Python,
+torch, model, optimizer state and activations. The input layout (which columns belong to which
+body) comes from the real dataset, read once by this parent process; the peak of that read is
+reported separately, since a real run pays it too, before its first step.
+
+FLOPs per sample: torch.utils.flop_counter over forward and backward (matrix products and
+convolutions; elementwise work and the optimizer are not counted). The matmul peak is this
+machine's own: the best of several large matrix products (fp32 on CPU, the training precision
+on CUDA) with the same number of threads as the timed steps.
+
+Every benchmark here records how busy the machine was: numbers taken while other processes
+compete for the cores are wrong, and are flagged as such.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):          # run as a file: make `benchmarks.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PRODUCTION = REPO / "configs" / "celestial_enhanced_pgat_production.yaml"
+# Issue 2's target for the production config at batch 12 on this machine's 2 cores.
+TARGET_SAMPLES_PER_S, TARGET_PEAK_RSS_MB = 40.0, 1500.0
+# Other processes using more than this many cores on average during a measurement make it
+# "not quiet" (the load average lags by minutes and counts our own earlier runs too).
+QUIET_OTHER_CORES = 0.1
+
+
+# --------------------------------------------------------------------------- the machine
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    info = {"cpu": cpu_model_name(), "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _busy_cpu_seconds() -> float:
+    t = psutil.cpu_times()
+    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))
+
+
+def _own_cpu_seconds() -> float:
+    """This process and its finished (waited-for) children, grandchildren included."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class CpuWitness:
+    """How many cores OTHER processes kept busy while a measurement ran: the whole machine's
+    busy CPU time minus ours (children included, once they have been waited for)."""
+
+    def __init__(self) -> None:
+        self.load_before = os.getloadavg()[0]
+        self.started = time.perf_counter()
+        self.busy0, self.own0 = _busy_cpu_seconds(), _own_cpu_seconds()
+
+    def report(self) -> dict:
+        wall = time.perf_counter() - self.started
+        others = (_busy_cpu_seconds() - self.busy0) - (_own_cpu_seconds() - self.own0)
+        other_cores = max(0.0, others / wall) if wall > 0 else 0.0
+        return {"load_1m_before": round(self.load_before, 2),
+                "load_1m_after": round(os.getloadavg()[0], 2), "wall_s": round(wall, 1),
+                "other_processes_cores": round(other_cores, 3),
+                "quiet": other_cores < QUIET_OTHER_CORES}
+
+
+def describe_load(witness: dict) -> str:
+    verdict = "quiet" if witness["quiet"] else "NOT QUIET: these numbers are not trustworthy"
+    return (f"load: 1-min load average {witness['load_1m_before']} before, "
+            f"{witness['load_1m_after']} after; other processes used "
+            f"{witness['other_processes_cores']:.2f} cores on average over "
+            f"{witness['wall_s']} s ({verdict})")
+
+
+def matmul_peak_gflops(size: int, repeats: int, device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-`repeats` rate of one (size x size) @ (size x size) product, in GFLOP/s."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty_like(a)
+    torch.mm(a, b, out=out)                                # warm-up (and library set-up)
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------ the step being timed
+def load_benchmark_config(config_path: str | None, overrides: list[str]):
+    """The config file with `key=value` overrides (as the CLI's --set reads them)."""
+    from trainer.config import load_config, parse_override
+    return load_config(config_path, [parse_override(text) for text in overrides])
+
+
+def input_spec(config):
+    """The real input layout of the config's dataset (generated on first use)."""
+    from trainer.data import ensure_dataset, prepare
+    ensure_dataset(config.data)
+    return prepare(config.data, config.model.seq_len, config.model.pred_len).spec
+
+
+def synthetic_batches(config, spec, device: torch.device, count: int = 4, seed: int = 0):
+    """Batches of the real shapes: unit-variance features (as after scaling) and targets that
+    walk with the data's own 1-step change scale."""
+    from trainer.data import Batch
+    g = torch.Generator().manual_seed(seed)
+    B, S, P = config.data.batch_size, config.model.seq_len, config.model.pred_len
+    F, T = spec.num_features, len(spec.targets)
+    step_T = torch.tensor(spec.change_scale[0])
+    batches = []
+    for _ in range(count):
+        wave_BXF = torch.randn(B, S + P, F, generator=g)
+        target_BXT = (torch.randn(B, S + P, T, generator=g) * step_T).cumsum(1)
+        parts = (wave_BXF[:, :S], target_BXT[:, :S], wave_BXF[:, S:], target_BXT[:, S:])
+        batches.append(Batch(*(p.contiguous() for p in parts)).to(device))
+    return batches
+
+
+def build_step_trainer(config, spec, device: torch.device):
+    """A Trainer with the run's model, optimizer, schedule and precision, but no data, logs,
+    checkpoints or observers: enough for `train_step`, the step every run takes."""
+    from diagnostics.observer import ObserverGroup
+    from model import CelestialPGAT
+    from trainer.build import autocast_dtype, maybe_compile, seed_everything
+    from trainer.distributed import DistEnv
+    from trainer.loop import Trainer
+    from trainer.optim import build_optimizer, build_scheduler
+    seed_everything(config.train.seed)
+    model = CelestialPGAT(config.model, spec).to(device)
+    train_model = maybe_compile(model, config.train.compile)
+    optimizer = build_optimizer(model, config.optim, device)
+    scheduler = build_scheduler(optimizer, config.optim, total_steps=10**6)
+    dtype = autocast_dtype(config.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    env = DistEnv(0, 0, 1, device, None)
+    return Trainer(config, env, None, model, train_model, optimizer, scheduler, scaler,
+                   ObserverGroup([]), None, None, None, dtype)
+
+
+def run_steps(trainer, batches, num_steps: int) -> None:
+    """`num_steps` optimizer steps exactly as `Trainer.run_step` takes them, minus logging."""
+    from diagnostics.observer import StepContext
+    for i in range(num_steps):
+        trainer.progress.step += 1
+        ctx = StepContext(step=trainer.progress.step, epoch=0,
+                          lr=trainer.scheduler.get_last_lr()[0],
+                          clip_norm=trainer.config.optim.grad_clip_norm)
+        loss = trainer.train_step([batches[i % len(batches)]], ctx, [])
+        trainer.meter.add(loss, ctx.grad_norm, ctx.found_inf, ctx.clip_norm)
+    _sync(trainer.env.device)
+    trainer.meter.reset()
+
+
+def time_rounds(trainer, batches, steps: int, rounds: int) -> list[float]:
+    """Seconds per step of each round."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        run_steps(trainer, batches, steps)
+        times.append((time.perf_counter() - started) / steps)
+    return times
+
+
+def break_the_compiler() -> None:
+    """Make inductor fail as a broken toolchain would, to exercise the eager fallback of
+    `train.compile` (trainer.build.maybe_compile) on any device."""
+    compile_fx = importlib.import_module("torch._inductor.compile_fx")
+
+    def failing_compile_fx(*args, **kwargs):
+        raise RuntimeError("compiler failure forced by the benchmark (--force-compile-failure)")
+    compile_fx.compile_fx = failing_compile_fx
+
+
+def compile_outcome() -> dict:
+    """What torch.compile did in this process: graphs compiled, graph breaks, failures."""
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"].get("unique_graphs", 0)
+    failures = counters["aot_autograd"].get("not_ok", 0)
+    status = "compiled" if graphs and not failures else "partly compiled" if graphs else \
+        "fell back to eager"
+    return {"status": status, "graphs": graphs, "failed_graphs": failures,
+            "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def measure_here(job: dict) -> dict:
+    """Build the step, warm up, time rounds; runs inside the fresh child process."""
+    from model import InputSpec
+    from trainer.distributed import pick_device
+    config = load_benchmark_config(job["config"], job["overrides"])
+    device = pick_device(job["device"], 0)
+    if job.get("force_compile_failure"):
+        break_the_compiler()
+    trainer = build_step_trainer(config, InputSpec.from_dict(job["spec"]), device)
+    batches = synthetic_batches(config, trainer.model.spec, device)
+    rss_built_mb = psutil.Process().memory_info().rss / 2**20
+    started = time.perf_counter()
+    run_steps(trainer, batches, 1)                         # includes any compilation
+    first_step_s = time.perf_counter() - started
+    run_steps(trainer, batches, max(0, job["warmup"] - 1))
+    step_times = time_rounds(trainer, batches, job["steps"], job["rounds"])
+    result = {"optimizer": config.optim.implementation,
+              "fused": bool(trainer.optimizer.defaults.get("fused")),
+              "foreach": bool(trainer.optimizer.defaults.get("foreach")),
+              "compile": config.train.compile, "device": str(device),
+              "precision": str(trainer.autocast_dtype or torch.float32).replace("torch.", ""),
+              "batch_size": config.data.batch_size, "torch_threads": torch.get_num_threads(),
+              "first_step_s": first_step_s, "step_time_s": step_times,
+              "samples_per_s": [config.data.batch_size / t for t in step_times],
+              "rss_after_build_mb": rss_built_mb,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        result["cuda_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    if config.train.compile:
+        result["compile_outcome"] = compile_outcome()
+    return result
+
+
+def measure_in_subprocess(job: dict, env: dict | None = None, timeout: int = 3600) -> dict:
+    """`measure_here` in a fresh Python process (its own peak RSS, its own compile caches)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child"],
+                          input=json.dumps(job), capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})}, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize_times(result: dict) -> dict:
+    rates = result["samples_per_s"]
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "step_ms": 1e3 * statistics.median(result["step_time_s"])}
+
+
+# ----------------------------------------------------------------------------- the script
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """--set and --json: the same in every benchmark here."""
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="config overrides, e.g. --set model.d_model=64")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(PRODUCTION), help="YAML config (default: production)")
+    p.add_argument("--batch-size", type=int, default=12, help="samples per step (default 12)")
+    p.add_argument("--optimizer", nargs="+", default=["fused"],
+                   choices=["fused", "foreach", "for_loop"], help="AdamW implementation(s)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (train.compile)")
+    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (median and range)")
+    p.add_argument("--matmul-size", type=int, default=4096)
+    p.add_argument("--matmul-repeats", type=int, default=5)
+    add_common_options(p)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, f"data.batch_size={args.batch_size}"]
+
+
+def model_facts(config, spec) -> dict:
+    """Parameters, input width and FLOPs per sample (counted here, not in the timed child)."""
+    from diagnostics.profiling import count_flops_per_sample
+    from model import CelestialPGAT
+    model = CelestialPGAT(config.model, spec)
+    flops = count_flops_per_sample(model, spec.num_features, len(spec.targets),
+                                   torch.device("cpu"), batch=config.data.batch_size)
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "num_features": spec.num_features, "num_bodies": len(spec.bodies),
+            "num_targets": len(spec.targets), "flops_per_sample": flops}
+
+
+def settings(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    return [(opt, compiled) for compiled in ([False, True] if args.compile else [False])
+            for opt in args.optimizer]
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    witness = CpuWitness()
+    overrides = base_overrides(args)
+    config = load_benchmark_config(args.config, overrides)
+    spec = input_spec(config)
+    data_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    facts = model_facts(config, spec)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_peak_gflops(args.matmul_size, args.matmul_repeats, device, dtype)
+    runs = []
+    for optimizer, compiled in settings(args):
+        job = {"config": args.config, "device": device.type, "spec": spec.to_dict(),
+               "overrides": overrides + [f"optim.implementation={optimizer}",
+                                         f"train.compile={str(compiled).lower()}"],
+               "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds}
+        result = measure_in_subprocess(job)
+        summary = summarize_times(result)
+        result["summary"] = summary
+        achieved_gflops = facts["flops_per_sample"] * summary["median"] / 1e9
+        result["matmul_peak_fraction"] = achieved_gflops / peak
+        runs.append(result)
+    return {"benchmark": "throughput", "config": str(args.config), "batch_size": args.batch_size,
+            "overrides": overrides, "machine": machine_info(),
+            "model": facts, "matmul_peak_gflops": peak, "matmul_size": args.matmul_size,
+            "matmul_dtype": str(dtype).replace("torch.", ""),
+            "data_preparation_peak_rss_mb": data_peak_mb, "runs": runs,
+            "load": witness.report()}
+
+
+def format_report(r: dict) -> str:
+    m, f = r["machine"], r["model"]
+    lines = [
+        f"Training-step throughput: {Path(r['config']).name}, batch {r['batch_size']}",
+        (f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; "
+         f"torch {m['torch']}; {m['date']}"),
+        (f"model: {f['parameters']:,} parameters; F={f['num_features']} feature columns, "
+         f"{f['num_bodies']} bodies, {f['num_targets']} targets"),
+        (f"FLOPs per sample (forward+backward, torch.utils.flop_counter): "
+         f"{f['flops_per_sample'] / 1e9:.3f} GFLOP"),
+        (f"matmul peak of this machine ({r['matmul_dtype']} {r['matmul_size']}^2, best of "
+         f"several): {r['matmul_peak_gflops']:.1f} GFLOP/s"),
+        "",
+        (f"{'optimizer':<10} {'compile':<8} {'threads':>7} {'samples/s (median [min-max])':>30} "
+         f"{'step ms':>8} {'peak RSS MB':>12} {'of matmul peak':>15}"),
+    ]
+    for run in r["runs"]:
+        lines += run_rows(run)
+    lines += [
+        "",
+        ("peak RSS: getrusage ru_maxrss of a fresh process that only builds the model and "
+         "takes the steps (synthetic batches, no dataset);"),
+        (f"reading the dataset for its layout peaked at {r['data_preparation_peak_rss_mb']:.0f} "
+         "MB RSS in the parent process (a real run pays that before training)."),
+        (f"target (issue 2, production batch 12, 2 cores): >= {TARGET_SAMPLES_PER_S:.0f} "
+         f"samples/s and < {TARGET_PEAK_RSS_MB / 1000:.1f} GB peak RSS"),
+        describe_load(r["load"]),
+    ]
+    return "\n".join(lines)
+
+
+def run_rows(run: dict) -> list[str]:
+    s = run["summary"]
+    rate = f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"
+    rows = [(f"{run['optimizer']:<10} {run['compile']!s:<8} {run['torch_threads']:>7} "
+             f"{rate:>30} {s['step_ms']:>8.1f} {run['peak_rss_mb']:>12.0f} "
+             f"{100 * run['matmul_peak_fraction']:>14.1f}%")]
+    if "compile_outcome" in run:
+        c = run["compile_outcome"]
+        rows.append(f"    torch.compile: {c['status']} ({c['graphs']} graph(s), "
+                    f"{c['graph_breaks']} graph break(s)); first step {run['first_step_s']:.1f} s")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(measure_here(json.load(sys.stdin))))
+        return
+    result = run_benchmark(args)
+    print(json.dumps(result, indent=1) if args.json else format_report(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Each benchmark script runs end to end on a tiny model and reports numbers that parse.
+
+Smoke tests only: they show the scripts work, not how fast anything is (benchmarks/RESULTS.md
+holds the measured numbers).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, small_overrides
+
+pytestmark = pytest.mark.slow
+QUICKSTART = "configs/quickstart_cpu.yaml"
+
+
+def tiny(short_csv, tmp_path) -> list[str]:
+    """The unit tests' small model and short dataset as `key=value` overrides (no spaces)."""
+    pairs = [(k, v) for k, v in small_overrides(short_csv, tmp_path)
+             if k.split(".")[0] in ("model", "data", "optim")]
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
+            for k, v in pairs]
+
+
+def run_script(name: str, *args: str, env: dict | None = None, timeout: int = 300):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_throughput_reports_rate_memory_flops_and_share_of_peak(short_csv, tmp_path):
+    from benchmarks.throughput import format_report
+    result = run_script("throughput.py", "--config", QUICKSTART, "--batch-size", "8",
+                        "--optimizer", "fused", "for_loop", "--warmup", "2", "--steps", "3",
+                        "--rounds", "2", "--matmul-size", "256", "--matmul-repeats", "2",
+                        "--json", "--set", *tiny(short_csv, tmp_path))
+    assert result["model"]["flops_per_sample"] > 0 and result["matmul_peak_gflops"] > 0
+    assert [r["optimizer"] for r in result["runs"]] == ["fused", "for_loop"]
+    assert [r["fused"] for r in result["runs"]] == [True, False]
+    for run in result["runs"]:
+        assert len(run["samples_per_s"]) == 2 and all(r > 0 for r in run["samples_per_s"])
+        assert run["peak_rss_mb"] >= run["rss_after_build_mb"] > 50
+        assert 0 < run["matmul_peak_fraction"] < 1
+    assert {"other_processes_cores", "quiet", "load_1m_before"} <= set(result["load"])
+    report = format_report(result)
+    assert "samples/s" in report and "peak RSS" in report and "of matmul peak" in report
+
+
+def test_compile_speedup_falls_back_and_claims_no_speedup(short_csv, tmp_path):
+    result = run_script("compile_speedup.py", "--config", QUICKSTART, "--batch-size", "8",
+                        "--warmup", "2", "--steps", "3", "--rounds", "1",
+                        "--force-compile-failure", "--json", "--set", *tiny(short_csv, tmp_path))
+    assert result["compile_outcome"]["status"] == "fell back to eager"
+    assert result["speedup"] is None and result["throughput_ratio"] > 0
+    assert result["compiled"]["compile"] and not result["eager"]["compile"]
+    assert result["eager"]["summary"]["median"] > 0 and result["compiled"]["summary"]["median"] > 0
+
+
+def test_diagnostics_overhead_interleaves_and_sizes_records(short_csv, tmp_path):
+    intervals = ["diagnostics.gradient_log_interval=10", "diagnostics.attention_log_interval=10",
+                 "diagnostics.profile_interval=20"]
+    result = run_script("diagnostics_overhead.py", "--configs", QUICKSTART, "--pairs", "2",
+                        "--block", "10", "--warmup", "2", "--num-batches", "4", "--json",
+                        "--set", *tiny(short_csv, tmp_path), *intervals)
+    (config,) = result["configs"]
+    assert config["observer_activations"] == {"GradientObserver": 2, "AttentionObserver": 2,
+                                              "AttributionObserver": 0, "ProfileObserver": 1}
+    assert math.isfinite(config["overhead"]) and len(config["pair_overhead"]["all"]) == 2
+    assert all(config["samples_per_s"][arm]["total"] > 0 for arm in ("on", "off"))
+    sizes = config["record_bytes"]
+    assert 0 < sizes["gradient_record"] < 100_000 and 0 < sizes["attention_record"] < 100_000
+    assert sizes["profile_record"] > 0
+
+
+def test_ddp_scaling_times_two_ranks_and_checkpoint_blocking(short_csv, tmp_path):
+    result = run_script("ddp_scaling.py", "--config", QUICKSTART, "--batch-size", "8",
+                        "--ranks", "2", "--no-baseline",
+                        "--steps", "6", "--log-interval", "2", "--checkpoint-interval", "2",
+                        "--saves", "2", "--json", "--set", *tiny(short_csv, tmp_path))
+    (run,) = result["throughput"]
+    assert (run["ranks"], run["threads_per_rank"], run["global_batch"]) == (2, 1, 16)
+    assert run["samples_per_s"]["median"] > 0
+    assert [c["mode"] for c in result["checkpoints"]] == ["sync", "async"]
+    for c in result["checkpoints"]:
+        assert len(c["blocked_s"]) == 2 and all(b > 0 for b in c["blocked_s"])
+        assert c["checkpoint_bytes"] > 0
+
+
+def run_gpu_check(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(),
+                            reason="with a GPU, gpu_check.sh runs for real")
+
+
+@NO_GPU
+def test_gpu_check_without_a_gpu_says_so_and_exits_77():
+    proc = run_gpu_check({})
+    assert proc.returncode == 77 and "no CUDA GPU" in proc.stderr
+
+
+@NO_GPU
+def test_gpu_check_dry_run_on_cpu_prints_every_number(short_csv, tmp_path):
+    proc = run_gpu_check({"GPU_CHECK_ALLOW_CPU": "1", "GPU_CHECK_CONFIG": QUICKSTART,
+                          "GPU_CHECK_STEPS": "20", "GPU_CHECK_PROFILE_INTERVAL": "10",
+                          "GPU_CHECK_OUT": str(tmp_path / "out"), "GPU_CHECK_SET": " ".join(
+                              tiny(short_csv, tmp_path) + ["train.device=cpu"])})
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-2000:]
+    for precision in ("bf16", "fp32"):
+        assert f"-- {precision} on" in out
+    assert out.count("samples/s") == 2 and out.count("MFU: unknown") == 2
+    assert "celestial_to_target_attention" in out and "gpu_check: done" in out

@@ -30,8 +30,7 @@ from benchmarks.throughput import (
     input_spec,
     load_benchmark_config,
     machine_info,
-    measure_in_subprocess,
-    summarize_times,
+    measure_settings,
 )
 
 
@@ -43,7 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     p.add_argument("--warmup", type=int, default=10, help="untimed steps (the first compiles)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per process")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="fresh processes per setting, taken in turn (rounds are pooled)")
     p.add_argument("--force-compile-failure", action="store_true",
                    help="make the compiler fail, to exercise the eager fallback")
     add_common_options(p)
@@ -56,14 +57,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                  f"optim.implementation={args.optimizer}"]
     spec = input_spec(load_benchmark_config(args.config, overrides))
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
-    runs = {}
-    for name, compiled in (("eager", False), ("compiled", True)):
-        job = {"config": args.config, "device": device, "spec": spec.to_dict(),
-               "overrides": overrides + [f"train.compile={str(compiled).lower()}"],
-               "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
-               "force_compile_failure": compiled and args.force_compile_failure}
-        runs[name] = measure_in_subprocess(job)
-        runs[name]["summary"] = summarize_times(runs[name])
+    jobs = [{"config": args.config, "device": device, "spec": spec.to_dict(),
+             "overrides": overrides + [f"train.compile={str(compiled).lower()}"],
+             "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
+             "force_compile_failure": compiled and args.force_compile_failure}
+            for compiled in (False, True)]
+    runs = dict(zip(("eager", "compiled"), measure_settings(jobs, args.repeats)))
     outcome = runs["compiled"]["compile_outcome"]
     ratio = runs["compiled"]["summary"]["median"] / runs["eager"]["summary"]["median"]
     return {"benchmark": "compile_speedup", "config": str(args.config),
@@ -82,8 +81,8 @@ def format_report(r: dict) -> str:
     for name in ("eager", "compiled"):
         run, s = r[name], r[name]["summary"]
         lines.append(f"{name:<9} {s['median']:8.1f} samples/s [{s['min']:.1f}-{s['max']:.1f}], "
-                     f"step {s['step_ms']:.1f} ms, first step {run['first_step_s']:.1f} s, "
-                     f"peak RSS {run['peak_rss_mb']:.0f} MB")
+                     f"step {s['step_ms']:.1f} ms, first step {run['first_step_s']:.1f} s "
+                     f"(slowest process), peak RSS {run['peak_rss_mb']:.0f} MB")
     c = r["compile_outcome"]
     lines.append(f"torch.compile: {c['status']} ({c['graphs']} graph(s), {c['failed_graphs']} "
                  f"failed, {c['graph_breaks']} graph break(s))")

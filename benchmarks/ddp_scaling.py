@@ -71,17 +71,37 @@ def train(args: argparse.Namespace, out: Path, name: str, ranks: int, threads: i
     return [json.loads(line) for line in lines]
 
 
-def throughput_run(args, out: Path, ranks: int, threads: int) -> dict:
-    name = f"ddp_{ranks}r_{threads}t"
+def throughput_run(args, out: Path, ranks: int, threads: int, repeat: int) -> list[dict]:
+    """The timed train lines of one run (the first interval, warm-up, left out)."""
+    name = f"ddp_{ranks}r_{threads}t_{repeat}"
     lines = train(args, out, name, ranks, threads, args.steps, args.log_interval,
                   10**9, [f"data.batch_size={args.batch_size}"])
-    rates = [l["samples_per_s"] for l in lines if l["kind"] == "train"][1:]   # first: warm-up
-    steps = [l["step_time_s"] for l in lines if l["kind"] == "train"][1:]
+    return [l for l in lines if l["kind"] == "train"][1:]
+
+
+def throughput_runs(args, out: Path, layouts: list[tuple[int, int]]) -> list[dict]:
+    """Every layout `--repeats` times, in turn (A B C A B C ...); intervals pooled."""
+    lines = {layout: [] for layout in layouts}
+    medians = {layout: [] for layout in layouts}
+    for repeat in range(args.repeats):
+        for ranks, threads in layouts:
+            timed = throughput_run(args, out, ranks, threads, repeat)
+            lines[(ranks, threads)] += timed
+            medians[(ranks, threads)].append(statistics.median(l["samples_per_s"] for l in timed))
+    return [summarize_layout(args, ranks, threads, lines[(ranks, threads)],
+                             medians[(ranks, threads)]) for ranks, threads in layouts]
+
+
+def summarize_layout(args, ranks: int, threads: int, timed: list[dict],
+                     run_medians: list[float]) -> dict:
+    rates = [l["samples_per_s"] for l in timed]
     return {"ranks": ranks, "threads_per_rank": threads, "per_rank_batch": args.batch_size,
             "global_batch": args.batch_size * ranks, "intervals": len(rates),
             "samples_per_s": {"median": statistics.median(rates), "min": min(rates),
                               "max": max(rates)},
-            "step_time_ms": 1e3 * statistics.median(steps)}
+            "run_medians": run_medians,
+            "step_time_ms": 1e3 * statistics.median(l["step_time_s"] for l in timed),
+            "rank0_rss_mb_max": max(l["memory_mb"] for l in timed)}
 
 
 def time_lost_per_save(train_lines: list[dict], save_steps: list[int],
@@ -127,7 +147,7 @@ def run_benchmark(args: argparse.Namespace, out: Path) -> dict:
     layouts = [(ranks, max(1, cores // ranks)) for ranks in args.ranks]
     if args.baseline and (1, 1) not in layouts:
         layouts.append((1, 1))
-    throughput = [throughput_run(args, out, ranks, threads) for ranks, threads in layouts]
+    throughput = throughput_runs(args, out, layouts)
     checkpoints = [checkpoint_run(args, out, ranks, max(1, cores // ranks), mode)
                    for ranks in args.ranks for mode in ("sync", "async")] if args.saves else []
     num_workers = load_benchmark_config(args.config, args.overrides).data.num_workers
@@ -154,6 +174,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the 1 rank x 1 thread run")
     p.add_argument("--steps", type=int, default=60, help="steps of each throughput run")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="throughput runs per layout, taken in turn (intervals pooled)")
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--checkpoint-interval", type=int, default=20)
     p.add_argument("--saves", type=int, default=4, help="saves per checkpoint run (0: none)")
@@ -172,13 +194,15 @@ def format_report(r: dict) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}; {m['date']}",
         "",
         (f"{'ranks':>5} {'threads/rank':>12} {'global batch':>12} "
-         f"{'samples/s (median [min-max])':>30} {'step ms':>8}"),
+         f"{'samples/s (median [min-max])':>30} {'step ms':>8} {'rank-0 RSS MB':>13}  "
+         "per-run medians"),
     ]
     for t in r["throughput"]:
         s = t["samples_per_s"]
         rate = f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"
         lines.append(f"{t['ranks']:>5} {t['threads_per_rank']:>12} {t['global_batch']:>12} "
-                     f"{rate:>30} {t['step_time_ms']:>8.1f}")
+                     f"{rate:>30} {t['step_time_ms']:>8.1f} {t['rank0_rss_mb_max']:>13.0f}  "
+                     + " ".join(f"{m:.1f}" for m in t["run_medians"]))
     if sc["two_ranks_vs_one_rank_all_cores"] is not None:
         lines.append(f"2 ranks / 1 rank on all cores: {sc['two_ranks_vs_one_rank_all_cores']:.2f}x")
     if sc["two_ranks_vs_twice_one_thread"] is not None:
@@ -186,7 +210,8 @@ def format_report(r: dict) -> str:
                      f"{sc['two_ranks_vs_twice_one_thread']:.2f}")
     lines += checkpoint_rows(r["checkpoints"])
     lines += ["", ("samples/s: the runs' own train lines (all ranks, data loading included), "
-                   "first interval left out."), describe_load(r["load"])]
+                   "first interval left out; rank-0 RSS: the largest of their memory_mb "
+                   "(resident set at each log step, not a peak)."), describe_load(r["load"])]
     return "\n".join(lines)
 
 

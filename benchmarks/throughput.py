@@ -9,11 +9,13 @@ AdamW, LR schedule), on synthetic batches of the real shapes: warm-up steps firs
 timed rounds (median and range reported). Data loading is not included (ddp_scaling.py times
 whole training runs, data included).
 
-Each (optimizer, compile) setting runs in a fresh subprocess, so its peak RSS (getrusage
-ru_maxrss: the kernel's high-water mark of the process) is that of training alone: Python,
-torch, model, optimizer state and activations. The input layout (which columns belong to which
-body) comes from the real dataset, read once by this parent process; the peak of that read is
-reported separately, since a real run pays it too, before its first step.
+Each (optimizer, compile) setting runs in fresh subprocesses (several, taken in turn: this
+shared VM's speed varies by 10-20% between processes and over tens of seconds), so its peak
+RSS (the kernel's high-water mark VmHWM; see `peak_rss_mb` for why not ru_maxrss) is that of
+training alone: Python, torch, model, optimizer state and activations. The input layout (which
+columns belong to which body) comes from the real dataset, read once by this parent process;
+the peak of that read is reported separately, since a real run pays it too, before its first
+step.
 
 FLOPs per sample: torch.utils.flop_counter over forward and backward (matrix products and
 convolutions; elementwise work and the optimizer are not counted). The matmul peak is this
@@ -48,8 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 PRODUCTION = REPO / "configs" / "celestial_enhanced_pgat_production.yaml"
 # Issue 2's target for the production config at batch 12 on this machine's 2 cores.
 TARGET_SAMPLES_PER_S, TARGET_PEAK_RSS_MB = 40.0, 1500.0
-# Other processes using more than this many cores on average during a measurement make it
-# "not quiet" (the load average lags by minutes and counts our own earlier runs too).
+# Other processes (or the hypervisor's steal) taking more than this many cores on average during
+# a measurement make it "not quiet" (the load average lags and counts our own earlier runs too).
 QUIET_OTHER_CORES = 0.1
 
 
@@ -81,6 +83,11 @@ def _busy_cpu_seconds() -> float:
     return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))
 
 
+def _stolen_cpu_seconds() -> float:
+    """Time the hypervisor gave this VM's virtual cores to someone else (a noisy neighbour)."""
+    return getattr(psutil.cpu_times(), "steal", 0.0)
+
+
 def _own_cpu_seconds() -> float:
     """This process and its finished (waited-for) children, grandchildren included."""
     t = os.times()
@@ -95,15 +102,18 @@ class CpuWitness:
         self.load_before = os.getloadavg()[0]
         self.started = time.perf_counter()
         self.busy0, self.own0 = _busy_cpu_seconds(), _own_cpu_seconds()
+        self.steal0 = _stolen_cpu_seconds()
 
     def report(self) -> dict:
         wall = time.perf_counter() - self.started
         others = (_busy_cpu_seconds() - self.busy0) - (_own_cpu_seconds() - self.own0)
         other_cores = max(0.0, others / wall) if wall > 0 else 0.0
+        stolen_cores = (_stolen_cpu_seconds() - self.steal0) / wall if wall > 0 else 0.0
         return {"load_1m_before": round(self.load_before, 2),
                 "load_1m_after": round(os.getloadavg()[0], 2), "wall_s": round(wall, 1),
                 "other_processes_cores": round(other_cores, 3),
-                "quiet": other_cores < QUIET_OTHER_CORES}
+                "stolen_cores": round(stolen_cores, 3),
+                "quiet": other_cores < QUIET_OTHER_CORES and stolen_cores < QUIET_OTHER_CORES}
 
 
 def describe_load(witness: dict) -> str:
@@ -111,7 +121,21 @@ def describe_load(witness: dict) -> str:
     return (f"load: 1-min load average {witness['load_1m_before']} before, "
             f"{witness['load_1m_after']} after; other processes used "
             f"{witness['other_processes_cores']:.2f} cores on average over "
-            f"{witness['wall_s']} s ({verdict})")
+            f"{witness['wall_s']} s, the hypervisor took {witness.get('stolen_cores', 0):.2f} "
+            f"({verdict})")
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark, VmHWM. Not getrusage's ru_maxrss: on Linux
+    a child inherits the parent's resident set at fork into it, even across exec, so a child
+    of a large parent would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # KiB on Linux
 
 
 def matmul_peak_gflops(size: int, repeats: int, device: torch.device,
@@ -255,10 +279,11 @@ def measure_here(job: dict) -> dict:
               "compile": config.train.compile, "device": str(device),
               "precision": str(trainer.autocast_dtype or torch.float32).replace("torch.", ""),
               "batch_size": config.data.batch_size, "torch_threads": torch.get_num_threads(),
+              "warmup": job["warmup"], "steps": job["steps"],
               "first_step_s": first_step_s, "step_time_s": step_times,
               "samples_per_s": [config.data.batch_size / t for t in step_times],
               "rss_after_build_mb": rss_built_mb,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         result["cuda_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
@@ -283,6 +308,29 @@ def summarize_times(result: dict) -> dict:
             "step_ms": 1e3 * statistics.median(result["step_time_s"])}
 
 
+def measure_settings(jobs: list[dict], repeats: int) -> list[dict]:
+    """Each job in `repeats` fresh processes, in turn (A B C A B C ...), so that a slow spell
+    of the machine, or a lucky or unlucky process, does not favour one setting."""
+    results: list[list[dict]] = [[] for _ in jobs]
+    for _ in range(repeats):
+        for job, done in zip(jobs, results):
+            done.append(measure_in_subprocess(job))
+    return [merge_processes(done) for done in results]
+
+
+def merge_processes(results: list[dict]) -> dict:
+    """One setting over several processes: rounds pooled, memory at its highest."""
+    merged = dict(results[0])
+    for key in ("samples_per_s", "step_time_s"):
+        merged[key] = [x for r in results for x in r[key]]
+    for key in ("peak_rss_mb", "rss_after_build_mb", "first_step_s"):
+        merged[key] = max(r[key] for r in results)
+    merged["processes"] = len(results)
+    merged["process_medians"] = [statistics.median(r["samples_per_s"]) for r in results]
+    merged["summary"] = summarize_times(merged)
+    return merged
+
+
 # ----------------------------------------------------------------------------- the script
 def add_common_options(p: argparse.ArgumentParser) -> None:
     """--set and --json: the same in every benchmark here."""
@@ -301,7 +349,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     p.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds (median and range)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per process")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="fresh processes per setting, taken in turn (rounds are pooled)")
     p.add_argument("--matmul-size", type=int, default=4096)
     p.add_argument("--matmul-repeats", type=int, default=5)
     add_common_options(p)
@@ -335,23 +385,20 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     overrides = base_overrides(args)
     config = load_benchmark_config(args.config, overrides)
     spec = input_spec(config)
-    data_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    data_peak_mb = peak_rss_mb()
     facts = model_facts(config, spec)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak_gflops(args.matmul_size, args.matmul_repeats, device, dtype)
-    runs = []
-    for optimizer, compiled in settings(args):
-        job = {"config": args.config, "device": device.type, "spec": spec.to_dict(),
-               "overrides": overrides + [f"optim.implementation={optimizer}",
-                                         f"train.compile={str(compiled).lower()}"],
-               "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds}
-        result = measure_in_subprocess(job)
-        summary = summarize_times(result)
-        result["summary"] = summary
-        achieved_gflops = facts["flops_per_sample"] * summary["median"] / 1e9
-        result["matmul_peak_fraction"] = achieved_gflops / peak
-        runs.append(result)
+    jobs = [{"config": args.config, "device": device.type, "spec": spec.to_dict(),
+             "overrides": overrides + [f"optim.implementation={optimizer}",
+                                       f"train.compile={str(compiled).lower()}"],
+             "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds}
+            for optimizer, compiled in settings(args)]
+    runs = measure_settings(jobs, args.repeats)
+    for run in runs:
+        achieved_gflops = facts["flops_per_sample"] * run["summary"]["median"] / 1e9
+        run["matmul_peak_fraction"] = achieved_gflops / peak
     return {"benchmark": "throughput", "config": str(args.config), "batch_size": args.batch_size,
             "overrides": overrides, "machine": machine_info(),
             "model": facts, "matmul_peak_gflops": peak, "matmul_size": args.matmul_size,
@@ -374,14 +421,17 @@ def format_report(r: dict) -> str:
          f"several): {r['matmul_peak_gflops']:.1f} GFLOP/s"),
         "",
         (f"{'optimizer':<10} {'compile':<8} {'threads':>7} {'samples/s (median [min-max])':>30} "
-         f"{'step ms':>8} {'peak RSS MB':>12} {'of matmul peak':>15}"),
+         f"{'step ms':>8} {'peak RSS MB':>12} {'of matmul peak':>15}  per-process medians"),
     ]
     for run in r["runs"]:
         lines += run_rows(run)
     lines += [
         "",
-        ("peak RSS: getrusage ru_maxrss of a fresh process that only builds the model and "
-         "takes the steps (synthetic batches, no dataset);"),
+        (f"samples/s: {r['runs'][0]['processes']} fresh process(es) per setting, taken in turn, "
+         f"each {r['runs'][0]['warmup']} warm-up steps then rounds of {r['runs'][0]['steps']} "
+         "timed steps; median and range over all rounds."),
+        ("peak RSS: VmHWM of a fresh process that only builds the model and takes the steps "
+         "(synthetic batches, no dataset), the highest over the processes;"),
         (f"reading the dataset for its layout peaked at {r['data_preparation_peak_rss_mb']:.0f} "
          "MB RSS in the parent process (a real run pays that before training)."),
         (f"target (issue 2, production batch 12, 2 cores): >= {TARGET_SAMPLES_PER_S:.0f} "
@@ -396,7 +446,8 @@ def run_rows(run: dict) -> list[str]:
     rate = f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"
     rows = [(f"{run['optimizer']:<10} {run['compile']!s:<8} {run['torch_threads']:>7} "
              f"{rate:>30} {s['step_ms']:>8.1f} {run['peak_rss_mb']:>12.0f} "
-             f"{100 * run['matmul_peak_fraction']:>14.1f}%")]
+             f"{100 * run['matmul_peak_fraction']:>14.1f}%  "
+             + " ".join(f"{m:.1f}" for m in run["process_medians"]))]
     if "compile_outcome" in run:
         c = run["compile_outcome"]
         rows.append(f"    torch.compile: {c['status']} ({c['graphs']} graph(s), "

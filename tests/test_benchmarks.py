@@ -40,13 +40,15 @@ def test_throughput_reports_rate_memory_flops_and_share_of_peak(short_csv, tmp_p
     from benchmarks.throughput import format_report
     result = run_script("throughput.py", "--config", QUICKSTART, "--batch-size", "8",
                         "--optimizer", "fused", "for_loop", "--warmup", "2", "--steps", "3",
-                        "--rounds", "2", "--matmul-size", "256", "--matmul-repeats", "2",
+                        "--rounds", "2", "--repeats", "2", "--matmul-size", "256",
+                        "--matmul-repeats", "2",
                         "--json", "--set", *tiny(short_csv, tmp_path))
     assert result["model"]["flops_per_sample"] > 0 and result["matmul_peak_gflops"] > 0
     assert [r["optimizer"] for r in result["runs"]] == ["fused", "for_loop"]
     assert [r["fused"] for r in result["runs"]] == [True, False]
     for run in result["runs"]:
-        assert len(run["samples_per_s"]) == 2 and all(r > 0 for r in run["samples_per_s"])
+        assert run["processes"] == 2 and len(run["process_medians"]) == 2
+        assert len(run["samples_per_s"]) == 4 and all(r > 0 for r in run["samples_per_s"])
         assert run["peak_rss_mb"] >= run["rss_after_build_mb"] > 50
         assert 0 < run["matmul_peak_fraction"] < 1
     assert {"other_processes_cores", "quiet", "load_1m_before"} <= set(result["load"])
@@ -68,12 +70,14 @@ def test_diagnostics_overhead_interleaves_and_sizes_records(short_csv, tmp_path)
     intervals = ["diagnostics.gradient_log_interval=10", "diagnostics.attention_log_interval=10",
                  "diagnostics.profile_interval=20"]
     result = run_script("diagnostics_overhead.py", "--configs", QUICKSTART, "--pairs", "2",
-                        "--block", "10", "--warmup", "2", "--num-batches", "4", "--json",
+                        "--block", "10", "--group", "1", "--warmup", "2", "--num-batches", "4",
+                        "--json",
                         "--set", *tiny(short_csv, tmp_path), *intervals)
     (config,) = result["configs"]
     assert config["observer_activations"] == {"GradientObserver": 2, "AttentionObserver": 2,
                                               "AttributionObserver": 0, "ProfileObserver": 1}
-    assert math.isfinite(config["overhead"]) and len(config["pair_overhead"]["all"]) == 2
+    assert math.isfinite(config["overhead"]) and len(config["group_overhead"]["all"]) == 2
+    assert config["attributed_overhead"] is None      # every "on" block here ran an observer
     assert all(config["samples_per_s"][arm]["total"] > 0 for arm in ("on", "off"))
     sizes = config["record_bytes"]
     assert 0 < sizes["gradient_record"] < 100_000 and 0 < sizes["attention_record"] < 100_000

@@ -24,8 +24,6 @@ PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo pyth
 CONFIG=${GPU_CHECK_CONFIG:-configs/celestial_enhanced_pgat_production.yaml}
 STEPS=${GPU_CHECK_STEPS:-600}
 PROFILE_INTERVAL=${GPU_CHECK_PROFILE_INTERVAL:-100}
-OUT=${GPU_CHECK_OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
-mkdir -p "$OUT"
 read -r -a EXTRA_SET <<< "${GPU_CHECK_SET:-}"
 STAMP=$(date +%Y%m%d_%H%M%S)
 failures=0
@@ -41,6 +39,8 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 else
     DEVICE=cuda
 fi
+OUT=${GPU_CHECK_OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$OUT"
 
 echo "== machine"
 "$PYTHON" - <<'EOF'

@@ -36,7 +36,18 @@ def peak_tflops(device_name: str) -> float | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return _cpu_model_name()
+
+
+def _cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the machine type."""
     import platform
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine() or "cpu"
 
 

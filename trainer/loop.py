@@ -373,4 +373,6 @@ class Trainer:
         log.info("finished at step %d (%s): best validation NLL %.4f, test NLL %.4f (random walk "
                  "%.4f)", self.progress.step, self.stop_reason or "completed",
                  self.progress.best_val_nll, test["nll"], test["rw_nll"])
+        log.info("logs: %s   checkpoints: %s   analyse with: python launch/analyze.py --log_dir %s",
+                 self.run_context.log_dir, self.checkpoints.folder, self.run_context.log_dir)
         return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -17,11 +18,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(fn, world_size: int, *args) -> None:
-    """Run fn(rank, world_size, port, *args) on world_size real processes."""
+def spawn(fn, world_size: int, *args, timeout_s: float = 300) -> None:
+    """Run fn(rank, world_size, port, *args) on world_size real processes; a hang past
+    `timeout_s` kills them and fails the test instead of stalling the suite."""
     port = free_port()
-    torch.multiprocessing.start_processes(fn, args=(world_size, port, *args), nprocs=world_size,
-                                          start_method="spawn", join=True)
+    context = torch.multiprocessing.start_processes(fn, args=(world_size, port, *args),
+                                                    nprocs=world_size, start_method="spawn",
+                                                    join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{fn.__name__} on {world_size} ranks still running after "
+                               f"{timeout_s:.0f} s: killed")
 
 
 def join_group(rank: int, world_size: int, port: int):
@@ -149,3 +159,25 @@ def known_noise(rank, world_size, port, out_dir, dim, sigma2, local_batch):
                   "noise_scale": trace / true_sq, "true_sq": true_sq, "trace": trace}
         (Path(out_dir) / "noise.json").write_text(json.dumps(result))
     distributed.destroy()
+
+
+def teardown_cycles(rank, world_size, port, cycles):
+    """Bring a group up and down `cycles` times, each time with a DDP model (local-gradient hook
+    on) and Python-level all-reduces, then `distributed.destroy()` BEFORE the DDP model is freed,
+    as happens when a trainer outlives the group. Before the fix, this hung within 20 cycles."""
+    import datetime
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0,
+                          timeout=datetime.timedelta(seconds=60))
+    for cycle in range(cycles):
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"cycle{cycle}", store),
+                                rank=rank, world_size=world_size)
+        model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
+        distributed.register_local_gradient_hook(ddp, lambda params, grads: None)
+        ddp(torch.randn(8, 64)).sum().backward()
+        for _ in range(3):
+            dist.all_reduce(torch.randn(100))
+        distributed.destroy()
+        del ddp, model          # the reducer goes after the group was destroyed

@@ -222,3 +222,9 @@ def test_async_checkpoints_are_complete_and_resumable(short_csv, tmp_path, ranks
                         checkpoint__async_save=True) + ["--resume", "auto"]
     code, out = finish(launch(longer, ranks=ranks))
     assert code == 0 and "checkpoint_step_000010 at step 10" in out, out[-3000:]
+
+
+def test_destroying_the_group_before_ddp_never_deadlocks():
+    """Regression: a DDP reducer freed after `distributed.destroy()` used to deadlock in gloo's
+    destructor (GIL held while joining a worker that needed the GIL); CI hung on it once."""
+    dist_workers.spawn(dist_workers.teardown_cycles, 2, 40, timeout_s=60)

@@ -23,6 +23,7 @@ from trainer.errors import UserError
 
 _control_group = None
 _checkpoint_group = None
+_retired_groups: list = []      # see destroy()
 
 
 @dataclass
@@ -187,7 +188,14 @@ def register_local_gradient_hook(ddp_model, on_bucket) -> None:
 
 
 def destroy() -> None:
+    """Tear the process groups down. Their Python handles are kept until the interpreter exits:
+    a DDP reducer freed after this (the trainer, a traceback's frames) must not be a group's last
+    owner, because the reducer's destructor joins gloo's worker threads with the GIL held while
+    a worker releasing a Python-visible tensor waits for the GIL: a deadlock, seen in CI and
+    reproduced by tests/test_distributed.py. A Python handle's destructor releases the GIL."""
     global _control_group, _checkpoint_group
     if is_distributed():
+        _retired_groups.extend(g for g in (dist.group.WORLD, _control_group, _checkpoint_group)
+                               if g is not None)
         dist.destroy_process_group()
     _control_group = _checkpoint_group = None

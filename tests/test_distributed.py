@@ -6,6 +6,7 @@ signal-triggered checkpoints, NaN on one rank, and damaged checkpoints on resume
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -228,3 +229,21 @@ def test_destroying_the_group_before_ddp_never_deadlocks():
     """Regression: a DDP reducer freed after `distributed.destroy()` used to deadlock in gloo's
     destructor (GIL held while joining a worker that needed the GIL); CI hung on it once."""
     dist_workers.spawn(dist_workers.teardown_cycles, 2, 40, timeout_s=60)
+
+
+def test_processes_exit_cleanly_after_destroy():
+    """Regression: a DDP reducer freed during interpreter shutdown made gloo abort the process
+    ("terminate called without an active exception"), about 1 exit in 5; 8 pairs here."""
+    code = "from tests.dist_workers import exit_like_a_trainer; exit_like_a_trainer()"
+    for attempt in range(8):
+        port = dist_workers.free_port()
+        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "MASTER_ADDR": "127.0.0.1",
+                                       "MASTER_PORT": str(port), "RANK": str(rank),
+                                       "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                       "OMP_NUM_THREADS": "1"})
+                 for rank in range(2)]
+        for rank, proc in enumerate(procs):
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, f"attempt {attempt}, rank {rank}: {out[-2000:]}"

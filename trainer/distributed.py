@@ -10,7 +10,9 @@ travel over a gloo group so agreeing on them never syncs the GPU.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import os
 import subprocess
 from dataclasses import dataclass
@@ -188,14 +190,27 @@ def register_local_gradient_hook(ddp_model, on_bucket) -> None:
 
 
 def destroy() -> None:
-    """Tear the process groups down. Their Python handles are kept until the interpreter exits:
-    a DDP reducer freed after this (the trainer, a traceback's frames) must not be a group's last
-    owner, because the reducer's destructor joins gloo's worker threads with the GIL held while
-    a worker releasing a Python-visible tensor waits for the GIL: a deadlock, seen in CI and
-    reproduced by tests/test_distributed.py. A Python handle's destructor releases the GIL."""
+    """Tear the process groups down, in an order gloo survives.
+
+    A gloo group's C++ destructor joins its worker threads; a worker that is releasing a tensor
+    Python has seen needs the GIL. Destroyed from its Python handle, the group releases the GIL
+    first; destroyed by its last other owner, a DDP reducer, it does not, and the process hangs
+    (reducer freed soon after) or aborts with "terminate called without an active exception"
+    (reducer freed during interpreter shutdown, e.g. a trainer kept alive by a reference cycle).
+    Both happened in CI; tests/test_distributed.py reproduces them. So: reap unreachable
+    trainers now, and keep the groups' Python handles until `atexit`, which frees them after
+    reaping again, while the interpreter is still whole."""
     global _control_group, _checkpoint_group
     if is_distributed():
+        gc.collect()
+        if not _retired_groups:
+            atexit.register(_release_retired_groups)
         _retired_groups.extend(g for g in (dist.group.WORLD, _control_group, _checkpoint_group)
                                if g is not None)
         dist.destroy_process_group()
     _control_group = _checkpoint_group = None
+
+
+def _release_retired_groups() -> None:
+    gc.collect()
+    _retired_groups.clear()

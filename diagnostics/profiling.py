@@ -11,6 +11,7 @@ bf16 dense peak from a table (unknown devices report null, never a guess).
 from __future__ import annotations
 
 import copy
+import logging
 import time
 
 import torch
@@ -21,6 +22,8 @@ from diagnostics.observer import Observer, RunContext, StepContext
 from diagnostics.records import step_file, write_json
 from trainer import distributed
 from trainer.resources import memory_report
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name(),
 # from the vendor's data sheets; the first match wins (more specific names first).
@@ -142,7 +145,12 @@ class ProfileObserver(Observer):
         model = run.model
         self.clock = _Clock(run.device)
         components = {n: getattr(model, n) for n in model.component_parameters() if n != "other"}
-        self.timer = ComponentTimer(components, self.clock)
+        # Under torch.compile the components are fused into one graph: timing hooks would split
+        # it (and recompile it), measuring a different program. Time the whole step only.
+        self.timer = None if run.config.train.compile else ComponentTimer(components, self.clock)
+        if self.timer is None:
+            log.info("component profiling under train.compile: step time, memory, throughput "
+                     "and MFU are measured, per-component forward/backward times are not")
         self.flops_per_sample = count_flops_per_sample(model, model.spec.num_features,
                                                        len(model.spec.targets), run.device)
         self.device_name = device_name(run.device)
@@ -154,7 +162,8 @@ class ProfileObserver(Observer):
     def before_forward(self, ctx: StepContext) -> None:
         if self.clock.cuda:
             torch.cuda.synchronize()
-        self.timer.attach()
+        if self.timer:
+            self.timer.attach()
         self.step_start = self.clock.now()
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
@@ -164,7 +173,7 @@ class ProfileObserver(Observer):
         step_end = self.clock.now()
         if self.clock.cuda:
             torch.cuda.synchronize()
-        components = self.timer.detach()
+        components = self.timer.detach() if self.timer else {}
         step_ms = self.clock.ms(self.step_start, step_end)
         optimizer_ms = self.clock.ms(self.optimizer_start, step_end)
         memory = distributed.all_gather_object({"rank": distributed.rank(),
@@ -183,7 +192,7 @@ class ProfileObserver(Observer):
             "parameters": parameter_counts(self.run.model), "config": self.run.config.to_dict(),
             "memory": {"per_rank": memory},
             "timing": {"method": "cuda_events" if self.clock.cuda else "host_timer",
-                       "components": components, "step_time_ms": step_ms,
+                       "components_timed": self.timer is not None, "components": components, "step_time_ms": step_ms,
                        "optimizer_ms": optimizer_ms, "data_time_ms": ctx.data_time_s * 1e3,
                        "samples_per_s": samples_per_s},
             "flops_per_sample": self.flops_per_sample, "achieved_tflops": achieved,

@@ -76,7 +76,8 @@ PROFILE_RECORD = _obj({
          "cuda_reserved_peak_mb": _NUM, "nvml_used_mb": _NUM, "nvml_total_mb": _NUM})}}),
     "timing": _obj({"method": {"enum": ["host_timer", "cuda_events"]},
                     "components": _map_of(_obj({"forward_ms": _NUM, "backward_ms": _NUM})),
-                    "step_time_ms": _NUM, "data_time_ms": _NUM, "samples_per_s": _NUM}),
+                    "step_time_ms": _NUM, "data_time_ms": _NUM, "samples_per_s": _NUM},
+                   {"components_timed": {"type": "boolean"}}),
     "flops_per_sample": _NUM, "achieved_tflops": _NUM, "peak_tflops": _NUM, "mfu": _NUM,
 })
 METRICS_LINE = {"type": "object", "required": ["kind", "step", "time"], "properties": {

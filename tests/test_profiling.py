@@ -43,3 +43,30 @@ def test_flops_are_counted_without_touching_the_model():
                                         ("NVIDIA L4", 121.0), ("Some Future GPU", None)])
 def test_mfu_peak_table(name, peak):
     assert peak_tflops(name) == peak
+
+
+def test_compiled_runs_profile_the_whole_step_only(short_csv, tmp_path, monkeypatch):
+    """Under train.compile the component hooks would split the compiled graph (and recompile
+    it): the profile then times the step, and says the components were not timed. (Compilation
+    itself is replaced by the identity here to keep the test fast; a real compiled run with
+    profiling gave 1 graph and 0 graph breaks.)"""
+    import json
+
+    import jsonschema
+
+    import trainer.build
+    from diagnostics.schemas import PROFILE_RECORD
+    from tests.conftest import small_config
+    from trainer import distributed
+    monkeypatch.setattr(trainer.build, "maybe_compile", lambda model, enabled: model)
+    config = small_config(short_csv, tmp_path, "compiled", train__compile=True,
+                          train__max_steps=2, train__log_interval=2,
+                          train__validate_at_start=False,
+                          diagnostics__enable_component_profiling=True,
+                          diagnostics__profile_interval=2)
+    run = trainer.build.build_trainer(config, distributed.init_distributed("cpu"))
+    assert run.train() == 0
+    record = json.loads((tmp_path / "logs/compiled/components/profile_step_000002.json").read_text())
+    jsonschema.validate(record, PROFILE_RECORD)
+    assert record["timing"]["components_timed"] is False and record["timing"]["components"] == {}
+    assert record["timing"]["step_time_ms"] > 0 and record["timing"]["samples_per_s"] > 0

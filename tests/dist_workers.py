@@ -161,10 +161,24 @@ def known_noise(rank, world_size, port, out_dir, dim, sigma2, local_batch):
     distributed.destroy()
 
 
+def _hooked_ddp_traffic(steps: int):
+    """A DDP model with the local-gradient hook, `steps` backward passes and Python-level
+    all-reduces after each (what a trainer with diagnostics sends); returns the DDP model."""
+    import torch.distributed as dist
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
+    distributed.register_local_gradient_hook(ddp, lambda params, grads: None)
+    for _ in range(steps):
+        ddp(torch.randn(8, 64)).sum().backward()
+        for _ in range(3):
+            dist.all_reduce(torch.randn(100))
+    return ddp
+
+
 def teardown_cycles(rank, world_size, port, cycles):
-    """Bring a group up and down `cycles` times, each time with a DDP model (local-gradient hook
-    on) and Python-level all-reduces, then `distributed.destroy()` BEFORE the DDP model is freed,
-    as happens when a trainer outlives the group. Before the fix, this hung within 20 cycles."""
+    """Bring a group up and down `cycles` times, each time with hooked DDP traffic, then
+    `distributed.destroy()` BEFORE the DDP model is freed, as happens when a trainer outlives
+    the group. Before the fix, this hung within 20 cycles."""
     import datetime
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -173,32 +187,19 @@ def teardown_cycles(rank, world_size, port, cycles):
     for cycle in range(cycles):
         dist.init_process_group("gloo", store=dist.PrefixStore(f"cycle{cycle}", store),
                                 rank=rank, world_size=world_size)
-        model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
-        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
-        distributed.register_local_gradient_hook(ddp, lambda params, grads: None)
-        ddp(torch.randn(8, 64)).sum().backward()
-        for _ in range(3):
-            dist.all_reduce(torch.randn(100))
+        ddp = _hooked_ddp_traffic(steps=1)
         distributed.destroy()
-        del ddp, model          # the reducer goes after the group was destroyed
+        del ddp                 # the reducer goes after the group was destroyed
 
 
 def exit_like_a_trainer() -> None:
-    """Run as a process of its own (RANK etc. in the environment): DDP with the local-gradient
-    hook, observer-style all-reduces, the model held in a reference cycle as the Trainer is,
-    `distributed.destroy()` and a normal interpreter exit. Before the fix, about 1 process in 5
-    aborted at exit ("terminate called without an active exception")."""
-    import torch.distributed as dist
+    """Run as a process of its own (RANK etc. in the environment): hooked DDP traffic, the model
+    held in a reference cycle as the Trainer is, `distributed.destroy()` and a normal interpreter
+    exit. Before the fix, about 1 process in 5 aborted at exit ("terminate called without an
+    active exception")."""
     torch.set_num_threads(1)
-    env = distributed.init_distributed("cpu", 60)
-    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
-    ddp = distributed.wrap_ddp(model, env)
-    distributed.register_local_gradient_hook(ddp, lambda params, grads: None)
-    holder = {"ddp": ddp}
+    distributed.init_distributed("cpu", 60)
+    holder = {"ddp": _hooked_ddp_traffic(steps=2)}
     holder["self"] = holder                  # freed only by a garbage collection
-    for _ in range(2):
-        ddp(torch.randn(8, 64)).sum().backward()
-        for _ in range(3):
-            dist.all_reduce(torch.randn(100))
-    del ddp, model, holder
+    del holder
     distributed.destroy()

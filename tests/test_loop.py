@@ -121,3 +121,27 @@ def test_existing_experiment_needs_resume(short_csv, tmp_path, capsys):
     assert run(base) == 2
     assert "already has checkpoints" in capsys.readouterr().err
     assert run(base + ["--resume", "auto", "--set", "train.max_steps=6"]) == 0
+
+
+def test_throughput_excludes_validation_and_checkpoints(short_csv, tmp_path):
+    """samples/s and step time in the log are training's own: a validation at the start, in
+    the middle of an interval, and a checkpoint save (each made to take 1 s here) are not
+    counted. Each interval of 2 small steps takes well under a second on any machine."""
+    import time
+    trainer = make_trainer(short_csv, tmp_path, train__max_steps=4, train__log_interval=2,
+                           train__eval_interval=3, checkpoint__interval=3,
+                           train__validate_at_start=True)
+    slow_evaluate, slow_save = trainer.evaluate, trainer.checkpoints.save
+
+    def evaluate(split="val", **kw):
+        time.sleep(1.0)
+        return slow_evaluate(split, **kw)
+
+    def save(*args, **kwargs):
+        time.sleep(1.0)
+        return slow_save(*args, **kwargs)
+    trainer.evaluate, trainer.checkpoints.save = evaluate, save
+    assert trainer.train() == 0
+    train = metrics(tmp_path, kind="train")
+    assert [l["step"] for l in train] == [2, 4]
+    assert all(l["step_time_s"] < 0.5 for l in train), [l["step_time_s"] for l in train]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -85,6 +85,15 @@ class IntervalMeter:
             self.clipped += (finite & (grad_norm > clip_norm)).float()
         self.skip_flags.append(found_inf)
 
+    @contextmanager
+    def paused(self):
+        """Validation and checkpoint saves inside do not count as training time (samples/s)."""
+        paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - paused_at
+
 
 def flat_hparams(config) -> dict:
     """The settings worth comparing across runs, as `section.key` scalars."""
@@ -127,6 +136,7 @@ class Trainer:
             self.observers.on_start(self.run_context)
             if self.progress.step == 0 and self.config.train.validate_at_start:
                 self.validate()   # the starting point, so the curve shows what training gained
+            self.meter.reset()    # the first interval's clock starts with training
             while self.stop_reason is None and self.progress.step < self.progress.total_steps:
                 self.run_epoch()
             return self.finish()
@@ -226,7 +236,8 @@ class Trainer:
         else:
             self.run_log.advance()
         if train.eval_interval and step % train.eval_interval == 0:
-            self.validate()
+            with self.meter.paused():
+                self.validate()
         stop, save_now, requeue = distributed.agree_any(
             [self.requests.stop_signal is not None, self.requests.save_now, self.requests.requeue])
         self.requests.save_now = False
@@ -235,7 +246,8 @@ class Trainer:
             self.requeue_requested = requeue
             log.warning("stop requested (signal) at step %d: saving a checkpoint and exiting", step)
         elif save_now or step % self.config.checkpoint.interval == 0:
-            self.save_checkpoint()
+            with self.meter.paused():
+                self.save_checkpoint()
 
     def log_interval(self, step: int) -> None:
         """One sync: read the interval's sums, log them, check for runs of skipped steps."""
@@ -281,7 +293,8 @@ class Trainer:
         self.progress.epoch += 1
         self.progress.epoch_position = 0
         if self.config.train.eval_interval == 0:
-            self.validate()
+            with self.meter.paused():
+                self.validate()
 
     # ------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "val", **kwargs) -> dict:

@@ -104,10 +104,12 @@ def summarize_layout(args, ranks: int, threads: int, timed: list[dict],
             "rank0_rss_mb_max": max(l["memory_mb"] for l in timed)}
 
 
-def time_lost_per_save(train_lines: list[dict], save_steps: list[int],
+def time_lost_per_save(train_lines: list[dict], save_steps: list[int], blocked: list[float],
                        log_interval: int) -> float | None:
-    """Extra seconds of the timed intervals over the median interval without a save, per save
-    inside them. A save at step k follows the log line of step k: (k, k+L] holds it."""
+    """Training time each save costs: the save call's blocking time (the trainer pauses its
+    throughput clock for it) plus what the timed intervals took beyond the median interval
+    without a save (an asynchronous write competing for the cores afterwards). A save at step k
+    follows the log line of step k: (k, k+L] holds its aftermath."""
     timed = train_lines[1:]                                       # first: warm-up
     holding = {s + log_interval for s in save_steps}
     counted = [l for l in timed if l["step"] in holding]
@@ -115,7 +117,8 @@ def time_lost_per_save(train_lines: list[dict], save_steps: list[int],
     if not counted or not plain:
         return None
     typical = statistics.median(plain)
-    return sum((l["step_time_s"] - typical) * log_interval for l in timed) / len(counted)
+    extra = sum((l["step_time_s"] - typical) * log_interval for l in timed) / len(counted)
+    return statistics.mean(blocked) + extra
 
 
 def newest_checkpoint_bytes(folder: Path) -> int:
@@ -137,7 +140,8 @@ def checkpoint_run(args, out: Path, ranks: int, threads: int, mode: str) -> dict
     return {"ranks": ranks, "threads_per_rank": threads, "mode": mode, "saves": len(blocked),
             "blocked_s": blocked,
             "blocked_s_median_after_first": statistics.median(blocked[1:] or blocked),
-            "time_lost_per_save_s": time_lost_per_save(train_lines, save_steps, log_interval),
+            "time_lost_per_save_s": time_lost_per_save(train_lines, save_steps, blocked,
+                                                       log_interval),
             "checkpoint_bytes": newest_checkpoint_bytes(out / "checkpoints" / name)}
 
 

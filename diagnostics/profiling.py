@@ -162,7 +162,7 @@ class ProfileObserver(Observer):
     def before_forward(self, ctx: StepContext) -> None:
         if self.clock.cuda:
             torch.cuda.synchronize()
-        if self.timer:
+        if self.timer is not None:
             self.timer.attach()
         self.step_start = self.clock.now()
 
@@ -173,7 +173,7 @@ class ProfileObserver(Observer):
         step_end = self.clock.now()
         if self.clock.cuda:
             torch.cuda.synchronize()
-        components = self.timer.detach() if self.timer else {}
+        components = self.timer.detach() if self.timer is not None else {}
         step_ms = self.clock.ms(self.step_start, step_end)
         optimizer_ms = self.clock.ms(self.optimizer_start, step_end)
         memory = distributed.all_gather_object({"rank": distributed.rank(),
@@ -192,7 +192,8 @@ class ProfileObserver(Observer):
             "parameters": parameter_counts(self.run.model), "config": self.run.config.to_dict(),
             "memory": {"per_rank": memory},
             "timing": {"method": "cuda_events" if self.clock.cuda else "host_timer",
-                       "components_timed": self.timer is not None, "components": components, "step_time_ms": step_ms,
+                       "components_timed": self.timer is not None, "components": components,
+                       "step_time_ms": step_ms,
                        "optimizer_ms": optimizer_ms, "data_time_ms": ctx.data_time_s * 1e3,
                        "samples_per_s": samples_per_s},
             "flops_per_sample": self.flops_per_sample, "achieved_tflops": achieved,

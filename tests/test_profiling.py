@@ -66,7 +66,8 @@ def test_compiled_runs_profile_the_whole_step_only(short_csv, tmp_path, monkeypa
                           diagnostics__profile_interval=2)
     run = trainer.build.build_trainer(config, distributed.init_distributed("cpu"))
     assert run.train() == 0
-    record = json.loads((tmp_path / "logs/compiled/components/profile_step_000002.json").read_text())
+    profile = tmp_path / "logs" / "compiled" / "components" / "profile_step_000002.json"
+    record = json.loads(profile.read_text())
     jsonschema.validate(record, PROFILE_RECORD)
     assert record["timing"]["components_timed"] is False and record["timing"]["components"] == {}
     assert record["timing"]["step_time_ms"] > 0 and record["timing"]["samples_per_s"] > 0

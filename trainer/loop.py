@@ -236,8 +236,7 @@ class Trainer:
         else:
             self.run_log.advance()
         if train.eval_interval and step % train.eval_interval == 0:
-            with self.meter.paused():
-                self.validate()
+            self.validate()
         stop, save_now, requeue = distributed.agree_any(
             [self.requests.stop_signal is not None, self.requests.save_now, self.requests.requeue])
         self.requests.save_now = False
@@ -246,8 +245,7 @@ class Trainer:
             self.requeue_requested = requeue
             log.warning("stop requested (signal) at step %d: saving a checkpoint and exiting", step)
         elif save_now or step % self.config.checkpoint.interval == 0:
-            with self.meter.paused():
-                self.save_checkpoint()
+            self.save_checkpoint()
 
     def log_interval(self, step: int) -> None:
         """One sync: read the interval's sums, log them, check for runs of skipped steps."""
@@ -293,8 +291,7 @@ class Trainer:
         self.progress.epoch += 1
         self.progress.epoch_position = 0
         if self.config.train.eval_interval == 0:
-            with self.meter.paused():
-                self.validate()
+            self.validate()
 
     # ------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "val", **kwargs) -> dict:
@@ -304,31 +301,33 @@ class Trainer:
                         autocast=autocast, **kwargs)
 
     def validate(self) -> None:
-        metrics = self.evaluate("val")
-        p, step = self.progress, self.progress.step
-        improved = metrics["nll"] < p.best_val_nll - 1e-6
-        if improved:
-            p.best_val_nll, p.evals_without_improvement = metrics["nll"], 0
-            self.save_model_file("best_model.pth", metrics)
-        else:
-            p.evals_without_improvement += 1
-        self.last_validation, self.last_validation_step = metrics, step
-        self.run_log.record("val", step, {"epoch": p.epoch, "best": improved, **metrics})
-        log.info("validation at step %d: nll %.4f (random walk %.4f), mae %.4f, coverage 50%% "
-                 "%.3f, 90%% %.3f%s", step, metrics["nll"], metrics["rw_nll"], metrics["mae"],
-                 metrics["coverage_50"], metrics["coverage_90"], " (best)" if improved else "")
-        self.observers.on_validation(step, {"epoch": p.epoch, **metrics}, self.evaluate)
-        patience = self.config.train.early_stopping_patience
-        stop = patience and p.evals_without_improvement >= patience
-        if distributed.agree_any([bool(stop)])[0] and self.stop_reason is None:
-            self.stop_reason = "early_stopping"
-            log.info("early stopping: no improvement of validation NLL in %d validations "
-                     "(best %.4f)", patience, p.best_val_nll)
+        with self.meter.paused():     # not training time
+            metrics = self.evaluate("val")
+            p, step = self.progress, self.progress.step
+            improved = metrics["nll"] < p.best_val_nll - 1e-6
+            if improved:
+                p.best_val_nll, p.evals_without_improvement = metrics["nll"], 0
+                self.save_model_file("best_model.pth", metrics)
+            else:
+                p.evals_without_improvement += 1
+            self.last_validation, self.last_validation_step = metrics, step
+            self.run_log.record("val", step, {"epoch": p.epoch, "best": improved, **metrics})
+            log.info("validation at step %d: nll %.4f (random walk %.4f), mae %.4f, coverage 50%% "
+                     "%.3f, 90%% %.3f%s", step, metrics["nll"], metrics["rw_nll"], metrics["mae"],
+                     metrics["coverage_50"], metrics["coverage_90"], " (best)" if improved else "")
+            self.observers.on_validation(step, {"epoch": p.epoch, **metrics}, self.evaluate)
+            patience = self.config.train.early_stopping_patience
+            stop = patience and p.evals_without_improvement >= patience
+            if distributed.agree_any([bool(stop)])[0] and self.stop_reason is None:
+                self.stop_reason = "early_stopping"
+                log.info("early stopping: no improvement of validation NLL in %d validations "
+                         "(best %.4f)", patience, p.best_val_nll)
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        blocked = self.checkpoints.save(self.progress.step, {"app": self.app_state},
-                                        self.config.to_yaml())
+        with self.meter.paused():     # not training time; blocked_s is recorded below
+            blocked = self.checkpoints.save(self.progress.step, {"app": self.app_state},
+                                            self.config.to_yaml())
         self.last_checkpoint_step = self.progress.step
         self.run_log.record("checkpoint", self.progress.step, {"blocked_s": blocked})
 

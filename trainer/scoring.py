@@ -72,7 +72,10 @@ def scores(mixture, y_BPT: torch.Tensor, target_std_T: torch.Tensor) -> dict[str
     """Every score per (B, P, T) for a mixture (log_pi, mu, sigma) against outcomes y."""
     log_pi, mu, sigma = mixture
     centrality_BPT = (mixture_cdf(log_pi, mu, sigma, y_BPT) - 0.5).abs()
-    median_BPT = mixture_quantiles(log_pi, mu, sigma, [0.5], iterations=30)[..., 0]
+    if mu.shape[-1] == 1:     # a Gaussian: the median is its mean, no search needed
+        median_BPT = mu[..., 0]
+    else:
+        median_BPT = mixture_quantiles(log_pi, mu, sigma, [0.5], iterations=30)[..., 0]
     return {"nll": -mixture_log_likelihood(log_pi, mu, sigma, y_BPT),
             "crps": mixture_crps(log_pi, mu, sigma, y_BPT),
             "mae": (median_BPT - y_BPT).abs() * target_std_T,

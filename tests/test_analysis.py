@@ -563,3 +563,20 @@ def test_runs_without_baseline_scores_say_so(tmp_path, capsys):
     assert cli(["--log_dir", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "skill: not scored" in out and "celestial inputs: not measured" in out
+
+
+def test_restored_best_line_does_not_hide_the_last_validation(tmp_path):
+    """After early stopping the best weights are validated again at the last step: that line
+    must not replace the real last validation (it would hide the rise that stopped the run)."""
+    folder = build_run_folder(tmp_path / "run", overfit=True)
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    best = json.loads([l for l in lines if '"kind": "val"' in l][0])
+    best.update(step=200, restored_best=True)
+    test_at = next(i for i, l in enumerate(lines) if '"kind": "test"' in l)
+    lines.insert(test_at, json.dumps(best))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run = load_run(folder)
+    assert [v["step"] for v in run.val] == [50, 100, 150, 200]
+    assert run.val[-1]["nll"] > run.val[0]["nll"] and run.restored[0]["nll"] == run.val[0]["nll"]
+    overfit = [f for f in findings_of(folder) if f.issue == "overfitting"][0]
+    assert overfit.evidence["steps"] == [50, 100, 150, 200]

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from trainer import distributed
+from trainer import distributed, preemption
 from trainer.config import load_config, parse_override
 from trainer.errors import UserError
 
@@ -56,8 +56,11 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Train; returns the exit status (0 done, 2 bad input, 75 stopped on a signal)."""
+    """Train; returns the exit status (0 done, 1 failed, 2 bad input, 75 stopped on a signal)."""
     args = parse_args(argv)
+    # From here on SIGTERM/SIGUSR1 only set a flag: a stop asked for during data preparation,
+    # model build or resume is acted on at the trainer's first safe point (exit 75).
+    requests = preemption.listen()
     from trainer.build import build_trainer   # after argparse: --help stays fast
     try:
         config = load_config(args.config, overrides_from(args))
@@ -67,7 +70,15 @@ def run(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).debug("user error", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BaseException as err:    # DCP's CheckpointException is a BaseException
+        explained = distributed.explain_failure(err)
+        if explained is None:
+            raise
+        logging.getLogger(__name__).debug("collective failure", exc_info=True)
+        print(f"error: {explained}", file=sys.stderr)
+        return 1
     finally:
+        requests.uninstall()
         distributed.destroy()
 
 

@@ -3,7 +3,7 @@
 `CELESTIAL_FAULT="name:arg[:arg...][@rank],..."` names the faults of a run, e.g.
 `CELESTIAL_FAULT="hang:5@1"` (rank 1 stops participating before step 5) or
 `CELESTIAL_FAULT="delay:resume:10,nan_grad:3:decoder"`. Without `@rank` a fault applies to every
-rank. Faults known here:
+rank; STEP is `N`, `N-M` or `N-` (from N on). Faults known here:
 
 | fault | effect |
 |---|---|
@@ -66,10 +66,18 @@ def _mine(name: str) -> list[Fault]:
     return [f for f in _faults if f.name == name and f.rank in (None, rank)]
 
 
+def _steps_match(steps: str, step: int) -> bool:
+    """STEP is `N`, `N-M` (N to M) or `N-` (N on)."""
+    first, dash, last = steps.partition("-")
+    if not dash:
+        return step == int(first)
+    return int(first) <= step and (not last or step <= int(last))
+
+
 def at_step(name: str, step: int) -> Fault | None:
     """The fault `name` of this rank that fires at `step` (its first argument), if any."""
     for fault in _mine(name):
-        if int(fault.args[0]) == step:
+        if _steps_match(fault.args[0], step):
             return fault
     return None
 

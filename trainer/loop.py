@@ -269,7 +269,7 @@ class Trainer:
             self.run_log.advance()
         if train.eval_interval and step % train.eval_interval == 0:
             self.validate()
-        if step % self.config.checkpoint.interval == 0:
+        if step % self.config.checkpoint.interval == 0 and self.stop_reason != "nonfinite":
             self.save_checkpoint()
         # After the validation and save: a signal that came during them is acted on now, and
         # a stop right after a save needs no second checkpoint.

@@ -50,6 +50,7 @@ class FiniteCheck:
         torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, total, foreach=True)
         bad_C = torch.zeros(len(self.components), device=total.device)
         bad_C.index_add_(0, self._index_for(grads, total.device), (~torch.isfinite(norms_G)).float())
+        bad_C.clamp_(max=1.0)       # counts -> flags
         flags = torch.cat([self._bad_inputs.float().view(1), self._bad_loss.float().view(1), bad_C])
         self._bad_inputs = self._bad_loss = None
         return total, flags

@@ -19,8 +19,9 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, as_cli_args, small_overrides
+from tests import dist_workers
 from tests.dist_workers import free_port
-from trainer import faults
+from trainer import distributed, faults
 from trainer.checkpoint import verify
 from trainer.preemption import StopRequests
 
@@ -196,3 +197,19 @@ def test_a_hung_rank_fails_the_others_within_the_timeout(short_csv, tmp_path):
     assert len(error) == 1 and "Traceback" not in out, out[-3000:]
     assert "train.collective_timeout_s=10 s" in error[0] and "raise train.collective_timeout_s" in error[0]
     print(json.dumps({"waited_s": round(waited, 1)}))
+
+
+def report_group_timeouts(rank, world_size, port, out_dir):
+    dist_workers.join_group(rank, world_size, port)      # timeout_s=60
+    distributed.enable_async_checkpoint_group()
+    (Path(out_dir) / f"timeouts{rank}.json").write_text(json.dumps(distributed.group_timeouts()))
+    distributed.destroy()
+
+
+@pytest.mark.slow
+def test_every_process_group_gets_the_collective_timeout(tmp_path):
+    """The async-checkpoint group used to get torch's 30-minute default."""
+    dist_workers.spawn(report_group_timeouts, 2, str(tmp_path), timeout_s=120)
+    for rank in range(2):
+        timeouts = json.loads((tmp_path / f"timeouts{rank}.json").read_text())
+        assert timeouts == {"default": 60.0, "checkpoint": 60.0}

@@ -192,6 +192,20 @@ def register_local_gradient_hook(ddp_model, on_bucket) -> None:
     ddp_model.register_comm_hook(None, hook)
 
 
+def group_timeouts() -> dict[str, float]:
+    """Seconds each live process group lets a collective wait (what `train.collective_timeout_s`
+    reached); empty outside a process group."""
+    if not is_distributed():
+        return {}
+    groups = {"default": dist.group.WORLD, "control": _control_group, "checkpoint": _checkpoint_group}
+    timeouts = {}
+    for name, group in groups.items():
+        if group is not None:
+            device = torch.device("cuda" if dist.get_backend(group) == "nccl" else "cpu")
+            timeouts[name] = group._get_backend(device).options._timeout.total_seconds()
+    return timeouts
+
+
 _TIMEOUT_WORDS = ("timed out", "timeout")
 _LOST_PEER_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe",
                     "connection refused")

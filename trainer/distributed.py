@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.errors import UserError
 
@@ -206,17 +207,27 @@ def group_timeouts() -> dict[str, float]:
     return timeouts
 
 
+_BACKEND_WORDS = ("gloo", "nccl", "c10d", "processgroup", "pair closure")
 _TIMEOUT_WORDS = ("timed out", "timeout")
 _LOST_PEER_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe",
                     "connection refused")
 
 
+def _from_collective(err: BaseException, text: str) -> bool:
+    """Raised by a process group (gloo raises plain RuntimeErrors naming itself; DCP wraps
+    them in a CheckpointException, a BaseException)."""
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, (RuntimeError, CheckpointException)) and \
+        any(word in text for word in _BACKEND_WORDS)
+
+
 def explain_failure(err: BaseException) -> str | None:
     """One line saying what to do if `err` is a collective that timed out or lost a peer; None
     for any other error (and outside a process group)."""
-    if not is_distributed() or isinstance(err, (KeyboardInterrupt, SystemExit)):
+    text = str(err).lower()
+    if not is_distributed() or not _from_collective(err, text):
         return None
-    text = f"{type(err).__name__} {err}".lower()
     seconds = int(_timeout.total_seconds())
     if any(word in text for word in _TIMEOUT_WORDS):
         return (f"rank {rank()}: a collective operation did not complete within "

@@ -83,60 +83,52 @@ def _records(root: Path, name: str, kind: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_skipped_steps_are_recorded_on_any_step(short_csv, tmp_path, fault, caplog):
-    """Skips at steps 3 and 5 (no log step: log_interval 4) are each named in a log line and a
-    `skip` record; the parameters do not move on a skipped step."""
-    fault("nan_grad:3:celestial_to_target_attention,nan_input:5")
-    config = small_config(short_csv, tmp_path, "skips", train__max_steps=6,
-                          train__log_interval=4, train__validate_at_start=False)
+def test_skips_are_named_on_any_step_and_a_run_of_them_stops_cleanly(short_csv, tmp_path, fault,
+                                                                     caplog):
+    """Skips at steps 3 and 5 (not log steps: log_interval 2) are each named in a log line and
+    a `skip` record. NaN losses from step 7 on stop the run at the first log step with >= 3 in a
+    row (step 10): exit status 1, the checkpoint of step 6 (before the trouble) kept and
+    complete, nothing saved after."""
+    fault("nan_grad:3:celestial_to_target_attention,nan_input:5,nan_loss:7-")
+    config = small_config(short_csv, tmp_path, "skips", train__max_steps=40,
+                          train__log_interval=2, train__max_consecutive_skips=3,
+                          checkpoint__interval=6, train__validate_at_start=False)
     trainer = build_trainer(config, distributed.init_distributed("cpu"))
-    assert trainer.train() == 0
+    assert trainer.train() == 1
+    assert trainer.progress.step == 10 and trainer.stop_reason == "nonfinite"
     skips = {r["step"]: r for r in _records(tmp_path, "skips", "skip")}
-    assert sorted(skips) == [3, 5]
+    assert sorted(skips) == [3, 5, 7, 8, 9, 10]
     assert skips[3]["cause"] == "gradient"
     assert skips[3]["component"] == "celestial_to_target_attention"
     assert skips[3]["nonfinite_components"] == ["celestial_to_target_attention"]
     assert skips[5]["component"] == "inputs" and skips[5]["ranks"] == [0]
-    assert [r["skipped_steps"] for r in _records(tmp_path, "skips", "train")] == [1, 1]
-    assert trainer.progress.skipped_steps == 2
+    assert {skips[s]["component"] for s in (7, 8, 9, 10)} == {"loss"}
+    assert [r["skipped_steps"] for r in _records(tmp_path, "skips", "train")] == [0, 1, 1, 2, 2]
     assert "step 3 skipped: non-finite gradient, first in component " \
            "celestial_to_target_attention" in caplog.text
     assert "step 5 skipped: non-finite inputs on rank 0" in caplog.text
-
-
-@pytest.mark.slow
-def test_a_run_of_skips_stops_cleanly_keeping_good_checkpoints(short_csv, tmp_path, fault, caplog):
-    """NaN losses from step 5 on: stop at the first log step with >= 3 in a row, exit status
-    1, the checkpoint of step 4 (before the trouble) kept and loadable, none saved after."""
-    fault("nan_loss:5-")
-    config = small_config(short_csv, tmp_path, "streak", train__max_steps=40,
-                          train__log_interval=2, train__max_consecutive_skips=3,
-                          checkpoint__interval=4, checkpoint__keep_last=5,
-                          train__validate_at_start=False)
-    trainer = build_trainer(config, distributed.init_distributed("cpu"))
-    assert trainer.train() == 1
-    assert trainer.progress.step == 8 and trainer.stop_reason == "nonfinite"
-    folder = tmp_path / "checkpoints" / "streak"
+    folder = tmp_path / "checkpoints" / "skips"
     kept = sorted(p.name for p in folder.glob("checkpoint_step_*"))
-    assert kept == ["checkpoint_step_000004"] and verify(folder / kept[0]) is None
+    assert kept == ["checkpoint_step_000006"] and verify(folder / kept[0]) is None
     assert "4 optimizer steps in a row had a non-finite loss or gradient" in caplog.text
     assert "newest checkpoint: " + str(folder / kept[0]) in caplog.text
-    assert [r["component"] for r in _records(tmp_path, "streak", "skip")] == ["loss"] * 4
-    notes = []      # the analysis reads the skip records
-    assert len(read_metrics(tmp_path / "logs" / "streak" / "metrics.jsonl", notes)["skip"]) == 4
     assert not (folder / "final_model.pth").exists()
+    notes = []      # the analysis reads the skip records
+    assert len(read_metrics(tmp_path / "logs" / "skips" / "metrics.jsonl", notes)["skip"]) == 6
 
 
 def faulty_ranks(rank, world_size, port, csv, root):
     """Two real gloo ranks: rank 1's loss is NaN at step 2, a component's gradients at step 4
-    (both ranks), rank 0's inputs at step 5. Each rank writes what it saw."""
+    (both ranks), rank 0's inputs at step 5, rank 1's loss from step 7 on (-> stop at log step
+    9 with max_consecutive_skips 2). Each rank writes what it saw."""
     env = dist_workers.join_group(rank, world_size, port)
-    faults.load("nan_loss:2@1,nan_grad:4:fusion_cross_attention,nan_input:5@0")
-    config = small_config(Path(csv), Path(root), "ranks", train__max_steps=6,
-                          train__log_interval=3, train__validate_at_start=False)
+    faults.load("nan_loss:2@1,nan_grad:4:fusion_cross_attention,nan_input:5@0,nan_loss:7-@1")
+    config = small_config(Path(csv), Path(root), "ranks", train__max_steps=40,
+                          train__log_interval=3, train__max_consecutive_skips=2,
+                          train__validate_at_start=False)
     trainer = build_trainer(config, env)
     code = trainer.train()
-    result = {"code": code, "skipped": trainer.progress.skipped_steps,
+    result = {"code": code, "skipped": trainer.progress.skipped_steps, "step": trainer.progress.step,
               "param_sum": float(sum(p.double().sum() for p in trainer.model.parameters()))}
     (Path(root) / f"rank{rank}.json").write_text(json.dumps(result))
     distributed.destroy()
@@ -146,12 +138,14 @@ def faulty_ranks(rank, world_size, port, csv, root):
 def test_faults_on_one_rank_skip_the_step_on_both(short_csv, tmp_path):
     dist_workers.spawn(faulty_ranks, 2, str(short_csv), str(tmp_path), timeout_s=240)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [r["code"] for r in results] == [0, 0] and [r["skipped"] for r in results] == [3, 3]
+    assert [(r["code"], r["step"], r["skipped"]) for r in results] == [(1, 9, 6)] * 2
     assert results[0]["param_sum"] == results[1]["param_sum"]
     skips = {r["step"]: r for r in _records(tmp_path, "ranks", "skip")}
-    assert sorted(skips) == [2, 4, 5]
+    assert sorted(skips) == [2, 4, 5, 7, 8, 9]
     assert (skips[2]["component"], skips[2]["ranks"]) == ("loss", [1])
     assert skips[4]["component"] == "fusion_cross_attention"
     assert (skips[5]["component"], skips[5]["ranks"]) == ("inputs", [0])
+    assert (skips[9]["component"], skips[9]["ranks"]) == ("loss", [1])
     log = (tmp_path / "logs" / "ranks" / "training_full.log").read_text()
     assert "step 2 skipped: non-finite loss on rank 1" in log
+    assert "3 optimizer steps in a row had a non-finite" in log

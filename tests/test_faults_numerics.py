@@ -44,6 +44,33 @@ def test_healthy_step_clips_exactly_like_clip_grad_norm():
     assert flags.tolist() == [0.0] * len(check.names)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_checks_never_sync_the_host_on_cuda():
+    """The flags stay on the device: guarding the loss and clipping never wait for the GPU."""
+    torch.manual_seed(0)
+    model = make_model().eval().cuda()
+    batch = Batch(*(t.cuda() for t in inputs(model)))
+    check = FiniteCheck(model)
+    for step in range(2):            # the second step uses the cached component index
+        loss = model(batch.wave, batch.target, batch.future_wave).loss(batch.future_target)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            guarded = check.guard_loss(loss, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        guarded.backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            norm, flags = check.clip(1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        model.zero_grad()
+    assert torch.isfinite(norm) and flags.sum().item() == 0
+
+
 def test_nonfinite_input_poisons_every_gradient():
     """A NaN input on one rank must skip the step on all: every gradient turns NaN, so DDP's
     all-reduce carries it to every rank."""

@@ -31,7 +31,8 @@ class FiniteCheck:
         component_of = {id(p): i for i, params in enumerate(groups.values()) for _, p in params}
         self.params = list(model.parameters())         # clip_grad_norm_'s order: same sums
         self.component_index = [component_of[id(p)] for p in self.params]
-        self._index: torch.Tensor | None = None
+        # Made here, once: a copy to the GPU inside the step would wait for it.
+        self._index = torch.tensor(self.component_index, device=self.params[0].device)
         self._bad_inputs = self._bad_loss = None
 
     def guard_loss(self, loss: torch.Tensor, batch) -> torch.Tensor:
@@ -56,12 +57,10 @@ class FiniteCheck:
         return total, flags
 
     def _index_for(self, grads: list, device: torch.device) -> torch.Tensor:
-        """Component of each gradient in `grads` (cached: the same parameters every step)."""
-        if len(grads) != len(self.params):     # a parameter without gradient: rare, not cached
+        """Component of each gradient in `grads`."""
+        if len(grads) != len(self.params):     # a parameter without gradient: rare
             index = [c for p, c in zip(self.params, self.component_index) if p.grad is not None]
             return torch.tensor(index, device=device)
-        if self._index is None or self._index.device != device:
-            self._index = torch.tensor(self.component_index, device=device)
         return self._index
 
 

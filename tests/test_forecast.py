@@ -24,19 +24,23 @@ from trainer.forecast import COLUMNS, run
 PRED_LEN, SEQ_LEN = 12, 48     # tests/conftest.py small_overrides
 
 
-def train_tiny_model(data_csv: Path, root: Path, name: str = "fc", steps: int = 15) -> Path:
-    """A small model trained for a few steps (seconds), saved as a consolidated model file."""
+def train_tiny(data_csv: Path, root: Path, name: str = "fc", steps: int = 15):
+    """A small trainer after a few steps (seconds), its model saved as `best_model.pth`."""
     trainer = build_trainer(small_config(data_csv, root, name), distributed.init_distributed("cpu"))
     for step, batch in zip(range(1, steps + 1), trainer.data.train_loader):
         ctx = StepContext(step=step, epoch=0, clip_norm=trainer.config.optim.grad_clip_norm)
         trainer.train_step([batch], ctx, [])
     trainer.save_model_file("best_model.pth", {})
-    return root / "checkpoints" / name / "best_model.pth"
+    return trainer
+
+
+def model_path(trainer) -> Path:
+    return trainer.checkpoints.folder / "best_model.pth"
 
 
 @pytest.fixture(scope="module")
 def model_file(short_csv, tmp_path_factory) -> Path:
-    return train_tiny_model(short_csv, tmp_path_factory.mktemp("forecast_model"))
+    return model_path(train_tiny(short_csv, tmp_path_factory.mktemp("forecast_model")))
 
 
 def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:

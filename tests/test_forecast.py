@@ -161,6 +161,28 @@ def test_future_rows_give_target_dates_and_inputs(model_file, short_csv, tmp_pat
     assert np.allclose(a, b, atol=2e-3)   # the file's last row has a one-sided speed
 
 
+@pytest.mark.parametrize("difference", [[], ["*_dist", "Moon_speed"]])
+def test_forecast_inputs_equal_training_inputs(model_file, short_csv, tmp_path, difference):
+    """Same file, same columns, differencing and scaling: the rows the model saw in training."""
+    from trainer.data import prepare
+    from trainer.forecast_input import prepare_forecast_input
+    from trainer.forecast_model import load_model_file
+    saved = torch.load(model_file, weights_only=True)
+    saved["config"]["data"]["difference_columns"] = difference
+    data_config = load_model_file(model_file).config.data
+    data_config.difference_columns = difference
+    prepared = prepare(data_config, SEQ_LEN, PRED_LEN)
+    saved["scaling"] = prepared.scaling()
+    torch.save(saved, tmp_path / "diff.pth")
+    inputs = prepare_forecast_input(load_model_file(tmp_path / "diff.pth"), short_csv,
+                                    allow_builtin=True)
+    n = inputs.num_observed
+    assert n == len(prepared.dates) and (inputs.dates[:n] == prepared.dates).all()
+    assert len(inputs.dates) == n + PRED_LEN
+    assert np.allclose(inputs.features_RF[:n], prepared.features_RF.numpy(), atol=1e-5)
+    assert np.allclose(inputs.targets_OT, prepared.targets_RT.numpy(), atol=1e-5)
+
+
 def test_user_csv_model_needs_future_rows(model_file, short_csv, tmp_path, capsys):
     user_model = saved_with(model_file, tmp_path / "user.pth", data__source="csv")
     status, _, err = forecast(capsys, "--checkpoint", user_model, "--data", short_csv,
@@ -207,7 +229,7 @@ def test_origins_backtest(model_file, short_csv, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("origins, message", [
-    ("1000", "history for at most"), ("1996-01-10", "the model looks back"),
+    ("1000", "history for at most"), ("0", "at least 1 origin"), ("1996-01-10", "the model looks back"),
     ("2099-01-01", "is not a row with targets"), ("soon", "neither a count nor")])
 def test_bad_origins(model_file, short_csv, tmp_path, capsys, origins, message):
     status, _, err = forecast(capsys, "--checkpoint", model_file, "--data", short_csv,
@@ -258,6 +280,7 @@ BAD_CSVS = {
                             "unexpected column(s) ['Sun_moon_speed']"),
     "renamed date column": (_rename("date", "Date"), "no 'date' column", ""),
     "too short": (lambda h, rows: (h, rows[:SEQ_LEN - 1]), "too short: 47 row(s)", "seq_len = 48"),
+    "header only": (lambda h, rows: (h, []), "too short: 0 row(s)", ""),
     "nan feature": (_set_cell(100, "Venus_lat", "nan"), "column 'Venus_lat'", "at line 100"),
     "inf target": (_set_cell(200, "Asset_A", "inf"), "column 'Asset_A'", "at line 200"),
     "text value": (_set_cell(300, "Sun_speed", "n/a"), "column 'Sun_speed'", "line 300"),

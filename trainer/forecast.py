@@ -60,7 +60,9 @@ def choose_origins(inputs: ForecastInput, spec: str | None, loaded: LoadedModel)
     if spec.strip().isdigit():
         count = int(spec)
         rows = [last - k * loaded.pred_len for k in range(count)][::-1]
-        if count < 1 or rows[0] < loaded.seq_len - 1:
+        if count < 1:
+            raise UserError(f"--origins {spec}: give at least 1 origin")
+        if rows[0] < loaded.seq_len - 1:
             most = (last - (loaded.seq_len - 1)) // loaded.pred_len + 1
             raise UserError(f"--origins {spec}: {inputs.path} has history for at most {most} "
                             f"origin(s) {loaded.pred_len} rows apart (each needs model.seq_len = "

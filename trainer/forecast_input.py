@@ -156,16 +156,16 @@ def prepare_forecast_input(loaded: LoadedModel, path: Path, allow_builtin: bool)
     features_RF = layout_features(rows, loaded)
     _check_finite(path, loaded.spec.feature_names, features_RF, first_line=2)
     dates, targets_OT = rows.dates, rows.targets_OT
+    diff = [i for i, c in enumerate(loaded.spec.feature_names)
+            if _dropped(c, data.difference_columns)]
+    _check_length(loaded, path, len(targets_OT) - bool(diff), bool(diff))
     num_future = len(dates) - len(targets_OT)
     dates, features_RF, note = _with_future_rows(loaded, path, dates, features_RF, num_future,
                                                  allow_builtin)
-    diff = [i for i, c in enumerate(loaded.spec.feature_names)
-            if _dropped(c, data.difference_columns)]
     if diff:   # as in training: change from the previous row, first row dropped
         features_RF = features_RF.copy()
         features_RF[1:, diff] = np.diff(features_RF[:, diff], axis=0)
         dates, features_RF, targets_OT = dates[1:], features_RF[1:], targets_OT[1:]
-    _check_length(loaded, path, len(targets_OT), bool(diff))
     scaled_RF = (features_RF - loaded.feature_mean) / loaded.feature_std
     scaled_OT = (targets_OT - loaded.target_mean) / loaded.target_std
     return ForecastInput(path, dates, scaled_RF, scaled_OT, targets_OT, note)

@@ -108,7 +108,8 @@ def test_mixture_quantiles_match_sampling():
 
 # --- forecasts ---------------------------------------------------------------------------------
 
-def test_forecast_csv_columns_units_and_builtin_future_rows(model_file, short_csv, tmp_path, capsys):
+def test_forecast_csv_columns_units_and_builtin_future_rows(model_file, short_csv, tmp_path,
+                                                            capsys):
     out = tmp_path / "out"
     status, printed, _ = forecast(capsys, "--checkpoint", model_file, "--data", short_csv,
                                   "--out", out)
@@ -157,7 +158,8 @@ def test_future_rows_give_target_dates_and_inputs(model_file, short_csv, tmp_pat
     assert forecast(capsys, "--checkpoint", model_file, "--data", truncated,
                     "--out", tmp_path / "b")[0] == 0
     a = np.array([[float(v) for v in r[4:10]] for r in rows])
-    b = np.array([[float(v) for v in r[4:10]] for r in read_rows(tmp_path / "b" / "forecast.csv")[1]])
+    b_rows = read_rows(tmp_path / "b" / "forecast.csv")[1]
+    b = np.array([[float(v) for v in r[4:10]] for r in b_rows])
     assert np.allclose(a, b, atol=2e-3)   # the file's last row has a one-sided speed
 
 
@@ -205,7 +207,8 @@ def test_model_without_future_inputs_dates_by_typical_step(model_file, short_csv
     assert status == 0 and "typical date step, 7 day(s)" in printed
     out_rows = read_rows(tmp_path / "out" / "forecast.csv")[1]
     last = np.datetime64(rows[::7][-1][0])
-    assert [r[3] for r in out_rows[:PRED_LEN]] == [str(last + 7 * h) for h in range(1, PRED_LEN + 1)]
+    assert [r[3] for r in out_rows[:PRED_LEN]] == \
+        [str(last + 7 * h) for h in range(1, PRED_LEN + 1)]
 
 
 def test_origins_backtest(model_file, short_csv, tmp_path, capsys):
@@ -229,7 +232,8 @@ def test_origins_backtest(model_file, short_csv, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("origins, message", [
-    ("1000", "history for at most"), ("0", "at least 1 origin"), ("1996-01-10", "the model looks back"),
+    ("1000", "history for at most"), ("0", "at least 1 origin"),
+    ("1996-01-10", "the model looks back"),
     ("2099-01-01", "is not a row with targets"), ("soon", "neither a count nor")])
 def test_bad_origins(model_file, short_csv, tmp_path, capsys, origins, message):
     status, _, err = forecast(capsys, "--checkpoint", model_file, "--data", short_csv,
@@ -347,11 +351,13 @@ def test_bad_checkpoints_are_refused(model_file, short_csv, tmp_path, capsys):
 def _launch(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(REPO / "launch/forecast.py"), *map(str, args)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          check=False, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.slow
-def test_cli_writes_forecast_and_refuses_bad_input_without_traceback(model_file, short_csv, tmp_path):
+def test_cli_writes_forecast_and_refuses_bad_input_without_traceback(model_file, short_csv,
+                                                                     tmp_path):
     done = _launch("--checkpoint", model_file, "--data", short_csv, "--out", tmp_path / "ok")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "wrote" in done.stdout and (tmp_path / "ok" / "forecast.csv").is_file()

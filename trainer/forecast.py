@@ -147,7 +147,8 @@ def write_forecast_csv(forecast: Forecast, path: Path) -> int:
             for t, target in enumerate(forecast.targets):
                 for p in range(forecast.mean_NPT.shape[1]):
                     actual = forecast.actual_NPT[n, p, t]
-                    writer.writerow([str(origin), target, p + 1, str(forecast.target_dates_NP[n, p]),
+                    writer.writerow([str(origin), target, p + 1,
+                                     str(forecast.target_dates_NP[n, p]),
                                      f"{forecast.mean_NPT[n, p, t]:.8g}",
                                      *(f"{q:.8g}" for q in forecast.quantiles_NPTQ[n, p, t]),
                                      "" if np.isnan(actual) else f"{actual:.8g}"])
@@ -172,10 +173,11 @@ def backtest_summary(forecast: Forecast) -> str | None:
 
 def summary_lines(forecast: Forecast, inputs: ForecastInput) -> list[str]:
     n_last, P = -1, forecast.mean_NPT.shape[1]
-    lines = [f"forecast from {forecast.origin_dates[n_last]} (origin) over {P} steps to "
-             f"{forecast.target_dates_NP[n_last, -1]}, {len(forecast.origin_dates)} origin(s)",
+    lines = [(f"forecast from {forecast.origin_dates[n_last]} (origin) over {P} steps to "
+              f"{forecast.target_dates_NP[n_last, -1]}, {len(forecast.origin_dates)} origin(s)"),
              f"future celestial inputs: {inputs.future_note}",
-             f"{'target':<14}{'last value':>12}{'median at step ' + str(P):>20}{'90% interval':>26}"]
+             (f"{'target':<14}{'last value':>12}{f'median at step {P}':>20}"
+             f"{'90% interval':>26}")]
     for t, name in enumerate(forecast.targets):
         last = inputs.raw_targets_OT[forecast.origin_rows[n_last], t]
         q = forecast.quantiles_NPTQ[n_last, -1, t]
@@ -209,7 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def forecast_command(args: argparse.Namespace) -> list[str]:
     """Check every input, then write the outputs; returns the summary lines."""
-    from trainer.forecast_plot import plot_fan_chart     # matplotlib only when writing
+    from trainer.forecast_plot import plot_fan_chart  # matplotlib only when writing
     loaded = load_model_file(args.checkpoint, pick_device(args.device, 0))
     path, builtin = data_path(loaded, args.data)
     inputs = prepare_forecast_input(loaded, path, allow_builtin=builtin)
@@ -221,17 +223,22 @@ def forecast_command(args: argparse.Namespace) -> list[str]:
             f"wrote {args.out / 'forecast.csv'} ({num_rows} rows) and {args.out / 'forecast.png'}"]
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Forecast; returns the exit status (0 done, 2 bad input)."""
-    args = parse_args(argv)
+def run_command(command, args: argparse.Namespace) -> int:
+    """Run `command(args)` and print its lines: exit status 0, or 2 with one `error: ...` line
+    on stderr (no traceback) when the user's input is at fault."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        lines = forecast_command(args)
+        lines = command(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Forecast; returns the exit status (0 done, 2 bad input)."""
+    return run_command(forecast_command, parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from trainer.data import PreparedData, WindowDataset, build_loader, prepare
 from trainer.distributed import pick_device
 from trainer.errors import UserError
 from trainer.evaluate import FORECASTERS, celestial_effect, evaluate
+from trainer.forecast import run_command
 from trainer.forecast_model import SCALING_KEYS, LoadedModel, load_model_file
 from trainer.scoring import BASELINE_NAMES, SCORES, skill_metrics
 
@@ -86,18 +86,20 @@ def _key(name: str, score: str) -> str:
     return score if name == "model" else f"{name}_{score}"
 
 
-def report(loaded: LoadedModel, data_file: Path, split: str, flat: dict) -> dict:
-    """The JSON document: per forecaster, per target and per horizon step, keyed by name."""
-    targets = loaded.spec.targets
-    forecasters = {}
-    for name in FORECASTERS:
-        forecasters[name] = {
-            "description": FORECASTER_NAMES[name],
+def _forecaster_scores(flat: dict, name: str, targets: list[str]) -> dict:
+    """One forecaster's scores: overall, per target, and per target per horizon step."""
+    return {"description": FORECASTER_NAMES[name],
             **{s: flat[_key(name, s)] for s in SCORES},
             "per_target": {t: {s: flat[f"{_key(name, s)}_per_target"][i] for s in SCORES}
                            for i, t in enumerate(targets)},
             "by_horizon": {t: {s: [row[i] for row in flat[f"{_key(name, s)}_by_horizon"]]
                                for s in SCORES} for i, t in enumerate(targets)}}
+
+
+def report(loaded: LoadedModel, data_file: Path, split: str, flat: dict) -> dict:
+    """The JSON document: per forecaster, per target and per horizon step, keyed by name."""
+    targets = loaded.spec.targets
+    forecasters = {name: _forecaster_scores(flat, name, targets) for name in FORECASTERS}
     skill = {b: {"mean": flat[f"skill_{b}"], "low": flat[f"skill_{b}_low"],
                  "high": flat[f"skill_{b}_high"]} for b in FORECASTERS[1:]}
     return {
@@ -122,11 +124,12 @@ def report(loaded: LoadedModel, data_file: Path, split: str, flat: dict) -> dict
 
 def table_lines(doc: dict) -> list[str]:
     """A readable summary of the report."""
-    lines = [f"{doc['checkpoint']} (step {doc['step']}) on the {doc['split']} split of "
-             f"{doc['data']}: {doc['num_windows']} windows, origins {doc['first_date']} to "
-             f"{doc['last_date']}, {doc['horizon_steps']} steps, {len(doc['targets'])} targets",
-             "", f"{'forecaster':<34}{'nll':>9}{'crps':>9}{'mae':>10}{'cover 50%':>11}{'cover 90%':>11}"]
-    for name, f in doc["forecasters"].items():
+    lines = [(f"{doc['checkpoint']} (step {doc['step']}) on the {doc['split']} split of "
+              f"{doc['data']}: {doc['num_windows']} windows, origins {doc['first_date']} to "
+              f"{doc['last_date']}, {doc['horizon_steps']} steps, {len(doc['targets'])} targets"),
+             "", (f"{'forecaster':<34}{'nll':>9}{'crps':>9}{'mae':>10}{'cover 50%':>11}"
+                 f"{'cover 90%':>11}")]
+    for f in doc["forecasters"].values():
         lines.append(f"{f['description']:<34}{f['nll']:>9.4f}{f['crps']:>9.4f}{f['mae']:>10.4g}"
                      f"{f['coverage_50']:>11.3f}{f['coverage_90']:>11.3f}")
     lines += ["", "NLL per target" + "".join(f"{n:>10}" for n in doc["forecasters"])]
@@ -134,15 +137,18 @@ def table_lines(doc: dict) -> list[str]:
         lines.append(f"{t:<14}" + "".join(f"{f['per_target'][t]['nll']:>10.4f}"
                                           for f in doc["forecasters"].values()))
     skill = doc["skill"]
-    lines += ["", f"skill = model NLL - baseline NLL (negative: the model is better), 95% interval "
-                  f"by moving-block bootstrap, blocks of {skill['block_length_windows']} windows:"]
+    lines += ["", (f"skill = model NLL - baseline NLL (negative: the model is better), 95% "
+                   f"interval by moving-block bootstrap, blocks of "
+                   f"{skill['block_length_windows']} windows:")]
     for b in FORECASTERS[1:]:
-        verdict = "better" if skill[b]["high"] < 0 else "worse" if skill[b]["low"] > 0 else "no clear difference"
+        verdict = ("better" if skill[b]["high"] < 0 else "worse" if skill[b]["low"] > 0
+                   else "no clear difference")
         lines.append(f"  vs {FORECASTER_NAMES[b]:<32}{skill[b]['mean']:+.4f} "
                      f"[{skill[b]['low']:+.4f}, {skill[b]['high']:+.4f}]  {verdict}")
     e = doc["celestial_effect"]
-    lines.append(f"all bodies blanked: NLL rise {e['mean']:+.4f} [{e['low']:+.4f}, {e['high']:+.4f}]"
-                 f"  ({'the celestial inputs help' if e['low'] > 0 else 'no proof the celestial inputs help'})")
+    helps = "the celestial inputs help" if e["low"] > 0 else "no proof the celestial inputs help"
+    lines.append(f"all bodies blanked: NLL rise {e['mean']:+.4f} [{e['low']:+.4f}, "
+                 f"{e['high']:+.4f}]  ({helps})")
     return lines
 
 
@@ -166,7 +172,8 @@ def evaluate_command(args: argparse.Namespace) -> list[str]:
     prepared = rebuild_data(loaded, args.data)
     data_file = args.data or loaded.config.data.resolved_path()
     doc = report(loaded, data_file, args.split, score_split(loaded, prepared, args.split, device))
-    out = args.out or args.checkpoint.with_name(f"{args.checkpoint.stem}_{args.split}_evaluation.json")
+    out = args.out or args.checkpoint.with_name(
+        f"{args.checkpoint.stem}_{args.split}_evaluation.json")
     out.parent.mkdir(parents=True, exist_ok=True)      # only now: nothing written on bad input
     out.write_text(json.dumps(doc, indent=1))
     return [*table_lines(doc), f"wrote {out}"]
@@ -174,15 +181,7 @@ def evaluate_command(args: argparse.Namespace) -> list[str]:
 
 def run(argv: list[str] | None = None) -> int:
     """Evaluate; returns the exit status (0 done, 2 bad input)."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        lines = evaluate_command(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
-    return 0
+    return run_command(evaluate_command, parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,7 +63,8 @@ def read_forecast_csv(path: Path, date_column: str, targets: list[str]) -> CsvRo
     _check_header(path, header, date_column, targets)
     for line, row in enumerate(body, start=2):
         if len(row) != len(header):
-            raise UserError(f"{path}: line {line} has {len(row)} fields, the header has {len(header)}")
+            raise UserError(f"{path}: line {line} has {len(row)} fields, the header has "
+                            f"{len(header)}")
     by_column = dict(zip(header, zip(*body))) if body else {h: () for h in header}
     num_observed = _count_observed(path, [by_column[t] for t in targets], targets)
     dates = _parse_dates(path, by_column.pop(date_column))
@@ -87,7 +88,8 @@ def _check_header(path: Path, header: list[str], date_column: str, targets: list
 
 
 def _count_observed(path: Path, target_cells: list[tuple], targets: list[str]) -> int:
-    """Rows before the trailing future rows (all target cells empty); a gap elsewhere is an error."""
+    """Rows before the trailing future rows (all target cells empty); a gap elsewhere is an
+    error."""
     empty_RT = np.array([[cell.strip() == "" for cell in cells] for cells in target_cells]).T
     if empty_RT.size == 0:
         return 0
@@ -181,8 +183,9 @@ def _with_future_rows(loaded, path, dates, features_RF, num_future, allow_builti
         return dates, features_RF, _no_future_note(dates, num_future)
     if allow_builtin:
         extra_dates, extra_RF = builtin_future_rows(loaded, dates[-1], pred_len - num_future)
+        after_csv = f" (after the CSV's {num_future} future rows)" if num_future else ""
         note = (f"computed with the built-in ephemeris for {len(extra_dates)} day(s) after "
-                f"{dates[-1]}" + (f" (after the CSV's {num_future} future rows)" if num_future else ""))
+                f"{dates[-1]}{after_csv}")
         return (np.concatenate([dates, extra_dates]), np.concatenate([features_RF, extra_RF]), note)
     raise UserError(f"{path}: the model needs the celestial columns of the {pred_len} rows after "
                     f"the last row with targets (model.pred_len = {pred_len}); the file has "
@@ -205,6 +208,7 @@ def typical_step(dates: np.ndarray) -> int:
 
 def _check_length(loaded: LoadedModel, path: Path, num_observed: int, differenced: bool) -> None:
     if num_observed < loaded.seq_len:
-        after = " after differencing (data.difference_columns drops the first row)" if differenced else ""
+        after = (" after differencing (data.difference_columns drops the first row)"
+                 if differenced else "")
         raise UserError(f"{path}: too short: {num_observed} row(s) with targets{after}, the model "
                         f"looks back model.seq_len = {loaded.seq_len} rows before a forecast")

@@ -47,7 +47,7 @@ class LoadedModel:
         return self.config.model.pred_len
 
 
-def load_model_file(path: Path, device: torch.device = torch.device("cpu")) -> LoadedModel:
+def load_model_file(path: Path, device: torch.device | None = None) -> LoadedModel:
     """Read, check and rebuild the model saved in `path`; UserError for anything else."""
     saved = _read_saved_dict(path)
     try:
@@ -61,8 +61,9 @@ def load_model_file(path: Path, device: torch.device = torch.device("cpu")) -> L
         model.load_state_dict(saved["model"])
     except (RuntimeError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0]
-        raise UserError(f"{path}: the saved weights do not fit the saved config ({first})") from None
-    model.to(device).eval()
+        raise UserError(f"{path}: the saved weights do not fit the saved config "
+                        f"({first})") from None
+    model.to(device or torch.device("cpu")).eval()
     return LoadedModel(path, model, config, spec, *scaling, step=int(saved.get("step", 0)))
 
 
@@ -70,7 +71,8 @@ def _read_saved_dict(path: Path) -> dict:
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
     if path.is_dir():
-        inside = [p.name for p in (path / "best_model.pth", path / "final_model.pth") if p.is_file()]
+        inside = [name for name in ("best_model.pth", "final_model.pth")
+                  if (path / name).is_file()]
         found = f" (this folder holds {', '.join(inside)})" if inside else ""
         raise UserError(f"{path}: is a folder (a sharded training checkpoint is not a model "
                         f"file): {_HINT}{found}")
@@ -81,9 +83,9 @@ def _read_saved_dict(path: Path) -> dict:
                         f"weights-only load does not allow, so none of its code was run); "
                         f"{_HINT}") from None
     except Exception as err:  # noqa: BLE001 - any other reading failure: not a torch.save file
+        first = (str(err).strip() or "unreadable").splitlines()[0]
         raise UserError(f"{path}: not a consolidated model file ({type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[0] if str(err).strip() else 'unreadable'}); "
-                        f"{_HINT}") from None
+                        f"{first}); {_HINT}") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(saved, dict) or k not in saved]
     if missing:
         raise UserError(f"{path}: not a consolidated model file (no {', '.join(missing)}; a "
@@ -107,7 +109,8 @@ def _saved_scaling(path: Path, scaling, spec: InputSpec) -> tuple[np.ndarray, ..
              "target_mean": len(spec.targets), "target_std": len(spec.targets)}
     arrays = []
     for key in SCALING_KEYS:
-        values = np.asarray(scaling.get(key, []) if isinstance(scaling, dict) else [], dtype=np.float64)
+        found = scaling.get(key, []) if isinstance(scaling, dict) else []
+        values = np.asarray(found, dtype=np.float64)
         if values.shape != (sizes[key],) or not np.isfinite(values).all():
             raise UserError(f"{path}: the saved scaling statistics are damaged ({key})")
         arrays.append(values)

@@ -3,14 +3,16 @@ bands, median and mean (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+matplotlib.use("Agg")   # before pyplot is imported: no display needed
+import matplotlib.pyplot as plt
 
-from trainer.forecast import Forecast  # noqa: E402
-from trainer.forecast_input import ForecastInput  # noqa: E402
+if TYPE_CHECKING:     # trainer.forecast imports this module when it writes
+    from trainer.forecast import Forecast
+    from trainer.forecast_input import ForecastInput
 
 
 def history_span(forecast: Forecast, inputs: ForecastInput, pred_len: int) -> slice:

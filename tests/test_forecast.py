@@ -143,6 +143,19 @@ def test_builtin_future_rows_equal_the_datasets_own(model_file, short_csv, tmp_p
     assert np.allclose(computed, stored, rtol=1e-6, atol=1e-6)    # the CSV keeps 8 digits
 
 
+def test_data_defaults_to_the_training_file(model_file, short_csv, tmp_path, capsys):
+    status, printed, _ = forecast(capsys, "--checkpoint", model_file, "--out", tmp_path / "o")
+    last_date = read_rows(short_csv)[1][-1][0]
+    assert status == 0 and f"forecast from {last_date} (origin)" in printed
+
+
+def test_console_scripts_are_declared():
+    import tomllib
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["celestial-forecast"] == "trainer.forecast:main"
+    assert scripts["celestial-evaluate"] == "trainer.forecast_evaluate:main"
+
+
 def test_future_rows_give_target_dates_and_inputs(model_file, short_csv, tmp_path, capsys):
     future_csv = with_future_rows(short_csv, tmp_path / "future.csv", every_days=2)
     status, printed, _ = forecast(capsys, "--checkpoint", model_file, "--data", future_csv,
@@ -326,11 +339,14 @@ def _bad_checkpoints(tmp_path: Path, model_file: Path) -> dict[str, tuple[Path, 
         pickle.dump({"model": _RunsCode(tmp_path / "pwned")}, f)
     crafted_zip = tmp_path / "crafted_zip.pth"
     torch.save({"model": _RunsCode(tmp_path / "pwned")}, crafted_zip)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(model_file.read_bytes()[:20_000])
     plain = tmp_path / "plain.pth"
     torch.save({"weights": torch.zeros(2)}, plain)
     return {"dcp folder": (dcp_folder, "is a folder"),
             "model folder": (model_file.parent, "this folder holds best_model.pth"),
             "random bytes": (random_file, "not a consolidated model file"),
+            "truncated model file": (truncated, "not a consolidated model file"),
             "crafted pickle": (crafted, "refused"),
             "crafted torch.save": (crafted_zip, "refused"),
             "other torch file": (plain, "no model, config, spec, scaling"),

@@ -1,4 +1,5 @@
-"""The forecast command: exact mixture quantiles, forecast.csv in target units, future rows from
+"""The forecast command (its exact mixture quantiles are tested against sampling in
+tests/test_scoring.py): forecast.csv in target units, future rows from
 the CSV or the built-in ephemeris, --origins backtests, and every kind of bad input refused
 with one line, exit status 2 and nothing written."""
 from __future__ import annotations
@@ -15,7 +16,6 @@ import pytest
 import torch
 
 from diagnostics.observer import StepContext
-from model.decoder import mixture_quantiles
 from tests.conftest import REPO, small_config
 from trainer import distributed
 from trainer.build import build_trainer
@@ -83,27 +83,6 @@ def forecast(capsys, *args) -> tuple[int, str, str]:
     status = run([str(a) for a in args])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
-
-
-# --- the quantiles -----------------------------------------------------------------------------
-
-def test_mixture_quantiles_match_sampling():
-    gen = torch.Generator().manual_seed(3)
-    log_pi = torch.log_softmax(torch.randn(4, 3, generator=gen), -1)
-    mu = torch.randn(4, 3, generator=gen) * 2
-    sigma = torch.rand(4, 3, generator=gen) + 0.2
-    probs = [0.05, 0.25, 0.5, 0.75, 0.95]
-    exact = mixture_quantiles(log_pi, mu, sigma, probs)                       # (4, 5)
-    n = 400_000
-    component = torch.multinomial(log_pi.exp(), n, replacement=True, generator=gen)   # (4, n)
-    draws = (mu.gather(1, component) + sigma.gather(1, component)
-             * torch.randn(4, n, generator=gen))
-    sampled = torch.quantile(draws[:, :100_000], torch.tensor(probs), dim=1).T
-    # Sampling error of a quantile is about sqrt(p(1-p)/n)/density: a few thousandths here.
-    assert torch.allclose(exact, sampled, atol=0.03)
-    cdf_at_exact = (log_pi.exp()[:, None] * 0.5 * torch.erfc(
-        -(exact[..., None] - mu[:, None]) / (sigma[:, None] * 2 ** 0.5))).sum(-1)
-    assert torch.allclose(cdf_at_exact, torch.tensor(probs).expand(4, -1), atol=1e-5)
 
 
 # --- forecasts ---------------------------------------------------------------------------------
@@ -208,6 +187,17 @@ def test_user_csv_model_needs_future_rows(model_file, short_csv, tmp_path, capsy
     status, _, err = forecast(capsys, "--checkpoint", user_model, "--data", future_csv,
                               "--out", tmp_path / "out")
     assert status == 2 and "has 5 such future row(s): add 7 row(s)" in err
+    # A backtest needs no future rows: its origins stop where the file's rows do.
+    status, printed, _ = forecast(capsys, "--checkpoint", user_model, "--data", short_csv,
+                                  "--out", tmp_path / "bt", "--origins", "2")
+    assert status == 0 and "backtest on 2 origin(s)" in printed
+    rows = read_rows(tmp_path / "bt" / "forecast.csv")[1]
+    dates = [r[0] for r in read_rows(short_csv)[1]]
+    assert sorted({r[0] for r in rows}) == [dates[-1 - 2 * PRED_LEN], dates[-1 - PRED_LEN]]
+    assert all(r[10] != "" for r in rows) and rows[-1][3] == dates[-1]
+    status, _, err = forecast(capsys, "--checkpoint", user_model, "--data", short_csv,
+                              "--out", tmp_path / "late", "--origins", dates[-3])
+    assert status == 2 and "or backtest on earlier origins" in err
 
 
 def test_model_without_future_inputs_dates_by_typical_step(model_file, short_csv, tmp_path, capsys):

@@ -3,9 +3,10 @@ forecasts/` (also the `celestial-forecast` console script).
 
 A forecast is issued at an *origin*, a row with targets: the model sees the `seq_len` rows up to
 and including it and forecasts the `pred_len` rows after it, with those rows' celestial columns
-as the horizon's inputs. By default the origin is the CSV's last row with targets; `--origins N`
-adds the N-1 origins before it, `pred_len` rows apart (a backtest whose horizons tile the recent
-past without overlap), and `--origins 2003-06-30,2003-09-30` names the origins by date.
+as the horizon's inputs. By default the origin is the CSV's last row with targets. `--origins N`
+takes the N latest origins whose horizon rows the data has, `pred_len` rows apart (a backtest
+whose horizons tile the recent past without overlap; with future rows, the latest is the live
+forecast), and `--origins 2003-06-30,2003-09-30` names the origins by date.
 
 Writes `forecast.csv` (`origin_date, target, horizon, target_date, mean, q05, q25, q50, q75,
 q95, actual`: target units; `actual` is the outcome where the CSV has it, else empty) and
@@ -54,10 +55,11 @@ class Forecast:
 
 def choose_origins(inputs: ForecastInput, spec: str | None, loaded: LoadedModel) -> list[int]:
     """Row indices of the origins: `None` (the last row with targets), `N`, or `DATE,DATE,...`."""
-    last = inputs.num_observed - 1
     if not spec:
-        return [last]
+        inputs.check_horizon(inputs.num_observed - 1)
+        return [inputs.num_observed - 1]
     if spec.strip().isdigit():
+        last = inputs.last_origin
         count = int(spec)
         rows = [last - k * loaded.pred_len for k in range(count)][::-1]
         if count < 1:
@@ -82,6 +84,7 @@ def _origin_row(inputs: ForecastInput, text: str, loaded: LoadedModel) -> int:
     if found[0] < loaded.seq_len - 1:
         raise UserError(f"--origins: {text} has {found[0] + 1} row(s) up to it in {inputs.path}; "
                         f"the model looks back model.seq_len = {loaded.seq_len}")
+    inputs.check_horizon(int(found[0]))
     return int(found[0])
 
 
@@ -203,8 +206,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, help="CSV in the training layout (default: the "
                         "training data; the built-in dataset's future rows are computed)")
     parser.add_argument("--out", type=Path, default=Path("forecasts"), help="output folder")
-    parser.add_argument("--origins", help="N (the last N origins, pred_len rows apart) or "
-                        "DATE,DATE,... (origins by date): a backtest; default: the last row")
+    parser.add_argument("--origins", help="N (the N latest origins whose horizon the data has, "
+                        "pred_len rows apart) or DATE,DATE,... (origins by date): a backtest; "
+                        "default: the last row with targets")
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     return parser.parse_args(argv)
 

@@ -45,10 +45,17 @@ class ForecastInput:
     targets_OT: np.ndarray            # (O, T) scaled
     raw_targets_OT: np.ndarray        # (O, T) in target units
     future_note: str                  # how the horizon's celestial inputs were obtained
+    last_origin: int                  # the last row whose horizon has its celestial inputs
+    missing_future: str = ""          # why rows after last_origin cannot be origins
 
     @property
     def num_observed(self) -> int:
         return len(self.targets_OT)
+
+    def check_horizon(self, row: int) -> None:
+        """UserError if the model would lack the celestial inputs of `row`'s horizon."""
+        if row > self.last_origin:
+            raise UserError(self.missing_future)
 
 
 def read_forecast_csv(path: Path, date_column: str, targets: list[str]) -> CsvRows:
@@ -170,12 +177,17 @@ def prepare_forecast_input(loaded: LoadedModel, path: Path, allow_builtin: bool)
         dates, features_RF, targets_OT = dates[1:], features_RF[1:], targets_OT[1:]
     scaled_RF = (features_RF - loaded.feature_mean) / loaded.feature_std
     scaled_OT = (targets_OT - loaded.target_mean) / loaded.target_std
-    return ForecastInput(path, dates, scaled_RF, scaled_OT, targets_OT, note)
+    needs_future = loaded.config.model.use_future_celestial
+    covered = len(dates) - loaded.pred_len if needs_future else len(dates)
+    last_origin = min(len(targets_OT), covered) - 1
+    return ForecastInput(path, dates, scaled_RF, scaled_OT, targets_OT, note, last_origin,
+                         _missing_future_message(path, loaded.pred_len, num_future))
 
 
 def _with_future_rows(loaded, path, dates, features_RF, num_future, allow_builtin):
     """Rows for the horizon after the last observed row: the CSV's own future rows, else
-    computed ones (built-in data), else an error (or none, for a model that does not use them)."""
+    computed ones (built-in data), else none: then only earlier rows can be origins (or any, for
+    a model that does not use them)."""
     pred_len = loaded.pred_len
     if num_future >= pred_len:
         return dates, features_RF, f"from the {num_future} future rows of {path}"
@@ -187,10 +199,15 @@ def _with_future_rows(loaded, path, dates, features_RF, num_future, allow_builti
         note = (f"computed with the built-in ephemeris for {len(extra_dates)} day(s) after "
                 f"{dates[-1]}{after_csv}")
         return (np.concatenate([dates, extra_dates]), np.concatenate([features_RF, extra_RF]), note)
-    raise UserError(f"{path}: the model needs the celestial columns of the {pred_len} rows after "
-                    f"the last row with targets (model.pred_len = {pred_len}); the file has "
-                    f"{num_future} such future row(s): add {pred_len - num_future} row(s) at the "
-                    f"end with the celestial columns filled and the target cells empty")
+    return dates, features_RF, f"from the rows of {path} after each origin"
+
+
+def _missing_future_message(path: Path, pred_len: int, num_future: int) -> str:
+    return (f"{path}: the model needs the celestial columns of the {pred_len} rows after the "
+            f"last row with targets (model.pred_len = {pred_len}); the file has {num_future} such "
+            f"future row(s): add {pred_len - num_future} row(s) at the end with the celestial "
+            f"columns filled and the target cells empty (or backtest on earlier origins with "
+            f"--origins)")
 
 
 def _no_future_note(dates: np.ndarray, num_future: int) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")   # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt
@@ -30,7 +31,8 @@ def plot_fan_chart(forecast: Forecast, inputs: ForecastInput, path: Path) -> Non
         ax.plot(inputs.dates[span], inputs.raw_targets_OT[span, t], color="black", lw=1,
                 label="observed")
         for n in range(len(forecast.origin_dates)):
-            _draw_fan(ax, forecast, n, t, label=n == len(forecast.origin_dates) - 1)
+            start = inputs.raw_targets_OT[forecast.origin_rows[n], t]
+            _draw_fan(ax, forecast, n, t, start, label=n == len(forecast.origin_dates) - 1)
         ax.set_title(forecast.targets[t], fontsize=10, loc="left")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8, loc="upper left", ncol=5)
@@ -42,14 +44,16 @@ def plot_fan_chart(forecast: Forecast, inputs: ForecastInput, path: Path) -> Non
     plt.close(fig)
 
 
-def _draw_fan(ax, forecast: Forecast, n: int, t: int, label: bool) -> None:
+def _draw_fan(ax, forecast: Forecast, n: int, t: int, start: float, label: bool) -> None:
     """One origin's fan, starting at the origin's observed value so the fan joins the history."""
-    dates = forecast.target_dates_NP[n]
+    dates = np.concatenate([forecast.origin_dates[n:n + 1], forecast.target_dates_NP[n]])
     q = forecast.quantiles_NPTQ[n, :, t]
+    q = np.concatenate([np.full((1, q.shape[1]), start), q])
+    mean = np.concatenate([[start], forecast.mean_NPT[n, :, t]])
     ax.fill_between(dates, q[:, 0], q[:, 4], color="tab:blue", alpha=0.18, lw=0,
                     label="5-95%" if label else None)
     ax.fill_between(dates, q[:, 1], q[:, 3], color="tab:blue", alpha=0.35, lw=0,
                     label="25-75%" if label else None)
     ax.plot(dates, q[:, 2], color="tab:blue", lw=1.2, label="median" if label else None)
-    ax.plot(dates, forecast.mean_NPT[n, :, t], color="tab:orange", lw=1, ls="--",
+    ax.plot(dates, mean, color="tab:orange", lw=1, ls="--",
             label="mean" if label else None)

@@ -106,6 +106,12 @@ def test_missing_data_and_bad_checkpoint(trainer, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_json_has_no_nan_tokens():
+    from trainer.forecast_evaluate import json_safe
+    assert json_safe({"skill": [0.1, float("nan")], "x": {"y": float("inf")}}) == \
+        {"skill": [0.1, None], "x": {"y": None}}
+
+
 @pytest.mark.slow
 def test_cli_prints_table_and_refuses_bad_input_without_traceback(trainer, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

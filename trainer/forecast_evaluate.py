@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -122,6 +123,18 @@ def report(loaded: LoadedModel, data_file: Path, split: str, flat: dict) -> dict
     }
 
 
+def json_safe(value):
+    """NaN and infinities (an interval from too few windows) as null: strict JSON readers
+    reject the NaN tokens Python would write."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def table_lines(doc: dict) -> list[str]:
     """A readable summary of the report."""
     lines = [(f"{doc['checkpoint']} (step {doc['step']}) on the {doc['split']} split of "
@@ -175,7 +188,7 @@ def evaluate_command(args: argparse.Namespace) -> list[str]:
     out = args.out or args.checkpoint.with_name(
         f"{args.checkpoint.stem}_{args.split}_evaluation.json")
     out.parent.mkdir(parents=True, exist_ok=True)      # only now: nothing written on bad input
-    out.write_text(json.dumps(doc, indent=1))
+    out.write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False))
     return [*table_lines(doc), f"wrote {out}"]
 
 

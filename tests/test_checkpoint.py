@@ -6,14 +6,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 
 from trainer.checkpoint import (CheckpointConfig, CheckpointManager, load_consolidated,
                                 save_consolidated, verify, write_manifest)
+from trainer.resume import RunIdentity, find_resumable
+
+IDENTITY = RunIdentity("t", {"d_model": 32}, {"targets": ["A", "B"]})
 
 
-def write_checkpoint(folder: Path, step: int = 5) -> Path:
+def write_checkpoint(folder: Path, step: int = 5, identity: RunIdentity = IDENTITY) -> Path:
+    """A small DCP checkpoint with the config and layout files a trainer writes."""
     folder.mkdir(parents=True)
     dcp.save({"w": torch.arange(1000.0)}, checkpoint_id=str(folder))
+    config = {"train": {"experiment_name": identity.experiment}, "model": identity.model,
+              "data": {"targets": identity.layout.get("targets")}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "layout.json").write_text(json.dumps(identity.layout))
     write_manifest(folder, step)
     return folder
 
@@ -52,7 +61,7 @@ def test_resume_auto_skips_damaged_newest(tmp_path, caplog):
     bad = write_checkpoint(tmp_path / "checkpoint_step_000020", 20)
     (bad / "manifest.json").write_text(json.dumps({"files": {}}))
     (tmp_path / "checkpoint_step_000030.tmp").mkdir()          # an unfinished write
-    assert manager.find_resumable("auto") == good
+    assert find_resumable(manager, "auto", IDENTITY) == good
     assert "skipping checkpoint" in caplog.text and "checkpoint_step_000020" in caplog.text
 
 

@@ -23,7 +23,8 @@ from trainer.data import PreparedData, WindowDataset, build_loader, ensure_datas
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
 from trainer.loop import Progress, Trainer
-from trainer.optim import build_optimizer, build_scheduler, set_total_steps
+from trainer.optim import apply_optim_settings, build_optimizer, build_scheduler, set_total_steps
+from trainer.resume import REGULARISATION_KEYS, RunIdentity, find_resumable, saved_config
 from trainer.run_log import RunLog, setup_logging
 
 log = logging.getLogger(__name__)
@@ -105,15 +106,25 @@ def check_experiment_folder(checkpoints: CheckpointManager, resume: str, name: s
                         f"pass --resume auto to continue it, or choose another --experiment_name")
 
 
+def resume_request(config: Config) -> tuple[str, Path | None]:
+    """(what to resume from, fallback folder). A worker restarted by torchrun continues from
+    the newest checkpoint of the experiment, even when the run was started with
+    `--resume <folder>`: that folder is only the fallback until the run has saved its own
+    (it may be pruned by then)."""
+    requested = config.train.resume
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        return requested, None
+    return "auto", Path(requested) if requested not in ("", "auto") else None
+
+
 def build_trainer(config: Config, env: DistEnv, config_path: str | None = None) -> Trainer:
     name = resolve_experiment_name(config, config_path)
     config.train.experiment_name = name
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and not config.train.resume:
-        config.train.resume = "auto"   # a restarted worker continues from the newest checkpoint
+    resume, fallback = resume_request(config)
     log_dir = Path(config.train.log_root) / name
     setup_logging(log_dir, env.rank, config.train.progress_bar)
     checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name)
-    check_experiment_folder(checkpoints, config.train.resume, name)
+    check_experiment_folder(checkpoints, resume, name)
     if env.rank == 0:
         (log_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     data = build_data(config, env)
@@ -139,7 +150,7 @@ def build_trainer(config: Config, env: DistEnv, config_path: str | None = None) 
     trainer = Trainer(config, env, data, model, train_model, optimizer, scheduler, scaler,
                       ObserverGroup(observers), checkpoints, run_log, context, dtype)
     trainer.progress = Progress(total_steps=total, length_setting=length_setting(config))
-    start_from_checkpoint(trainer, checkpoints, config, env)
+    start_from_checkpoint(trainer, resume, fallback)
     if trainer.progress.length_setting != length_setting(config):
         log.info("run length changed on resume (%s -> %s): %d steps in all, the LR schedule "
                  "follows the new length", trainer.progress.length_setting,
@@ -157,22 +168,40 @@ def length_setting(config: Config) -> str:
     return f"epochs={config.train.epochs} max_steps={config.train.max_steps}"
 
 
-def start_from_checkpoint(trainer: Trainer, checkpoints: CheckpointManager, config: Config,
-                          env: DistEnv) -> None:
+def start_from_checkpoint(trainer: Trainer, resume: str, fallback: Path | None) -> None:
+    """Seed the per-rank RNG streams, clear what an interrupted save left, and load the
+    checkpoint `resume` asks for (refusals are one-line UserErrors on every rank)."""
+    config, checkpoints = trainer.config, trainer.checkpoints
     # Per-rank RNG streams (dropout, graph sampling) derive from the one seed.
-    seed_everything(config.train.seed + 1_000_003 * env.rank)
-    if not config.train.resume:
+    seed_everything(config.train.seed + 1_000_003 * trainer.env.rank)
+    checkpoints.remove_stale_writes()
+    if not resume:
         return
-    try:
-        folder = checkpoints.find_resumable(config.train.resume)
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    identity = RunIdentity.of(config, trainer.data.prepared.spec)
+    folder = find_resumable(checkpoints, resume, identity, fallback)
     if folder is None:
-        log.info("--resume auto: no usable checkpoint in %s, starting fresh", checkpoints.folder)
+        log.info("--resume auto: no usable checkpoint in %s (none saved yet), starting fresh",
+                 checkpoints.folder)
         return
     trainer.resume(folder)
+    apply_changed_settings(trainer, saved_config(folder))
     trainer.run_log.bar.n = trainer.progress.step
     trainer.run_log.bar.total = trainer.progress.total_steps
+
+
+def apply_changed_settings(trainer: Trainer, saved: dict) -> None:
+    """A checkpoint restores its own optimizer hyperparameters and LR schedule; settings the
+    resumed run changed are applied over them (and logged), never silently dropped."""
+    now = trainer.config.to_dict()
+    changed_optim = {k: (saved.get("optim", {}).get(k), v) for k, v in now["optim"].items()
+                     if saved.get("optim", {}).get(k) != v}
+    changed_model = {k: (saved.get("model", {}).get(k), now["model"][k])
+                     for k in REGULARISATION_KEYS if saved.get("model", {}).get(k) != now["model"][k]}
+    if changed_optim:
+        apply_optim_settings(trainer.optimizer, trainer.scheduler, trainer.config.optim)
+    for key, (old, new) in [*(("optim." + k, v) for k, v in changed_optim.items()),
+                            *(("model." + k, v) for k, v in changed_model.items())]:
+        log.info("%s changed on resume (checkpoint %s, this run %s): applied", key, old, new)
 
 
 def describe_run(trainer: Trainer, steps_per_epoch: int, log_dir: Path, ckpt_dir: Path) -> None:

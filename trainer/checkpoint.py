@@ -9,10 +9,14 @@ without `.tmp` and with a matching manifest is a usable checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
+import importlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import time
@@ -24,11 +28,16 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
-from trainer import distributed
+from trainer import distributed, faults
+from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
 _PREFIX = "checkpoint_step_"
 _MANIFEST = "manifest.json"
+_RNG_PREFIX = "rng_rank"
+_RNG_FORMAT = 2          # 1 (unversioned): numpy's state pickled as an ndarray
+_OLD_RNG_GLOBALS = {"numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct",
+                    "numpy.core.multiarray._reconstruct", "numpy.dtypes.UInt32DType"}
 
 
 @dataclass
@@ -57,22 +66,56 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_manifest(folder: Path, step: int) -> None:
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != _MANIFEST}
     manifest = {"step": step, "world_size": distributed.world_size(), "files": files}
-    (folder / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _write_durably(folder / _MANIFEST, json.dumps(manifest, indent=1))
+
+
+def read_manifest(folder: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None) when manifest.json has the expected shape, else (None, what is wrong).
+    Never raises: every rank waits for rank 0's verdict, so rank 0 must always reach one."""
+    path = folder / _MANIFEST
+    if not path.is_file():
+        return None, "no manifest.json (incomplete write)"
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, OSError) as err:
+        return None, f"unreadable manifest.json ({_first_line(err)})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return None, "malformed manifest.json (no mapping of files)"
+    for name, entry in files.items():
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            return None, f"malformed manifest.json (file name {name!r} is not a plain name)"
+        if not (isinstance(entry, dict) and type(entry.get("size")) is int
+                and isinstance(entry.get("sha256"), str)):
+            return None, f"malformed manifest.json (entry for {name!r} lacks size or sha256)"
+    return manifest, None
 
 
 def verify(folder: Path) -> str | None:
-    """None if the folder is a complete, intact checkpoint; else what is wrong with it."""
-    manifest_path = folder / _MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest.json (incomplete write)"
+    """None if the folder is a complete, intact checkpoint whose own files are safe to load;
+    else what is wrong with it. Never raises."""
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        return f"unreadable manifest.json ({err})"
+        return _integrity_problem(folder) or _unsafe_file_problem(folder)
+    except OSError as err:
+        return f"unreadable ({_first_line(err)})"
+
+
+def _integrity_problem(folder: Path) -> str | None:
+    manifest, problem = read_manifest(folder)
+    if problem:
+        return problem
+    files = manifest["files"]
     if ".metadata" not in files:
         return "manifest lists no .metadata"
     for name, expected in files.items():
@@ -86,20 +129,146 @@ def verify(folder: Path) -> str | None:
     return None
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+def _unsafe_file_problem(folder: Path) -> str | None:
+    """The checkpoint's own files must load without running code: a folder can be crafted
+    with a matching manifest, so checksums alone prove nothing about safety."""
+    for path in sorted(folder.glob(f"{_RNG_PREFIX}*.pt")):
+        try:
+            read_rng_file(path)
+        except UserError as err:
+            return str(err)
+    return metadata_problem(folder / ".metadata")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ----------------------------------------------------------- files that must not run code
+def unsafe_globals(path: Path) -> str:
+    """What a refused file would have needed to import, read without unpickling it."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a torch.save archive at all: a raw pickle or junk
+        return "a raw pickle stream, not a torch.save archive"
+    return ", ".join(names) if names else "pickle instructions outside the weights-only subset"
+
+
+def load_tensor_file(path: Path) -> dict:
+    """torch.load restricted to tensors, numbers, strings and containers (weights_only=True).
+    A file that needs anything else (a crafted pickle can run code on load) is refused with a
+    one-line UserError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused to load: it is not a plain tensor file (it needs "
+                        f"{unsafe_globals(path)}; a crafted file can run code when unpickled). "
+                        f"Load only files from a source you trust") from None
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files fail in many ways
+        raise UserError(f"{path}: not a readable torch file ({_first_line(err)})") from None
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states as tensors only, so the file loads with weights_only=True."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {"format": torch.tensor(_RNG_FORMAT), "torch": torch.get_rng_state(),
+             "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+             "numpy_pos_has_gauss": torch.tensor([np_pos, np_has_gauss], dtype=torch.int64),
+             "numpy_gauss": torch.tensor(np_gauss, dtype=torch.float64),
+             "python_version": torch.tensor(py_version),
+             "python_internal": torch.tensor(py_internal, dtype=torch.int64),
+             "python_gauss": torch.tensor([py_gauss is not None, py_gauss or 0.0],
+                                          dtype=torch.float64)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    pos, has_gauss = state["numpy_pos_has_gauss"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos,
+                         has_gauss, float(state["numpy_gauss"])))
+    has_py_gauss, py_gauss = state["python_gauss"].tolist()
+    random.setstate((int(state["python_version"]), tuple(state["python_internal"].tolist()),
+                     py_gauss if has_py_gauss else None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+_RNG_SHAPES = {"torch": None, "numpy_keys": (624,), "numpy_pos_has_gauss": (2,),
+               "numpy_gauss": (), "python_version": (), "python_internal": (625,),
+               "python_gauss": (2,)}
+
+
+def read_rng_file(path: Path) -> dict[str, torch.Tensor] | None:
+    """A rank's RNG states. None for a file of the old format (numpy state pickled as an
+    ndarray): it is not loaded at all, the rank seeds afresh. Anything else that is not a
+    tensor-only RNG file is refused (UserError naming the file)."""
+    if _is_old_rng_format(path):
+        return None
+    state = load_tensor_file(path)
+    if not (isinstance(state, dict) and int(state.get("format", -1)) == _RNG_FORMAT
+            and all(isinstance(state.get(k), torch.Tensor)
+                    and (shape is None or tuple(state[k].shape) == shape)
+                    for k, shape in _RNG_SHAPES.items())):
+        raise UserError(f"{path}: not an RNG state file of this version")
+    return state
+
+
+def _is_old_rng_format(path: Path) -> bool:
+    try:
+        names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a torch.save archive: load_tensor_file says so
+        return False
+    return bool(names) and names <= _OLD_RNG_GLOBALS
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` but resolves only the names a metadata file is made of, so
+    a crafted one fails here (naming what it wanted) before DCP unpickles it unrestricted."""
+
+    def find_class(self, module: str, name: str):
+        obj = getattr(importlib.import_module(module), name, None) \
+            if module in _METADATA_MODULES else None
+        if obj is None or not _is_metadata_name(module, name, obj):
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return obj
+
+
+_METADATA_MODULES = {"torch", "torch.serialization", "pathlib", "collections",
+                     "torch.distributed.checkpoint.metadata",
+                     "torch.distributed.checkpoint.filesystem",
+                     "torch.distributed.checkpoint.planner"}
+_METADATA_FUNCTIONS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                       ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                       ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+                       ("collections", "OrderedDict")}
+
+
+def _is_metadata_name(module: str, name: str, obj) -> bool:
+    if (module, name) in _METADATA_FUNCTIONS or isinstance(obj, (torch.dtype, torch.layout)):
+        return True
+    # DCP's own records: dataclasses (their __init__ only stores fields) and enums.
+    return (module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type)
+            and (issubclass(obj, enum.Enum)
+                 or (dataclasses.is_dataclass(obj) and not hasattr(obj, "__post_init__"))))
+
+
+def metadata_problem(path: Path) -> str | None:
+    """None if DCP's `.metadata` refers only to DCP's metadata records (DCP unpickles it
+    without restriction); else why it is refused."""
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        return (f"{path.name}: refused: it refers to {_first_line(err)}, which a checkpoint's "
+                f"metadata never needs (a crafted file can run code when unpickled)")
+    except Exception as err:  # noqa: BLE001 - a damaged pickle fails in many ways
+        return f"{path.name}: unreadable ({_first_line(err)})"
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -128,8 +297,23 @@ class CheckpointManager:
                  if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
         return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]), reverse=True)
 
-    def save(self, step: int, app_state: dict, config_yaml: str) -> float:
-        """Write checkpoint `step`. Returns the seconds training was blocked."""
+    def stale_writes(self) -> list[Path]:
+        """Folders a killed save or prune left behind (`*.tmp`): never resumable."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.glob(f"{_PREFIX}*.tmp") if p.is_dir())
+
+    def remove_stale_writes(self) -> None:
+        """Rank 0 deletes what an interrupted save left (called at start, before any save)."""
+        if not distributed.is_main():
+            return
+        for stale in self.stale_writes():
+            log.warning("removing %s: left by a save that did not finish", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def save(self, step: int, app_state: dict, files: dict[str, str]) -> float:
+        """Write checkpoint `step` with the text `files` (name -> content) beside the shards.
+        Returns the seconds training was blocked."""
         started = time.perf_counter()
         self.wait()
         final = self.folder / checkpoint_name(step)
@@ -137,9 +321,11 @@ class CheckpointManager:
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            (tmp / "config.yaml").write_text(config_yaml)
+            for name, text in files.items():
+                _write_durably(tmp / name, text)
         distributed.barrier()
-        torch.save(_rng_state(), tmp / f"rng_rank{distributed.rank()}.pt")
+        torch.save(_rng_state(), tmp / f"{_RNG_PREFIX}{distributed.rank()}.pt")
+        faults.kill("dcp_write", step)
         if self.config.async_save:
             future = dcp.async_save(app_state, checkpoint_id=str(tmp),
                                     process_group=distributed.checkpoint_group())
@@ -159,14 +345,18 @@ class CheckpointManager:
         self._finalize(tmp, final, step)
 
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
+        """Manifest, then one atomic rename: a kill at any point leaves either the finished
+        folder or a `.tmp` one, which resume ignores and the next start removes."""
+        faults.kill("manifest", step)
         write_manifest(tmp, step)
+        faults.kill("rename", step)
         if final.exists():
-            shutil.rmtree(final)
+            _remove_aside(final)
         tmp.rename(final)
         _fsync_dir(final.parent)
         log.info("saved checkpoint %s", final)
         for old in self.complete_checkpoints()[self.config.keep_last:]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_aside(old)
 
     def wait(self) -> None:
         """Block until any asynchronous save of this rank is complete (and finalized)."""
@@ -174,36 +364,40 @@ class CheckpointManager:
             future.result()
         self._pending.clear()
 
-    def find_resumable(self, requested: str) -> Path | None:
-        """Resolve `--resume` (auto or a path) to a verified checkpoint, agreed by all ranks."""
-        choice = self._choose(requested) if distributed.is_main() else None
-        choice = distributed.broadcast_object(choice)
-        if isinstance(choice, dict):
-            raise ValueError(choice["error"])
-        return Path(choice) if choice else None
-
-    def _choose(self, requested: str):
-        if requested != "auto":
-            path = Path(requested)
-            problem = verify(path) if path.is_dir() else "not a folder"
-            return {"error": f"--resume {path}: {problem}"} if problem else str(path)
-        for candidate in self.complete_checkpoints():
-            problem = verify(candidate)
-            if problem is None:
-                return str(candidate)
-            log.warning("skipping checkpoint %s: %s", candidate, problem)
-        return None
-
     def load(self, folder: Path, app_state: dict) -> None:
-        """Load in place; restore this rank's RNG state if that rank saved one."""
-        dcp.load(app_state, checkpoint_id=str(folder))
-        rng_file = folder / f"rng_rank{distributed.rank()}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-        else:
+        """Load in place; restore this rank's RNG state if that rank saved one. The folder was
+        verified (by rank 0) before; errors here still name it, on one line."""
+        try:
+            dcp.load(app_state, checkpoint_id=str(folder))
+        except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise UserError(f"--resume {folder}: the checkpoint does not load into this run "
+                            f"({_first_line(err)})") from None
+        self._restore_rng(folder / f"{_RNG_PREFIX}{distributed.rank()}.pt")
+
+    def _restore_rng(self, rng_file: Path) -> None:
+        if not rng_file.is_file():
             log.warning("checkpoint %s has no RNG state for rank %d (it was saved by fewer "
                         "ranks): this rank keeps its freshly seeded generator",
-                        folder, distributed.rank())
+                        rng_file.parent, distributed.rank())
+            return
+        state = read_rng_file(rng_file)
+        if state is None:
+            log.warning("%s has the old RNG format (numpy state pickled, which this version "
+                        "no longer unpickles): this rank keeps its freshly seeded generator, "
+                        "so dropout and sampling differ from an uninterrupted run", rng_file)
+            return
+        _set_rng_state(state)
+
+
+def _remove_aside(folder: Path) -> None:
+    """Rename, then delete: a kill mid-delete leaves a `.tmp` folder, not a half checkpoint
+    that looks complete."""
+    doomed = folder.with_name(f"{folder.name}.removing.tmp")
+    shutil.rmtree(doomed, ignore_errors=True)
+    folder.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_consolidated(path: Path, model: torch.nn.Module, extra: dict) -> None:
@@ -216,4 +410,9 @@ def save_consolidated(path: Path, model: torch.nn.Module, extra: dict) -> None:
 
 
 def load_consolidated(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A best/final model file, loaded without unpickling anything but tensors and plain data;
+    a crafted file is refused with a one-line UserError naming it."""
+    content = load_tensor_file(path)
+    if not (isinstance(content, dict) and isinstance(content.get("model"), dict)):
+        raise UserError(f"{path}: not a model file of this project (no 'model' weights)")
+    return content

@@ -12,6 +12,7 @@ rank; STEP is `N`, `N-M` or `N-` (from N on). Faults known here:
 | `nan_input:STEP` | a NaN in the first micro-batch's inputs at step STEP |
 | `nan_loss:STEP` | a NaN loss at step STEP |
 | `nan_grad:STEP:COMPONENT` | NaN gradients for one model component at step STEP (before DDP's all-reduce) |
+| `kill:POINT:STEP` | SIGKILL at POINT of step STEP, first attempt only (a worker torchrun restarts runs clean): `step` (after the step, before its checkpoint), or a stage of the step's save: `dcp_write` (before the sharded write), `manifest` (shards written), `rename` (manifest written) |
 
 The variable is parsed once, at import. Unset, `ACTIVE` is False and every hook returns at once,
 so the training step pays one attribute test.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -122,6 +124,15 @@ def poison_gradients(model, step: int) -> list:
     log.warning("fault injection: NaN gradients in %s at step %d", fault.args[1], step)
     params = [p for _, p in model.component_parameters()[fault.args[1]]]
     return [p.register_hook(lambda grad: torch.full_like(grad, math.nan)) for p in params]
+
+
+def kill(point: str, step: int) -> None:
+    """`kill:POINT:STEP`: SIGKILL this process at `point` of `step`, on the first attempt only."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    for fault in _mine("kill"):
+        if fault.args[0] == point and _steps_match(fault.args[1], step):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 load()

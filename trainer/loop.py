@@ -23,6 +23,7 @@ from trainer.evaluate import celestial_effect, evaluate
 from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
 from trainer.preemption import EXIT_PREEMPTED, process_requests, requeue_slurm_job
 from trainer.resources import memory_mb
+from trainer.resume import checkpoint_files
 from trainer.scoring import describe_skill, skill_metrics
 
 log = logging.getLogger(__name__)
@@ -262,6 +263,8 @@ class Trainer:
 
     # ---------------------------------------------------------- step boundary
     def after_step(self, step: int) -> None:
+        if faults.ACTIVE:
+            faults.kill("step", step)
         train = self.config.train
         if step % train.log_interval == 0:
             self.log_interval(step)
@@ -406,7 +409,7 @@ class Trainer:
             if faults.ACTIVE:
                 faults.delay("checkpoint_save")
             blocked = self.checkpoints.save(self.progress.step, {"app": self.app_state},
-                                            self.config.to_yaml())
+                                            checkpoint_files(self.config, self.model.spec))
         self.last_checkpoint_step = self.progress.step
         self.run_log.record("checkpoint", self.progress.step, {"blocked_s": blocked})
 

@@ -79,3 +79,17 @@ def build_scheduler(optimizer, config: OptimConfig, total_steps: int):
 def set_total_steps(scheduler, total_steps: int) -> None:
     for schedule in scheduler.lr_lambdas:
         schedule.total_steps = total_steps
+
+
+def apply_optim_settings(optimizer, scheduler, config: OptimConfig) -> None:
+    """Put the run's `optim.*` into an optimizer and schedule restored from a checkpoint (which
+    carry the values they were saved with). Group order is build_optimizer's: decay, no decay."""
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"], group["initial_lr"] = tuple(config.betas), config.eps, config.lr
+    optimizer.param_groups[0]["weight_decay"] = config.weight_decay
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    for schedule in scheduler.lr_lambdas:
+        schedule.warmup_steps, schedule.min_lr_ratio = config.warmup_steps, config.min_lr_ratio
+    for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = config.lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -1,0 +1,177 @@
+"""Which checkpoint a run resumes from, and whether that checkpoint belongs to this run.
+
+A checkpoint fits a run when it is intact and safe to load (`checkpoint.verify`) and has the
+run's model config (regularisation strengths may change), data layout (bodies, targets, feature
+columns) and, for `--resume auto`, experiment. `--resume auto` takes the newest fitting
+checkpoint of the experiment and skips the others with a warning; when checkpoints exist but
+none fits, the run stops (starting fresh would bury them). `--resume <folder>` takes that folder
+or refuses it. Rank 0 decides and broadcasts its verdict, so a refusal stops every rank at once
+with the same one-line error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from trainer import distributed
+from trainer.checkpoint import CheckpointManager, read_manifest, verify
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+LAYOUT_FILE = "layout.json"
+# Model keys that shape no parameter: a resumed run may change them (the run's value applies).
+REGULARISATION_KEYS = ("dropout", "body_dropout", "kl_weight")
+_LAYOUT_KEYS = ("bodies", "targets", "feature_names", "body_columns")
+
+
+@dataclass
+class RunIdentity:
+    """What a checkpoint must share with the run that resumes it."""
+    experiment: str
+    model: dict
+    layout: dict       # _LAYOUT_KEYS of the data's InputSpec; {} if unknown (older checkpoints)
+
+    @classmethod
+    def of(cls, config, spec) -> "RunIdentity":
+        spec_dict = spec.to_dict()
+        return cls(config.train.experiment_name, config.to_dict()["model"],
+                   {k: spec_dict[k] for k in _LAYOUT_KEYS})
+
+
+def checkpoint_files(config, spec) -> dict[str, str]:
+    """The text files a checkpoint carries beside its shards, to be checked before loading."""
+    return {"config.yaml": config.to_yaml(),
+            LAYOUT_FILE: json.dumps(RunIdentity.of(config, spec).layout)}
+
+
+def saved_config(folder: Path) -> dict:
+    """The config a checkpoint was saved with (safe YAML: plain data only)."""
+    data = yaml.safe_load((folder / "config.yaml").read_text())
+    if not isinstance(data, dict):
+        raise ValueError("config.yaml is not a mapping")
+    return data
+
+
+def saved_identity(folder: Path) -> RunIdentity:
+    config = saved_config(folder)
+    layout_path = folder / LAYOUT_FILE
+    layout = json.loads(layout_path.read_text()) if layout_path.is_file() else {}
+    if not layout:     # saved before layout.json existed: the targets at least are known
+        layout = {"targets": config.get("data", {}).get("targets")}
+    return RunIdentity(str(config.get("train", {}).get("experiment_name")),
+                       config.get("model", {}), layout)
+
+
+def _brief(value) -> str:
+    if isinstance(value, list) and len(value) > 4:
+        return f"[{', '.join(map(repr, value[:3]))}, ... ({len(value)} in all)]"
+    return repr(value)
+
+
+def fit_problem(folder: Path, expected: RunIdentity, other_experiment_ok: bool) -> str | None:
+    """None if checkpoint `folder` fits the run; else the reason, for one line."""
+    try:
+        saved = saved_identity(folder)
+    except (OSError, ValueError, AttributeError, yaml.YAMLError) as err:
+        return f"unreadable config.yaml or {LAYOUT_FILE} ({str(err).splitlines()[0]})"
+    for key, value in expected.model.items():
+        if key not in REGULARISATION_KEYS and saved.model.get(key) != value:
+            return (f"another model config (model.{key}: checkpoint {saved.model.get(key)!r}, "
+                    f"this run {value!r})")
+    for key, value in saved.layout.items():
+        if expected.layout.get(key) != value:
+            return (f"another data layout ({key}: checkpoint {_brief(value)}, this run "
+                    f"{_brief(expected.layout.get(key))})")
+    if saved.experiment != expected.experiment and not other_experiment_ok:
+        return f"it belongs to experiment {saved.experiment!r}, not {expected.experiment!r}"
+    return None
+
+
+def step_of(folder: Path) -> int:
+    manifest, _ = read_manifest(folder)
+    step = manifest.get("step") if manifest else None
+    if type(step) is int:
+        return step
+    digits = folder.name.rsplit("_", 1)[-1]
+    return int(digits) if digits.isdigit() else -1
+
+
+def find_resumable(manager: CheckpointManager, requested: str, expected: RunIdentity,
+                   fallback: Path | None = None) -> Path | None:
+    """Resolve `--resume` ("auto" or a folder) to a checkpoint that fits, agreed by all ranks;
+    None to start fresh. `fallback`: a folder to use when the experiment has no checkpoint of
+    its own yet (a restarted worker of a run started with `--resume <folder>`).
+    Raises UserError (on every rank) when the request cannot be met."""
+    verdict = _decide(manager, requested, expected, fallback) if distributed.is_main() else None
+    verdict = distributed.broadcast_object(verdict)
+    if verdict.get("error"):
+        raise UserError(verdict["error"])
+    return Path(verdict["folder"]) if verdict.get("folder") else None
+
+
+def _decide(manager, requested, expected, fallback) -> dict:
+    """Rank 0's verdict; never raises, since every other rank waits for it."""
+    try:
+        if requested == "auto":
+            return _decide_auto(manager, expected, fallback)
+        return _decide_explicit(manager, Path(requested), expected)
+    except Exception as err:  # noqa: BLE001 - any surprise must still reach every rank
+        return {"error": f"--resume {requested}: could not be checked "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"}
+
+
+def _decide_auto(manager, expected, fallback) -> dict:
+    candidates = manager.complete_checkpoints()
+    first_problem = None
+    for candidate in candidates:
+        problem = verify(candidate) or fit_problem(candidate, expected, other_experiment_ok=False)
+        if problem is None:
+            return {"folder": str(candidate)}
+        first_problem = first_problem or f"{candidate.name}: {problem}"
+        log.warning("--resume auto: skipping checkpoint %s: %s", candidate, problem)
+    if fallback is not None:
+        log.info("no checkpoint of this run yet: the restarted worker resumes from %s, the "
+                 "folder the run was started from", fallback)
+        return _decide_explicit(manager, fallback, expected, restarting=True)
+    if candidates:
+        return {"error": f"--resume auto: none of the {len(candidates)} checkpoint(s) in "
+                         f"{manager.folder} is usable (newest: {first_problem}); move them away "
+                         f"or choose another --experiment_name"}
+    return {"folder": None}
+
+
+def _decide_explicit(manager, folder: Path, expected, restarting: bool = False) -> dict:
+    if not folder.is_dir():
+        return {"error": f"--resume {folder}: not a folder"}
+    own = _is_inside(folder, manager.folder)
+    problem = verify(folder) or fit_problem(folder, expected, other_experiment_ok=not own)
+    if problem is None and not restarting:
+        problem = _would_bury(manager, folder, own)
+    if problem:
+        return {"error": f"--resume {folder}: {problem}"}
+    saved = saved_identity(folder).experiment
+    if saved != expected.experiment:
+        log.warning("experiment %r starts from checkpoint %s of experiment %r", expected.experiment,
+                    folder, saved)
+    return {"folder": str(folder)}
+
+
+def _is_inside(folder: Path, parent: Path) -> bool:
+    return folder.resolve().parent == parent.resolve()
+
+
+def _would_bury(manager, folder: Path, own: bool) -> str | None:
+    """Resuming from an older point (or from elsewhere) while the experiment has newer
+    checkpoints would overwrite or prune them, and a restart would pick them up: refused."""
+    step = step_of(folder)
+    newer = [c for c in manager.complete_checkpoints()
+             if not own or (c.resolve() != folder.resolve() and step_of(c) >= step)]
+    if not newer:
+        return None
+    return (f"experiment {manager.folder.name!r} already has {newer[0].name}, which "
+            f"resuming from here would overwrite or prune: continue it with --resume auto, or "
+            f"start from this folder under another --experiment_name")

@@ -203,3 +203,16 @@ def exit_like_a_trainer() -> None:
     holder["self"] = holder                  # freed only by a garbage collection
     del holder
     distributed.destroy()
+
+
+def save_checkpoints_until_killed(root: str, async_save: bool) -> None:
+    """Run as a process of its own: save a small state as checkpoints 2 and 4 through the
+    trainer's CheckpointManager; CELESTIAL_FAULT in the environment kills it during one save."""
+    import warnings
+    from tests.test_checkpoint import identity_files
+    from trainer.checkpoint import CheckpointConfig, CheckpointManager
+    warnings.filterwarnings("ignore")          # DCP's note that no process group exists
+    manager = CheckpointManager(CheckpointConfig(async_save=async_save), Path(root))
+    for step in (2, 4):
+        manager.save(step, {"w": torch.full((1000,), float(step))}, identity_files())
+    manager.wait()

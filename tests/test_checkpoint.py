@@ -15,14 +15,19 @@ from trainer.resume import RunIdentity, find_resumable
 IDENTITY = RunIdentity("t", {"d_model": 32}, {"targets": ["A", "B"]})
 
 
+def identity_files(identity: RunIdentity = IDENTITY) -> dict[str, str]:
+    """The config and layout files a trainer writes into a checkpoint, for `identity`."""
+    config = {"train": {"experiment_name": identity.experiment}, "model": identity.model,
+              "data": {"targets": identity.layout.get("targets")}}
+    return {"config.yaml": yaml.safe_dump(config), "layout.json": json.dumps(identity.layout)}
+
+
 def write_checkpoint(folder: Path, step: int = 5, identity: RunIdentity = IDENTITY) -> Path:
     """A small DCP checkpoint with the config and layout files a trainer writes."""
     folder.mkdir(parents=True)
     dcp.save({"w": torch.arange(1000.0)}, checkpoint_id=str(folder))
-    config = {"train": {"experiment_name": identity.experiment}, "model": identity.model,
-              "data": {"targets": identity.layout.get("targets")}}
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    (folder / "layout.json").write_text(json.dumps(identity.layout))
+    for name, text in identity_files(identity).items():
+        (folder / name).write_text(text)
     write_manifest(folder, step)
     return folder
 

@@ -1,11 +1,18 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP), and consolidated model files.
 
 Layout: `checkpoints/<exp>/checkpoint_step_NNNNNN/` holds DCP's `.metadata` and shards, one
-`rng_rank<r>.pt` per rank (DCP would collapse per-rank values into one), `config.yaml` and
-`manifest.json` (size and SHA-256 of every file: DCP itself loads flipped bytes silently).
+`rng_rank<r>.pt` per rank (DCP would collapse per-rank values into one), `config.yaml`,
+`layout.json` (the data's bodies, targets and feature columns) and `manifest.json` (size and
+SHA-256 of every file: DCP itself loads flipped bytes silently).
 A checkpoint is written under `<name>.tmp` and renamed by rank 0 once complete, so a folder
-without `.tmp` and with a matching manifest is a usable checkpoint.
+without `.tmp` and with a matching manifest is a usable checkpoint; `.tmp` folders are what a
+killed save left and are removed at the next start.
 `best_model.pth` / `final_model.pth` are single `torch.save` files (weights + config + spec).
+
+Untrusted files: everything this project writes loads without unpickling code (RNG states are
+tensors, model files load with weights_only=True); a file that would need more is refused.
+DCP's `.metadata` is a pickle that DCP unpickles unrestricted, so it is first read with an
+unpickler that resolves only DCP's metadata records.
 """
 from __future__ import annotations
 

@@ -86,6 +86,8 @@ def apply_optim_settings(optimizer, scheduler, config: OptimConfig) -> None:
     carry the values they were saved with). Group order is build_optimizer's: decay, no decay."""
     for group in optimizer.param_groups:
         group["betas"], group["eps"], group["initial_lr"] = tuple(config.betas), config.eps, config.lr
+        # loading a state dict restored the saved groups' implementation flags too
+        group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
     optimizer.param_groups[0]["weight_decay"] = config.weight_decay
     scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
     for schedule in scheduler.lr_lambdas:

@@ -209,6 +209,7 @@ def save_checkpoints_until_killed(root: str, async_save: bool) -> None:
     """Run as a process of its own: save a small state as checkpoints 2 and 4 through the
     trainer's CheckpointManager; CELESTIAL_FAULT in the environment kills it during one save."""
     import warnings
+
     from tests.test_checkpoint import identity_files
     from trainer.checkpoint import CheckpointConfig, CheckpointManager
     warnings.filterwarnings("ignore")          # DCP's note that no process group exists

@@ -8,7 +8,6 @@ The multi-process and killed-process cases are in tests/test_checkpoint_crashes.
 """
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import random
@@ -21,8 +20,16 @@ import torch
 
 from tests.test_checkpoint import IDENTITY, write_checkpoint
 from trainer.build import resume_request
-from trainer.checkpoint import (CheckpointConfig, CheckpointManager, _rng_state, _set_rng_state,
-                                load_consolidated, read_rng_file, verify, write_manifest)
+from trainer.checkpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    _rng_state,
+    _set_rng_state,
+    load_consolidated,
+    read_rng_file,
+    verify,
+    write_manifest,
+)
 from trainer.config import load_config
 from trainer.errors import UserError
 from trainer.optim import OptimConfig, apply_optim_settings, build_optimizer, build_scheduler

@@ -376,7 +376,7 @@ class CheckpointManager:
         verified (by rank 0) before; errors here still name it, on one line."""
         try:
             dcp.load(app_state, checkpoint_id=str(folder))
-        except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        except BaseException as err:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             raise UserError(f"--resume {folder}: the checkpoint does not load into this run "

@@ -36,7 +36,7 @@ class RunIdentity:
     layout: dict       # _LAYOUT_KEYS of the data's InputSpec; {} if unknown (older checkpoints)
 
     @classmethod
-    def of(cls, config, spec) -> "RunIdentity":
+    def of(cls, config, spec) -> RunIdentity:
         spec_dict = spec.to_dict()
         return cls(config.train.experiment_name, config.to_dict()["model"],
                    {k: spec_dict[k] for k in _LAYOUT_KEYS})
@@ -52,7 +52,7 @@ def saved_config(folder: Path) -> dict:
     """The config a checkpoint was saved with (safe YAML: plain data only)."""
     data = yaml.safe_load((folder / "config.yaml").read_text())
     if not isinstance(data, dict):
-        raise ValueError("config.yaml is not a mapping")
+        raise TypeError("config.yaml is not a mapping")
     return data
 
 
@@ -76,7 +76,7 @@ def fit_problem(folder: Path, expected: RunIdentity, other_experiment_ok: bool) 
     """None if checkpoint `folder` fits the run; else the reason, for one line."""
     try:
         saved = saved_identity(folder)
-    except (OSError, ValueError, AttributeError, yaml.YAMLError) as err:
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as err:
         return f"unreadable config.yaml or {LAYOUT_FILE} ({str(err).splitlines()[0]})"
     for key, value in expected.model.items():
         if key not in REGULARISATION_KEYS and saved.model.get(key) != value:
@@ -165,11 +165,13 @@ def _is_inside(folder: Path, parent: Path) -> bool:
 
 
 def _would_bury(manager, folder: Path, own: bool) -> str | None:
-    """Resuming from an older point (or from elsewhere) while the experiment has newer
-    checkpoints would overwrite or prune them, and a restart would pick them up: refused."""
+    """Resuming from an older point (or from elsewhere) while the experiment has newer usable
+    checkpoints would overwrite or prune them, and a restart would pick them up: refused.
+    (Damaged ones are skipped by every resume and may be replaced.)"""
     step = step_of(folder)
     newer = [c for c in manager.complete_checkpoints()
-             if not own or (c.resolve() != folder.resolve() and step_of(c) >= step)]
+             if (not own or (c.resolve() != folder.resolve() and step_of(c) >= step))
+             and verify(c) is None]
     if not newer:
         return None
     return (f"experiment {manager.folder.name!r} already has {newer[0].name}, which "

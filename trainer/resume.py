@@ -134,7 +134,7 @@ def _decide_auto(manager, expected, fallback) -> dict:
         first_problem = first_problem or f"{candidate.name}: {problem}"
         log.warning("--resume auto: skipping checkpoint %s: %s", candidate, problem)
     if fallback is not None:
-        log.info("no checkpoint of this run yet: the restarted worker resumes from %s, the "
+        log.info("no usable checkpoint of this run yet: the restarted worker resumes from %s, the "
                  "folder the run was started from", fallback)
         return _decide_explicit(manager, fallback, expected, restarting=True)
     if candidates:

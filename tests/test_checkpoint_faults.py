@@ -9,6 +9,7 @@ The multi-process and killed-process cases are in tests/test_checkpoint_crashes.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import random
 import shutil
@@ -17,19 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from tests.test_checkpoint import IDENTITY, write_checkpoint
 from trainer.build import resume_request
-from trainer.checkpoint import (
-    CheckpointConfig,
-    CheckpointManager,
-    _rng_state,
-    _set_rng_state,
-    load_consolidated,
-    read_rng_file,
-    verify,
-    write_manifest,
-)
+from trainer.checkpoint import (CheckpointConfig, CheckpointManager, PlainDataLoadPlanner,
+                                _rng_state, _set_rng_state, load_consolidated, metadata_problem,
+                                read_rng_file, verify, write_manifest)
 from trainer.config import load_config
 from trainer.errors import UserError
 from trainer.optim import OptimConfig, apply_optim_settings, build_optimizer, build_scheduler
@@ -104,6 +99,33 @@ def test_crafted_dcp_metadata_is_refused_before_dcp_reads_it(tmp_path):
     problem = verify(folder)
     assert problem.startswith(".metadata: refused") and ".open" in problem, problem
     assert not marker.exists()
+
+
+def test_crafted_value_in_a_shard_is_refused_by_verify_and_by_the_load(tmp_path):
+    """DCP's own load planner unpickles non-tensor values with weights_only=False."""
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "c"
+    dcp.save({"w": torch.ones(3), "progress": {"step": 4}, "x": CodeOnLoad(marker)},
+             checkpoint_id=str(folder))
+    problem = metadata_problem(folder / ".metadata")
+    assert problem.startswith("__0_0.distcp: refused: the value 'x'"), problem
+    state = {"w": torch.zeros(3), "progress": {"step": 0}, "x": None}
+    with pytest.raises(BaseException, match="refused: the value 'x'"):   # DCP's CheckpointException
+        dcp.load(state, checkpoint_id=str(folder), planner=PlainDataLoadPlanner())
+    assert not marker.exists()
+
+
+def test_plain_values_load_through_the_safe_planner(tmp_path):
+    dcp.save({"w": torch.ones(3), "progress": {"step": 4, "best": math.inf, "name": "a"},
+              "groups": [{"betas": (0.9, 0.95), "lr": 1e-3, "fused": None}]},
+             checkpoint_id=str(tmp_path / "c"))
+    assert metadata_problem(tmp_path / "c" / ".metadata") is None
+    state = {"w": torch.zeros(3), "progress": {"step": 0, "best": 0.0, "name": ""},
+             "groups": [{"betas": (0.0, 0.0), "lr": 0.0, "fused": True}]}
+    dcp.load(state, checkpoint_id=str(tmp_path / "c"), planner=PlainDataLoadPlanner())
+    assert state["progress"] == {"step": 4, "best": math.inf, "name": "a"}
+    assert state["groups"] == [{"betas": (0.9, 0.95), "lr": 1e-3, "fused": None}]
+    assert torch.equal(state["w"], torch.ones(3))
 
 
 def test_manifest_json_that_is_a_pickle_is_just_unreadable(tmp_path):

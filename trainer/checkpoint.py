@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import hashlib
 import importlib
+import io
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
 from trainer import distributed, faults
 from trainer.errors import UserError
@@ -266,16 +269,39 @@ def _is_metadata_name(module: str, name: str, obj) -> bool:
 
 def metadata_problem(path: Path) -> str | None:
     """None if DCP's `.metadata` refers only to DCP's metadata records (DCP unpickles it
-    without restriction); else why it is refused."""
+    without restriction) and every non-tensor value it points to in the shards is plain data;
+    else why the checkpoint is refused."""
     try:
         with open(path, "rb") as f:
-            _MetadataUnpickler(f).load()
+            metadata = _MetadataUnpickler(f).load()
     except pickle.UnpicklingError as err:
         return (f"{path.name}: refused: it refers to {_first_line(err)}, which a checkpoint's "
                 f"metadata never needs (a crafted file can run code when unpickled)")
     except Exception as err:  # noqa: BLE001 - a damaged pickle fails in many ways
         return f"{path.name}: unreadable ({_first_line(err)})"
+    try:
+        _check_plain_values(path.parent, metadata)
+    except Exception as err:  # noqa: BLE001 - verify must reach a verdict, whatever the shards hold
+        return _first_line(err)
     return None
+
+
+def _check_plain_values(folder: Path, metadata) -> None:
+    """Read each non-tensor value where `.metadata` says it lies and load it weights-only,
+    as PlainDataLoadPlanner will: a crafted shard is skipped by --resume auto, not loaded."""
+    for name, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, BytesStorageMetadata):
+            continue
+        info = metadata.storage_data[MetadataIndex(name)]
+        if getattr(info, "transform_descriptors", None):
+            continue        # an encoded value (not written by this project): the planner checks it
+        with open(folder / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        try:
+            _plain_value(data, name)
+        except ValueError as err:
+            raise ValueError(f"{info.relative_path}: {err}") from None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -375,12 +401,12 @@ class CheckpointManager:
         """Load in place; restore this rank's RNG state if that rank saved one. The folder was
         verified (by rank 0) before; errors here still name it, on one line."""
         try:
-            dcp.load(app_state, checkpoint_id=str(folder))
+            dcp.load(app_state, checkpoint_id=str(folder), planner=PlainDataLoadPlanner())
         except BaseException as err:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             raise UserError(f"--resume {folder}: the checkpoint does not load into this run "
-                            f"({_first_line(err)})") from None
+                            f"({_load_failure(err)})") from None
         self._restore_rng(folder / f"{_RNG_PREFIX}{distributed.rank()}.pt")
 
     def _restore_rng(self, rng_file: Path) -> None:
@@ -396,6 +422,35 @@ class CheckpointManager:
                         "so dropout and sampling differ from an uninterrupted run", rng_file)
             return
         _set_rng_state(state)
+
+
+def _load_failure(err: BaseException) -> str:
+    """The first line of the first rank's error inside a CheckpointException."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        err = next(iter(failures.values()))[0]
+    return _first_line(err)
+
+
+class PlainDataLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner unpickles a checkpoint's non-tensor values (progress, config, LR
+    schedule, optimizer hyperparameters) with weights_only=False. Ours are plain data, so this
+    one reads them with weights_only=True: a crafted value is refused instead of run."""
+
+    def load_bytes(self, read_item, value) -> None:
+        plain = _plain_value(value.read(), read_item.dest_index.fqn)
+        again = io.BytesIO()
+        torch.save(plain, again)     # re-serialised from plain data: safe for the default load
+        again.seek(0)
+        super().load_bytes(read_item, again)
+
+
+def _plain_value(data: bytes, name: str):
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"refused: the value {name!r} in the shards is not plain data (a "
+                         f"crafted checkpoint can run code when unpickled)") from None
 
 
 def _remove_aside(folder: Path) -> None:

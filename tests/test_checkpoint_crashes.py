@@ -62,7 +62,7 @@ def _log(root: Path, name: str) -> str:
 def test_rank_killed_at_a_random_step_resumes_newest_and_matches(short_csv, tmp_path, reference):
     kill_step = random.Random(1).randrange(INTERVAL + 1, STEPS)
     proc = launch(run_args(short_csv, tmp_path, "killed"), ranks=2, max_restarts=1,
-                  env={"CELESTIAL_FAULT": f"kill_rank1_at_step_{kill_step}"})
+                  env={"CELESTIAL_FAULT": f"kill:step:{kill_step}@1"})
     code, out = finish(proc, timeout=400)
     assert code == 0, out[-4000:]
     newest = kill_step - 1 - (kill_step - 1) % INTERVAL
@@ -74,13 +74,13 @@ def test_restart_of_a_run_started_from_a_folder_resumes_newest(short_csv, tmp_pa
     """Started with --resume checkpoint_step_000004 and keep_last=1: by the kill the start folder
     is pruned; the restarted workers take checkpoint_step_000008 (they used to exit 2)."""
     first = launch(run_args(short_csv, tmp_path, "chain"), ranks=2,
-                   env={"CELESTIAL_FAULT": "kill_rank1_at_step_6"})
+                   env={"CELESTIAL_FAULT": "kill:step:6@1"})
     assert finish(first, timeout=300)[0] != 0
     start = tmp_path / "checkpoints" / "chain" / "checkpoint_step_000004"
     kill_step = random.Random(2).randrange(2 * INTERVAL + 1, STEPS)
     args = run_args(short_csv, tmp_path, "chain", checkpoint__keep_last=1) + ["--resume", str(start)]
     code, out = finish(launch(args, ranks=2, max_restarts=1,
-                              env={"CELESTIAL_FAULT": f"kill_rank1_at_step_{kill_step}"}), timeout=400)
+                              env={"CELESTIAL_FAULT": f"kill:step:{kill_step}@1"}), timeout=400)
     assert code == 0, out[-4000:]
     log = _log(tmp_path, "chain")
     assert "checkpoint_step_000008 at step 8" in log and not start.exists()
@@ -93,7 +93,7 @@ def test_restart_of_a_run_started_from_a_folder_resumes_newest(short_csv, tmp_pa
 def test_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, point, async_save):
     code = (f"from tests.dist_workers import save_checkpoints_until_killed; "
             f"save_checkpoints_until_killed({str(tmp_path)!r}, {async_save})")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CELESTIAL_FAULT": f"kill_rank0_at_{point}_4"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CELESTIAL_FAULT": f"kill:{point}:4@0"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=180, env=env, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -113,7 +113,7 @@ def test_rank_killed_in_an_async_write_on_two_ranks_then_resume(short_csv, tmp_p
     """End to end: rank 1 dies as the step-8 async save starts; the next start removes the
     half-written folder (logged) and resumes from step 4."""
     args = run_args(short_csv, tmp_path, "asave", checkpoint__async_save=True)
-    first = launch(args, ranks=2, env={"CELESTIAL_FAULT": "kill_rank1_at_dcp_write_8"})
+    first = launch(args, ranks=2, env={"CELESTIAL_FAULT": "kill:dcp_write:8@1"})
     assert finish(first, timeout=300)[0] != 0
     folder = tmp_path / "checkpoints" / "asave"
     assert (folder / "checkpoint_step_000008.tmp").is_dir()

@@ -104,6 +104,9 @@ def _generate_builtin(config: DataConfig, path: Path) -> None:
     """With data.source builtin, data.path is a cache: a missing file is generated there."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"data.path {str(path)!r}: part of the folder path is a file, so the "
+                        f"built-in dataset cannot be generated there") from None
     except OSError as err:
         raise UserError(f"data.path {str(path)!r}: cannot create the folder for the built-in "
                         f"dataset ({err.strerror or err})") from None

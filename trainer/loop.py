@@ -22,6 +22,8 @@ from trainer.checkpoint import CheckpointManager, load_consolidated, save_consol
 from trainer.evaluate import evaluate
 from trainer.preemption import EXIT_PREEMPTED, StopRequests, requeue_slurm_job
 from trainer.resources import memory_mb
+from trainer.run_log import (guarded_write, raise_agreed_write_failure,
+                             stop_if_any_rank_failed_to_write, write_failure)
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +239,11 @@ class Trainer:
             self.run_log.advance()
         if train.eval_interval and step % train.eval_interval == 0:
             self.validate()
-        stop, save_now, requeue = distributed.agree_any(
-            [self.requests.stop_signal is not None, self.requests.save_now, self.requests.requeue])
+        stop, save_now, requeue, write_failed = distributed.agree_any(
+            [self.requests.stop_signal is not None, self.requests.save_now, self.requests.requeue,
+             write_failure() is not None])
+        if write_failed:     # a log or record could not be written (full disk): all ranks stop
+            raise_agreed_write_failure()
         self.requests.save_now = False
         if stop and self.stop_reason is None:
             self.stop_reason = "signal"
@@ -338,11 +343,13 @@ class Trainer:
                  self.progress.step, self.progress.epoch, self.progress.epoch_position)
 
     def save_model_file(self, name: str, metrics: dict) -> None:
+        path = self.checkpoints.folder / name
         if distributed.is_main():
-            save_consolidated(self.checkpoints.folder / name, self.model, {
-                "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
-                "step": self.progress.step, "epoch": self.progress.epoch,
-                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+            with guarded_write(path, leftover=path.with_suffix(".tmp")):   # agreed at the step's end
+                save_consolidated(path, self.model, {
+                    "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
+                    "step": self.progress.step, "epoch": self.progress.epoch,
+                    "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
 
     def restore_best_weights(self) -> dict | None:
         """After early stopping, load best_model.pth (the sharded checkpoint keeps the last
@@ -365,7 +372,7 @@ class Trainer:
             return 1
         if self.last_checkpoint_step != self.progress.step:
             self.save_checkpoint()
-        self.checkpoints.wait()
+        self.checkpoints.wait_all_ranks()
         if self.stop_reason == "signal":
             if distributed.is_main() and self.requeue_requested:
                 requeue_slurm_job()
@@ -385,6 +392,7 @@ class Trainer:
         log.info("finished at step %d (%s): best validation NLL %.4f, test NLL %.4f (random walk "
                  "%.4f)", self.progress.step, self.stop_reason or "completed",
                  self.progress.best_val_nll, test["nll"], test["rw_nll"])
+        stop_if_any_rank_failed_to_write()    # the final model, test line and summaries
         log.info("logs: %s   checkpoints: %s   analyse with: python launch/analyze.py --log_dir %s",
                  self.run_context.log_dir, self.checkpoints.folder, self.run_context.log_dir)
         return 0

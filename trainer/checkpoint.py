@@ -165,8 +165,9 @@ class CheckpointManager:
         failure = None
         try:
             work()
-        except (OSError, CheckpointException, WriteFailed) as err:
-            failure = _failure_text(err)
+        except (OSError, RuntimeError, CheckpointException, WriteFailed) as err:
+            # torch.save reports a short write (a full disk) as a RuntimeError
+            failure = _failure_text(err) + _free_space(self.folder)
         if not distributed.agree_any([failure is not None])[0]:
             return
         failures = [f for f in distributed.all_gather_object(failure) if f is not None]
@@ -247,6 +248,17 @@ def _failure_text(err: BaseException) -> str:
     if isinstance(err, CheckpointException):
         rank, (err, _) = next(iter(err.failures.items()))
     return f"rank {rank}: {_root_cause(err)}"
+
+
+def _free_space(folder: Path) -> str:
+    """What is left on the filesystem: torch's writers hide ENOSPC behind other messages."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f" ({free / 2**20:.1f} MiB free on the filesystem of {folder})"
 
 
 def _root_cause(err: BaseException) -> str:

@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
+import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +74,21 @@ def clear_write_failure() -> None:
     _write_failure = None
 
 
+def _hold_thread_write_failures(args) -> None:
+    """threading.excepthook: TensorBoard writes from a thread of its own; its failed write is
+    held like any other instead of printing a thread traceback."""
+    if issubclass(args.exc_type, OSError):
+        frames = traceback.extract_tb(args.exc_traceback)
+        writer = "TensorBoard's event file" if any("tensorboard" in f.filename for f in frames) \
+            else f"a file written by thread {args.thread.name}"
+        note_write_failure(getattr(args.exc_value, "filename", None) or writer, args.exc_value)
+    else:
+        _default_thread_hook(args)
+
+
+_default_thread_hook = threading.excepthook
+
+
 def stop_if_any_rank_failed_to_write() -> None:
     """Collective: if any rank holds a write failure, every rank raises WriteFailed with it."""
     if distributed.agree_any([_write_failure is not None])[0]:
@@ -81,8 +98,8 @@ def stop_if_any_rank_failed_to_write() -> None:
 def raise_agreed_write_failure() -> None:
     """Collective, once the ranks agreed that one holds a write failure: all raise it."""
     failures = [f for f in distributed.all_gather_object(_write_failure) if f is not None]
-    raise WriteFailed(f"{failures[0]}; the newest complete checkpoint is intact: make room, "
-                      f"then continue with --resume auto")
+    raise WriteFailed(f"{failures[0]}; checkpoints already written are intact: make room, then "
+                      f"continue from the newest with --resume auto")
 
 
 @contextmanager
@@ -147,6 +164,7 @@ def setup_logging(log_dir: Path | None, rank: int, progress_bar: bool = True) ->
         root.removeHandler(handler)     # ours from an earlier run in this process
         handler.close()
     clear_write_failure()
+    threading.excepthook = _hold_thread_write_failures
     root.setLevel(logging.INFO)
     level = logging.INFO if rank == 0 else logging.WARNING
     console = _TqdmHandler()

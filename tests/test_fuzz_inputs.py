@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fnmatch
 import io
 import logging
 import math
@@ -252,7 +253,10 @@ def broken_csvs(draw, base: list[list[str]]):
         text = draw(st.text(min_size=1, max_size=12).filter(lambda t: not _is_float(t)))
         rows[row][col] = text
         return rows, "line" if "\0" in text else header[col]
-    if kind == "non_finite_cell":
+    if kind == "non_finite_cell":     # in a column the run uses (a dropped one may hold NaN)
+        dropped = DataConfig().drop_columns
+        col = draw(st.sampled_from([i for i, name in enumerate(header) if i and not any(
+            fnmatch.fnmatchcase(name, pattern) for pattern in dropped)]))
         rows[row][col] = draw(st.sampled_from(["nan", "inf", "-inf", "NaN", "Infinity"]))
         return rows, header[col]
     if kind == "duplicate_date":

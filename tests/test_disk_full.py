@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -97,10 +98,16 @@ def test_full_disk_while_logging_stops_cleanly_and_resumes(short_csv, tmp_path):
 
 # --- a checkpoint: two gloo ranks, the disk fills during the second save -----------------------
 
-def cli_rank(rank, world_size, port, argv, out_dir):
-    """Run the trainer's entry point on this rank; keep its status and what it printed."""
+def cli_rank(rank, world_size, port, argv, out_dir, manifest_fails=False):
+    """Run the trainer's entry point on this rank; keep its status and what it printed.
+    manifest_fails: rank 0's manifest write hits a full disk (a fault hook)."""
+    import errno
     import torch
-    from trainer import cli
+    from trainer import checkpoint, cli
+    if manifest_fails and rank == 0:
+        def full_disk(folder, step):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "manifest.json"))
+        checkpoint.write_manifest = full_disk
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -111,11 +118,11 @@ def cli_rank(rank, world_size, port, argv, out_dir):
         json.dumps({"status": status, "stderr": stderr.getvalue()}))
 
 
-def run_two_ranks(argv: list[str], out: Path) -> list[dict]:
+def run_two_ranks(argv: list[str], out: Path, manifest_fails: bool = False) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rank*.json"):
         old.unlink()
-    spawn(cli_rank, 2, argv, str(out), timeout_s=400)
+    spawn(cli_rank, 2, argv, str(out), manifest_fails, timeout_s=400)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -149,3 +156,20 @@ def test_full_disk_during_a_checkpoint_stops_every_rank_and_resumes(short_csv, t
         assert [r["status"] for r in results] == [0, 0], results[0]["stderr"][-2000:]
         assert "resumed from" in results[0]["stderr"] and "step 2" in results[0]["stderr"]
         assert verify(folder / "checkpoint_step_000004") is None
+
+
+@pytest.mark.slow
+def test_rank_0_failing_to_write_the_manifest_stops_both_ranks_at_once(short_csv, tmp_path):
+    """Only rank 0 writes manifest.json: the other rank used to wait in the next collective
+    until the timeout. Now both stop within seconds, with the same line."""
+    argv = as_cli_args(small_overrides(short_csv, tmp_path, "manifest") + [
+        ("checkpoint.interval", 1), ("train.max_steps", 2), ("train.validate_at_start", False),
+        ("train.collective_timeout_s", 120)])
+    started = time.monotonic()
+    results = run_two_ranks(argv, tmp_path / "out", manifest_fails=True)
+    assert time.monotonic() - started < 100       # nobody waited for the 120 s timeout
+    lines = [[ln for ln in r["stderr"].splitlines() if ln.startswith("error: ")] for r in results]
+    assert [r["status"] for r in results] == [EXIT_WRITE_FAILED] * 2, results[1]["stderr"][-2000:]
+    assert lines[0] == lines[1] and len(lines[0]) == 1
+    assert "rank 0: No space left on device" in lines[0][0] and "manifest.json" in lines[0][0]
+    assert not list((tmp_path / "checkpoints" / "manifest").iterdir())   # no .tmp left

@@ -19,8 +19,12 @@ from tests.conftest import as_cli_args, run_cli, small_overrides
 from tests.dist_workers import spawn
 from trainer.checkpoint import verify
 from trainer.errors import EXIT_WRITE_FAILED, WriteFailed
-from trainer.run_log import (RunLog, clear_write_failure, stop_if_any_rank_failed_to_write,
-                             write_failure)
+from trainer.run_log import (
+    RunLog,
+    clear_write_failure,
+    stop_if_any_rank_failed_to_write,
+    write_failure,
+)
 
 
 @contextlib.contextmanager
@@ -29,7 +33,7 @@ def small_filesystem(where: Path, size: str):
     where.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("a size-limited tmpfs needs root and mount")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=False,
                           capture_output=True, text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
@@ -102,7 +106,9 @@ def cli_rank(rank, world_size, port, argv, out_dir, manifest_fails=False):
     """Run the trainer's entry point on this rank; keep its status and what it printed.
     manifest_fails: rank 0's manifest write hits a full disk (a fault hook)."""
     import errno
+
     import torch
+
     from trainer import checkpoint, cli
     if manifest_fails and rank == 0:
         def full_disk(folder, step):

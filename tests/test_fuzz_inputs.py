@@ -150,7 +150,7 @@ def broken_configs(draw, always_invalid: bool):
                                                     st.lists(st.integers(), max_size=2)))
         return tree, section
     if kind == "wrong_type":
-        key, default = draw(st.sampled_from([(k, v) for k, v in LEAVES
+        key, _ = draw(st.sampled_from([(k, v) for k, v in LEAVES
                                              if isinstance(v, (int, float)) and not isinstance(v, bool)]))
         _set_leaf(tree, key, draw(st.one_of(st.text(max_size=8).filter(lambda t: not _numeric(t)),
                                             st.lists(st.integers(), min_size=1, max_size=2))))

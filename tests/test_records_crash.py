@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -62,7 +61,7 @@ def test_resume_after_a_crash_mid_line_keeps_every_record(short_csv, tmp_path):
     reads every line (before the fix the next line was glued to the partial one)."""
     overrides = small_overrides(short_csv, tmp_path, "crash") + [
         ("train.log_interval", 1), ("checkpoint.interval", 2), ("train.resume", "auto")]
-    run = lambda steps: cli.run(as_cli_args(overrides + [("train.max_steps", steps)]))  # noqa: E731
+    run = lambda steps: cli.run(as_cli_args(overrides + [("train.max_steps", steps)]))
     with contextlib.redirect_stderr(io.StringIO()):
         assert run(2) == 0
     log_dir = tmp_path / "logs" / "crash"

@@ -24,8 +24,13 @@ from trainer.distributed import DistEnv
 from trainer.errors import UserError
 from trainer.loop import Progress, Trainer
 from trainer.optim import build_optimizer, build_scheduler, set_total_steps
-from trainer.run_log import (RunLog, guarded_write, open_log_file, setup_logging,
-                             stop_if_any_rank_failed_to_write)
+from trainer.run_log import (
+    RunLog,
+    guarded_write,
+    open_log_file,
+    setup_logging,
+    stop_if_any_rank_failed_to_write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +128,7 @@ def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
         log.info("model compiled with torch.compile (the first steps are slower while it traces; "
                  "a compiler error falls back to eager execution with a warning)")
         return compiled
-    except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+    except Exception as err:
         log.warning("torch.compile failed (%s): training the eager model", err)
         return model
 

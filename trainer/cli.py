@@ -60,7 +60,7 @@ def run(argv: list[str] | None = None) -> int:
     """Train; returns the exit status (0 done, 2 bad input, 74 a file could not be written,
     75 stopped on a signal)."""
     args = parse_args(argv)
-    from trainer.build import build_trainer   # after argparse: --help stays fast
+    from trainer.build import build_trainer  # after argparse: --help stays fast
     try:
         config = load_config(args.config, overrides_from(args))
         env = distributed.init_distributed(config.train.device, config.train.collective_timeout_s)

@@ -22,8 +22,12 @@ from trainer.checkpoint import CheckpointManager, load_consolidated, save_consol
 from trainer.evaluate import evaluate
 from trainer.preemption import EXIT_PREEMPTED, StopRequests, requeue_slurm_job
 from trainer.resources import memory_mb
-from trainer.run_log import (guarded_write, raise_agreed_write_failure,
-                             stop_if_any_rank_failed_to_write, write_failure)
+from trainer.run_log import (
+    guarded_write,
+    raise_agreed_write_failure,
+    stop_if_any_rank_failed_to_write,
+    write_failure,
+)
 
 log = logging.getLogger(__name__)
 

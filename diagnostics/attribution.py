@@ -15,6 +15,7 @@ import torch
 from diagnostics.config import DiagnosticsConfig
 from diagnostics.observer import Observer, RunContext
 from diagnostics.records import step_file, write_json
+from trainer.evaluate import celestial_effect
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -32,9 +33,12 @@ def ranked(scores: dict[str, float]) -> list[str]:
     return [name for name, _ in sorted(scores.items(), key=lambda kv: -kv[1])]
 
 
-def occlusion_record(evaluate_fn, spec, max_batches: int) -> dict:
-    """Per target: baseline NLL, NLL rise per blanked body, C->T weights on the same windows."""
-    base = evaluate_fn("val", max_batches=max_batches, with_c2t=True)
+def occlusion_record(evaluate_fn, spec, max_batches: int, pred_len: int, stride: int) -> dict:
+    """Per target: baseline NLL, NLL rise per blanked body, C->T weights on the same windows;
+    and the NLL rise with every body blanked at once, with its 95% interval (`blank_all`)."""
+    base = evaluate_fn("val", max_batches=max_batches, with_c2t=True, with_series=True)
+    effect = celestial_effect(evaluate_fn, "val", spec, pred_len, stride, base=base,
+                              max_batches=max_batches)
     targets, bodies = spec.targets, spec.bodies
     occlusion = {t: {} for t in targets}
     for body, columns in zip(bodies, spec.body_columns):
@@ -47,7 +51,10 @@ def occlusion_record(evaluate_fn, spec, max_batches: int) -> dict:
             "occlusion": occlusion, "ranking": {t: ranked(occlusion[t]) for t in targets},
             "c2t_weights": c2t, "c2t_ranking": {t: ranked(c2t[t]) for t in targets},
             "spearman": {t: spearman([c2t[t][b] for b in bodies], [occlusion[t][b] for b in bodies])
-                         for t in targets}}
+                         for t in targets},
+            "blank_all": {"rise": effect["blank_all_rise"], "low": effect["blank_all_rise_low"],
+                          "high": effect["blank_all_rise_high"],
+                          "per_target": dict(zip(targets, effect["blank_all_rise_per_target"]))}}
 
 
 class AttributionObserver(Observer):
@@ -60,10 +67,13 @@ class AttributionObserver(Observer):
         self.max_batches = max(1, math.ceil(per_rank / run.config.data.eval_batch_size))
 
     def on_validation(self, step: int, metrics: dict, evaluate_fn) -> None:
-        record = occlusion_record(evaluate_fn, self.run.spec, self.max_batches)
+        config = self.run.config
+        record = occlusion_record(evaluate_fn, self.run.spec, self.max_batches,
+                                  config.model.pred_len, config.data.window_stride)
         if not self.run.is_main:
             return
         record = {"step": step, "epoch": metrics.get("epoch", 0), "timestamp": time.time(), **record}
         write_json(step_file(self.run.log_dir / "attention", "attribution", step), record)
         self.run.run_log.scalars("attribution", step, {
-            f"spearman/{t}": r for t, r in record["spearman"].items() if r is not None})
+            **{f"spearman/{t}": r for t, r in record["spearman"].items() if r is not None},
+            "blank_all_rise": record["blank_all"]["rise"]})

@@ -63,7 +63,7 @@ ATTRIBUTION_RECORD = _obj({
     "c2t_weights": _map_of(_map_of(_NUM)),
     "c2t_ranking": _map_of({"type": "array", "items": _STR}),
     "spearman": _map_of(_NUM),
-})
+}, {"blank_all": _obj({"rise": _NUM, "low": _NUM, "high": _NUM, "per_target": _map_of(_NUM)})})
 PROFILE_RECORD = _obj({
     "step": _INT, "timestamp": {"type": "number"}, "world_size": _INT, "device": _STR,
     "device_name": _STR,
@@ -87,9 +87,14 @@ TRAIN_LINE = _obj({"loss": _NUM, "lr": _NUM, "grad_norm": _NUM, "clip_fraction":
                    "skipped_steps": _INT, "samples_per_s": _NUM, "step_time_s": _NUM,
                    "data_time_s": _NUM, "memory_mb": _NUM, "epoch": _INT},
                   {"world_size": _INT})
+# Runs before the baselines were scored lack the optional keys; the analysis says so.
 EVAL_LINE = _obj({"nll": _NUM, "mae": _NUM, "coverage_50": _NUM, "coverage_90": _NUM,
                   "rw_nll": _NUM, "effective_components": _NUM, "sigma_at_floor": _NUM,
-                  "num_windows": _INT})
+                  "num_windows": _INT},
+                 {"crps": _NUM, "ewma_nll": _NUM, "rw_crps": _NUM, "ewma_crps": _NUM,
+                  "skill": _NUM, "skill_low": _NUM, "skill_high": _NUM,
+                  "best_baseline": {"enum": ["rw", "ewma"]}, "skill_block_length": _INT,
+                  "blank_all_rise": _NUM, "blank_all_rise_low": _NUM, "blank_all_rise_high": _NUM})
 
 SCHEMAS = {"gradients_step": GRADIENT_RECORD, "history": GRADIENT_HISTORY,
            "attention_step": ATTENTION_RECORD, "attribution_step": ATTRIBUTION_RECORD,

@@ -63,3 +63,43 @@ def mixture_cdf(log_pi, mu, sigma, y_BPT) -> torch.Tensor:
     """P(Y <= y): y lies in the central q-interval exactly when |cdf - 0.5| <= q / 2."""
     component_cdf = 0.5 * torch.erfc(-(y_BPT.unsqueeze(-1) - mu) / (sigma * math.sqrt(2)))
     return (log_pi.exp() * component_cdf).sum(-1)
+
+
+def _expected_abs_normal(m, s):
+    """E|Z| for Z ~ N(m, s^2): m (2 Phi(m/s) - 1) + 2 s phi(m/s)."""
+    u = m / s
+    cdf = 0.5 * torch.erfc(-u / math.sqrt(2))
+    pdf = torch.exp(-0.5 * u * u - _LOG_SQRT_2PI)
+    return m * (2 * cdf - 1) + 2 * s * pdf
+
+
+def mixture_crps(log_pi, mu, sigma, y_BPT) -> torch.Tensor:
+    """Continuous ranked probability score of the mixture at y, per (B, P, T), in closed form:
+    E|X - y| - E|X - X'| / 2 with X, X' independent draws (Grimit et al. 2006)."""
+    pi = log_pi.exp()
+    to_y = _expected_abs_normal(y_BPT.unsqueeze(-1) - mu, sigma)
+    spread = _expected_abs_normal(mu.unsqueeze(-1) - mu.unsqueeze(-2),
+                                  torch.sqrt(sigma.unsqueeze(-1) ** 2 + sigma.unsqueeze(-2) ** 2))
+    pair_weight = pi.unsqueeze(-1) * pi.unsqueeze(-2)
+    return (pi * to_y).sum(-1) - 0.5 * (pair_weight * spread).sum((-2, -1))
+
+
+def mixture_quantiles(log_pi, mu, sigma, probs, iterations: int = 50) -> torch.Tensor:
+    """Exact quantiles of the mixture (bisection on its CDF), shape (..., Q) for Q probs.
+
+    The mixture CDF is monotone, so bisection between min(mu - 12 sigma) and max(mu + 12 sigma)
+    (where the CDF is 0 and 1 to double precision) halves the error each iteration: 50 of them
+    leave 24 sigma / 2^50, far below float32 resolution."""
+    probs = torch.as_tensor(probs, dtype=torch.float64, device=mu.device)
+    log_pi, mu, sigma = (x.double().unsqueeze(-2) for x in (log_pi, mu, sigma))   # (..., 1, K)
+    shape = mu.shape[:-2] + probs.shape
+    low = (mu - 12 * sigma).amin(-1).expand(shape).clone()
+    high = (mu + 12 * sigma).amax(-1).expand(shape).clone()
+    pi = log_pi.exp()
+    for _ in range(iterations):
+        mid = 0.5 * (low + high)
+        cdf = (pi * 0.5 * torch.erfc(-(mid.unsqueeze(-1) - mu) / (sigma * math.sqrt(2)))).sum(-1)
+        below = cdf < probs
+        low = torch.where(below, mid, low)
+        high = torch.where(below, high, mid)
+    return (0.5 * (low + high)).float()

@@ -57,6 +57,11 @@ class RunSpec:
     effective_components: float = 2.5
     sigma_at_floor: float = 0.0
     coverage_90: float = 0.9
+    skill: float = -0.2                          # model NLL - best baseline NLL (test and val)
+    skill_halfwidth: float = 0.03                # of its 95% interval
+    overfit: bool = False                        # val NLL rises after the first validation
+    blank_all_rise: float = 0.3                  # NLL rise with every body blanked
+    blank_all_halfwidth: float = 0.05
     agreement: float = 0.5
     noise_scale: float = 150.0
     data_time_fraction: float = 0.02
@@ -125,16 +130,37 @@ def _per_target(value: float) -> list[float]:
     return [value + 0.01 * i for i in range(len(TARGETS))]
 
 
+def _val_nll(spec: RunSpec, step: int) -> float:
+    if spec.overfit:     # best at the first validation, then worse at every one
+        return -2.3 + 0.03 * (step // spec.val_interval - 1)
+    return -2.2 - 0.1 * step / spec.num_steps
+
+
+def _skill_values(spec: RunSpec, nll: float) -> dict:
+    ewma = nll - spec.skill
+    skill = {"skill": spec.skill, "skill_low": spec.skill - spec.skill_halfwidth,
+             "skill_high": spec.skill + spec.skill_halfwidth}
+    return {"ewma_nll": ewma, "crps": 0.3, "rw_crps": 0.32, "ewma_crps": 0.31,
+            **{f"skill_ewma{k[5:]}": v for k, v in skill.items()},
+            **{f"skill_rw{k[5:]}": v + nll + 2.01 - spec.skill for k, v in skill.items()
+               if k != "skill"}, "skill_rw": nll + 2.01, **skill}
+
+
 def eval_line(spec: RunSpec, kind: str, step: int, best: bool) -> dict:
-    nll = -2.2 - 0.1 * step / spec.num_steps
+    nll = _val_nll(spec, step)
     values = {"nll": nll, "mae": 0.03, "coverage_50": 0.5, "coverage_90": spec.coverage_90,
               "rw_nll": -2.01, "effective_components": spec.effective_components,
-              "sigma_at_floor": spec.sigma_at_floor}
+              "sigma_at_floor": spec.sigma_at_floor, **_skill_values(spec, nll)}
     line = {"kind": kind, "step": step, "time": 1.7e9 + step + 0.5, "epoch": 0,
             "num_windows": 4044, **values,
-            **{f"{k}_per_target": _per_target(v) for k, v in values.items()}}
+            **{f"{k}_per_target": _per_target(v) for k, v in values.items()},
+            "best_baseline": "ewma", "skill_block_length": 48}
     if kind == "val":
         line["best"] = best
+    else:
+        line.update({"blank_all_rise": spec.blank_all_rise,
+                     "blank_all_rise_low": spec.blank_all_rise - spec.blank_all_halfwidth,
+                     "blank_all_rise_high": spec.blank_all_rise + spec.blank_all_halfwidth})
     return line
 
 
@@ -292,7 +318,11 @@ def attribution_record(spec: RunSpec, step: int) -> dict:
             "baseline_nll": {t: -2.2 for t in TARGETS}, "occlusion": occlusion,
             "ranking": {t: ranked(occlusion[t]) for t in TARGETS}, "c2t_weights": weights,
             "c2t_ranking": {t: ranked(weights[t]) for t in TARGETS},
-            "spearman": {t: spec.spearman for t in TARGETS}}
+            "spearman": {t: spec.spearman for t in TARGETS},
+            "blank_all": {"rise": spec.blank_all_rise,
+                          "low": spec.blank_all_rise - spec.blank_all_halfwidth,
+                          "high": spec.blank_all_rise + spec.blank_all_halfwidth,
+                          "per_target": {t: spec.blank_all_rise for t in TARGETS}}}
 
 
 def write_attention(folder: Path, spec: RunSpec) -> None:

@@ -93,6 +93,10 @@ PLANTED = [  # (knobs, issue, component)
     ({"data_time_fraction": 0.6}, "data_loading_bound", "data"),
     ({"memory_fraction": 0.95}, "memory_near_limit", "memory"),
     ({"memory_fraction": 0.95, "device": "cuda"}, "memory_near_limit", "memory"),
+    ({"skill": -0.01}, "no_skill_over_baseline", "model"),
+    ({"skill": 0.2}, "no_skill_over_baseline", "model"),
+    ({"overfit": True}, "overfitting", "model"),
+    ({"blank_all_rise": 0.01}, "celestial_inputs_unused", "celestial_to_target_attention"),
 ]
 
 
@@ -274,13 +278,19 @@ def test_healthy_run_outputs_and_console(tmp_path, capsys):
     assert [int(r[0]) for r in rows[1:]] == list(range(20, 201, 20))
     assert all(float(v) > 0 for r in rows[1:] for v in r[1:])
     for png in ("gradient_flow.png", "fusion_attention_entropy.png", "c2t_attention_heatmap.png",
-                "training_curves.png"):
+                "training_curves.png", "skill.png"):
         assert_valid_png(analysis / png)
     assert assert_valid_findings(analysis / "recommendations.json") == []
     html = (analysis / "report.html").read_text()
     assert_self_contained(html)
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5
     assert "Summary" in html and "throughput" in html and "memory per rank" in html
+    # The verdict comes first, on the console and in the report.
+    assert out.index("Verdict:") < out.index("Gradient flow")
+    assert "skill vs random walk (EWMA volatility) (test): the model beats" in out
+    assert "celestial inputs: the celestial inputs help" in out
+    assert "overfitting: not seen" in out
+    assert html.index("<h2>Verdict</h2>") < html.index("<h2>Summary</h2>")
 
 
 def test_sick_run_console_and_recommendations(tmp_path, capsys):
@@ -309,7 +319,7 @@ def test_diagnostics_off_says_what_is_missing_and_analyses_the_rest(tmp_path, ca
     assert "components/: none (diagnostics.enable_component_profiling is off)" in out
     assert "miscalibration" in out
     written = sorted(p.name for p in (folder / "analysis").iterdir())
-    assert written == ["recommendations.json", "report.html", "training_curves.png"]
+    assert written == ["recommendations.json", "report.html", "skill.png", "training_curves.png"]
     assert_self_contained((folder / "analysis" / "report.html").read_text())
 
 
@@ -505,3 +515,71 @@ def test_real_training_run_is_analysed(tmp_path):
         jsonschema.validate(json.loads(path.read_text()), schemas.schema_for(path.name))
     top = json.loads(max((log_dir / "attention").glob("attention_step_*.json")).read_text())
     assert set(top["c2t"]["bodies"]) == set(BODIES)
+
+
+def test_overfitting_advice_never_says_train_longer(tmp_path):
+    """An overfitting run with too-wide intervals: miscalibration must not contradict it."""
+    findings = findings_of(build_run_folder(tmp_path / "run", overfit=True, coverage_90=0.99))
+    by_issue = {f.issue: f for f in findings}
+    assert {"overfitting", "miscalibration"} <= set(by_issue)
+    for finding in findings:
+        assert "train longer" not in finding.suggestion.lower().replace("do not train longer", "")
+        assert "train.epochs" not in finding.config_change
+    overfit = by_issue["overfitting"]
+    assert overfit.evidence["best_step"] == 50 and overfit.evidence["steps"] == [50, 100, 150, 200]
+    assert overfit.config_change["model.dropout"] > build_config_dropout(tmp_path / "run")
+    assert "model.dropout" not in by_issue["miscalibration"].config_change
+
+
+def build_config_dropout(folder) -> float:
+    import yaml
+    return yaml.safe_load((folder / "config.yaml").read_text()).get("model", {}).get("dropout", 0.0)
+
+
+def test_no_skill_is_an_error_and_reads_the_test_line_first(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run", skill=0.05)
+    finding = [f for f in findings_of(folder) if f.issue == "no_skill_over_baseline"][0]
+    assert finding.severity == "error"
+    assert finding.evidence["source"] == "test"
+    assert finding.evidence["per_baseline"]["ewma"]["interval_95"] == [0.02, 0.08]
+    assert cli(["--log_dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "the model loses to the random walk (EWMA volatility)" in out
+    assert "[!] 1 critical/error finding(s): no_skill_over_baseline" in out
+
+
+def test_runs_without_baseline_scores_say_so(tmp_path, capsys):
+    """Runs written before the baselines were scored: no guess, no skill finding."""
+    folder = build_run_folder(tmp_path / "run")
+    keep = {"kind", "step", "time", "epoch", "nll", "mae", "coverage_50", "coverage_90", "rw_nll",
+            "effective_components", "sigma_at_floor", "num_windows", "best"}
+    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    old = [{k: v for k, v in l.items() if l["kind"] not in ("val", "test") or k in keep}
+           for l in lines]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in old))
+    for path in (folder / "attention").glob("attribution_step_*.json"):
+        record = json.loads(path.read_text())
+        record.pop("blank_all")
+        path.write_text(json.dumps(record))
+    issues = {f.issue for f in findings_of(folder)}
+    assert not issues & {"no_skill_over_baseline", "celestial_inputs_unused"}
+    assert cli(["--log_dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "skill: not scored" in out and "celestial inputs: not measured" in out
+
+
+def test_restored_best_line_does_not_hide_the_last_validation(tmp_path):
+    """After early stopping the best weights are validated again at the last step: that line
+    must not replace the real last validation (it would hide the rise that stopped the run)."""
+    folder = build_run_folder(tmp_path / "run", overfit=True)
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    best = json.loads([l for l in lines if '"kind": "val"' in l][0])
+    best.update(step=200, restored_best=True)
+    test_at = next(i for i, l in enumerate(lines) if '"kind": "test"' in l)
+    lines.insert(test_at, json.dumps(best))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run = load_run(folder)
+    assert [v["step"] for v in run.val] == [50, 100, 150, 200]
+    assert run.val[-1]["nll"] > run.val[0]["nll"] and run.restored[0]["nll"] == run.val[0]["nll"]
+    overfit = [f for f in findings_of(folder) if f.issue == "overfitting"][0]
+    assert overfit.evidence["steps"] == [50, 100, 150, 200]

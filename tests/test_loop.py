@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,9 +93,11 @@ def test_consecutive_nonfinite_steps_stop_the_run(short_csv, tmp_path, caplog):
 
 def test_early_stopping_after_patience(short_csv, tmp_path):
     trainer = make_trainer(short_csv, tmp_path, train__early_stopping_patience=2)
-    trainer.evaluate = lambda split="val", **kw: {"nll": 1.0, "rw_nll": 1.0, "mae": 0.1,
-                                                  "coverage_50": 0.5, "coverage_90": 0.9,
-                                                  "nll_per_target": [1.0] * 4}
+    series = {name: np.ones(50) for name in ("model", "rw", "ewma")}
+    trainer.evaluate = lambda split="val", **kw: {"nll": 1.0, "rw_nll": 1.0, "ewma_nll": 1.0,
+                                                  "mae": 0.1, "coverage_50": 0.5,
+                                                  "coverage_90": 0.9, "nll_per_target": [1.0] * 4,
+                                                  "series": dict(series)}
     trainer.validate()
     assert trainer.stop_reason is None and trainer.progress.best_val_nll == 1.0
     trainer.validate()

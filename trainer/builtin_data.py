@@ -145,7 +145,19 @@ def _daily_speed(lon_deg: np.ndarray) -> np.ndarray:
 
 
 def celestial_features(config: BuiltinDataConfig, dates: np.ndarray) -> dict[str, np.ndarray]:
-    """Columns `<Body>_<feature>` for the 13 bodies, in BODY_NAMES order."""
+    """Columns `<Body>_<feature>` for the 13 bodies, in BODY_NAMES order, one row per date.
+
+    `dates` may be any strictly increasing days (e.g. trading days): the features are computed
+    on every calendar day of their span and taken at those dates, so a speed is always degrees
+    per calendar day and a date's values do not depend on which other dates are asked for.
+    """
+    days = np.arange(dates[0], dates[-1] + 1).astype("datetime64[D]")
+    rows = (np.asarray(dates, dtype="datetime64[D]") - days[0]).astype(np.int64)
+    daily = _daily_features(config, days)
+    return {name: values[rows] for name, values in daily.items()}
+
+
+def _daily_features(config: BuiltinDataConfig, dates: np.ndarray) -> dict[str, np.ndarray]:
     raw = _positions(config, dates)
     sun_lon = np.radians(raw["Sun"]["lon"])
     columns: dict[str, np.ndarray] = {}
@@ -193,7 +205,11 @@ def write_builtin_csv(config: BuiltinDataConfig, path: Path) -> Path:
     dates = _daily_dates(config)
     features = celestial_features(config, dates)
     targets = planted_log_prices(config, features)
-    columns = {**targets, **features}
+    return write_columns_csv(path, dates, {**targets, **features})
+
+
+def write_columns_csv(path: Path, dates: np.ndarray, columns: dict[str, np.ndarray]) -> Path:
+    """Write `date` and the columns (8 significant digits) as CSV, atomically (write, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:

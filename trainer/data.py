@@ -250,6 +250,14 @@ class PreparedData:
     spec: InputSpec
     target_mean: np.ndarray
     target_std: np.ndarray
+    feature_mean: np.ndarray
+    feature_std: np.ndarray
+
+    def scaling(self) -> dict:
+        """The training split's statistics, saved with a model so that new data is scaled the
+        same way (plain lists: the model file stays loadable with weights_only=True)."""
+        return {"feature_mean": self.feature_mean.tolist(), "feature_std": self.feature_std.tolist(),
+                "target_mean": self.target_mean.tolist(), "target_std": self.target_std.tolist()}
 
 
 def prepare(config: DataConfig, seq_len: int, pred_len: int) -> PreparedData:
@@ -278,7 +286,7 @@ def prepare(config: DataConfig, seq_len: int, pred_len: int) -> PreparedData:
         change_scale=change_scale(targets_RT[train], pred_len).tolist())
     return PreparedData(torch.tensor(features_RF, dtype=torch.float32),
                         torch.tensor(targets_RT, dtype=torch.float32), dates, borders, spec,
-                        t_mean, t_std)
+                        t_mean, t_std, f_mean, f_std)
 
 
 def split_borders(num_rows: int, config: DataConfig, window: int, path: Path) -> dict[str, tuple[int, int]]:

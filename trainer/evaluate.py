@@ -1,88 +1,136 @@
-"""Validation metrics, summed on every rank's shard and reduced over all ranks.
+"""Validation and test metrics of the model and the naive baselines, on the same windows.
 
-Reported: mixture NLL (scaled target units, per target too), MAE of the point forecast in
-target units, empirical coverage of the central 50% and 90% intervals, the NLL of the
-random-walk baseline (last value, Gaussian spread of the training split's h-step changes), the
-effective number of mixture components (exp of the entropy of pi) and the pi-weighted fraction
-of components whose sigma sits at its floor (sigma collapse).
+Per forecaster (the model, `rw_*` and `ewma_*` baselines, see trainer/scoring.py): NLL and CRPS
+(scaled target units), MAE of the median (target units), coverage of the central 50% and 90%
+intervals; overall and `<metric>_per_target` (and `_by_horizon`, [P][T], on request). For the
+model also the effective number of mixture components (exp of the entropy of pi) and the
+pi-weighted fraction of components whose sigma sits at its floor (sigma collapse).
+Sums are taken on every rank's shard and reduced over all ranks. With `with_series`, the
+per-window mean NLL of every forecaster, in time order and gathered from all ranks, is returned
+too (`series`), for skill intervals and occlusion.
 """
 from __future__ import annotations
 
-import math
 from contextlib import AbstractContextManager, nullcontext
 
+import numpy as np
 import torch
 
-from model.decoder import mixture_cdf, mixture_log_likelihood, mixture_mean
 from trainer import distributed
+from trainer.scoring import (BASELINES, SCORES, baseline_forecasts, block_length,
+                             mean_difference, scores)
 
-_SUM_KEYS = ("count", "nll", "mae", "coverage_50", "coverage_90", "rw_nll", "effective_components",
-             "sigma_at_floor")
+FORECASTERS = ("model", *BASELINES)
+_MODEL_ONLY = ("effective_components", "sigma_at_floor")
+_SUM_KEYS = ("count", *[f"{p}{s}" for p in ("", *(f"{b}_" for b in BASELINES)) for s in SCORES],
+             *_MODEL_ONLY)
 
 
-def _batch_sums(out, y_BPT, last_BT, change_scale_PT, target_std_T, sigma_min):
-    """Per-target sums (T,) of every metric for one batch."""
-    loglik_BPT = mixture_log_likelihood(out.log_pi, out.mu, out.sigma, y_BPT)
-    err_BPT = (mixture_mean(out.log_pi, out.mu) - y_BPT).abs() * target_std_T
-    centrality_BPT = (mixture_cdf(out.log_pi, out.mu, out.sigma, y_BPT) - 0.5).abs()
-    z_BPT = (y_BPT - last_BT[:, None]) / change_scale_PT
-    rw_BPT = 0.5 * z_BPT ** 2 + torch.log(change_scale_PT) + 0.5 * math.log(2 * math.pi)
+def _model_extras(out, change_scale_PT, sigma_min) -> dict[str, torch.Tensor]:
     pi = out.log_pi.exp()
-    entropy_BPT = -(pi * out.log_pi).sum(-1)
     floor = change_scale_PT[None, :, :, None] * sigma_min * 1.05
-    at_floor_BPT = (pi * (out.sigma <= floor)).sum(-1)
-    per_elem = {"count": torch.ones_like(loglik_BPT), "nll": -loglik_BPT, "mae": err_BPT,
-                "coverage_50": (centrality_BPT <= 0.25).float(),
-                "coverage_90": (centrality_BPT <= 0.45).float(), "rw_nll": rw_BPT,
-                "effective_components": entropy_BPT.exp(), "sigma_at_floor": at_floor_BPT}
-    return torch.stack([per_elem[k].sum((0, 1)) for k in _SUM_KEYS])   # (metrics, T)
+    return {"effective_components": (-(pi * out.log_pi).sum(-1)).exp(),
+            "sigma_at_floor": (pi * (out.sigma <= floor)).sum(-1)}
+
+
+def _batch_scores(out, batch, change_scale_PT, target_std_T, sigma_min) -> dict[str, torch.Tensor]:
+    """Every (forecaster, score) per (B, P, T) for one batch; keys as in _SUM_KEYS."""
+    y = batch.future_target
+    per_elem = {"count": torch.ones_like(y)}
+    model = (out.log_pi.float(), out.mu.float(), out.sigma.float())
+    per_elem.update(scores(model, y, target_std_T))
+    for name, mixture in baseline_forecasts(batch.target, change_scale_PT).items():
+        per_elem.update({f"{name}_{k}": v for k, v in scores(mixture, y, target_std_T).items()})
+    per_elem.update(_model_extras(out, change_scale_PT, sigma_min))
+    return per_elem
+
+
+def _blank(batch, columns):
+    if not columns:
+        return batch.wave, batch.future_wave
+    wave, future = batch.wave.clone(), batch.future_wave.clone()
+    wave[..., columns] = 0.0
+    future[..., columns] = 0.0
+    return wave, future
 
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, target_std_T, *,
              autocast: AbstractContextManager | None = None,
              blank_columns: list[int] | None = None, max_batches: int | None = None,
-             with_c2t: bool = False) -> dict:
+             with_c2t: bool = False, with_series: bool = False, per_horizon: bool = False) -> dict:
     """Metrics over the loader's shard on this rank, reduced over all ranks.
 
     `blank_columns` zeroes those feature columns (occlusion); `max_batches` caps the batches
     per rank; `with_c2t` adds `c2t_map`, the (targets x bodies) C->T weights averaged over
-    samples, horizon and heads. Returns overall values and `<metric>_per_target` lists.
+    samples, horizon and heads; `with_series` adds `series` (see the module docstring).
     """
     was_training = model.training
     model.eval()
     change_scale_PT = model.decoder.change_scale_PT
     std_T = torch.as_tensor(target_std_T, dtype=torch.float32, device=device)
-    sums = torch.zeros(len(_SUM_KEYS), len(std_T), dtype=torch.float64, device=device)
-    c2t_sum = torch.zeros(len(std_T), len(model.spec.bodies), dtype=torch.float64, device=device)
+    P, T = change_scale_PT.shape
+    sums = torch.zeros(len(_SUM_KEYS), P, T, dtype=torch.float64, device=device)
+    c2t_sum = torch.zeros(T, len(model.spec.bodies), dtype=torch.float64, device=device)
+    window_ids = iter(loader.sampler)
+    series = {"window": [], **{name: [] for name in FORECASTERS}}
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         batch = batch.to(device)
-        wave, future = batch.wave, batch.future_wave
-        if blank_columns:
-            wave, future = wave.clone(), future.clone()
-            wave[..., blank_columns] = 0.0
-            future[..., blank_columns] = 0.0
+        wave, future = _blank(batch, blank_columns)
         with autocast or nullcontext():
             out = model(wave, batch.target, future, return_attention=with_c2t)
         if with_c2t:
             c2t_sum += out.attention["c2t"].double().mean((1, 3)).sum(0)
-        sums += _batch_sums(out, batch.future_target, batch.target[:, -1], change_scale_PT,
-                            std_T, model.config.sigma_min).double()
+        per_elem = _batch_scores(out, batch, change_scale_PT, std_T, model.config.sigma_min)
+        sums += torch.stack([per_elem[k].double().sum(0) for k in _SUM_KEYS])
+        if with_series:
+            series["window"] += [next(window_ids) for _ in range(len(batch.target))]
+            for name in FORECASTERS:
+                key = "nll" if name == "model" else f"{name}_nll"
+                series[name] += per_elem[key].double().mean((1, 2)).tolist()
     model.train(was_training)
     distributed.all_reduce_sum(sums)
-    metrics = _as_metrics(sums.cpu(), horizon=change_scale_PT.shape[0])
+    metrics = _as_metrics(sums.cpu(), per_horizon)
     if with_c2t:
         distributed.all_reduce_sum(c2t_sum)
         metrics["c2t_map"] = (c2t_sum / max(1, metrics["num_windows"])).tolist()
+    if with_series:
+        metrics["series"] = _gathered_in_time_order(series)
     return metrics
 
 
-def _as_metrics(sums, horizon: int) -> dict:
-    count_T = sums[0].clamp_min(1)
-    metrics = {"num_windows": int(sums[0, 0].item()) // horizon}
-    for k, row in zip(_SUM_KEYS[1:], sums[1:]):
-        metrics[k] = float(row.sum() / count_T.sum())
-        metrics[f"{k}_per_target"] = (row / count_T).tolist()
+def _gathered_in_time_order(series: dict[str, list]) -> dict[str, np.ndarray]:
+    """Every rank's per-window values, joined and sorted by window index (= time order)."""
+    parts = distributed.all_gather_object(series)
+    joined = {k: np.concatenate([np.asarray(p[k], dtype=np.float64) for p in parts])
+              for k in series}
+    order = np.argsort(joined.pop("window"), kind="stable")
+    return {k: v[order] for k, v in joined.items()}
+
+
+def _as_metrics(sums_MPT, per_horizon: bool) -> dict:
+    count_PT = sums_MPT[0].clamp_min(1)
+    metrics = {"num_windows": int(sums_MPT[0, 0, 0].item())}
+    for k, row_PT in zip(_SUM_KEYS[1:], sums_MPT[1:]):
+        metrics[k] = float(row_PT.sum() / count_PT.sum())
+        metrics[f"{k}_per_target"] = (row_PT.sum(0) / count_PT.sum(0)).tolist()
+        if per_horizon:
+            metrics[f"{k}_by_horizon"] = (row_PT / count_PT).tolist()
     return metrics
+
+
+def celestial_effect(evaluate_fn, split: str, spec, pred_len: int, stride: int,
+                     base: dict | None = None, **kwargs) -> dict:
+    """Do the celestial inputs help at all? The model's NLL rise when every body's columns are
+    blanked together, per window, with its 95% block-bootstrap interval (`blank_all_rise*`)."""
+    base = base or evaluate_fn(split, with_series=True, **kwargs)
+    every_column = sorted(c for columns in spec.body_columns for c in columns)
+    blanked = evaluate_fn(split, blank_columns=every_column, with_series=True, **kwargs)
+    model_nll = base["series"]["model"]
+    block = block_length(len(model_nll), pred_len, stride)
+    rise = mean_difference(blanked["series"]["model"], model_nll, block)
+    per_target = [b - a for a, b in zip(base["nll_per_target"], blanked["nll_per_target"])]
+    return {"blank_all_rise": rise["mean"], "blank_all_rise_low": rise["low"],
+            "blank_all_rise_high": rise["high"], "blank_all_rise_per_target": per_target}

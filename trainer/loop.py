@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from diagnostics.observer import ObserverGroup, RunContext, StepContext
 from trainer import distributed
 from trainer.checkpoint import CheckpointManager, load_consolidated, save_consolidated
-from trainer.evaluate import evaluate
+from trainer.evaluate import celestial_effect, evaluate
 from trainer.preemption import EXIT_PREEMPTED, StopRequests, requeue_slurm_job
 from trainer.resources import memory_mb
 from trainer.run_log import (
@@ -28,6 +28,7 @@ from trainer.run_log import (
     stop_if_any_rank_failed_to_write,
     write_failure,
 )
+from trainer.scoring import describe_skill, skill_metrics
 
 log = logging.getLogger(__name__)
 
@@ -309,9 +310,22 @@ class Trainer:
         return evaluate(self.model, loader, self.env.device, self.data.prepared.target_std,
                         autocast=autocast, **kwargs)
 
+    def scored(self, split: str, with_effect: bool = False) -> dict:
+        """The split's metrics for the model and the baselines, with skill intervals; with
+        `with_effect`, also the NLL rise when every body is blanked (`celestial_effect`)."""
+        metrics = self.evaluate(split, with_series=True)
+        if with_effect:
+            metrics.update(celestial_effect(self.evaluate, split, self.model.spec,
+                                            self.config.model.pred_len,
+                                            self.config.data.window_stride, base=metrics))
+        series = metrics.pop("series")
+        metrics.update(skill_metrics(series, self.config.model.pred_len,
+                                     self.config.data.window_stride))
+        return metrics
+
     def validate(self) -> None:
         with self.meter.paused():     # not training time
-            metrics = self.evaluate("val")
+            metrics = self.scored("val")
             p, step = self.progress, self.progress.step
             improved = metrics["nll"] < p.best_val_nll - 1e-6
             if improved:
@@ -321,8 +335,8 @@ class Trainer:
                 p.evals_without_improvement += 1
             self.last_validation, self.last_validation_step = metrics, step
             self.run_log.record("val", step, {"epoch": p.epoch, "best": improved, **metrics})
-            log.info("validation at step %d: nll %.4f (random walk %.4f), mae %.4f, coverage 50%% "
-                     "%.3f, 90%% %.3f%s", step, metrics["nll"], metrics["rw_nll"], metrics["mae"],
+            log.info("validation at step %d: nll %.4f, %s, mae %.4f, coverage 50%% %.3f, "
+                     "90%% %.3f%s", step, metrics["nll"], describe_skill(metrics), metrics["mae"],
                      metrics["coverage_50"], metrics["coverage_90"], " (best)" if improved else "")
             self.observers.on_validation(step, {"epoch": p.epoch, **metrics}, self.evaluate)
             patience = self.config.train.early_stopping_patience
@@ -331,6 +345,14 @@ class Trainer:
                 self.stop_reason = "early_stopping"
                 log.info("early stopping: no improvement of validation NLL in %d validations "
                          "(best %.4f)", patience, p.best_val_nll)
+
+    def test(self) -> dict:
+        """The test split scored, and how much the NLL rises with every body blanked."""
+        metrics = self.scored("test", with_effect=True)
+        log.info("test: nll %.4f, %s; all bodies blanked: nll %+.4f [%+.4f, %+.4f]",
+                 metrics["nll"], describe_skill(metrics), metrics["blank_all_rise"],
+                 metrics["blank_all_rise_low"], metrics["blank_all_rise_high"])
+        return metrics
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -352,6 +374,7 @@ class Trainer:
             with guarded_write(path, leftover=path.with_suffix(".tmp")):   # agreed at the step's end
                 save_consolidated(path, self.model, {
                     "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
+                    "scaling": self.data.prepared.scaling(),
                     "step": self.progress.step, "epoch": self.progress.epoch,
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
 
@@ -363,7 +386,7 @@ class Trainer:
             return None
         distributed.barrier()
         self.model.load_state_dict(load_consolidated(best)["model"])
-        metrics = self.evaluate("val")
+        metrics = self.scored("val")
         self.run_log.record("val", self.progress.step, {"epoch": self.progress.epoch,
                                                         "restored_best": True, **metrics})
         log.info("early stopping: restored the best weights (validation NLL %.4f)", metrics["nll"])
@@ -387,15 +410,16 @@ class Trainer:
             self.validate()
         final = self.restore_best_weights() or self.last_validation
         self.save_model_file("final_model.pth", final)
-        test = self.evaluate("test")
+        test = self.test()
         self.run_log.record("test", self.progress.step, test)
         self.observers.on_end({"val": final, "test": test, "best_val_nll": self.progress.best_val_nll})
         self.run_log.hparams(flat_hparams(self.config), {
             "hparam/best_val_nll": self.progress.best_val_nll, "hparam/test_nll": test["nll"],
-            "hparam/test_mae": test["mae"], "hparam/test_coverage_90": test["coverage_90"]})
-        log.info("finished at step %d (%s): best validation NLL %.4f, test NLL %.4f (random walk "
-                 "%.4f)", self.progress.step, self.stop_reason or "completed",
-                 self.progress.best_val_nll, test["nll"], test["rw_nll"])
+            "hparam/test_mae": test["mae"], "hparam/test_coverage_90": test["coverage_90"],
+            "hparam/test_skill": test["skill"]})
+        log.info("finished at step %d (%s): best validation NLL %.4f, test NLL %.4f (%s)",
+                 self.progress.step, self.stop_reason or "completed",
+                 self.progress.best_val_nll, test["nll"], describe_skill(test))
         stop_if_any_rank_failed_to_write()    # the final model, test line and summaries
         log.info("logs: %s   checkpoints: %s   analyse with: python launch/analyze.py --log_dir %s",
                  self.run_context.log_dir, self.checkpoints.folder, self.run_context.log_dir)

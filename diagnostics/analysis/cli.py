@@ -63,7 +63,8 @@ def run(argv: list[str] | None = None) -> int:
             _print_compare(analyses)
         else:
             analysis, paths = analyze_run(args.log_dir, args.out, overrides)
-            print(console_summary(analysis.run, analysis.stats, analysis.findings))
+            print(console_summary(analysis.run, analysis.verdict, analysis.stats,
+                                  analysis.findings))
         _print_written(paths)
         return 0
     except UserError as err:

@@ -49,8 +49,20 @@ def recommendation_lines(findings: list[Finding]) -> list[str]:
     return lines
 
 
-def console_summary(run: RunData, stats: list[ComponentStats], findings: list[Finding]) -> str:
-    lines = [f"Analysis of {run.log_dir}"]
+def verdict_lines(verdict: list[tuple[str, str]], findings: list[Finding]) -> list[str]:
+    """The verdict first: skill, calibration, inputs, overfitting, and how many problems."""
+    lines = ["Verdict:"]
+    lines += [f"  {question}: {answer}" for question, answer in verdict]
+    problems = [f for f in findings if f.severity in ("critical", "error")]
+    if problems:
+        lines.append(f"  [!] {len(problems)} critical/error finding(s): "
+                     + ", ".join(f.issue for f in problems))
+    return lines
+
+
+def console_summary(run: RunData, verdict: list[tuple[str, str]], stats: list[ComponentStats],
+                    findings: list[Finding]) -> str:
+    lines = [f"Analysis of {run.log_dir}", "", *verdict_lines(verdict, findings), ""]
     if run.notes:
         lines += ["Not analysed / tolerated:", *(f"  - {note}" for note in run.notes)]
     if stats:

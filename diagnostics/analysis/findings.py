@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-SEVERITIES = ("critical", "warning", "info")   # info: worth knowing, not a problem
+SEVERITIES = ("critical", "error", "warning", "info")   # info: worth knowing, not a problem
+# critical: training itself is broken; error: the result is not usable (e.g. no skill over a
+# naive forecast); warning: worth fixing; info: worth knowing.
 
 _EVIDENCE = {"type": "object", "required": ["metric", "steps", "values"],
              "properties": {"metric": {"type": "string"},

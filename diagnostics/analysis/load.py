@@ -55,6 +55,7 @@ class RunData:
     train: list[dict] = field(default_factory=list)        # metrics.jsonl lines by kind
     val: list[dict] = field(default_factory=list)
     test: list[dict] = field(default_factory=list)
+    restored: list[dict] = field(default_factory=list)      # val lines of restored best weights
     gradients: GradientSeries | None = None
     attention: list[dict] = field(default_factory=list)    # attention_step_*.json, by step
     attribution: list[dict] = field(default_factory=list)
@@ -162,7 +163,9 @@ def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
             broken.append(number)
             continue
         line = _metrics_line(f"{path} line {number}", line)
-        by_kind.setdefault(line["kind"], {})[line["step"]] = line
+        # The best weights' re-validation after early stopping shares the last step: kept apart.
+        kind = "restored" if line.get("restored_best") else line["kind"]
+        by_kind.setdefault(kind, {})[line["step"]] = line
     if broken == [len(rows)]:   # no newline after it: still being written
         notes.append(f"{path.name}: ignored a half-written last line (run in progress?)")
     elif broken:
@@ -324,7 +327,8 @@ def load_run(log_dir: Path | str) -> RunData:
         run.notes.append("config.yaml: missing: suggestions cannot quote current values")
     metrics_path = log_dir / "metrics.jsonl"
     metrics = read_metrics(metrics_path, run.notes) if metrics_path.is_file() else {}
-    run.train, run.val, run.test = (metrics.get(k, []) for k in ("train", "val", "test"))
+    run.train, run.val, run.test, run.restored = (
+        metrics.get(k, []) for k in ("train", "val", "test", "restored"))
     if (log_dir / "gradients").is_dir():
         run.gradients = read_gradients(log_dir / "gradients", run.notes)
     run.attention = read_records(log_dir / "attention", "attention")

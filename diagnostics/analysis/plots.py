@@ -109,6 +109,40 @@ def c2t_heatmap(record: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+_BASELINE_CURVES = (("rw_nll", "random walk", "gray"), ("ewma_nll", "EWMA random walk", "tab:orange"))
+
+
+def skill_curve(run: RunData, path: Path) -> Path:
+    """Skill against the best baseline (model NLL - baseline NLL, below 0 = better) with its 95%
+    interval at each validation and at test; the all-bodies-blanked NLL rise beside it."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4))
+    for lines, label, style in ((run.val, "validation", "o"), (run.test[-1:], "test", "*")):
+        lines = [v for v in lines if v.get("skill") is not None and v.get("skill_low") is not None]
+        if lines:
+            steps = [v["step"] for v in lines]
+            skill = np.array([v["skill"] for v in lines])
+            err = [skill - [v["skill_low"] for v in lines], [v["skill_high"] for v in lines] - skill]
+            ax.errorbar(steps, skill, yerr=err, fmt=style, ms=9 if style == "*" else 5,
+                        capsize=3, label=f"{label} (vs {lines[-1].get('best_baseline')})")
+    ax.axhline(0, color="black", lw=1)
+    ax.set_title("Skill over the best baseline, 95% interval (below 0: model better)")
+    ax.set_xlabel("optimizer step")
+    _legend(ax)
+    rises = [(f"val {r['step']}", r["blank_all"]) for r in run.attribution if r.get("blank_all")]
+    if run.test and run.test[-1].get("blank_all_rise") is not None:
+        t = run.test[-1]
+        rises.append(("test", {"rise": t["blank_all_rise"], "low": t.get("blank_all_rise_low"),
+                               "high": t.get("blank_all_rise_high")}))
+    if rises:
+        rise = np.array([_float(r["rise"]) for _, r in rises])
+        err = [rise - [_float(r["low"]) for _, r in rises], [_float(r["high"]) for _, r in rises] - rise]
+        bx.errorbar(range(len(rises)), rise, yerr=err, fmt="o", capsize=3)
+        bx.set_xticks(range(len(rises)), [name for name, _ in rises], rotation=45, fontsize=7)
+    bx.axhline(0, color="black", lw=1)
+    bx.set_title("NLL rise with all bodies blanked (above 0: inputs used)")
+    return _save(fig, path)
+
+
 def training_curves(run: RunData, t: Thresholds, path: Path) -> Path:
     """Training loss, validation NLL against the random walk, and 90%/50% coverage."""
     fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -116,14 +150,18 @@ def training_curves(run: RunData, t: Thresholds, path: Path) -> Path:
         ax.plot(*column(run.train, "loss"), color="tab:blue", label="train loss")
     ax.set_title("Training loss (NLL)")
     if run.val:
-        bx.plot(*column(run.val, "nll"), marker="o", label="validation NLL")
-        bx.plot(*column(run.val, "rw_nll"), ls="--", color="gray", label="random walk")
+        bx.plot(*column(run.val, "nll"), marker="o", color="tab:blue", label="model (validation)")
         cx.plot(*column(run.val, "coverage_90"), marker="o", label="90% interval")
         cx.plot(*column(run.val, "coverage_50"), marker="s", label="50% interval")
+    for key, label, color in _BASELINE_CURVES:
+        if run.val and any(line.get(key) is not None for line in run.val):
+            bx.plot(*column(run.val, key), ls="--", color=color, label=f"{label} (validation)")
     if run.test:
-        bx.plot(*column(run.test[-1:], "nll"), marker="*", ms=12, ls="", color="tab:red",
-                label="test NLL")
-    bx.set_title("Validation NLL (lower is better)")
+        for key, label, color in (("nll", "model", "tab:blue"), *_BASELINE_CURVES):
+            if run.test[-1].get(key) is not None:
+                bx.plot(*column(run.test[-1:], key), marker="*", ms=13, ls="", color=color,
+                        markeredgecolor="black", label=f"{label} (test)")
+    bx.set_title("NLL: model and baselines (lower is better)")
     cx.axhspan(t.coverage_90_low, t.coverage_90_high, color="tab:green", alpha=0.12,
                label="wanted 90% coverage")
     cx.axhline(0.5, color="gray", ls=":", lw=1)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from html import escape
 from pathlib import Path
 
@@ -18,7 +17,7 @@ body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
-.critical { background: #fdd; } .warning { background: #ffe9c6; } .info { background: #e8f0ff; }
+.critical { background: #fdd; } .error { background: #fdd; } .warning { background: #ffe9c6; } .info { background: #e8f0ff; }
 .ok { color: #176f2c; font-weight: bold; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 12px; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
@@ -37,6 +36,30 @@ def _table(header: list[str], rows: list[list[str]], row_classes: list[str] | No
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_short(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _evidence_html(evidence: dict) -> str:
+    """The metric, its values by step as a two-row table, and the context as short lines."""
+    html = f"<b>{escape(str(evidence.get('metric', '')))}</b>"
+    steps, values = evidence.get("steps") or [], evidence.get("values") or []
+    if steps and len(steps) == len(values):
+        html += ("<table><tr><th>step</th>" + "".join(f"<td>{s}</td>" for s in steps)
+                 + "</tr><tr><th>value</th>"
+                 + "".join(f"<td>{escape(_short(v))}</td>" for v in values) + "</tr></table>")
+    elif values:
+        html += f"<br>{escape(_short(values))}"
+    context = {k: v for k, v in evidence.items() if k not in ("metric", "steps", "values")}
+    return html + "".join(f"<br>{escape(k)}: {escape(_short(v))}" for k, v in context.items())
+
+
 def _findings_section(findings: list[Finding]) -> str:
     healthy = "" if any(f.is_problem for f in findings) else \
         f"<p class=\"ok\">{escape(HEALTHY_LINE)}</p>"
@@ -46,7 +69,7 @@ def _findings_section(findings: list[Finding]) -> str:
              escape(f.suggestion) + ("<br><code>" + escape(", ".join(
                  f"{k}: {v}" for k, v in f.config_change.items())) + "</code>"
                                      if f.config_change else ""),
-             f"<pre>{escape(json.dumps(f.evidence, indent=1))}</pre>"] for f in findings]
+             _evidence_html(f.evidence)] for f in findings]
     return healthy + _table(["severity", "component", "issue", "what", "suggestion", "evidence"],
                             rows, [f.severity for f in findings])
 
@@ -81,10 +104,22 @@ def _page(title: str, sections: list[str]) -> str:
             + "".join(sections) + "</body></html>")
 
 
-def render_report(run: RunData, summary: list[tuple[str, str]], stats: list[ComponentStats],
-                  findings: list[Finding], images: dict[str, Path]) -> str:
+def _verdict_section(verdict: list[tuple[str, str]], images: dict[str, Path]) -> str:
+    skill_plot = {k: v for k, v in images.items() if k == "Skill and celestial inputs"}
+    return ("<h2>Verdict</h2>" + _table(["question", "answer"],
+                                        [[escape(q), escape(a)] for q, a in verdict])
+            + _images(skill_plot))
+
+
+def render_report(run: RunData, verdict: list[tuple[str, str]], summary: list[tuple[str, str]],
+                  stats: list[ComponentStats], findings: list[Finding],
+                  images: dict[str, Path]) -> str:
     notes = "".join(f"<li>{escape(n)}</li>" for n in run.notes)
+    images = dict(images)
+    verdict_html = _verdict_section(verdict, images)
+    images.pop("Skill and celestial inputs", None)
     sections = [
+        verdict_html,
         "<h2>Summary</h2>", _table(["", ""], [[escape(k), escape(v)] for k, v in summary]),
         "<h2>Findings</h2>", _findings_section(findings),
         f"<h2>Not analysed / tolerated</h2><ul>{notes}</ul>" if notes else "",

@@ -11,8 +11,10 @@ import math
 import numpy as np
 
 from diagnostics.analysis.findings import Finding, by_severity
+from diagnostics.analysis.forecast_rules import RULES as FORECAST_RULES
 from diagnostics.analysis.load import GradientSeries, RunData, column
 from diagnostics.analysis.thresholds import Thresholds
+from diagnostics.analysis.verdict import overfitting
 
 MAX_EVIDENCE_POINTS = 20
 
@@ -534,7 +536,10 @@ def miscalibration(run: RunData, t: Thresholds) -> list[Finding]:
         return []
     over = latest < t.coverage_90_low
     dropout = _number(run, "model.dropout")
-    if dropout is not None:
+    overfits = overfitting(run, t) is not None
+    if overfits and not over:
+        change = {}     # the overfitting finding's remedy comes first
+    elif dropout is not None:
         new = min(0.5, dropout + 0.1) if over else max(0.0, dropout - 0.1)
         change = {"model.dropout": _nice(new)}
     else:
@@ -548,11 +553,19 @@ def miscalibration(run: RunData, t: Thresholds) -> list[Finding]:
                    "underconfident (intervals too wide)."),
         evidence=_evidence("coverage_90", steps, values, latest_per_target=per_target,
                            wanted=[t.coverage_90_low, t.coverage_90_high]),
-        suggestion=("Usually overfitting: raise model.dropout, stop earlier "
-                    "(train.early_stopping_patience), or raise model.sigma_min if sigma_at_floor "
-                    "is high." if over else
-                    "Train longer (train.epochs) or regularise less (lower model.dropout)."),
+        suggestion=_calibration_advice(over, overfits),
         config_change=change)]
+
+
+def _calibration_advice(overconfident: bool, overfits: bool) -> str:
+    if overconfident:
+        return ("Usually overfitting: raise model.dropout, stop earlier "
+                "(train.early_stopping_patience), or raise model.sigma_min if sigma_at_floor "
+                "is high.")
+    if overfits:
+        return ("This run also overfits (see overfitting): remedy that first, and do not train "
+                "longer; recheck the coverage of the best-validation model afterwards.")
+    return "Train longer (train.epochs) or regularise less (lower model.dropout)."
 
 
 # --- ranks ---------------------------------------------------------------------------------------
@@ -718,7 +731,7 @@ RULES = (vanishing_gradients, learning_rate_too_small, exploding_gradients, freq
          loss_spikes, nonfinite_steps, fusion_entropy_flat, fusion_entropy_collapse,
          c2t_attention_uniform, c2t_attention_unfaithful, mixture_collapse, sigma_collapse,
          miscalibration, rank_disagreement, batch_vs_noise_scale, data_loading_bound,
-         memory_near_limit)
+         memory_near_limit, *FORECAST_RULES)
 
 
 def run_rules(run: RunData, t: Thresholds) -> list[Finding]:

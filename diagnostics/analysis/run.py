@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diagnostics.analysis import plots
-from diagnostics.analysis.findings import Finding
+from diagnostics.analysis.findings import SEVERITIES, Finding
 from diagnostics.analysis.load import RunData, column, load_run
 from diagnostics.analysis.report import render_compare, render_report
 from diagnostics.analysis.rules import run_rules
@@ -18,6 +18,7 @@ from diagnostics.analysis.summary import (
     write_gradient_csv,
 )
 from diagnostics.analysis.thresholds import Thresholds, build_thresholds
+from diagnostics.analysis.verdict import verdict_rows
 from trainer.errors import UserError
 
 
@@ -27,6 +28,7 @@ class RunAnalysis:
     thresholds: Thresholds
     findings: list[Finding]
     stats: list[ComponentStats]
+    verdict: list[tuple[str, str]]
 
 
 def analyze(log_dir: Path, overrides: list[tuple[str, float]]) -> RunAnalysis:
@@ -34,7 +36,8 @@ def analyze(log_dir: Path, overrides: list[tuple[str, float]]) -> RunAnalysis:
     run = load_run(log_dir)
     thresholds = build_thresholds(run.config, overrides)
     stats = component_stats(run.gradients, thresholds) if run.gradients is not None else []
-    return RunAnalysis(run, thresholds, run_rules(run, thresholds), stats)
+    return RunAnalysis(run, thresholds, run_rules(run, thresholds), stats,
+                       verdict_rows(run, thresholds))
 
 
 def _output_folder(path: Path) -> Path:
@@ -52,6 +55,8 @@ def _plots(a: RunAnalysis, out: Path) -> dict[str, Path]:
     images = {}
     if run.train or run.val:
         images["Loss and validation"] = plots.training_curves(run, t, out / "training_curves.png")
+    if any(v.get("skill") is not None for v in run.val + run.test):
+        images["Skill and celestial inputs"] = plots.skill_curve(run, out / "skill.png")
     if run.gradients is not None:
         images["Gradient flow"] = plots.gradient_flow(run.gradients, t, out / "gradient_flow.png")
     if run.attention:
@@ -75,7 +80,8 @@ def write_outputs(a: RunAnalysis, out: Path) -> list[Path]:
         recommendations = out / "recommendations.json"
         recommendations.write_text(json.dumps([f.to_dict() for f in a.findings], indent=2) + "\n")
         report = out / "report.html"
-        report.write_text(render_report(a.run, run_summary(a.run), a.stats, a.findings, images))
+        report.write_text(render_report(a.run, a.verdict, run_summary(a.run), a.stats,
+                                        a.findings, images))
         return [*written, recommendations, report]
     except OSError as err:
         raise UserError(f"{out}: cannot write the analysis ({err.strerror or err})") from None
@@ -88,7 +94,7 @@ def analyze_run(log_dir: Path, out: Path | None, overrides: list[tuple[str, floa
 
 
 COMPARE_HEADER = ["run", "last step", "last train loss", "best val NLL (step)", "val 90% coverage",
-                  "test NLL", "findings (critical/warning/info)"]
+                  "test NLL", "test skill [95%]", "findings (critical/error/warning/info)"]
 
 
 def _last(lines: list[dict], key: str) -> str:
@@ -106,10 +112,18 @@ def compare_row(a: RunAnalysis) -> list[str]:
             value, step = min(finite)
             best = f"{value:.4f} ({step})"
     counts = "/".join(str(sum(f.severity == s for f in a.findings))
-                      for s in ("critical", "warning", "info"))
+                      for s in SEVERITIES)
     return [str(run.log_dir), str(run.train[-1]["step"]) if run.train else "n/a",
             _last(run.train, "loss"), best, _last(run.val, "coverage_90"),
-            _last(run.test, "nll"), counts]
+            _last(run.test, "nll"), _skill_cell(run.test), counts]
+
+
+def _skill_cell(lines: list[dict]) -> str:
+    line = lines[-1] if lines else {}
+    if not all(isinstance(line.get(k), (int, float)) for k in ("skill", "skill_low", "skill_high")):
+        return "n/a"
+    return (f"{line['skill']:+.4f} [{line['skill_low']:+.4f}, {line['skill_high']:+.4f}] vs "
+            f"{line.get('best_baseline', '?')}")
 
 
 def compare_runs(log_dirs: list[Path], out: Path | None, overrides: list[tuple[str, float]]

@@ -126,21 +126,23 @@ def _profile_rows(run: RunData) -> list[tuple[str, str]]:
             ("MFU", _fmt(last.get("mfu"), ".1%"))]
 
 
+def _baselines(line: dict) -> str:
+    return f"random walk {_fmt(line.get('rw_nll'))}, EWMA random walk {_fmt(line.get('ewma_nll'))}"
+
+
 def _result_rows(run: RunData) -> list[tuple[str, str]]:
     rows = []
     if run.val:
         steps, nll = column(run.val, "nll")
         if np.isfinite(nll).any():
             best = int(np.nanargmin(nll))
-            rw_nll = _fmt(run.val[best].get("rw_nll"))
             rows.append(("best validation NLL",
-                         f"{nll[best]:.4f} at step {steps[best]} (random walk {rw_nll})"))
+                         f"{nll[best]:.4f} at step {steps[best]} ({_baselines(run.val[best])})"))
         coverage = _fmt(run.val[-1].get("coverage_90"), ".3f")
         rows.append(("latest 90% coverage (validation)", coverage))
     if run.test:
         test = run.test[-1]
-        rw_nll = _fmt(test.get("rw_nll"))
-        rows.append(("test NLL", f"{_fmt(test.get('nll'))} (random walk {rw_nll})"))
+        rows.append(("test NLL", f"{_fmt(test.get('nll'))} ({_baselines(test)})"))
     return rows
 
 

@@ -42,6 +42,8 @@ class Thresholds:
     sigma_at_floor: float = 0.2            # pi-weighted share of sigmas at model.sigma_min
     coverage_90_low: float = 0.85
     coverage_90_high: float = 0.95
+    # overfitting: validations after the best one, all worse, NLL rising while train loss falls
+    overfit_validations: int = 3
     # ranks (world size > 1)
     min_agreement: float = 0.05            # mean pairwise cosine of ranks' local gradients
     noise_scale_ratio: float = 10.0        # global batch vs noise scale, either way
@@ -58,7 +60,7 @@ class Thresholds:
         if not self.coverage_90_low < self.coverage_90_high:
             raise ValueError("threshold coverage_90_low must be below coverage_90_high")
         for name in ("sustained_records", "spike_window", "spike_min_window",
-                     "entropy_min_records"):
+                     "entropy_min_records", "overfit_validations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"threshold {name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.late_fraction <= 1:

@@ -1,0 +1,174 @@
+"""Scores, baselines and skill intervals (trainer/scoring.py, the mixture math in model/decoder.py)
+and the evaluation that applies them on the same windows (trainer/evaluate.py)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.decoder import mixture_cdf, mixture_crps, mixture_quantiles
+from tests.dist_workers import join_group, spawn
+from trainer import distributed
+from trainer.scoring import (block_bootstrap_interval, block_length, ewma_scale, gaussian,
+                             random_walk, scores, skill_metrics)
+
+
+def random_mixture(shape=(2, 3), K=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    log_pi = torch.log_softmax(torch.randn(*shape, K, generator=g), -1)
+    mu = torch.randn(*shape, K, generator=g)
+    sigma = torch.rand(*shape, K, generator=g) + 0.2
+    return log_pi, mu, sigma
+
+
+def sample(mixture, n, seed=1):
+    log_pi, mu, sigma = mixture
+    g = torch.Generator().manual_seed(seed)
+    k = torch.multinomial(log_pi.exp().reshape(-1, log_pi.shape[-1]), n, replacement=True,
+                          generator=g).T.reshape(n, *log_pi.shape[:-1], 1)
+    pick = lambda x: torch.gather(x.expand(n, *x.shape), -1, k)[..., 0]   # noqa: E731
+    return pick(mu) + pick(sigma) * torch.randn(n, *mu.shape[:-1], generator=g)
+
+
+def test_crps_closed_form_matches_monte_carlo():
+    mixture = random_mixture()
+    y = torch.randn(2, 3, generator=torch.Generator().manual_seed(5))
+    x, x2 = sample(mixture, 200_000, seed=1), sample(mixture, 200_000, seed=2)
+    monte_carlo = (x - y).abs().mean(0) - 0.5 * (x - x2).abs().mean(0)
+    assert torch.allclose(mixture_crps(*mixture, y), monte_carlo, atol=5e-3)
+
+
+def test_crps_of_a_standard_normal_at_its_mean():
+    log_pi, mu, sigma = gaussian(torch.zeros(1, 1, 1), torch.ones(1, 1, 1))
+    expected = 2 / math.sqrt(2 * math.pi) - 1 / math.sqrt(math.pi)
+    assert mixture_crps(log_pi, mu, sigma, torch.zeros(1, 1, 1)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mixture_quantiles_are_exact_and_match_sampling():
+    mixture = random_mixture()
+    probs = [0.05, 0.25, 0.5, 0.75, 0.95]
+    q = mixture_quantiles(*mixture, probs)                       # (2, 3, 5)
+    for i, p in enumerate(probs):
+        cdf = mixture_cdf(*mixture, q[..., i])
+        assert torch.allclose(cdf, torch.full_like(cdf, p), atol=1e-5)
+    x = sample(mixture, 200_000)
+    below = (x[..., None] < q).float().mean(0)
+    assert torch.allclose(below, torch.tensor(probs).expand_as(below), atol=5e-3)
+
+
+def test_ewma_scale_follows_the_riskmetrics_recursion():
+    g = torch.Generator().manual_seed(0)
+    target_BST = torch.randn(3, 40, 2, generator=g).cumsum(1)
+    r = torch.diff(target_BST.double(), dim=1)
+    variance = (r ** 2).mean(1)
+    for t in range(r.shape[1]):
+        variance = 0.94 * variance + 0.06 * r[:, t] ** 2
+    assert torch.allclose(ewma_scale(target_BST).double(), variance.sqrt(), rtol=1e-5)
+
+
+def test_ewma_adapts_where_the_training_spread_cannot():
+    """A calm window (changes of 0.1) after a training spread of 1: the EWMA scale is near 0.1."""
+    steps = torch.full((1, 60, 1), 0.1) * torch.tensor([1.0, -1.0]).repeat(30)[None, :, None]
+    scale = ewma_scale(steps.cumsum(1))
+    assert scale.item() == pytest.approx(0.1, rel=1e-3)
+    y = torch.zeros(1, 3, 1)
+    rw = random_walk(steps.cumsum(1), torch.ones(3, 1), 3)
+    calm = gaussian(torch.zeros(1, 3, 1), 0.1 * torch.ones(1, 3, 1))
+    assert scores(calm, y, torch.ones(1))["nll"].mean() < scores(rw, y, torch.ones(1))["nll"].mean()
+
+
+def test_block_length_covers_overlapping_horizons_and_leaves_blocks():
+    assert block_length(4000, pred_len=24) == 48
+    assert block_length(4000, pred_len=24, stride=24) == 16      # n^(1/3) floor
+    assert block_length(100, pred_len=24) == 20                  # at least five blocks
+
+
+def ar1(n, phi, seed):
+    rng = np.random.default_rng(seed)
+    x = np.zeros(n)
+    for t in range(1, n):
+        x[t] = phi * x[t - 1] + rng.normal()
+    return x
+
+
+def test_block_bootstrap_widens_the_interval_for_correlated_series():
+    """An i.i.d. resample (block 1) of a strongly autocorrelated series is far too narrow; the
+    block interval is wider and covers the true mean (0) in most of 20 series."""
+    widths, covered = [], 0
+    for seed in range(20):
+        x = ar1(2000, 0.9, seed)
+        low1, high1 = block_bootstrap_interval(x, 1, num_resamples=400)
+        low, high = block_bootstrap_interval(x, 50, num_resamples=400)
+        widths.append((high - low) / (high1 - low1))
+        covered += low <= 0 <= high
+    assert np.median(widths) > 2.5
+    assert covered >= 16
+
+
+def test_skill_is_against_the_best_baseline():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.01, 500)
+    series = {"model": 1.0 + noise, "rw": 1.2 + noise, "ewma": 1.1 + noise}
+    skill = skill_metrics(series, pred_len=5, stride=1)
+    assert skill["best_baseline"] == "ewma"
+    assert skill["skill"] == pytest.approx(-0.1)
+    assert skill["skill_rw"] == pytest.approx(-0.2)
+    assert skill["skill_low"] <= skill["skill"] <= skill["skill_high"] < 0
+
+
+# --- evaluation on real windows, one process and two -------------------------------------------
+
+def evaluation_setup(csv: Path):
+    from tests.conftest import small_config
+    from trainer.data import WindowDataset, build_loader, prepare
+    from model import CelestialPGAT
+    config = small_config(csv, Path("/nonexistent"))
+    m = config.model
+    prepared = prepare(config.data, m.seq_len, m.pred_len)
+    dataset = WindowDataset(prepared, "val", m.seq_len, m.pred_len, 1)
+    torch.manual_seed(0)
+    return CelestialPGAT(m, prepared.spec), dataset, prepared, config
+
+
+def evaluate_on(csv: Path, rank: int = 0, world_size: int = 1) -> dict:
+    from trainer.data import build_loader
+    from trainer.evaluate import evaluate
+    model, dataset, prepared, config = evaluation_setup(csv)
+    loader = build_loader(dataset, config.data, rank, world_size, seed=0, train=False)
+    return evaluate(model, loader, torch.device("cpu"), prepared.target_std, with_series=True,
+                    per_horizon=True)
+
+
+def test_evaluate_scores_model_and_baselines_on_the_same_windows(short_csv):
+    metrics = evaluate_on(short_csv)
+    n = metrics["num_windows"]
+    series = metrics["series"]
+    assert all(len(series[k]) == n for k in ("model", "rw", "ewma"))
+    for prefix in ("", "rw_", "ewma_"):
+        assert metrics[f"{prefix}nll"] == pytest.approx(series[prefix[:-1] or "model"].mean(), rel=1e-6)
+        assert 0 < metrics[f"{prefix}coverage_50"] < metrics[f"{prefix}coverage_90"] <= 1
+        assert metrics[f"{prefix}crps"] > 0 and metrics[f"{prefix}mae"] > 0
+        assert np.array(metrics[f"{prefix}nll_by_horizon"]).shape == (12, 4)
+    # The random walk's spread is the training split's: on validation it covers about 90%.
+    assert 0.8 < metrics["rw_coverage_90"] < 0.97
+
+
+def two_rank_series(rank, world_size, port, csv, out):
+    join_group(rank, world_size, port)
+    metrics = evaluate_on(Path(csv), rank, world_size)
+    if rank == 0:
+        np.savez(Path(out) / "series.npz", **metrics["series"], nll=metrics["nll"])
+    distributed.destroy()
+
+
+@pytest.mark.slow
+def test_series_gathered_from_two_ranks_equal_one_process(short_csv, tmp_path):
+    one = evaluate_on(short_csv)
+    spawn(two_rank_series, 2, str(short_csv), str(tmp_path), timeout_s=240)
+    two = np.load(tmp_path / "series.npz")
+    for k in ("model", "rw", "ewma"):
+        np.testing.assert_allclose(two[k], one["series"][k], rtol=1e-5, atol=1e-6)
+    assert float(two["nll"]) == pytest.approx(one["nll"], rel=1e-6)

@@ -220,8 +220,8 @@ def run_steps(trainer, batches, num_steps: int) -> None:
         ctx = StepContext(step=trainer.progress.step, epoch=0,
                           lr=trainer.scheduler.get_last_lr()[0],
                           clip_norm=trainer.config.optim.grad_clip_norm)
-        loss = trainer.train_step([batches[i % len(batches)]], ctx, [])
-        trainer.meter.add(loss, ctx.grad_norm, ctx.found_inf, ctx.clip_norm)
+        loss, part_flags = trainer.train_step([batches[i % len(batches)]], ctx, [])
+        trainer.meter.add(loss, ctx.grad_norm, ctx.found_inf, ctx.clip_norm, part_flags)
     _sync(trainer.env.device)
     trainer.meter.reset()
 

@@ -16,7 +16,7 @@ import yaml
 from diagnostics.observer import ObserverGroup, RunContext
 from diagnostics.observers import build_observers
 from model import CelestialPGAT
-from trainer import distributed
+from trainer import distributed, faults
 from trainer.checkpoint import CheckpointManager
 from trainer.config import Config
 from trainer.data import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
@@ -59,6 +59,7 @@ def resolve_experiment_name(config: Config, config_path: str | None) -> str:
 
 
 def build_data(config: Config, env: DistEnv) -> DataBundle:
+    faults.delay("data_preparation")
     # The built-in dataset is generated once, by rank 0; the others wait for its verdict.
     agree_on_user_error(lambda: ensure_dataset(config.data) if env.rank == 0 else None)
     return agree_on_user_error(lambda: _prepare_loaders(config, env))
@@ -151,6 +152,7 @@ def build_trainer(config: Config, env: DistEnv, config_path: str | None = None) 
     data = build_data(config, env)        # every input check, before anything is written
     open_run_folder(log_dir, config, env)
 
+    faults.delay("model_build")
     seed_everything(config.train.seed)   # identical initial weights on every rank
     model = CelestialPGAT(config.model, data.prepared.spec).to(env.device)
     train_model = distributed.wrap_ddp(maybe_compile(model, config.train.compile), env)

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from trainer import distributed
+from trainer import distributed, preemption
 from trainer.config import load_config, parse_override
 from trainer.errors import EXIT_WRITE_FAILED, UserError, WriteFailed
 from trainer.run_log import log_error_to_file
@@ -57,10 +57,13 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Train; returns the exit status (0 done, 2 bad input, 74 a file could not be written,
-    75 stopped on a signal)."""
+    """Train; returns the exit status (0 done, 1 failed, 2 bad input, 74 a file could not be
+    written, 75 stopped on a signal)."""
     args = parse_args(argv)
-    from trainer.build import build_trainer  # after argparse: --help stays fast
+    # From here on SIGTERM/SIGUSR1 only set a flag: a stop asked for during data preparation,
+    # model build or resume is acted on at the trainer's first safe point (exit 75).
+    requests = preemption.listen()
+    from trainer.build import build_trainer   # after argparse: --help stays fast
     try:
         config = load_config(args.config, overrides_from(args))
         env = distributed.init_distributed(config.train.device, config.train.collective_timeout_s)
@@ -69,16 +72,22 @@ def run(argv: list[str] | None = None) -> int:
         return _fail(err, 2)
     except WriteFailed as err:
         return _fail(err, EXIT_WRITE_FAILED)
-    except Exception as err:
-        # Not ours to explain: the traceback goes to the console as usual, and also into
-        # training_full.log when the run folder exists, so the run's own record has it.
-        log_error_to_file(f"unexpected error: {err!r}", exc_info=True)
+    except BaseException as err:    # DCP's CheckpointException is a BaseException
+        explained = distributed.explain_failure(err)
+        if explained is not None:
+            logging.getLogger(__name__).debug("collective failure", exc_info=True)
+            return _fail(explained, 1)
+        if isinstance(err, Exception):
+            # Not ours to explain: the traceback goes to the console as usual, and also into
+            # training_full.log when the run folder exists, so the run's own record has it.
+            log_error_to_file(f"unexpected error: {err!r}", exc_info=True)
         raise
     finally:
+        requests.uninstall()
         distributed.destroy()
 
 
-def _fail(err: Exception, status: int) -> int:
+def _fail(err: object, status: int) -> int:
     """One line on the console (every rank), and into training_full.log if it exists."""
     message = "error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     logging.getLogger(__name__).debug("stopping", exc_info=True)

@@ -6,7 +6,9 @@ Launch modes, all through `init_distributed()`:
 - `srun` without torchrun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; MASTER_ADDR defaults to
   the first host of the allocation, MASTER_PORT to 29500 + job id % 1000).
 NCCL with one GPU per LOCAL_RANK on CUDA, gloo on CPU. Control-flow flags (stop, save now)
-travel over a gloo group so agreeing on them never syncs the GPU.
+travel over a gloo group so agreeing on them never syncs the GPU. Every group gets the configured
+`train.collective_timeout_s`: a rank that stops participating makes the others fail with an error
+within it (`explain_failure` turns that error into one line), not wait forever.
 """
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.errors import UserError
 
 _control_group = None
 _checkpoint_group = None
+_timeout = datetime.timedelta(seconds=600)      # set by init_distributed for every group
 _retired_groups: list = []      # see destroy()
 
 
@@ -82,13 +86,13 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 
 def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> DistEnv:
     """Join the process group if launched with several ranks (no-op for a single process)."""
-    global _control_group
+    global _control_group, _timeout
     rank, local_rank, world_size = _launch_env()
     device = pick_device(device_preference, local_rank)
     if world_size == 1:
         return DistEnv(0, 0, 1, device, None)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = _timeout = datetime.timedelta(seconds=timeout_s)
     store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     # torchrun's workers share the launcher's store across restarts; a fresh prefix per attempt
     # keeps a restarted group from reading the dead attempt's addresses (pytorch issue 135712).
@@ -105,7 +109,7 @@ def enable_async_checkpoint_group() -> None:
     Collective: every rank must call it."""
     global _checkpoint_group
     if is_distributed() and _checkpoint_group is None:
-        _checkpoint_group = dist.new_group(backend="gloo")
+        _checkpoint_group = dist.new_group(backend="gloo", timeout=_timeout)
 
 
 def checkpoint_group():
@@ -187,6 +191,55 @@ def register_local_gradient_hook(ddp_model, on_bucket) -> None:
         on_bucket(bucket.parameters(), bucket.gradients())
         return default_hooks.allreduce_hook(None, bucket)
     ddp_model.register_comm_hook(None, hook)
+
+
+def group_timeouts() -> dict[str, float]:
+    """Seconds each live process group lets a collective wait (what `train.collective_timeout_s`
+    reached); empty outside a process group."""
+    if not is_distributed():
+        return {}
+    groups = {"default": dist.group.WORLD, "control": _control_group, "checkpoint": _checkpoint_group}
+    timeouts = {}
+    for name, group in groups.items():
+        if group is not None:
+            device = torch.device("cuda" if dist.get_backend(group) == "nccl" else "cpu")
+            timeouts[name] = group._get_backend(device).options._timeout.total_seconds()
+    return timeouts
+
+
+_BACKEND_WORDS = ("gloo", "nccl", "c10d", "processgroup", "pair closure")
+_TIMEOUT_WORDS = ("timed out", "timeout")
+_LOST_PEER_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                    "connection refused")
+
+
+def _from_collective(err: BaseException, text: str) -> bool:
+    """Raised by a process group (gloo raises plain RuntimeErrors naming itself; DCP wraps
+    them in a CheckpointException, a BaseException)."""
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, (RuntimeError, CheckpointException)) and \
+        any(word in text for word in _BACKEND_WORDS)
+
+
+def explain_failure(err: BaseException) -> str | None:
+    """One line saying what to do if `err` is a collective that timed out or lost a peer; None
+    for any other error (and outside a process group)."""
+    text = str(err).lower()
+    if not is_distributed() or not _from_collective(err, text):
+        return None
+    seconds = int(_timeout.total_seconds())
+    if any(word in text for word in _TIMEOUT_WORDS):
+        return (f"rank {rank()}: a collective operation did not complete within "
+                f"train.collective_timeout_s={seconds} s: another rank stopped participating "
+                f"(hung, or much slower than this one). Look at the other ranks' output for "
+                f"where it stopped; if a step, validation or checkpoint save can legitimately "
+                f"take longer, raise train.collective_timeout_s. Resume with --resume auto")
+    if any(word in text for word in _LOST_PEER_WORDS):
+        return (f"rank {rank()}: another rank left the process group (it crashed or was "
+                f"killed): see its output for why. Under torchrun --max-restarts the group "
+                f"restarts from the newest checkpoint; otherwise resume with --resume auto")
+    return None
 
 
 def destroy() -> None:

@@ -17,10 +17,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 
 from diagnostics.observer import ObserverGroup, RunContext, StepContext
-from trainer import distributed
+from trainer import distributed, faults
 from trainer.checkpoint import CheckpointManager, load_consolidated, save_consolidated
 from trainer.evaluate import celestial_effect, evaluate
-from trainer.preemption import EXIT_PREEMPTED, StopRequests, requeue_slurm_job
+from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
+from trainer.preemption import EXIT_PREEMPTED, process_requests, requeue_slurm_job
 from trainer.resources import memory_mb
 from trainer.run_log import (
     guarded_write,
@@ -80,17 +81,19 @@ class IntervalMeter:
         self.norm = torch.zeros((), device=self.device)
         self.clipped = torch.zeros((), device=self.device)
         self.skip_flags: list[torch.Tensor] = []
+        self.part_flags: list[torch.Tensor] = []     # per step: FiniteCheck's flags
         self.data_time = 0.0
         self.started = time.perf_counter()
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, found_inf: torch.Tensor,
-            clip_norm: float) -> None:
+            clip_norm: float, part_flags: torch.Tensor) -> None:
         finite = found_inf == 0
         self.loss += torch.where(finite, loss, 0.0)
         self.norm += torch.where(finite, grad_norm, 0.0)
         if clip_norm > 0:
             self.clipped += (finite & (grad_norm > clip_norm)).float()
         self.skip_flags.append(found_inf)
+        self.part_flags.append(part_flags)
 
     @contextmanager
     def paused(self):
@@ -125,7 +128,8 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
         self.progress = Progress()
         self.app_state = AppState(self)
-        self.requests = StopRequests()
+        self.requests = process_requests()
+        self.finite_check = FiniteCheck(model)
         self.meter = IntervalMeter(env.device)
         self.stop_reason: str | None = None
         self.requeue_requested = False
@@ -138,19 +142,36 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def train(self) -> int:
         """Train to the configured length; returns the process exit status."""
-        self.requests.install()
+        installed_here = not self.requests.installed   # the CLI installs them at process start
+        if installed_here:
+            self.requests.install()
         try:
+            if self.stopped_before_training("start-up"):
+                return EXIT_PREEMPTED
             self.observers.on_start(self.run_context)
             if self.progress.step == 0 and self.config.train.validate_at_start:
                 self.validate()   # the starting point, so the curve shows what training gained
+                if self.stopped_before_training("the first validation"):
+                    return EXIT_PREEMPTED
             self.meter.reset()    # the first interval's clock starts with training
             while self.stop_reason is None and self.progress.step < self.progress.total_steps:
                 self.run_epoch()
             return self.finish()
         finally:
-            self.requests.uninstall()
+            if installed_here:
+                self.requests.uninstall()
             self.checkpoints.wait()
             self.run_log.close()
+
+    def stopped_before_training(self, phase: str) -> bool:
+        """A stop signal during `phase` (before the first step of this process): nothing new to
+        save, so all ranks agree and exit; the run resumes from where it was."""
+        self.act_on_requests(f"during {phase}, before any training step: exiting without a new "
+                             f"checkpoint")
+        if self.stop_reason != "signal":
+            return False
+        self.report_stop()
+        return True
 
     def run_epoch(self) -> None:
         loader = self.data.train_loader
@@ -176,42 +197,52 @@ class Trainer:
         ctx = StepContext(step=step, epoch=self.progress.epoch, lr=self.scheduler.get_last_lr()[0],
                           clip_norm=self.config.optim.grad_clip_norm, data_time_s=data_time)
         active = self.observers.active(step)
-        loss = self.train_step(micro_batches, ctx, active)
+        if faults.ACTIVE:
+            faults.hang(step)
+        loss, part_flags = self.train_step(micro_batches, ctx, active)
         self.progress.step = step
         self.progress.epoch_position += self.samples_per_step
-        self.meter.add(loss, ctx.grad_norm, ctx.found_inf, ctx.clip_norm)
+        self.meter.add(loss, ctx.grad_norm, ctx.found_inf, ctx.clip_norm, part_flags)
         ctx.step_time_s = time.perf_counter() - step_started
         for observer in active:
             observer.after_step(ctx)
         self.after_step(step)
 
-    def train_step(self, micro_batches, ctx: StepContext, active) -> torch.Tensor:
-        """Forward/backward over the micro-batches, clip, and step (skipped if non-finite)."""
+    def train_step(self, micro_batches, ctx: StepContext, active) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over the micro-batches, clip, and step (skipped if non-finite).
+        Returns the loss and the step's non-finite flags (on the device: no sync)."""
         want_attention = any(o.needs_attention for o in active)
         for observer in active:
             observer.before_forward(ctx)
         loss_sum = torch.zeros((), device=self.env.device)
+        poisoned = faults.poison_gradients(self.model, ctx.step) if faults.ACTIVE else []
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.env.device, non_blocking=True)
+            if faults.ACTIVE and i == 0:
+                faults.corrupt_inputs(batch, ctx.step)
             syncing = i == len(micro_batches) - 1
             with self._no_sync_unless(syncing), self._autocast():
                 out = self.train_model(batch.wave, batch.target, batch.future_wave,
                                        return_attention=want_attention)
                 loss = out.loss(batch.future_target) / len(micro_batches)
-            self.scaler.scale(loss).backward()
+            if faults.ACTIVE:
+                loss = faults.corrupt_loss(loss, ctx.step)
+            self.scaler.scale(self.finite_check.guard_loss(loss, batch)).backward()
             loss_sum += loss.detach()
             if want_attention:
                 ctx.attention.append(out.attention)
+        for handle in poisoned:
+            handle.remove()
         self.scaler.unscale_(self.optimizer)
         for observer in active:
             observer.after_backward(ctx)
         max_norm = ctx.clip_norm if ctx.clip_norm > 0 else math.inf
-        ctx.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        ctx.grad_norm, part_flags = self.finite_check.clip(max_norm)
         ctx.found_inf = (~torch.isfinite(ctx.grad_norm)).float()
         for observer in active:
             observer.before_optimizer_step(ctx)
         self._optimizer_step(ctx.found_inf)
-        return loss_sum
+        return loss_sum, part_flags
 
     def _optimizer_step(self, found_inf: torch.Tensor) -> None:
         """Step unless the (all-reduced, so rank-wide) gradient is non-finite. Fused AdamW skips
@@ -244,17 +275,27 @@ class Trainer:
             self.run_log.advance()
         if train.eval_interval and step % train.eval_interval == 0:
             self.validate()
-        stop, save_now, requeue, write_failed = distributed.agree_any(
-            [self.requests.stop_signal is not None, self.requests.save_now, self.requests.requeue,
+        if step % self.config.checkpoint.interval == 0 and self.stop_reason != "nonfinite":
+            self.save_checkpoint()
+        # After the validation and save: a signal that came during them is acted on now, and
+        # a stop right after a save needs no second checkpoint.
+        self.act_on_requests()
+
+    def act_on_requests(self, then: str = "saving a checkpoint and exiting") -> None:
+        """Agree with all ranks on the signals received (so all take the same branch): a stop
+        is taken at once (finish() saves), a save-now request saves here."""
+        r = self.requests
+        stop, save_now, requeue, cancel, write_failed = distributed.agree_any(
+            [r.stop_signal is not None, r.save_now, r.requeue, r.cancel,
              write_failure() is not None])
         if write_failed:     # a log or record could not be written (full disk): all ranks stop
             raise_agreed_write_failure()
-        self.requests.save_now = False
+        r.save_now = False
         if stop and self.stop_reason is None:
             self.stop_reason = "signal"
-            self.requeue_requested = requeue
-            log.warning("stop requested (signal) at step %d: saving a checkpoint and exiting", step)
-        elif save_now or step % self.config.checkpoint.interval == 0:
+            self.requeue_requested = requeue and not cancel    # a SIGTERM anywhere cancels
+            log.warning("stop requested (signal) at step %d: %s", self.progress.step, then)
+        elif save_now and self.last_checkpoint_step != self.progress.step:
             self.save_checkpoint()
 
     def log_interval(self, step: int) -> None:
@@ -288,8 +329,7 @@ class Trainer:
         for f in flags:
             p.consecutive_skips = p.consecutive_skips + 1 if f else 0
         if skipped:
-            log.warning("skipped %d optimizer step(s) with a non-finite loss or gradient: steps %s",
-                        len(skipped), skipped)
+            self._record_skips(flags, skipped)
         limit = self.config.train.max_consecutive_skips
         if p.consecutive_skips >= limit and self.stop_reason is None:
             self.stop_reason = "nonfinite"
@@ -297,11 +337,24 @@ class Trainer:
                       "(limit train.max_consecutive_skips=%d). Lower optim.lr, tighten "
                       "optim.grad_clip_norm or check the data.", p.consecutive_skips, limit)
 
+    def _record_skips(self, flags: list[int], skipped: list[int]) -> None:
+        """A log line and a `skip` record per skipped step, naming the first non-finite part.
+        Every rank skipped the same steps (the flags come from all-reduced gradients), so all
+        take part in the one gather of their flags."""
+        rows = [i for i, f in enumerate(flags) if f]
+        local = torch.stack([self.meter.part_flags[i] for i in rows]).tolist()
+        by_rank = distributed.all_gather_object(local)
+        for n, step in enumerate(skipped):
+            skip = describe_skip(self.finite_check.names, [flags[n] for flags in by_rank])
+            log.warning(skip_message(step, skip))
+            self.run_log.record("skip", step, skip)
+
     def end_epoch(self) -> None:
         self.progress.epoch += 1
         self.progress.epoch_position = 0
         if self.config.train.eval_interval == 0:
             self.validate()
+            self.act_on_requests()    # a signal during this validation: stop before the next step
 
     # ------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "val", **kwargs) -> dict:
@@ -324,6 +377,8 @@ class Trainer:
         return metrics
 
     def validate(self) -> None:
+        if faults.ACTIVE:
+            faults.delay("validation")
         with self.meter.paused():     # not training time
             metrics = self.scored("val")
             p, step = self.progress, self.progress.step
@@ -357,12 +412,16 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         with self.meter.paused():     # not training time; blocked_s is recorded below
+            if faults.ACTIVE:
+                faults.delay("checkpoint_save")
             blocked = self.checkpoints.save(self.progress.step, {"app": self.app_state},
                                             self.config.to_yaml())
         self.last_checkpoint_step = self.progress.step
         self.run_log.record("checkpoint", self.progress.step, {"blocked_s": blocked})
 
     def resume(self, folder) -> None:
+        if faults.ACTIVE:
+            faults.delay("resume")
         self.checkpoints.load(folder, {"app": self.app_state})
         self.last_checkpoint_step = self.progress.step
         log.info("resumed from %s at step %d (epoch %d, %d samples into it)", folder,
@@ -377,6 +436,24 @@ class Trainer:
                     "scaling": self.data.prepared.scaling(),
                     "step": self.progress.step, "epoch": self.progress.epoch,
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+
+    def report_stop(self) -> None:
+        """After a stop signal: requeue the Slurm job if the last signal asked for it."""
+        if distributed.is_main() and self.requeue_requested:
+            requeue_slurm_job()
+        elif distributed.is_main():
+            log.info("stopped on SIGTERM: resume with --resume auto")
+
+    def stop_nonfinite(self) -> int:
+        """End a run that kept producing non-finite steps, without saving its state: the
+        checkpoints written before are kept for a resume with other settings."""
+        self.checkpoints.wait()
+        newest = self.checkpoints.complete_checkpoints()
+        log.error("run stopped at step %d after %d non-finite steps in a row (see the `skip` "
+                  "lines in metrics.jsonl for what went non-finite); newest checkpoint: %s",
+                  self.progress.step, self.progress.consecutive_skips,
+                  newest[0] if newest else "none")
+        return 1
 
     def restore_best_weights(self) -> dict | None:
         """After early stopping, load best_model.pth (the sharded checkpoint keeps the last
@@ -396,15 +473,12 @@ class Trainer:
         if self.meter.skip_flags:
             self.log_interval(self.progress.step)    # the steps since the last log line
         if self.stop_reason == "nonfinite":
-            return 1
+            return self.stop_nonfinite()
         if self.last_checkpoint_step != self.progress.step:
             self.save_checkpoint()
         self.checkpoints.wait_all_ranks()
         if self.stop_reason == "signal":
-            if distributed.is_main() and self.requeue_requested:
-                requeue_slurm_job()
-            elif distributed.is_main():
-                log.info("stopped on SIGTERM after a checkpoint: resume with --resume auto")
+            self.report_stop()
             return EXIT_PREEMPTED
         if self.last_validation_step != self.progress.step:
             self.validate()

@@ -3,8 +3,14 @@
 SIGTERM and SIGUSR1 ask the run to checkpoint and stop. Only SIGUSR1 (what a job asks Slurm to
 send ahead of its time limit, `--signal=B:USR1@<s>`) also requeues the Slurm job: SIGTERM is
 what `scancel` sends, and a cancelled job must stay cancelled (under preemption with
-PreemptMode=REQUEUE, Slurm requeues the job itself). SIGUSR2 asks for a checkpoint now and
-training goes on. The handlers only set flags: saving inside a handler can deadlock.
+PreemptMode=REQUEUE, Slurm requeues the job itself). The last stop signal decides: USR1 then
+TERM is a cancel. SIGUSR2 asks for a checkpoint now and training goes on. The handlers only set
+flags: saving inside a handler can deadlock, and a rank that stops alone would leave the others
+waiting in a collective.
+
+The CLI installs the handlers when the process starts (`listen()`), so a signal during data
+preparation, model build or resume is remembered, not fatal; the trainer acts on it at its
+first safe point, agreed by all ranks.
 """
 from __future__ import annotations
 
@@ -21,11 +27,22 @@ EXIT_PREEMPTED = 75
 
 
 class StopRequests:
+    """What the signals received so far ask for (flags, read at safe points)."""
+
     def __init__(self) -> None:
         self.stop_signal: int | None = None
         self.requeue = False
         self.save_now = False
         self._previous = {}
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    @property
+    def cancel(self) -> bool:
+        """The last stop signal was SIGTERM: the job must not be requeued."""
+        return self.stop_signal == signal.SIGTERM
 
     def install(self) -> "StopRequests":
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -34,16 +51,33 @@ class StopRequests:
         return self
 
     def uninstall(self) -> None:
+        """Restore the previous handlers and forget the requests."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        self.stop_signal, self.requeue, self.save_now = None, False, False
 
     def _on_stop(self, signum, frame) -> None:
         self.stop_signal = signum
-        self.requeue = self.requeue or signum == signal.SIGUSR1
+        # The last signal wins: SIGTERM after SIGUSR1 is scancel overriding a requeue.
+        self.requeue = signum == signal.SIGUSR1
 
     def _on_save(self, signum, frame) -> None:
         self.save_now = True
+
+
+_process_requests = StopRequests()
+
+
+def process_requests() -> StopRequests:
+    """The one StopRequests of this process (signal handlers are per process)."""
+    return _process_requests
+
+
+def listen() -> StopRequests:
+    """Install the stop handlers now (at process start), with no request pending."""
+    _process_requests.uninstall()
+    return _process_requests.install()
 
 
 def requeue_slurm_job() -> None:

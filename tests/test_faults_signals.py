@@ -1,0 +1,215 @@
+"""Stop signals at awkward moments and hung ranks (issue 12, points 6 and 7).
+
+A signal during data preparation, model build or resume exits 75 with no new checkpoint; one
+during validation or a checkpoint save finishes that and checkpoints once; two in a row still
+give one checkpoint; the last signal decides the requeue (USR1 then TERM: none). A rank that
+stops participating makes the others fail within train.collective_timeout_s with one line.
+Slow phases and the hang come from trainer/faults.py (CELESTIAL_FAULT)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, as_cli_args, small_overrides
+from tests import dist_workers
+from tests.dist_workers import free_port
+from trainer import distributed, faults
+from trainer.checkpoint import verify
+from trainer.preemption import StopRequests
+
+
+def test_the_last_stop_signal_decides_the_requeue():
+    requests = StopRequests().install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)      # scancel after the time-limit warning
+        assert requests.stop_signal == signal.SIGTERM and requests.cancel and not requests.requeue
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert requests.requeue and not requests.cancel
+    finally:
+        requests.uninstall()
+    assert requests.stop_signal is None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_fault_spec_is_parsed_once_into_per_rank_entries():
+    parsed = faults.parse("hang:5@1, delay:resume:2.5,nan_loss:3-")
+    assert parsed == [faults.Fault("hang", ("5",), 1), faults.Fault("delay", ("resume", "2.5"), None),
+                      faults.Fault("nan_loss", ("3-",), None)]
+    try:
+        faults.load("nan_loss:3-5,hang:2@1")
+        assert [bool(faults.at_step("nan_loss", s)) for s in (2, 3, 5, 6)] == [False, True, True, False]
+        assert faults.at_step("hang", 2) is None          # rank 1 only; this process is rank 0
+    finally:
+        faults.load("")
+    assert not faults.ACTIVE
+
+
+# ------------------------------------------------------------------ runs of the CLI
+def _args(csv, root, name, **extra) -> list[str]:
+    return as_cli_args(small_overrides(csv, root, name) +
+                       [(k.replace("__", "."), v) for k, v in extra.items()])
+
+
+def _fake_slurm(tmp_path: Path) -> dict:
+    """SLURM_JOB_ID and an `scontrol` that records its calls: shows whether a requeue happened."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "scontrol"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol_calls'}\n")
+    script.chmod(0o755)
+    return {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def _start(args, fault: str = "", ranks: int = 0, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
+    if ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={ranks}", *cmd[1:]]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                            "CELESTIAL_FAULT": fault, **(env or {})})
+
+
+def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.is_file() and text in path.read_text()):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"{text!r} not in {path}"
+        time.sleep(0.1)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def _signal_during(proc, log: Path, phase: str, *signals, target=None) -> tuple[int, str]:
+    """Send `signals` (to `target`, default the process) once `phase` is being delayed."""
+    _wait_for_text(log, f"fault injection: delaying {phase}", proc)
+    for sig in signals:
+        (target or proc).send_signal(sig)
+        time.sleep(0.2)
+    return _finish(proc)
+
+
+def _checkpoints(root: Path, name: str) -> list[str]:
+    folder = root / "checkpoints" / name
+    found = sorted(p.name for p in folder.glob("checkpoint_step_*")) if folder.is_dir() else []
+    assert all(verify(folder / f) is None for f in found), found      # complete, no .tmp left
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase, sig", [("data_preparation", signal.SIGUSR1),
+                                        ("model_build", signal.SIGTERM)])
+def test_signal_before_training_exits_75_without_checkpoint(short_csv, tmp_path, phase, sig):
+    name = f"early_{phase}"
+    proc = _start(_args(short_csv, tmp_path, name, train__max_steps=50), f"delay:{phase}:4",
+                  env=_fake_slurm(tmp_path))
+    code, out = _signal_during(proc, tmp_path / "logs" / name / "training_full.log", phase, sig)
+    assert code == 75, out[-3000:]
+    assert "before any training step: exiting without a new checkpoint" in out
+    assert _checkpoints(tmp_path, name) == [] and "Traceback" not in out
+    requeued = (tmp_path / "scontrol_calls").is_file()
+    assert requeued == (sig == signal.SIGUSR1), out[-2000:]
+
+
+@pytest.mark.slow
+def test_signals_at_awkward_moments_leave_one_checkpoint_each_and_resume(short_csv, tmp_path):
+    """One run, stopped three times and resumed: during a validation (-> one checkpoint at that
+    step), during the resume (-> no new one), USR1 then TERM during a checkpoint save (-> still
+    one checkpoint, no requeue); then it finishes."""
+    log = tmp_path / "logs" / "awk" / "training_full.log"
+    common = dict(train__max_steps=7, train__eval_interval=3, train__validate_at_start=False,
+                  checkpoint__interval=5)
+    proc = _start(_args(short_csv, tmp_path, "awk", **common), "delay:validation:4")
+    code, out = _signal_during(proc, log, "validation", signal.SIGTERM)
+    assert code == 75 and _checkpoints(tmp_path, "awk") == ["checkpoint_step_000003"], out[-3000:]
+
+    resume = _args(short_csv, tmp_path, "awk", **common) + ["--resume", "auto"]
+    code, out = _signal_during(_start(resume, "delay:resume:4"), log, "resume", signal.SIGTERM)
+    assert code == 75 and "before any training step" in out, out[-3000:]
+    assert _checkpoints(tmp_path, "awk") == ["checkpoint_step_000003"]
+
+    slurm = _fake_slurm(tmp_path)
+    proc = _start(resume, "delay:checkpoint_save:4", env=slurm)
+    code, out = _signal_during(proc, log, "checkpoint_save", signal.SIGUSR1, signal.SIGTERM)
+    assert code == 75 and "stop requested (signal) at step 5" in out, out[-3000:]
+    assert _checkpoints(tmp_path, "awk") == ["checkpoint_step_000003", "checkpoint_step_000005"]
+    assert not (tmp_path / "scontrol_calls").exists() and "stopped on SIGTERM" in out
+
+    code, out = _finish(_start(resume))
+    assert code == 0 and "resumed from" in out and "at step 5" in out, out[-3000:]
+    assert "finished at step 7" in log.read_text()
+
+
+@pytest.mark.slow
+def test_two_signals_to_one_rank_during_a_save_on_two_ranks(short_csv, tmp_path):
+    """torchrun, 2 gloo ranks: USR1 then TERM to rank 1 while the step-4 checkpoint is being
+    saved -> both ranks stop after it with status 75, one checkpoint, no requeue."""
+    args = _args(short_csv, tmp_path, "pair", train__max_steps=50, checkpoint__interval=4,
+                 train__validate_at_start=False, train__log_interval=2)
+    proc = _start(args, "delay:checkpoint_save:4", ranks=2, env=_fake_slurm(tmp_path))
+    log = tmp_path / "logs" / "pair" / "training_full.log"
+    _wait_for_text(log, "fault injection: delaying checkpoint_save", proc)
+    workers = [c for c in psutil.Process(proc.pid).children() if "train.py" in " ".join(c.cmdline())]
+    code, out = _signal_during(proc, log, "checkpoint_save", signal.SIGUSR1, signal.SIGTERM,
+                               target=workers[-1])
+    assert code != 0 and out.count("exitcode  : 75") >= 1, out[-3000:]
+    assert "stop requested (signal) at step 4" in log.read_text()
+    assert _checkpoints(tmp_path, "pair") == ["checkpoint_step_000004"]
+    assert not (tmp_path / "scontrol_calls").exists()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_others_within_the_timeout(short_csv, tmp_path):
+    """Rank 1 stops participating before step 3 (sleeps for ever). Rank 0 must end within
+    train.collective_timeout_s (10 s here) with one line naming the timeout and what to do,
+    exit status 1, no traceback. Two real ranks started as torchrun would (RANK etc.)."""
+    args = _args(short_csv, tmp_path, "hang", train__max_steps=20, train__collective_timeout_s=10,
+                 train__validate_at_start=False, train__log_interval=1)
+    port, procs = free_port(), []
+    for rank in range(2):
+        procs.append(_start(args, "hang:3@1", env={
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+            "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}))
+    try:
+        _wait_for_text(tmp_path / "logs" / "hang" / "training_full.log",
+                       "this rank hangs before step 3", procs[0])
+        hung_at = time.monotonic()
+        code, out = _finish(procs[0], timeout=120)
+        waited = time.monotonic() - hung_at
+        assert procs[1].poll() is None          # the hung rank is still hanging
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert code == 1, out[-3000:]
+    assert 9 <= waited <= 10 + 20, waited      # the timeout, plus slack for a loaded machine
+    error = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "Traceback" not in out, out[-3000:]
+    assert "train.collective_timeout_s=10 s" in error[0] and "raise train.collective_timeout_s" in error[0]
+    print(json.dumps({"waited_s": round(waited, 1)}))
+
+
+def report_group_timeouts(rank, world_size, port, out_dir):
+    dist_workers.join_group(rank, world_size, port)      # timeout_s=60
+    distributed.enable_async_checkpoint_group()
+    (Path(out_dir) / f"timeouts{rank}.json").write_text(json.dumps(distributed.group_timeouts()))
+    distributed.destroy()
+
+
+@pytest.mark.slow
+def test_every_process_group_gets_the_collective_timeout(tmp_path):
+    """The async-checkpoint group used to get torch's 30-minute default."""
+    dist_workers.spawn(report_group_timeouts, 2, str(tmp_path), timeout_s=120)
+    for rank in range(2):
+        timeouts = json.loads((tmp_path / f"timeouts{rank}.json").read_text())
+        assert timeouts == {"default": 60.0, "checkpoint": 60.0}

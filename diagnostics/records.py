@@ -6,6 +6,8 @@ import math
 import os
 from pathlib import Path
 
+from trainer.run_log import guarded_write
+
 
 def finite_or_none(value):
     """JSON has no NaN/inf: non-finite floats become null, recursively."""
@@ -19,10 +21,13 @@ def finite_or_none(value):
 
 
 def write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically; a failure (full disk) is held for the trainer's next agreement across
+    ranks (trainer.run_log), so the rank that writes does not leave the others waiting."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(finite_or_none(record), separators=(",", ":")))
-    tmp.replace(path)
+    with guarded_write(path, leftover=tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(finite_or_none(record), separators=(",", ":")))
+        tmp.replace(path)
 
 
 def step_file(folder: Path, prefix: str, step: int) -> Path:

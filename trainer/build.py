@@ -25,7 +25,13 @@ from trainer.errors import UserError
 from trainer.loop import Progress, Trainer
 from trainer.optim import apply_optim_settings, build_optimizer, build_scheduler, set_total_steps
 from trainer.resume import REGULARISATION_KEYS, RunIdentity, find_resumable, saved_config
-from trainer.run_log import RunLog, setup_logging
+from trainer.run_log import (
+    RunLog,
+    guarded_write,
+    open_log_file,
+    setup_logging,
+    stop_if_any_rank_failed_to_write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +61,12 @@ def resolve_experiment_name(config: Config, config_path: str | None) -> str:
 
 def build_data(config: Config, env: DistEnv) -> DataBundle:
     faults.delay("data_preparation")
-    if env.rank == 0:
-        ensure_dataset(config.data)   # the built-in dataset is generated once, by rank 0
-    distributed.barrier()
+    # The built-in dataset is generated once, by rank 0; the others wait for its verdict.
+    agree_on_user_error(lambda: ensure_dataset(config.data) if env.rank == 0 else None)
+    return agree_on_user_error(lambda: _prepare_loaders(config, env))
+
+
+def _prepare_loaders(config: Config, env: DistEnv) -> DataBundle:
     m = config.model
     prepared = prepare(config.data, m.seq_len, m.pred_len)
     datasets = {split: WindowDataset(prepared, split, m.seq_len, m.pred_len,
@@ -69,6 +78,32 @@ def build_data(config: Config, env: DistEnv) -> DataBundle:
                         f"than train.grad_accum_steps ({config.train.grad_accum_steps}): lower "
                         f"data.batch_size or use more data")
     return DataBundle(prepared, loaders["train"], loaders["val"], loaders["test"])
+
+
+def agree_on_user_error(work):
+    """Run this rank's part; if any rank's part raised a UserError, every rank raises the first
+    one (instead of one rank leaving while the others wait in the next collective)."""
+    problem, result = None, None
+    try:
+        result = work()
+    except UserError as err:
+        problem = str(err)
+    problems = [p for p in distributed.all_gather_object(problem) if p is not None]
+    if problems:
+        raise UserError(problems[0])
+    return result
+
+
+def open_run_folder(log_dir: Path, config: Config, env: DistEnv) -> None:
+    """Create logs/<exp>/ (training_full.log with what was logged so far, config.yaml): only
+    once every input has been checked, so a refused run leaves nothing behind."""
+    with guarded_write(log_dir):
+        open_log_file(log_dir, env.rank)
+    if env.rank == 0:
+        config_path = log_dir / "config.yaml"
+        with guarded_write(config_path):
+            config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    stop_if_any_rank_failed_to_write()
 
 
 def autocast_dtype(precision: str, device: torch.device):
@@ -95,7 +130,7 @@ def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
         log.info("model compiled with torch.compile (the first steps are slower while it traces; "
                  "a compiler error falls back to eager execution with a warning)")
         return compiled
-    except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+    except Exception as err:
         log.warning("torch.compile failed (%s): training the eager model", err)
         return model
 
@@ -122,12 +157,11 @@ def build_trainer(config: Config, env: DistEnv, config_path: str | None = None) 
     config.train.experiment_name = name
     resume, fallback = resume_request(config)
     log_dir = Path(config.train.log_root) / name
-    setup_logging(log_dir, env.rank, config.train.progress_bar)
+    setup_logging(None, env.rank, config.train.progress_bar)   # the file once the folder exists
     checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name)
     check_experiment_folder(checkpoints, resume, name)
-    if env.rank == 0:
-        (log_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    data = build_data(config, env)
+    data = build_data(config, env)        # every input check, before anything is written
+    open_run_folder(log_dir, config, env)
 
     faults.delay("model_build")
     seed_everything(config.train.seed)   # identical initial weights on every rank
@@ -144,6 +178,7 @@ def build_trainer(config: Config, env: DistEnv, config_path: str | None = None) 
     observers = build_observers(config.diagnostics, config.checkpoint.interval)
     run_log = RunLog(log_dir if env.rank == 0 else None, total, 0,
                      config.diagnostics.tensorboard, config.train.progress_bar)
+    stop_if_any_rank_failed_to_write()      # metrics.jsonl and tensorboard/ could be opened
     local_batch = config.data.batch_size * config.train.grad_accum_steps
     context = RunContext(config, model, train_model, optimizer, data.prepared.spec, log_dir,
                          run_log, env.device, env.world_size, local_batch, env.rank == 0)

@@ -36,10 +36,11 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
 from trainer import distributed, faults
-from trainer.errors import UserError
+from trainer.errors import UserError, WriteFailed
 
 log = logging.getLogger(__name__)
 _PREFIX = "checkpoint_step_"
@@ -318,6 +319,7 @@ class CheckpointManager:
     def __init__(self, config: CheckpointConfig, folder: Path) -> None:
         self.config, self.folder = config, folder
         self._pending: list[Future] = []        # this rank's async DCP write
+        self._pending_tmp: Path | None = None   # the folder it writes
         self._finalizer = ThreadPoolExecutor(max_workers=1) if config.async_save else None
         if config.async_save:
             distributed.enable_async_checkpoint_group()
@@ -346,32 +348,54 @@ class CheckpointManager:
 
     def save(self, step: int, app_state: dict, files: dict[str, str]) -> float:
         """Write checkpoint `step` with the text `files` (name -> content) beside the shards.
-        Returns the seconds training was blocked."""
+        Returns the seconds training was blocked. A failed write (full disk) on any rank raises
+        WriteFailed on every rank, with the partial folder removed and the newest complete
+        checkpoint untouched."""
         started = time.perf_counter()
-        self.wait()
+        self._agreed(self._pending_tmp, self.wait)
         final = self.folder / checkpoint_name(step)
         tmp = final.with_name(final.name + ".tmp")
-        if distributed.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for name, text in files.items():
-                _write_durably(tmp / name, text)
-        distributed.barrier()
-        torch.save(_rng_state(), tmp / f"{_RNG_PREFIX}{distributed.rank()}.pt")
+        self._agreed(tmp, lambda: self._start_folder(tmp, files))
+        self._agreed(tmp, lambda: torch.save(_rng_state(), tmp / f"{_RNG_PREFIX}{distributed.rank()}.pt"))
         faults.kill("dcp_write", step)
         if self.config.async_save:
             future = dcp.async_save(app_state, checkpoint_id=str(tmp),
                                     process_group=distributed.checkpoint_group())
             self._pending.append(future)
+            self._pending_tmp = tmp
             if distributed.is_main():
                 self._pending.append(self._finalizer.submit(self._finalize_after, future, tmp, final, step))
         else:
-            dcp.save(app_state, checkpoint_id=str(tmp))
-            distributed.barrier()
-            if distributed.is_main():
-                self._finalize(tmp, final, step)
-            distributed.barrier()
+            self._agreed(tmp, lambda: dcp.save(app_state, checkpoint_id=str(tmp)))
+            self._agreed(tmp, lambda: self._finalize(tmp, final, step) if distributed.is_main() else None)
         return time.perf_counter() - started
+
+    def _start_folder(self, tmp: Path, files: dict[str, str]) -> None:
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name, text in files.items():
+                _write_durably(tmp / name, text)
+
+    def _agreed(self, tmp: Path | None, work) -> None:
+        """Run this rank's part of a save, then agree (this is also the barrier between parts):
+        if it failed on any rank, rank 0 removes the partial `tmp` and every rank raises."""
+        failure = None
+        try:
+            work()
+        except (OSError, RuntimeError, CheckpointException, WriteFailed) as err:
+            # torch.save reports a short write (a full disk) as a RuntimeError
+            failure = _failure_text(err) + _free_space(self.folder)
+        if not distributed.agree_any([failure is not None])[0]:
+            return
+        failures = [f for f in distributed.all_gather_object(failure) if f is not None]
+        if distributed.is_main() and tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = self.complete_checkpoints()
+        kept = f"the newest complete checkpoint {newest[0]} is intact" if newest else \
+            "no complete checkpoint yet"
+        raise WriteFailed(f"cannot write checkpoint {tmp}: {failures[0]}; removed the partial "
+                          f"folder, {kept}: make room, then continue with --resume auto")
 
     def _finalize_after(self, future: Future, tmp: Path, final: Path, step: int) -> None:
         future.result()
@@ -392,10 +416,19 @@ class CheckpointManager:
             _remove_aside(old)
 
     def wait(self) -> None:
-        """Block until any asynchronous save of this rank is complete (and finalized)."""
-        for future in self._pending:
-            future.result()
-        self._pending.clear()
+        """Block until any asynchronous save of this rank is complete (and finalized); a
+        failed one raises WriteFailed on this rank (`wait_all_ranks` agrees on it)."""
+        try:
+            for future in self._pending:
+                future.result()
+        except (OSError, CheckpointException) as err:
+            raise WriteFailed(_failure_text(err)) from None
+        finally:
+            self._pending.clear()
+
+    def wait_all_ranks(self) -> None:
+        """Collective `wait`: a failed asynchronous save stops every rank."""
+        self._agreed(self._pending_tmp, self.wait)
 
     def load(self, folder: Path, app_state: dict) -> None:
         """Load in place; restore this rank's RNG state if that rank saved one. The folder was
@@ -460,6 +493,35 @@ def _remove_aside(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
     folder.rename(doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _failure_text(err: BaseException) -> str:
+    """`rank r: what failed` in one line; DCP wraps each rank's error in a CheckpointException."""
+    rank = distributed.rank()
+    if isinstance(err, WriteFailed):
+        return str(err)
+    if isinstance(err, CheckpointException):
+        rank, (err, _) = next(iter(err.failures.items()))
+    return f"rank {rank}: {_root_cause(err)}"
+
+
+def _free_space(folder: Path) -> str:
+    """What is left on the filesystem: torch's writers hide ENOSPC behind other messages."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f" ({free / 2**20:.1f} MiB free on the filesystem of {folder})"
+
+
+def _root_cause(err: BaseException) -> str:
+    while not isinstance(err, OSError) and (err.__cause__ or err.__context__):
+        err = err.__cause__ or err.__context__
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+    return " ".join(str(err).split())[:300]
 
 
 def save_consolidated(path: Path, model: torch.nn.Module, extra: dict) -> None:

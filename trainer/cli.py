@@ -11,7 +11,8 @@ import sys
 
 from trainer import distributed, preemption
 from trainer.config import load_config, parse_override
-from trainer.errors import UserError
+from trainer.errors import EXIT_WRITE_FAILED, UserError, WriteFailed
+from trainer.run_log import log_error_to_file
 
 # flag -> (dotted config key, type)
 VALUE_FLAGS = {
@@ -56,7 +57,8 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Train; returns the exit status (0 done, 1 failed, 2 bad input, 75 stopped on a signal)."""
+    """Train; returns the exit status (0 done, 1 failed, 2 bad input, 74 a file could not be
+    written, 75 stopped on a signal)."""
     args = parse_args(argv)
     # From here on SIGTERM/SIGUSR1 only set a flag: a stop asked for during data preparation,
     # model build or resume is acted on at the trainer's first safe point (exit 75).
@@ -67,19 +69,31 @@ def run(argv: list[str] | None = None) -> int:
         env = distributed.init_distributed(config.train.device, config.train.collective_timeout_s)
         return build_trainer(config, env, args.config).train()
     except UserError as err:
-        logging.getLogger(__name__).debug("user error", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _fail(err, 2)
+    except WriteFailed as err:
+        return _fail(err, EXIT_WRITE_FAILED)
     except BaseException as err:    # DCP's CheckpointException is a BaseException
         explained = distributed.explain_failure(err)
-        if explained is None:
-            raise
-        logging.getLogger(__name__).debug("collective failure", exc_info=True)
-        print(f"error: {explained}", file=sys.stderr)
-        return 1
+        if explained is not None:
+            logging.getLogger(__name__).debug("collective failure", exc_info=True)
+            return _fail(explained, 1)
+        if isinstance(err, Exception):
+            # Not ours to explain: the traceback goes to the console as usual, and also into
+            # training_full.log when the run folder exists, so the run's own record has it.
+            log_error_to_file(f"unexpected error: {err!r}", exc_info=True)
+        raise
     finally:
         requests.uninstall()
         distributed.destroy()
+
+
+def _fail(err: object, status: int) -> int:
+    """One line on the console (every rank), and into training_full.log if it exists."""
+    message = "error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    logging.getLogger(__name__).debug("stopping", exc_info=True)
+    log_error_to_file(message)
+    print(message, file=sys.stderr)
+    return status
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ def _convert(value: Any, tp, key: str) -> Any:
         return build_dataclass(tp, value, key)
     if origin is Literal:
         if value not in args:
-            raise UserError(f"{key}: {value!r} is not one of {list(args)}")
+            raise UserError(f"{key}: {_short(value)} is not one of {list(args)}")
         return value
     if origin in (typing.Union, types.UnionType):
         for option in args:
@@ -61,19 +62,34 @@ def _convert(value: Any, tp, key: str) -> Any:
         return _convert(value, next(a for a in args if a is not type(None)), key)
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"{key}: expected a list, got {value!r}")
+            raise UserError(f"{key}: expected a list, got {_short(value)}")
         return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{key}: expected true or false, got {value!r}")
+            raise UserError(f"{key}: expected true or false, got {_short(value)}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        # No setting means anything at NaN or infinity; NaN also slips past every range check.
+        raise UserError(f"{key}: expected a finite number, got {_short(value)}")
     if tp is str and isinstance(value, datetime.date):
         return value.isoformat()     # YAML reads an unquoted 1950-01-01 as a date
     if tp in (int, float, str) and not (isinstance(value, tp) and not isinstance(value, bool)):
-        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise UserError(f"{key}: expected {_type_name(tp)}, got {_short(value)}")
+    if tp is int and not -2**63 <= value < 2**63:   # torch and numpy take 64-bit integers
+        raise UserError(f"{key}: {value} is out of range")
     return value
+
+
+def _key_text(key: str) -> str:
+    return key if key.isidentifier() else repr(key)
+
+
+def _short(value: Any) -> str:
+    """A value for an error message: a fuzzed or mistaken value may be huge."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def build_dataclass(cls, data: Any, prefix: str):
@@ -81,19 +97,23 @@ def build_dataclass(cls, data: Any, prefix: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise UserError(f"{prefix or 'config'}: expected a mapping, got {_short(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    where = f"{prefix}." if prefix else ""
+    not_names = [k for k in data if not isinstance(k, str)]
+    if not_names:   # YAML reads `1:`, `true:` or `~:` as keys of other types
+        raise UserError(f"config key {where}{not_names[0]!r} is not a name "
+                        f"(known: {', '.join(sorted(names))})")
     unknown = sorted(set(data) - names)
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise UserError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+        raise UserError(f"unknown config key {where}{_key_text(unknown[0])} (known: {', '.join(sorted(names))})")
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except UserError:
         raise
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, ArithmeticError) as err:
         raise UserError(str(err)) from None
 
 
@@ -132,12 +152,18 @@ def _looks_numeric(text: str) -> bool:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory (expected a YAML file)")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file (byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}") from None
+        raise UserError(f"{path}: not valid YAML: {_one_line(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -145,9 +171,17 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def _one_line(err: Exception) -> str:
+    """PyYAML's messages span lines (with a caret under the column): keep them on one line."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> Config:
     """Defaults, then the YAML file, then (dotted key, value) overrides in order."""
     tree = read_yaml(path) if path else {}
     for key, value in overrides:
         _set_dotted(tree, key, value)
-    return build_dataclass(Config, tree, "")
+    try:
+        return build_dataclass(Config, tree, "")
+    except RecursionError:   # a YAML alias that contains itself (`a: &x [*x]`)
+        raise UserError(f"{path or 'config'}: a value refers to itself (YAML alias loop)") from None

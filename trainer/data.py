@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import fnmatch
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -66,6 +68,11 @@ class DataConfig:
             raise ValueError("data.targets must name at least one target column")
         if not self.bodies:
             raise ValueError("data.bodies must name at least one body")
+        for name in ("targets", "bodies"):
+            names = getattr(self, name)
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"data.{name} names {repeated[0]!r} more than once")
 
     def resolved_path(self) -> Path:
         if self.path:
@@ -82,20 +89,41 @@ class RawTable:
 
 
 def ensure_dataset(config: DataConfig) -> Path:
-    """The CSV to train on; the built-in one is generated if absent."""
+    """The CSV to train on; the built-in one is generated if absent (where data.path says)."""
     path = config.resolved_path()
+    if path.is_dir():
+        raise UserError(f"data.path {str(path)!r} is a directory (expected a CSV file)")
     if config.source == "builtin" and not path.exists():
-        log.info("generating the built-in dataset %s (%s to %s) ...", path,
-                 config.builtin.start_date, config.builtin.end_date)
-        write_builtin_csv(config.builtin, path)
+        _generate_builtin(config, path)
     if not path.exists():
         raise UserError(f"data file not found: {path}")
     return path
 
 
+def _generate_builtin(config: DataConfig, path: Path) -> None:
+    """With data.source builtin, data.path is a cache: a missing file is generated there."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"data.path {str(path)!r}: part of the folder path is a file, so the "
+                        f"built-in dataset cannot be generated there") from None
+    except OSError as err:
+        raise UserError(f"data.path {str(path)!r}: cannot create the folder for the built-in "
+                        f"dataset ({err.strerror or err})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"data.path {str(path)!r}: {path.parent} is not writable, so the "
+                        f"built-in dataset cannot be generated there")
+    log.info("data.source is builtin and %s does not exist: generating the built-in dataset "
+             "(%s to %s) into that file ...", path, config.builtin.start_date, config.builtin.end_date)
+    try:
+        write_builtin_csv(config.builtin, path)
+    except OSError as err:
+        raise UserError(f"data.path {str(path)!r}: cannot write the built-in dataset "
+                        f"({err.strerror or err})") from None
+
+
 def read_table(path: Path, date_column: str) -> RawTable:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    rows = _read_rows(path)
     if not rows or not rows[0]:
         raise UserError(f"{path}: empty file (expected a header row)")
     header, body = rows[0], rows[1:]
@@ -113,12 +141,30 @@ def read_table(path: Path, date_column: str) -> RawTable:
     return RawTable(dates, columns, path)
 
 
-def _parse_dates(path: Path, values) -> np.ndarray:
+def _read_rows(path: Path) -> list[list[str]]:
+    """All CSV rows; a binary, non-UTF-8 or unreadable file is a UserError naming it."""
     try:
-        dates = np.array(values, dtype="datetime64[D]")
-    except ValueError:
-        bad = next(v for v in values if not _is_date(v))
-        raise UserError(f"{path}: date {bad!r} is not YYYY-MM-DD") from None
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            try:
+                return list(reader)
+            except csv.Error as err:     # a NUL byte, a field past the size limit
+                raise UserError(f"{path}: line {reader.line_num + 1} is not CSV text ({err})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text CSV (a binary file?)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _parse_dates(path: Path, values) -> np.ndarray:
+    # numpy alone also takes '', 'NaT', '2020' and '2020-01-01T05:00': insist on the format.
+    for line, value in enumerate(values, start=2):
+        if not (_DATE.fullmatch(value) and _is_date(value)):
+            raise UserError(f"{path}: date {value[:40]!r} at line {line} is not YYYY-MM-DD")
+    dates = np.array(values, dtype="datetime64[D]")
     steps = np.diff(dates).astype(np.int64)
     if (steps <= 0).any():
         i = int(np.argmax(steps <= 0))
@@ -144,9 +190,9 @@ def _parse_numbers(path: Path, name: str, values) -> np.ndarray:
             try:
                 float(v)
             except ValueError:
-                raise UserError(f"{path}: column {name!r} is not numeric: {v!r} at line "
+                raise UserError(f"{path}: column {name!r} is not numeric: {v[:40]!r} at line "
                                 f"{line}") from None
-        raise
+        raise UserError(f"{path}: column {name!r} is not numeric") from None
 
 
 def group_bodies(names: list[str], bodies: list[str]) -> dict[str, list[str]]:

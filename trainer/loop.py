@@ -24,6 +24,12 @@ from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
 from trainer.preemption import EXIT_PREEMPTED, process_requests, requeue_slurm_job
 from trainer.resources import memory_mb
 from trainer.resume import checkpoint_files
+from trainer.run_log import (
+    guarded_write,
+    raise_agreed_write_failure,
+    stop_if_any_rank_failed_to_write,
+    write_failure,
+)
 from trainer.scoring import describe_skill, skill_metrics
 
 log = logging.getLogger(__name__)
@@ -282,8 +288,11 @@ class Trainer:
         """Agree with all ranks on the signals received (so all take the same branch): a stop
         is taken at once (finish() saves), a save-now request saves here."""
         r = self.requests
-        stop, save_now, requeue, cancel = distributed.agree_any(
-            [r.stop_signal is not None, r.save_now, r.requeue, r.cancel])
+        stop, save_now, requeue, cancel, write_failed = distributed.agree_any(
+            [r.stop_signal is not None, r.save_now, r.requeue, r.cancel,
+             write_failure() is not None])
+        if write_failed:     # a log or record could not be written (full disk): all ranks stop
+            raise_agreed_write_failure()
         r.save_now = False
         if stop and self.stop_reason is None:
             self.stop_reason = "signal"
@@ -422,12 +431,14 @@ class Trainer:
                  self.progress.step, self.progress.epoch, self.progress.epoch_position)
 
     def save_model_file(self, name: str, metrics: dict) -> None:
+        path = self.checkpoints.folder / name
         if distributed.is_main():
-            save_consolidated(self.checkpoints.folder / name, self.model, {
-                "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
-                "scaling": self.data.prepared.scaling(),
-                "step": self.progress.step, "epoch": self.progress.epoch,
-                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+            with guarded_write(path, leftover=path.with_suffix(".tmp")):   # agreed at the step's end
+                save_consolidated(path, self.model, {
+                    "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
+                    "scaling": self.data.prepared.scaling(),
+                    "step": self.progress.step, "epoch": self.progress.epoch,
+                    "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
 
     def report_stop(self) -> None:
         """After a stop signal: requeue the Slurm job if the last signal asked for it."""
@@ -468,7 +479,7 @@ class Trainer:
             return self.stop_nonfinite()
         if self.last_checkpoint_step != self.progress.step:
             self.save_checkpoint()
-        self.checkpoints.wait()
+        self.checkpoints.wait_all_ranks()
         if self.stop_reason == "signal":
             self.report_stop()
             return EXIT_PREEMPTED
@@ -486,6 +497,7 @@ class Trainer:
         log.info("finished at step %d (%s): best validation NLL %.4f, test NLL %.4f (%s)",
                  self.progress.step, self.stop_reason or "completed",
                  self.progress.best_val_nll, test["nll"], describe_skill(test))
+        stop_if_any_rank_failed_to_write()    # the final model, test line and summaries
         log.info("logs: %s   checkpoints: %s   analyse with: python launch/analyze.py --log_dir %s",
                  self.run_context.log_dir, self.checkpoints.folder, self.run_context.log_dir)
         return 0

@@ -2,6 +2,13 @@
 
 Rank 0 logs to the console and `training_full.log`; other ranks append only their warnings to
 the same file (prefixed with their rank). `RunLog` is a no-op on ranks other than 0.
+What is logged before the run folder exists (while the inputs are checked) is held and written
+to `training_full.log` when the folder is created, so a run refused for bad input creates nothing.
+
+A failed write of a log or record (a full disk) is not raised where it happens, on the one rank
+that writes: it is held (`note_write_failure`) until the next point where all ranks agree
+(`write_failure()`), so every rank stops with the same one-line error instead of rank 0 dying
+and the others waiting in a collective.
 """
 from __future__ import annotations
 
@@ -9,11 +16,17 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
+import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
+
+from trainer import distributed
+from trainer.errors import WriteFailed
 
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -39,31 +52,184 @@ def progress_bar_wanted(enabled: bool) -> bool:
     return enabled and sys.stderr.isatty()
 
 
+# --- write failures held until the ranks agree --------------------------------------------------
+
+_write_failure: str | None = None
+
+
+def note_write_failure(path, err: OSError) -> None:
+    """Hold the first failed write of this process (see the module docstring)."""
+    global _write_failure
+    if _write_failure is None:
+        _write_failure = f"cannot write {path}: {err.strerror or err}"
+
+
+def write_failure() -> str | None:
+    """This process's held write failure, if any (agree on it across ranks before acting)."""
+    return _write_failure
+
+
+def clear_write_failure() -> None:
+    global _write_failure
+    _write_failure = None
+
+
+def _hold_thread_write_failures(args) -> None:
+    """threading.excepthook: TensorBoard writes from a thread of its own; its failed write is
+    held like any other instead of printing a thread traceback."""
+    if issubclass(args.exc_type, OSError):
+        frames = traceback.extract_tb(args.exc_traceback)
+        writer = "TensorBoard's event file" if any("tensorboard" in f.filename for f in frames) \
+            else f"a file written by thread {args.thread.name}"
+        note_write_failure(getattr(args.exc_value, "filename", None) or writer, args.exc_value)
+    else:
+        _default_thread_hook(args)
+
+
+_default_thread_hook = threading.excepthook
+
+
+def stop_if_any_rank_failed_to_write() -> None:
+    """Collective: if any rank holds a write failure, every rank raises WriteFailed with it."""
+    if distributed.agree_any([_write_failure is not None])[0]:
+        raise_agreed_write_failure()
+
+
+def raise_agreed_write_failure() -> None:
+    """Collective, once the ranks agreed that one holds a write failure: all raise it."""
+    failures = [f for f in distributed.all_gather_object(_write_failure) if f is not None]
+    raise WriteFailed(f"{failures[0]}; checkpoints already written are intact: make room, then "
+                      f"continue from the newest with --resume auto")
+
+
+@contextmanager
+def guarded_write(path, leftover: Path | None = None):
+    """Run a write; an OSError is held for the next agreement, and `leftover` (a half-written
+    temporary file) is removed."""
+    try:
+        yield
+    except OSError as err:
+        note_write_failure(path, err)
+        if leftover is not None:
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:
+                pass    # its folder is gone or unreadable: nothing to clean
+
+
+# --- the text log ---------------------------------------------------------------------------------
+
+class _RunFileHandler(logging.FileHandler):
+    """training_full.log: a failed write is held (see above), not printed as a logging traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            note_write_failure(self.baseFilename, err)
+        else:
+            super().handleError(record)
+
+    def close(self) -> None:
+        with guarded_write(self.baseFilename):
+            super().close()
+
+
+class _HoldUntilFolder(logging.Handler):
+    """What is logged before the run folder exists, for training_full.log once it does."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.held: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.held.append(record)
+
+
+def _our_handlers() -> list[logging.Handler]:
+    return [h for h in logging.getLogger().handlers if getattr(h, "celestial", False)]
+
+
+def _add(handler: logging.Handler, rank: int) -> None:
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    handler.setFormatter(logging.Formatter(_FORMAT.replace("%(message)s", prefix + "%(message)s")))
+    handler.celestial = True
+    logging.getLogger().addHandler(handler)
+
+
 def setup_logging(log_dir: Path | None, rank: int, progress_bar: bool = True) -> None:
+    """Console logging now; training_full.log in `log_dir` now, or (log_dir None) whatever is
+    logged until `open_log_file()` creates the run folder."""
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "celestial", False)]:
+    for handler in _our_handlers():
         root.removeHandler(handler)     # ours from an earlier run in this process
         handler.close()
+    clear_write_failure()
+    threading.excepthook = _hold_thread_write_failures
     root.setLevel(logging.INFO)
-    prefix = "" if rank == 0 else f"[rank {rank}] "
-    formatter = logging.Formatter(_FORMAT.replace("%(message)s", prefix + "%(message)s"))
+    level = logging.INFO if rank == 0 else logging.WARNING
     console = _TqdmHandler()
-    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    console.setFormatter(formatter)
+    console.setLevel(level)
     if progress_bar_wanted(progress_bar):
         console.addFilter(_HideProgressLines())
-    console.celestial = True
-    root.addHandler(console)
+    _add(console, rank)
+    _add(_HoldUntilFolder(level), rank)
     if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_dir / "training_full.log")
-        file_handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-        file_handler.setFormatter(formatter)
-        file_handler.celestial = True
-        root.addHandler(file_handler)
+        open_log_file(log_dir, rank)
     logging.captureWarnings(True)
     # Expected when training in one process: DCP then saves without a process group.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+
+
+def open_log_file(log_dir: Path, rank: int) -> None:
+    """Create the run folder and training_full.log, starting with what was held so far."""
+    root = logging.getLogger()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    file_handler = _RunFileHandler(log_dir / "training_full.log")
+    file_handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    _add(file_handler, rank)
+    for holder in [h for h in _our_handlers() if isinstance(h, _HoldUntilFolder)]:
+        root.removeHandler(holder)
+        for record in holder.held:
+            file_handler.handle(record)
+
+
+def log_error_to_file(message: str, exc_info=None) -> None:
+    """Put the error that ends a run into training_full.log (when the run folder exists)
+    without printing it again on the console, where the entry point prints it once."""
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    record = logging.getLogger("trainer").makeRecord(
+        "trainer", logging.ERROR, __file__, 0, "%s", (message,), exc_info)
+    for handler in _our_handlers():
+        if isinstance(handler, _RunFileHandler):
+            handler.handle(record)
+
+
+# --- records that survive crashes ---------------------------------------------------------------
+
+def repair_partial_last_line(path: Path) -> int:
+    """Cut a JSONL file back to its last complete line; returns the bytes removed.
+
+    A crash (or a full disk) mid-write can leave a partial last line; the next line appended
+    after a resume would be glued to it and both would be lost to a reader."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+    removed = len(data) - keep
+    logging.getLogger(__name__).warning(
+        "%s: removed a partial last line (%d bytes, left by a crash or a full disk): %r",
+        path, removed, data[keep:keep + 60].decode("utf-8", "replace"))
+    return removed
+
+
+def repair_jsonl_files(log_dir: Path) -> None:
+    """Repair every JSONL file the run appends to, before appending again."""
+    for path in sorted(log_dir.rglob("*.jsonl")):
+        if path.is_file():
+            repair_partial_last_line(path)
 
 
 def _clean(value):
@@ -79,11 +245,15 @@ class RunLog:
                  tensorboard: bool, progress_bar: bool) -> None:
         self.enabled = log_dir is not None
         self.log_dir = log_dir
-        self._jsonl = open(log_dir / "metrics.jsonl", "a") if self.enabled else None
-        self.writer = None
-        if self.enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
+        self._jsonl, self.writer = None, None
+        if self.enabled:    # a failure is held: build_trainer agrees on it across ranks
+            with guarded_write(log_dir / "metrics.jsonl"):
+                repair_jsonl_files(log_dir)
+                self._jsonl = open(log_dir / "metrics.jsonl", "a")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                with guarded_write(log_dir / "tensorboard"):
+                    self.writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not (self.enabled and progress_bar_wanted(progress_bar)), mininterval=1.0,
                         file=sys.stderr)
@@ -94,16 +264,19 @@ class RunLog:
             return
         line = {"kind": kind, "step": step, "time": round(time.time(), 3),
                 **{k: _clean(v) for k, v in values.items()}}
-        self._jsonl.write(json.dumps(line) + "\n")
-        self._jsonl.flush()
+        if self._jsonl is not None and write_failure() is None:   # no appending after a failure
+            with guarded_write(self.log_dir / "metrics.jsonl"):
+                self._jsonl.write(json.dumps(line) + "\n")
+                self._jsonl.flush()
         self.scalars(kind, step, values)
 
     def scalars(self, prefix: str, step: int, values: dict) -> None:
         if self.writer is None:
             return
-        for name, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        with guarded_write(self.log_dir / "tensorboard"):
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         """The run's key settings with its final metrics, in TensorBoard's HParams tab."""
@@ -114,11 +287,12 @@ class RunLog:
         finite = {k: v for k, v in metrics.items()
                   if isinstance(v, (int, float)) and math.isfinite(v)}
         experiment, session_start, session_end = hparams_summary(values, finite)
-        file_writer = self.writer._get_file_writer()
-        for summary in (experiment, session_start, session_end):
-            file_writer.add_summary(summary)
-        for name, value in finite.items():
-            self.writer.add_scalar(name, value)
+        with guarded_write(self.log_dir / "tensorboard"):
+            file_writer = self.writer._get_file_writer()
+            for summary in (experiment, session_start, session_end):
+                file_writer.add_summary(summary)
+            for name, value in finite.items():
+                self.writer.add_scalar(name, value)
 
     def advance(self, steps: int = 1, **postfix) -> None:
         self.bar.update(steps)
@@ -128,7 +302,9 @@ class RunLog:
     def close(self) -> None:
         self.bar.close()
         if self._jsonl is not None:
-            self._jsonl.close()
+            with guarded_write(self.log_dir / "metrics.jsonl"):
+                self._jsonl.close()
         if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+            with guarded_write(self.log_dir / "tensorboard"):
+                self.writer.flush()
+                self.writer.close()

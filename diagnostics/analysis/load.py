@@ -1,14 +1,16 @@
 """Read a run folder (OUTPUTS.md) and check every file against diagnostics/schemas.py.
 
-What a run in progress leaves is tolerated: a half-written last line of metrics.jsonl, a
+What a run in progress or a crash leaves is tolerated: a half-written last line of
+metrics.jsonl, a line a crash cut short (and the line a resumed run appended to it), a
 history.json caught mid-rewrite (the step files hold the same records), diagnostics not written
 yet. Anything else that cannot be read or does not match its schema is a UserError naming the
-file. Missing diagnostics are listed in `RunData.notes`; the analysis does the rest.
+file. What is missing or was skipped is listed in `RunData.notes`; the analysis does the rest.
 """
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import yaml
 from diagnostics import schemas
 from trainer.errors import UserError
 
+log = logging.getLogger(__name__)
 HUGE = 1e300   # metrics.jsonl writes +-inf as +-1e308
 
 
@@ -145,25 +148,39 @@ def _metrics_line(where: str, line: dict) -> dict:
 
 
 def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
-    """metrics.jsonl by kind, one line per step (a resumed run's later line wins)."""
-    text = _read_text(path)
-    rows = text.split("\n")
+    """metrics.jsonl by kind, one line per step (a resumed run's later line wins). A line that is
+    not JSON (cut short by a crash, or glued to one) is skipped with a note: one lost line must
+    not cost the whole run's analysis."""
+    rows = _read_bytes(path).decode("utf-8", errors="replace").split("\n")
     by_kind: dict[str, dict[int, dict]] = {}
+    broken = []
     for number, row in enumerate(rows, 1):
         if not row.strip():
             continue
         try:
             line = json.loads(row)
-        except ValueError as err:
-            if number == len(rows):   # no newline after it: still being written
-                notes.append(f"{path.name}: ignored a half-written last line (run in progress?)")
-                continue
-            raise UserError(f"{path} line {number}: not valid JSON ({err})") from None
+        except ValueError:
+            broken.append(number)
+            continue
         line = _metrics_line(f"{path} line {number}", line)
         # The best weights' re-validation after early stopping shares the last step: kept apart.
         kind = "restored" if line.get("restored_best") else line["kind"]
         by_kind.setdefault(kind, {})[line["step"]] = line
+    if broken == [len(rows)]:   # no newline after it: still being written
+        notes.append(f"{path.name}: ignored a half-written last line (run in progress?)")
+    elif broken:
+        shown = ", ".join(map(str, broken[:5])) + (" ..." if len(broken) > 5 else "")
+        notes.append(f"{path.name}: skipped {len(broken)} line(s) that are not valid JSON (cut "
+                     f"short by a crash?): line {shown}")
+        log.warning("%s: skipped %d line(s) that are not valid JSON: line %s", path, len(broken), shown)
     return {kind: [lines[s] for s in sorted(lines)] for kind, lines in by_kind.items()}
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
 def _read_history(path: Path, have_step_files: bool, notes: list[str]) -> dict | None:

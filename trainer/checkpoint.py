@@ -28,6 +28,7 @@ import pickle
 import random
 import shutil
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +172,9 @@ def load_tensor_file(path: Path) -> dict:
     A file that needs anything else (a crafted pickle can run code on load) is refused with a
     one-line UserError naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch warns about the pickle protocol of odd files
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(f"{path}: refused to load: it is not a plain tensor file (it needs "
                         f"{unsafe_globals(path)}; a crafted file can run code when unpickled). "

@@ -7,7 +7,6 @@ scaling statistics and the config come from the file, never from new data.
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from model import CelestialPGAT
 from model.config import InputSpec
+from trainer.checkpoint import load_tensor_file
 from trainer.config import Config, build_dataclass
 from trainer.errors import UserError
 
@@ -77,15 +77,9 @@ def _read_saved_dict(path: Path) -> dict:
         raise UserError(f"{path}: is a folder (a sharded training checkpoint is not a model "
                         f"file): {_HINT}{found}")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path}: refused: not a consolidated model file (it holds objects a "
-                        f"weights-only load does not allow, so none of its code was run); "
-                        f"{_HINT}") from None
-    except Exception as err:  # noqa: BLE001 - any other reading failure: not a torch.save file
-        first = (str(err).strip() or "unreadable").splitlines()[0]
-        raise UserError(f"{path}: not a consolidated model file ({type(err).__name__}: "
-                        f"{first}); {_HINT}") from None
+        saved = load_tensor_file(path)
+    except UserError as err:
+        raise UserError(f"{err}: not a consolidated model file; {_HINT}") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(saved, dict) or k not in saved]
     if missing:
         raise UserError(f"{path}: not a consolidated model file (no {', '.join(missing)}; a "

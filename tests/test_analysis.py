@@ -501,8 +501,9 @@ def test_real_training_run_is_analysed(tmp_path):
     assert "Mean norm:" in result.stdout and "Top celestial (" in result.stdout
     analysis = log_dir / "analysis"
     for png in ("gradient_flow.png", "fusion_attention_entropy.png", "c2t_attention_heatmap.png",
-                "training_curves.png"):
+                "training_curves.png", "skill.png"):
         assert_valid_png(analysis / png)
+    assert "Verdict:" in result.stdout and "skill vs random walk" in result.stdout
     with open(analysis / "gradient_norms.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
@@ -510,7 +511,7 @@ def test_real_training_run_is_analysed(tmp_path):
     assert_valid_findings(analysis / "recommendations.json")
     html = (analysis / "report.html").read_text()
     assert_self_contained(html)
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5
     for path in log_dir.glob("*/*_step_*.json"):   # what was analysed is what the schemas say
         jsonschema.validate(json.loads(path.read_text()), schemas.schema_for(path.name))
     top = json.loads(max((log_dir / "attention").glob("attention_step_*.json")).read_text())

@@ -9,11 +9,6 @@ from diagnostics.analysis.verdict import (inputs_effect, overfitting, scored_lin
                                           trained_val)
 
 
-def _number(run: RunData, dotted: str):
-    value = run.config_value(dotted)
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _skill_evidence(run: RunData, source: str, line: dict) -> dict:
     val = [v for v in trained_val(run) if v.get("skill") is not None]
     return {"metric": "skill (model NLL - best baseline NLL, nats)",
@@ -53,15 +48,16 @@ def overfitting_rule(run: RunData, t: Thresholds) -> list[Finding]:
     if over is None:
         return []
     change = {}
-    dropout, decay = _number(run, "model.dropout"), _number(run, "optim.weight_decay")
+    dropout = run.config_number("model.dropout")
+    decay = run.config_number("optim.weight_decay")
     if dropout is not None:
         change["model.dropout"] = round(min(0.5, dropout + 0.1), 2)
     if decay is not None:
         change["optim.weight_decay"] = float(f"{max(decay * 2, 0.01):.2g}")
-    patience = _number(run, "train.early_stopping_patience")
+    patience = run.config_number("train.early_stopping_patience")
     if not patience or patience > t.overfit_validations:
         change["train.early_stopping_patience"] = t.overfit_validations
-    d_model = _number(run, "model.d_model")
+    d_model = run.config_number("model.d_model")
     return [Finding(
         component="model", issue="overfitting", severity="warning",
         message=f"The model overfits: {over.sentence()}.",

@@ -66,6 +66,11 @@ class RunData:
     def name(self) -> str:
         return self.log_dir.name
 
+    def config_number(self, dotted: str):
+        """A numeric config value, or None if the config lacks it (or it is not a number)."""
+        value = self.config_value(dotted)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
     def config_value(self, dotted: str, default=None):
         node = self.config
         for key in dotted.split("."):

@@ -93,9 +93,7 @@ def _span(steps) -> str:
 
 
 def _number(run: RunData, dotted: str):
-    """A numeric config value, or None if the config lacks it (or it is not a number)."""
-    value = run.config_value(dotted)
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return run.config_number(dotted)
 
 
 def _lr(run: RunData) -> float | None:

@@ -17,8 +17,14 @@ import numpy as np
 import torch
 
 from trainer import distributed
-from trainer.scoring import (BASELINES, SCORES, baseline_forecasts, block_length,
-                             mean_difference, scores)
+from trainer.scoring import (
+    BASELINES,
+    SCORES,
+    baseline_forecasts,
+    block_length,
+    mean_difference,
+    scores,
+)
 
 FORECASTERS = ("model", *BASELINES)
 _MODEL_ONLY = ("effective_components", "sigma_at_floor")

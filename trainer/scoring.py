@@ -23,8 +23,7 @@ import math
 import numpy as np
 import torch
 
-from model.decoder import (mixture_cdf, mixture_crps, mixture_log_likelihood,
-                           mixture_quantiles)
+from model.decoder import mixture_cdf, mixture_crps, mixture_log_likelihood, mixture_quantiles
 
 BASELINES = ("rw", "ewma")
 BASELINE_NAMES = {"rw": "random walk (training spread)", "ewma": "random walk (EWMA volatility)"}

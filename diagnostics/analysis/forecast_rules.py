@@ -5,8 +5,13 @@ from __future__ import annotations
 from diagnostics.analysis.findings import Finding
 from diagnostics.analysis.load import RunData
 from diagnostics.analysis.thresholds import Thresholds
-from diagnostics.analysis.verdict import (inputs_effect, overfitting, scored_line, skills,
-                                          trained_val)
+from diagnostics.analysis.verdict import (
+    inputs_effect,
+    overfitting,
+    scored_line,
+    skills,
+    trained_val,
+)
 
 
 def _skill_evidence(run: RunData, source: str, line: dict) -> dict:

@@ -164,8 +164,9 @@ def verdict_rows(run: RunData, t: Thresholds) -> list[tuple[str, str]]:
     rows = []
     scored = scored_line(run)
     if scored is None:
-        rows.append(("skill", "not scored: this run's validation lines have no baseline skill "
-                              "(written before baselines were scored, or no validation yet)"))
+        rows.append(("skill", ("not scored: this run's validation lines have no baseline "
+                               "skill (written before baselines were scored, or no validation "
+                               "yet)")))
     else:
         source, line = scored
         for s in skills(line):

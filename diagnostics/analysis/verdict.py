@@ -15,6 +15,8 @@ import numpy as np
 from diagnostics.analysis.load import RunData, column
 from diagnostics.analysis.thresholds import Thresholds
 
+# The labels of trainer/scoring.py's BASELINE_NAMES, repeated: the offline analysis reads JSON and
+# does not import the trainer (nor torch) for two strings.
 BASELINES = {"rw": "random walk (training spread)", "ewma": "random walk (EWMA volatility)"}
 
 
@@ -50,8 +52,8 @@ def _finite(line: dict, *keys: str) -> bool:
 
 
 def trained_val(run: RunData) -> list[dict]:
-    """Validation lines after training started, without the restored-best repeat."""
-    return [v for v in run.val if v["step"] > 0 and not v.get("restored_best")]
+    """Validation lines after training started (load_run keeps restored-best lines apart)."""
+    return [v for v in run.val if v["step"] > 0]
 
 
 def scored_line(run: RunData) -> tuple[str, dict] | None:

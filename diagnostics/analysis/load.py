@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,14 @@ def column(lines: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
                       dtype=float)
     values[np.abs(values) >= HUGE] = np.copysign(np.inf, values[np.abs(values) >= HUGE])
     return steps, values
+
+
+
+def finite_median(values) -> float:
+    """The median of the finite values; nan when there are none."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    return float(np.median(finite)) if finite.size else math.nan
 
 
 # --- reading and validating -------------------------------------------------------------------

@@ -24,7 +24,7 @@ from diagnostics import schemas
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
-HUGE = 1e300   # metrics.jsonl writes +-inf as +-1e308
+HUGE = 1e300   # metrics.jsonl written before the one encoding (null) carried +-inf as +-1e308
 
 
 @dataclass
@@ -82,7 +82,7 @@ class RunData:
 
 
 def column(lines: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of one metric; null becomes nan, the writer's +-1e308 becomes +-inf."""
+    """(steps, values) of one metric; null becomes nan, an older file's +-1e308 becomes +-inf."""
     steps = np.array([line["step"] for line in lines], dtype=int)
     values = np.array([np.nan if line.get(key) is None else float(line[key]) for line in lines],
                       dtype=float)

@@ -148,8 +148,9 @@ def test_two_hosts_train_like_two_ranks_on_one_host(short_csv, tmp_path):
 
 def pause_workers(agent: subprocess.Popen, sig: int) -> None:
     """SIGSTOP / SIGCONT the training processes under `agent` (not the agent itself)."""
-    for child in psutil.Process(agent.pid).children(recursive=True):
-        child.send_signal(sig)
+    for process in psutil.Process(agent.pid).children(recursive=True):
+        if "torch.distributed.run" not in " ".join(process.cmdline()):
+            process.send_signal(sig)
 
 
 def newest_checkpoint_step(checkpoints: Path) -> int:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -53,7 +54,7 @@ def train_argv(overrides: list[tuple[str, object]]) -> list[str]:
 
 
 def start_agent(host: netns.Host, rendezvous_host: netns.Host, nnodes: str, argv: list[str],
-                out: Path, rdzv_conf: str = "", **env) -> subprocess.Popen:
+                out: Path, rdzv_conf: str = "", **env: str) -> subprocess.Popen:
     """One `torchrun` agent on `host`: its own address for the workers' store (--local_addr),
     `is_host` on the host that owns the rendezvous address, gloo on the host's interface."""
     is_host = int(host is rendezvous_host)
@@ -166,62 +167,80 @@ def num_train_windows(overrides: list[tuple[str, object]]) -> int:
                              config.data.window_stride))
 
 
-def test_host_lost_and_regained_keeps_the_run_on_its_course(short_csv, tmp_path):
-    overrides = run_overrides(short_csv, tmp_path, 80)
-    argv = ["--max-restarts=3", *train_argv(overrides)]
-    log = tmp_path / "logs/run/training_full.log"
-    checkpoints = tmp_path / "checkpoints/run"
+@dataclass
+class Membership:
+    lost_at: int            # the step the survivor resumed from at world size 1
+    newest_at_loss: int     # the newest checkpoint when the host was lost
+    regained_at: int        # the step all resumed from at world size 2
+    timings: dict[str, float]
+
+
+def lose_and_regain(a: netns.Host, b: netns.Host, argv: list[str], folder: Path) -> Membership:
+    """Start agents on `b` and `a` (`a` owns the rendezvous), SIGKILL host `b` after the
+    checkpoint at step 20, start its agent again 10 steps after the survivor resumed, and wait
+    for the run's end."""
+    log, a_out, b_out = folder / "logs/run/training_full.log", folder / "a.out", folder / "b.out"
     # A store per rendezvous round: with torchrun's shared store a host that joins later waits
     # forever for the round's MASTER_ADDR (the store's owner publishes it only once).
-    fresh_store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    a_out, b_out = tmp_path / "a.out", tmp_path / "b.out"
-    timings = {}
+    elastic = {"rdzv_conf": ELASTIC_RDZV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    started, timings = time.monotonic(), {}
+    start_agent(b, a, "1:2", argv, b_out, **elastic)
+    agent_a = start_agent(a, a, "1:2", argv, a_out, **elastic)
+    wait_for(log, r"checkpoint_step_000020\n", watch=(agent_a,))
+    assert "device cpu x 2 rank(s)" in log.read_text()
+
+    mark, lost = len(log.read_text()), time.monotonic()
+    b.kill()                                       # agent and worker, as a host that dies
+    newest = newest_checkpoint_step(folder / "checkpoints/run")   # none completes without b
+    shrunk = wait_for(log, r"world size 2 -> 1: resuming from \S+ at step (\d+)", mark,
+                      watch=(agent_a,))
+    timings["lost -> training at 1"] = time.monotonic() - lost
+    wait_for(log, rf"step {int(shrunk[1]) + 10}/", shrunk.end(), watch=(agent_a,))
+    # Hold the survivor still while the host comes back, so that a fast machine cannot end the
+    # run first; torchrun's SIGTERM waits for it.
+    pause_workers(agent_a, signal.SIGSTOP)
+    mark_a, back = len(a_out.read_text()), time.monotonic()
+    agent_b = start_agent(b, a, "1:2", argv, b_out, **elastic)
+    wait_for(a_out, r"closing signal SIGTERM", mark_a, watch=(agent_a, agent_b))
+    pause_workers(agent_a, signal.SIGCONT)
+    grown = wait_for(log, r"world size 1 -> 2: resuming from \S+ at step (\d+)", shrunk.end(),
+                     watch=(agent_a, agent_b))
+    timings["back -> training at 2"] = time.monotonic() - back
+    finish(agent_a, agent_b, outputs=(a_out, b_out))
+    timings["whole run"] = time.monotonic() - started
+    return Membership(int(shrunk[1]), newest, int(grown[1]), timings)
+
+
+def test_host_lost_and_regained_keeps_the_run_on_its_course(short_csv, tmp_path):
+    overrides = run_overrides(short_csv, tmp_path, 80)
     with netns.hosts(2) as (a, b):
-        started = time.monotonic()
-        start_agent(b, a, "1:2", argv, b_out, ELASTIC_RDZV, **fresh_store)
-        agent_a = start_agent(a, a, "1:2", argv, a_out, ELASTIC_RDZV, **fresh_store)
-        wait_for(log, r"checkpoint_step_000020\n", watch=(agent_a,))
-        assert "device cpu x 2 rank(s)" in log.read_text()
+        change = lose_and_regain(a, b, ["--max-restarts=3", *train_argv(overrides)], tmp_path)
+    print("elastic timings (s):", {k: round(v, 1) for k, v in change.timings.items()})
 
-        mark, lost = len(log.read_text()), time.monotonic()
-        b.kill()                                  # agent and worker, as a host that dies
-        saved_before_loss = newest_checkpoint_step(checkpoints)   # none completes without b
-        shrunk = wait_for(log, r"world size 2 -> 1: resuming from \S+ at step (\d+)", mark,
-                          watch=(agent_a,))
-        timings["lost -> training at 1"] = time.monotonic() - lost
-        wait_for(log, rf"step {int(shrunk[1]) + 10}/", shrunk.end(), watch=(agent_a,))
-        # Hold the survivor still while the host comes back, so the run cannot end first on a
-        # fast machine; torchrun's SIGTERM waits for it.
-        pause_workers(agent_a, signal.SIGSTOP)
-        mark_a, back = len(a_out.read_text()), time.monotonic()
-        agent_b = start_agent(b, a, "1:2", argv, b_out, ELASTIC_RDZV, **fresh_store)
-        wait_for(a_out, r"closing signal SIGTERM", mark_a, watch=(agent_a, agent_b))
-        pause_workers(agent_a, signal.SIGCONT)
-        grown = wait_for(log, r"world size 1 -> 2: resuming from \S+ at step (\d+)",
-                         shrunk.end(), watch=(agent_a, agent_b))
-        timings["back -> training at 2"] = time.monotonic() - back
-        finish(agent_a, agent_b, outputs=(a_out, b_out))
-        timings["whole run"] = time.monotonic() - started
-    print("elastic timings (s):", {k: round(v, 1) for k, v in timings.items()})
-
-    text = log.read_text()
-    lost_at, regained_at = int(shrunk[1]), int(grown[1])
-    assert lost_at == saved_before_loss                  # the newest checkpoint, nothing older
-    assert f"stop requested (signal) at step {regained_at}" in text     # torchrun's SIGTERM
-    assert re.search(rf"saved checkpoint \S+checkpoint_step_{regained_at:06d}", text)
+    text = (tmp_path / "logs/run/training_full.log").read_text()
+    assert change.lost_at == change.newest_at_loss          # the newest checkpoint, none older
+    assert f"stop requested (signal) at step {change.regained_at}" in text   # torchrun's SIGTERM
+    assert re.search(rf"saved checkpoint \S+checkpoint_step_{change.regained_at:06d}", text)
     assert "finished at step 80 (completed)" in text
-
     records = train_records(tmp_path / "logs/run")
-    assert sorted(records) == list(range(1, 81))         # planned length, every step once
-    sizes = {step: r["world_size"] for step, r in records.items()}
-    assert all(sizes[s] == (1 if lost_at < s <= regained_at else 2) for s in sizes), sizes
     config = load_config(str(REPO / CONFIG), overrides)
-    for step, record in records.items():                 # the schedule of an 80-step run
-        expected = config.optim.lr * lr_multiplier(step, config.optim.warmup_steps, 80,
-                                                   config.optim.min_lr_ratio)
-        assert record["lr"] == pytest.approx(expected, rel=1e-6), step
+    assert_planned_course(records, change, config, 80)
     assert_data_position_kept(text, records, config.data.batch_size,
                               num_train_windows(overrides))
+
+
+def assert_planned_course(records: dict[int, dict], change: Membership, config,
+                          num_steps: int) -> None:
+    """Every planned step once, at the world size of its time, with the LR of the schedule
+    planned at the start."""
+    assert sorted(records) == list(range(1, num_steps + 1))
+    sizes = {step: r["world_size"] for step, r in records.items()}
+    assert all(size == (1 if change.lost_at < step <= change.regained_at else 2)
+               for step, size in sizes.items()), sizes
+    for step, record in records.items():
+        expected = config.optim.lr * lr_multiplier(step, config.optim.warmup_steps, num_steps,
+                                                   config.optim.min_lr_ratio)
+        assert record["lr"] == pytest.approx(expected, rel=1e-6), step
 
 
 def assert_data_position_kept(log_text: str, records: dict[int, dict], batch_size: int,

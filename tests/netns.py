@@ -39,22 +39,42 @@ class Host:
         return subprocess.run(self.command(argv), check=kwargs.pop("check", False), **kwargs)
 
     def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
-        """Start a process on this host in a process group of its own, so that `kill` reaches
-        its children (torchrun's workers) too."""
+        """Start a process on this host in a process group of its own."""
         process = subprocess.Popen(self.command(argv), start_new_session=True, **kwargs)
         self.processes.append(process)
         return process
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Lose this host: signal every process started on it, with their children."""
+        """Lose this host: signal every process started on it, with their children, and every
+        other process in its namespace (torchrun starts its workers in sessions of their own,
+        out of reach of the agent's group). Afterwards the host can start processes again."""
         for process in self.processes:
             signal_group(process, sig)
+        for pid in self.pids():
+            signal_pid(pid, sig)
         for process in self.processes:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 signal_group(process, signal.SIGKILL)
                 process.wait(timeout=30)
+        self.processes.clear()
+        deadline = time.monotonic() + 10
+        while sig == signal.SIGKILL and self.pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def pids(self) -> list[int]:
+        """Every process running in this host's network namespace."""
+        listed = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
+                                text=True, check=False).stdout
+        return [int(pid) for pid in listed.split()]
+
+
+def signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -11,9 +11,16 @@ slurm_log() {
     echo "[slurm $(date +%H:%M:%S) ${SLURMD_NODENAME:-$(hostname -s)}] $*"
 }
 
-# The first host of a Slurm node list (node[01-04] -> node01): trainer/distributed.py's
-# first_slurm_host, so that the batch scripts and the trainer agree.
+# The first host of a Slurm node list (node[01-04] -> node01), as trainer/distributed.py's
+# first_slurm_host finds it, so that the batch scripts and the trainer agree: scontrol, else
+# its parser. scontrol is asked here first because importing the trainer (torch) to ask it
+# takes seconds on every node at every start.
 first_host() {
+    local hosts
+    if hosts=$(scontrol show hostnames "$1" 2>/dev/null) && [[ -n "$hosts" ]]; then
+        echo "${hosts%%$'\n'*}"
+        return 0
+    fi
     python -c 'import sys; from trainer.distributed import first_slurm_host
 print(first_slurm_host(sys.argv[1]))' "$1"
 }

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -286,15 +287,16 @@ def cluster():
 
 
 def submit(cluster: SlurmCluster, script: Path, folder: Path, name: str, max_steps: int,
-           *options: str) -> str:
-    """Submit a project batch script on the CPU quickstart config with 2 ranks; logs and
-    checkpoints go under `folder`. The #SBATCH GPU and CPU requests are overridden for this
-    2-core machine, as a user would on the command line."""
+           *options: str, ranks_per_node: int = 2, overrides: str = "") -> str:
+    """Submit a project batch script on the CPU quickstart config (2 ranks per node unless
+    told, more `--set` overrides if given); logs and checkpoints go under `folder`, the job uses
+    this Python's environment. The #SBATCH GPU and CPU requests are overridden for this 2-core
+    machine, as a user would on the command line."""
     extra = (f"--max_steps {max_steps} --checkpoint_interval 20 "
              f"--set train.log_root={folder}/logs checkpoint.root={folder}/checkpoints "
-             f"train.progress_bar=false")
-    env = {"EXPERIMENT_NAME": name, "NPROC_PER_NODE": "2", "EXTRA_ARGS": extra,
-           "DIAGNOSTICS": "--enable_gradient_diagnostics"}
+             f"train.progress_bar=false {overrides}")
+    env = {"EXPERIMENT_NAME": name, "NPROC_PER_NODE": str(ranks_per_node), "EXTRA_ARGS": extra,
+           "DIAGNOSTICS": "--enable_gradient_diagnostics", "VENV": sys.prefix}
     return cluster.sbatch(script, "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}",
                           f"--output={folder}/slurm-%j.out", *options, cwd=REPO, env=env)
 
@@ -384,8 +386,8 @@ def test_multi_node_script_on_one_node_rendezvous_requeue_and_resume(cluster, tm
     info = wait_finished(cluster, tmp_path, job_id)
     output = job_output(tmp_path, job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output
-    port = 29500 + int(job_id) % 1000
-    assert f"--rdzv_endpoint={cluster.hostname}:{port}" in output
+    port, address = 29500 + int(job_id) % 1000, socket.gethostbyname(cluster.hostname)
+    assert f"--rdzv_endpoint={address}:{port}" in output and f"--local_addr={address}" in output
     assert "--rdzv_conf=is_host=1" in output
     assert output.count("received SIGUSR1") >= 2, "batch shell and node launcher"
     assert_stopped_and_resumed(tmp_path, "multi", job_id, output)

@@ -8,6 +8,7 @@ cluster whose host names point at another network.
 """
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -27,6 +28,15 @@ NUM_NODES = 2
 # A shorter data range and a smaller model: the point is the launch, not the forecast.
 SMALL_AND_FAST = ("data.builtin.start_date=1996-01-01 data.builtin.end_date=2003-12-31 "
                   "model.d_model=32 model.seq_len=48 model.pred_len=12")
+
+
+def test_two_nodes_skip_cleanly_where_hosts_cannot_be_made(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr("tests.slurm_cluster.slurm_installed", lambda: True)
+    monkeypatch.setattr("tests.netns.unavailable", lambda: "`ip netns add` failed: denied")
+    with pytest.raises(pytest.skip.Exception, match="2 nodes need a host each: `ip netns add`"), \
+            slurm_cluster(num_nodes=2):
+        pass
 
 
 @pytest.fixture(scope="module")

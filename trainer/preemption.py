@@ -97,7 +97,7 @@ def requeue_slurm_job() -> None:
                     "the job cannot requeue itself: resubmit it with --resume auto", job_id)
         return
     result = subprocess.run([*_IGNORING_SIGTERM, "scontrol", "requeue", job_id],
-                            capture_output=True, text=True)
+                            check=False, capture_output=True, text=True)
     if result.returncode == 0:
         log.info("Slurm job %s requeued: it will resume from the newest checkpoint", job_id)
     else:

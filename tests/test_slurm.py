@@ -40,7 +40,15 @@ cat <<'END'
 END
 """
 FAKE_SCONTROL = """#!/bin/sh
-# show node -o NAME: one line with NodeAddr; anything else (show hostnames): unknown here
+# show hostnames LIST: the node lists used here; show node -o NAME: one line with NodeAddr
+if [ "$1 $2" = "show hostnames" ]; then
+    case "$3" in
+        "gpu[07-09],cpu1") printf 'gpu07\\ngpu08\\ngpu09\\ncpu1\\n' ;;
+        "named,gpu08") printf 'named\\ngpu08\\n' ;;
+        *) exit 1 ;;
+    esac
+    exit 0
+fi
 [ "$1 $2 $3" = "show node -o" ] || exit 1
 case "$4" in
     gpu07) echo "NodeName=gpu07 Arch=x86_64 NodeAddr=10.40.0.7 NodeHostName=gpu07 State=IDLE" ;;

@@ -32,15 +32,21 @@ class Host:
     ifname: str = IFNAME
     processes: list[subprocess.Popen] = field(default_factory=list)
 
-    def command(self, argv: list[str]) -> list[str]:
+    def command(self, argv: list[str], machine_sys: bool = False) -> list[str]:
+        """`argv` run on this host. `ip netns exec` mounts a /sys of the namespace, which hides
+        the machine's cgroup mounts under /sys/fs/cgroup; machine_sys=True enters only the
+        network namespace (nsenter) and keeps them, for daemons that need them (slurmd)."""
+        if machine_sys:
+            return ["nsenter", f"--net=/run/netns/{self.name}", "--", *argv]
         return ["ip", "netns", "exec", self.name, *argv]
 
     def run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(argv), check=kwargs.pop("check", False), **kwargs)
 
-    def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
+    def popen(self, argv: list[str], machine_sys: bool = False, **kwargs) -> subprocess.Popen:
         """Start a process on this host in a process group of its own."""
-        process = subprocess.Popen(self.command(argv), start_new_session=True, **kwargs)
+        process = subprocess.Popen(self.command(argv, machine_sys), start_new_session=True,
+                                   **kwargs)
         self.processes.append(process)
         return process
 

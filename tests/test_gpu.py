@@ -130,6 +130,7 @@ def test_checkpoint_moves_between_gpu_and_cpu(short_csv, tmp_path, save_on, load
     assert all(math.isfinite(l) for l in train_losses(tmp_path, "moved"))
 
 
+@pytest.mark.slow
 def test_compile_failure_falls_back_to_eager(short_csv, tmp_path, monkeypatch):
     """A broken compiler (as a missing toolchain would be) must not end the run: the trainer's
     `maybe_compile` falls back to eager execution, with the same losses as an eager run."""

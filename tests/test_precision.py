@@ -1,6 +1,8 @@
 """trainer/precision.py: what `train.precision: auto` means on each device."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,14 +14,24 @@ CPU = torch.device("cpu")
 def test_explicit_precisions_are_kept():
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         assert precision.resolve_precision(name, CPU) == (name, "set in the config")
-        assert precision.autocast_dtype(name, CPU) is dtype
+        assert precision.autocast_dtype(name) is dtype
 
 
-@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_on_cpu_follows_native_bf16(monkeypatch, native, expected):
+@pytest.mark.parametrize("native, speedup, expected", [
+    (True, 3.7, "bf16"), (True, 0.5, "fp32"), (False, 3.7, "fp32")])
+def test_auto_on_cpu_needs_native_bf16_that_is_faster(monkeypatch, native, speedup, expected):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
     chosen, why = precision.resolve_precision("auto", CPU)
     assert chosen == expected and why.startswith("auto:")
+    if native:
+        assert f"{speedup:.2f}x" in why
+
+
+def test_the_probe_measures_a_positive_speedup_once():
+    first = precision.cpu_bf16_speedup()
+    assert math.isfinite(first) and first > 0
+    assert precision.cpu_bf16_speedup() == first          # cached: one probe per process
 
 
 def test_native_bf16_agrees_with_the_kernels_cpu_flags():

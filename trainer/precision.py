@@ -1,20 +1,29 @@
 """Which precision `train.precision: auto` means on this device, and why.
 
-bf16 autocast where the hardware computes bf16 natively: CUDA GPUs that support it, and CPUs
-with bf16 instructions (AVX-512 BF16 or AMX), where oneDNN's bf16 matrix products run at several
-times the fp32 rate. Elsewhere fp32: a CPU without them would emulate bf16 more slowly than it
-computes fp32. What stays fp32 under bf16: the weights and the optimizer state (autocast casts
-copies of the weights for each product), the mixture head and its NLL (model/decoder.py), the
-softmaxes and the graph's log-space arithmetic (model/attention.py, model/graph.py).
+bf16 autocast where bf16 is native *and* pays: CUDA GPUs that support it, and CPUs with bf16
+instructions (AVX-512 BF16 or AMX) whose bf16 matrix products, measured at start, run at least
+`MIN_CPU_SPEEDUP` times as fast as fp32's. Native is not enough on a CPU: issue 14 measured bf16
+matrix products at about 3.7x fp32's on a 2-core AMD EPYC with AVX-512 BF16, while on the 2-core
+Intel Xeon VM of 2026-12-02, with the same instruction set (oneDNN's avx512_core_bf16 kernels, no
+AMX), they ran at 0.54x and bf16 training was 25% slower than fp32. The probe takes about 0.1 s.
+Elsewhere fp32. All ranks take rank 0's choice.
+
+What stays fp32 under bf16: the weights and the optimizer state (autocast casts copies of the
+weights for each product), the mixture head and its NLL (model/decoder.py), the softmaxes and the
+graph's log-space arithmetic (model/attention.py, model/graph.py).
 """
 from __future__ import annotations
 
+import functools
+import time
 from pathlib import Path
 
 import torch
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+MIN_CPU_SPEEDUP = 1.2          # bf16 products this much faster than fp32's, or fp32 is kept
+PROBE_SIZE, PROBE_REPEATS = 1024, 3
 
 
 def cpu_flags() -> set[str]:
@@ -36,6 +45,24 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & set(BF16_CPU_FLAGS))
 
 
+def _best_time(a: torch.Tensor, b: torch.Tensor) -> float:
+    torch.mm(a, b)                                   # warm-up: the library picks its kernel
+    best = float("inf")
+    for _ in range(PROBE_REPEATS):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float:
+    """fp32 time / bf16 time of one square matrix product on this CPU, best of a few each."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(PROBE_SIZE, PROBE_SIZE, generator=generator) for _ in range(2))
+    return _best_time(a, b) / _best_time(a.bfloat16(), b.bfloat16())
+
+
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     """(precision, why): `auto` made concrete for `device`; an explicit choice is kept."""
     if precision != "auto":
@@ -44,11 +71,14 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bf16", "auto: the GPU computes bf16"
         return "fp32", "auto: this GPU has no bf16"
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bf16", "auto: the CPU has bf16 instructions (AVX-512 BF16 or AMX)"
-    return "fp32", f"auto: no native bf16 on this {device.type}"
+    if device.type != "cpu" or not cpu_has_native_bf16():
+        return "fp32", f"auto: no native bf16 on this {device.type}"
+    speedup = cpu_bf16_speedup()
+    verdict = "bf16" if speedup >= MIN_CPU_SPEEDUP else "fp32"
+    return verdict, (f"auto: the CPU has bf16 instructions and its bf16 matrix products run at "
+                     f"{speedup:.2f}x fp32's here (bf16 from {MIN_CPU_SPEEDUP}x)")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a resolved or `auto` precision; None is plain fp32."""
-    return DTYPES[resolve_precision(precision, device)[0]]
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision; None is plain fp32."""
+    return DTYPES[precision]

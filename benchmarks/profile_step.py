@@ -54,7 +54,8 @@ INDEXING = {"index", "index_put_", "_index_put_impl_", "index_select", "gather",
             "scatter_", "scatter_add_", "index_add_", "unfold", "unfold_backward", "embedding",
             "embedding_dense_backward", "masked_fill", "masked_fill_", "where",
             "repeat_interleave", "constant_pad_nd", "select_backward", "slice_backward"}
-RANDOM = {"bernoulli_", "bernoulli", "rand", "rand_like", "uniform_", "normal_", "randn"}
+RANDOM = {"bernoulli_", "bernoulli", "rand", "rand_like", "uniform_", "normal_", "randn", "random_",
+          "randint"}
 VIEWS = {"view", "_unsafe_view", "reshape", "expand", "expand_as", "permute", "transpose", "t",
          "unsqueeze", "squeeze", "select", "slice", "as_strided", "detach", "alias", "unbind",
          "split", "chunk", "narrow", "flatten", "unflatten", "view_as", "numpy_T", "lift_fresh",

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from model.dropout import Dropout
+
 
 class FusionCrossAttention(nn.Module):
     """An attention-pooled node context queries the temporal tokens.
@@ -53,7 +55,7 @@ class HierarchicalFusionProjection(nn.Module):
         super().__init__()
         self.proj = nn.Linear(4 * d_model, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, context_BD, nodes_BND, attended_BD) -> torch.Tensor:
         stacked = torch.cat([context_BD, nodes_BND.mean(1), nodes_BND.std(1), attended_BD], dim=-1)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.dropout import Dropout
+
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -26,7 +28,7 @@ class MixtureDensityDecoder(nn.Module):
         self.horizon_position = nn.Parameter(torch.randn(pred_len, d_model) * 0.02)
         self.head = nn.Sequential(
             nn.LayerNorm(d_model), nn.Linear(d_model, ffn_multiplier * d_model), nn.GELU(),
-            nn.Dropout(dropout), nn.Linear(ffn_multiplier * d_model, 3 * num_mixtures))
+            Dropout(dropout), nn.Linear(ffn_multiplier * d_model, 3 * num_mixtures))
         self.register_buffer("change_scale_PT", change_scale_PT.clone())
         # Spread the initial means so the K components do not start identical.
         with torch.no_grad():

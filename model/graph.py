@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.dropout import Dropout
+
 
 class CelestialNodeEncoder(nn.Module):
     """Each body's own columns over the window -> one node state; each target's history -> one.
@@ -39,7 +41,7 @@ class CelestialNodeEncoder(nn.Module):
         self.target_bias = nn.Parameter(torch.zeros(num_targets, d_model))
         self.body_norm = nn.LayerNorm(d_model)
         self.target_norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, wave_BSNC: torch.Tensor, target_BST: torch.Tensor):
         summary_BNCM = F.gelu(self.body_time_pool(wave_BSNC.permute(0, 2, 3, 1)))
@@ -93,7 +95,7 @@ class GraphAttentionLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(nn.Linear(d_model, ffn_multiplier * d_model), nn.GELU(),
                                  nn.Linear(ffn_multiplier * d_model, d_model))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, nodes_BND: torch.Tensor, bias_B1NN: torch.Tensor) -> torch.Tensor:
         B, N, D = nodes_BND.shape

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.dropout import Dropout
+
 
 class MultiScalePatchEmbedding(nn.Module):
     def __init__(self, num_inputs: int, d_model: int, seq_len: int,
@@ -26,7 +28,7 @@ class MultiScalePatchEmbedding(nn.Module):
                                               torch.tensor(tokens_per_scale))
         self.register_buffer("token_scale_index", scale_index, persistent=False)
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x_BSF: torch.Tensor) -> torch.Tensor:
         tokens = [proj(x_BSF.unfold(1, patch_len, stride).flatten(2))   # (B, L_scale, F*patch)

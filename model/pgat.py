@@ -17,8 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.attention import (CelestialToTargetAttention, FusionCrossAttention,
-                             HierarchicalFusionProjection)
+from model.attention import (
+    CelestialToTargetAttention,
+    FusionCrossAttention,
+    HierarchicalFusionProjection,
+)
 from model.config import InputSpec, ModelConfig
 from model.decoder import MixtureDensityDecoder, mixture_nll
 from model.graph import CelestialNodeEncoder, GatedGraphCombiner, StochasticGraphLearner

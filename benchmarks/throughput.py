@@ -5,8 +5,8 @@
     python benchmarks/throughput.py --config configs/quickstart_cpu.yaml --batch-size 64
 
 What is timed is the trainer's own step, the `TrainStep` of trainer.build.build_train_step
-(forward, backward, clipping, AdamW, LR schedule), on synthetic batches of the real shapes: warm-up steps first, then several
-timed rounds (median and range reported). Data loading is not included (ddp_scaling.py times
+(forward, backward, clipping, AdamW, LR schedule), on synthetic batches of the real shapes:
+warm-up steps first, then several timed rounds (median and range reported). Data loading is not included (ddp_scaling.py times
 whole training runs, data included).
 
 Each (optimizer, compile) setting runs in fresh subprocesses (several, taken in turn: this
@@ -201,7 +201,8 @@ class TimedStep:
         from trainer.distributed import DistEnv
         from trainer.loop import IntervalMeter
         self.step = build_train_step(config, spec, DistEnv(0, 0, 1, device, None), total=10**6)
-        self.meter, self.clip_norm, self.num_taken = IntervalMeter(device), config.optim.grad_clip_norm, 0
+        self.meter, self.num_taken = IntervalMeter(device), 0
+        self.clip_norm = config.optim.grad_clip_norm
 
     def run(self, batches, num_steps: int) -> None:
         from trainer.observer import StepContext

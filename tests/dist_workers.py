@@ -96,11 +96,11 @@ def observed_step(rank, world_size, port, out_dir):
     """One optimizer step on this rank's share of a fixed global batch of 8, observed by the
     gradient and attention observers (eval mode: identical function on every rank)."""
     from diagnostics.attention import AttentionObserver
-    from trainer.diagnostics_config import DiagnosticsConfig
     from diagnostics.gradients import GradientObserver
-    from trainer.observer import RunContext, StepContext
     from tests.test_model import inputs, make_model
     from trainer.config import Config
+    from trainer.diagnostics_config import DiagnosticsConfig
+    from trainer.observer import RunContext, StepContext
     from trainer.run_log import RunLog
     env = join_group(rank, world_size, port) if world_size > 1 else \
         distributed.DistEnv(0, 0, 1, torch.device("cpu"), None)

@@ -37,8 +37,9 @@ def test_record_norms_equal_norms_of_grad(short_csv, tmp_path):
 
         def after_backward(self, ctx):
             groups = self.model.component_parameters()
-            reference[ctx.step] = {name: torch.sqrt(sum(p.grad.double().square().sum() for _, p in ps)).item()
-                                   for name, ps in groups.items()}
+            reference[ctx.step] = {
+                name: torch.sqrt(sum(p.grad.double().square().sum() for _, p in ps)).item()
+                for name, ps in groups.items()}
             reference[ctx.step]["__total__"] = torch.sqrt(sum(
                 p.grad.double().square().sum() for p in self.model.parameters())).item()
     trainer = build_trainer(config, distributed.init_distributed("cpu"),

@@ -93,7 +93,8 @@ def test_nonfinite_step_is_skipped_exactly(short_csv, tmp_path):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(short_csv, tmp_path, caplog, injected_faults):
-    trainer = make_trainer(short_csv, tmp_path, train__log_interval=2, train__max_consecutive_skips=3)
+    trainer = make_trainer(short_csv, tmp_path, train__log_interval=2,
+                           train__max_consecutive_skips=3)
     injected_faults("nan_input:3-")     # a NaN in every step's inputs from step 3 on
     assert trainer.train() == 1
     assert "3 optimizer steps in a row had a non-finite" in caplog.text or \

@@ -355,7 +355,7 @@ class ModelState(Stateful):
 
 
 class OptimizerState(Stateful):
-    """The optimizer's moments and groups, keyed by parameter name (so any world size loads them)."""
+    """The optimizer's moments and groups, by parameter name (so any world size loads them)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer

@@ -1,4 +1,5 @@
-"""The training loop: `Trainer.train()` runs epochs; `train_step()` is one optimizer step.
+"""The training loop: `Trainer.train()` runs epochs; its `train_step` (a `TrainStep`) is one
+optimizer step.
 
 Everything that changes control flow (skip a step, stop, save now, early stopping) is decided
 from values every rank has (all-reduced gradients and metrics) or agreed with one small
@@ -225,7 +226,8 @@ class Trainer:
         self.train_step, self.evaluate = parts.train_step, parts.evaluate
         self.model, self.train_model = self.train_step.model, self.train_step.train_model
         self.optimizer, self.scheduler = self.train_step.optimizer, self.train_step.scheduler
-        self.observers, self.checkpoints, self.run_log = parts.observers, parts.checkpoints, parts.run_log
+        self.observers, self.checkpoints = parts.observers, parts.checkpoints
+        self.run_log = parts.run_log
         self.run_context, self.progress = parts.run_context, parts.progress
         self.app_state = checkpointed_state(self.train_step, self.progress, self.config)
         self.requests = process_requests()
@@ -234,8 +236,8 @@ class Trainer:
         self.requeue_requested = False
         self.last_checkpoint_step = -1
         self.last_validation_step, self.last_validation = -1, {}
-        train = self.config.train
-        self.samples_per_step = self.config.data.batch_size * train.grad_accum_steps * self.env.world_size
+        self.samples_per_step = (self.config.data.batch_size * self.config.train.grad_accum_steps
+                                 * self.env.world_size)
 
     # ----------------------------------------------------------------- the loop
     def train(self) -> int:
@@ -386,7 +388,8 @@ class Trainer:
         local = torch.stack([self.meter.part_flags[i] for i in rows]).tolist()
         by_rank = distributed.all_gather_object(local)
         for n, step in enumerate(skipped):
-            skip = describe_skip(self.train_step.finite_check.names, [flags[n] for flags in by_rank])
+            names = self.train_step.finite_check.names
+            skip = describe_skip(names, [flags[n] for flags in by_rank])
             log.warning(skip_message(step, skip))
             self.run_log.record("skip", step, skip)
 

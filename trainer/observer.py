@@ -1,17 +1,20 @@
 """The hook protocol through which plug-ins (the `diagnostics` package) watch the training step.
 
 The trainer owns this protocol; plug-ins implement `Observer` and the entry point hands them to
-the trainer. The loop talks to one `ObserverGroup`, which owns every hook call: it picks the
-observers active on a step (an integer test each), calls them, and asks the model for attention
-only if an active one `needs_attention`. With no observer active the step does no extra work and
-no host sync.
+the trainer (launch/train.py). The loop talks to one `ObserverGroup`, which owns every hook
+call: it picks the observers active on a step (an integer test each), calls them, and asks the
+model for attention only if an active one `needs_attention`. With no observer active the step
+does no extra work and no host sync.
 
-Ranks must call the same collectives in the same order. An observer whose hooks run collectives
-declares `communicates = True` and must be active on the same steps on every rank (the group
-checks this at the start). An observer that raises is reported and switched off on every rank at
-the same step (one small all-reduce after a step on which observers ran), and the run goes on. A
-communicating observer must raise, if at all, on every rank alike or after its last collective:
-one rank leaving a collective half-way would desynchronise the others before any agreement.
+Ranks must call the same collectives in the same order, so `is_active(step)` depends on the step
+alone: every rank runs the same observers on the same steps (the group compares their schedules
+at the start and switches off any that differ). An observer that raises is reported and switched
+off on every rank at the same step (one small all-reduce on the CPU control group after a step
+on which observers ran), and the run goes on. Observers whose hooks run collectives declare
+`communicates = True`: such an observer must raise, if at all, on every rank alike or after its
+last collective, since one rank leaving a collective half-way would leave the others waiting in
+it before any agreement; when one raises, the log says so, so that a hang that follows is
+explained.
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ if TYPE_CHECKING:
     from trainer.run_log import RunLog
 
 log = logging.getLogger(__name__)
-ACTIVITY_CHECK_STEPS = 10_000   # steps over which the ranks compare communicating observers' schedules
+MID_COLLECTIVE = (" (it runs collectives: if it raised between two of them on this rank only, "
+                  "the other ranks wait in the next one until the collective timeout)")
+ACTIVITY_CHECK_STEPS = 10_000   # steps over which the ranks compare the observers' schedules
 
 
 @dataclass(kw_only=True)
@@ -69,7 +74,7 @@ class Observer:
     """Base observer: every hook is a no-op."""
 
     needs_attention = False
-    communicates = False    # True if a hook runs collectives (then active on the same steps everywhere)
+    communicates = False    # True if a hook runs collectives (see the module docstring)
 
     def on_start(self, run: RunContext) -> None: ...
 
@@ -142,14 +147,15 @@ class ObserverGroup:
         for observer in observers:
             index = self.observers.index(observer)
             if index in self.failed_here:
-                continue      # it raised earlier in this step: not called again before the agreement
+                continue      # it raised earlier in this step: not called again before agreeing
             try:
                 getattr(observer, hook)(*args)
             except Exception as err:
                 self.failed_here[index] = f"{type(err).__name__}: {err}"
                 log.warning("observer %s raised in %s on rank %d: it is switched off on every "
-                            "rank; training goes on", type(observer).__name__, hook,
-                            distributed.rank(), exc_info=True)
+                            "rank; training goes on%s", type(observer).__name__, hook,
+                            distributed.rank(), MID_COLLECTIVE if observer.communicates else "",
+                            exc_info=True)
 
     def agree_on_failures(self, when: str) -> None:
         """Every rank switches off each observer that raised on any rank (one all-reduce)."""
@@ -157,16 +163,19 @@ class ObserverGroup:
             return
         failed = distributed.agree_any([i in self.failed_here for i in range(len(self.observers))])
         if any(failed):
-            self._switch_off([o for o, f in zip(self.observers, failed) if f], f"raised before {when}")
+            self._switch_off([o for o, f in zip(self.observers, failed) if f],
+                             f"raised on some rank before {when}")
         self.failed_here = {}
 
     def _switch_off_unaligned_schedules(self) -> None:
-        """A communicating observer active on different steps on different ranks would leave
-        ranks waiting in its collectives: the ranks compare schedules and drop such observers."""
+        """An observer active on different steps on different ranks would leave ranks waiting
+        in its collectives or in the failure agreement: the ranks compare schedules (over the
+        first ACTIVITY_CHECK_STEPS steps) and switch such observers off."""
         if not self.observers:
             return
-        schedules = [(type(o).__name__, [s for s in range(1, ACTIVITY_CHECK_STEPS + 1) if o.is_active(s)])
-                     if o.communicates else None for o in self.observers]
+        horizon = range(1, ACTIVITY_CHECK_STEPS + 1)
+        schedules = [(type(o).__name__, [s for s in horizon if o.is_active(s)])
+                     for o in self.observers]
         by_rank = distributed.all_gather_object(schedules)
         assert all(len(theirs) == len(schedules) for theirs in by_rank), "observer lists differ"
         unaligned = [o for i, o in enumerate(self.observers)
@@ -176,5 +185,6 @@ class ObserverGroup:
     def _switch_off(self, observers: list[Observer], why: str) -> None:
         for observer in observers:
             if distributed.is_main():
-                log.error("observer %s %s: switched off on every rank", type(observer).__name__, why)
+                log.error("observer %s %s: switched off on every rank", type(observer).__name__,
+                          why)
             self.observers.remove(observer)

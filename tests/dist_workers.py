@@ -216,8 +216,8 @@ def save_checkpoints_until_killed(root: str, async_save: bool) -> None:
 
 
 def trainer_with_failing_observer(rank, world_size, port, csv, root):
-    """Train 5 steps with an observer that raises on rank 1 at step 2 and one that all-reduces
-    on every step; save what each rank saw of them."""
+    """Train 5 steps with an observer that raises on rank 1 at step 2, one that all-reduces on
+    every step, and one whose schedule differs between ranks; save what each rank saw."""
     from tests.conftest import small_config
     from trainer.build import build_trainer
     from trainer.observer import Observer
@@ -246,13 +246,18 @@ def trainer_with_failing_observer(rank, world_size, port, csv, root):
         def after_step(self, ctx):
             self.sums[ctx.step] = distributed.all_reduce_sum(torch.ones(())).item()
 
-    raising, summing = Raising(), Summing()
+    class RankDependent(Summing):
+        def is_active(self, step):
+            return step % 2 == rank      # a plug-in bug: would leave ranks in different collectives
+
+    raising, summing, unaligned = Raising(), Summing(), RankDependent()
     env = join_group(rank, world_size, port)
     config = small_config(Path(csv), Path(root), "failing", train__max_steps=5,
                           train__log_interval=5, train__validate_at_start=False)
-    trainer = build_trainer(config, env, observers=lambda c: [raising, summing])
+    trainer = build_trainer(config, env, observers=lambda c: [raising, summing, unaligned])
     status = trainer.train()
     result = {"status": status, "raising_steps": raising.steps, "sums": summing.sums,
-              "still_on": [type(o).__name__ for o in trainer.observers.observers]}
+              "still_on": [type(o).__name__ for o in trainer.observers.observers],
+              "unaligned_sums": unaligned.sums}
     (Path(root) / f"failing{rank}.json").write_text(json.dumps(result))
     distributed.destroy()

@@ -64,7 +64,8 @@ def test_a_raising_observer_is_switched_off_and_the_others_go_on(caplog):
 @pytest.mark.slow
 def test_an_observer_failing_on_one_rank_is_switched_off_on_both(short_csv, tmp_path):
     """2 gloo ranks: the observer raises on rank 1 only; both ranks switch it off at that step,
-    finish the run, and a communicating observer keeps all-reducing in step on both."""
+    finish the run, and a communicating observer keeps all-reducing in step on both. One whose
+    schedule differs between the ranks is switched off at the start, before it runs."""
     dist_workers.spawn(dist_workers.trainer_with_failing_observer, 2, str(short_csv),
                        str(tmp_path), timeout_s=240)
     results = [json.loads((tmp_path / f"failing{r}.json").read_text()) for r in range(2)]
@@ -72,3 +73,4 @@ def test_an_observer_failing_on_one_rank_is_switched_off_on_both(short_csv, tmp_
     assert [r["raising_steps"] for r in results] == [[1, 2], [1, 2]]
     assert [r["still_on"] for r in results] == [["Summing"], ["Summing"]]
     assert all(r["sums"] == {str(s): 2.0 for s in range(1, 6)} for r in results)
+    assert [r["unaligned_sums"] for r in results] == [{}, {}]

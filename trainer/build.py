@@ -171,6 +171,7 @@ def build_parts(config: Config, env: DistEnv, config_path: str | None = None, *,
     checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name)
     check_experiment_folder(checkpoints, resume_request(config)[0], name)
     data = build_data(config, env)        # every input check, before anything is written
+    plugged_in = ObserverGroup(plug_in(observers, config))
     open_run_folder(log_dir, config, env)
     total = total_steps(config, data)
     step = build_train_step(config, data.prepared.spec, env, total)
@@ -184,7 +185,7 @@ def build_parts(config: Config, env: DistEnv, config_path: str | None = None, *,
                          is_main=env.rank == 0)
     return TrainerParts(config=config, env=env, data=data, train_step=step,
                         evaluate=SplitEvaluator(step, data),
-                        observers=ObserverGroup(plug_in(observers, config)),
+                        observers=plugged_in,
                         checkpoints=checkpoints, run_log=run_log, run_context=context,
                         progress=Progress(total_steps=total, length_setting=length_setting(config)))
 

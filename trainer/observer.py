@@ -103,7 +103,7 @@ class ObserverGroup:
     def __init__(self, observers: list[Observer]) -> None:
         self.observers = list(observers)
         self.active: list[Observer] = []
-        self.failed_here: dict[int, str] = {}    # index in self.observers -> what it raised
+        self.failed_here: set[int] = set()    # indices in self.observers of those that raised
 
     @property
     def needs_attention(self) -> bool:
@@ -151,7 +151,7 @@ class ObserverGroup:
             try:
                 getattr(observer, hook)(*args)
             except Exception as err:
-                self.failed_here[index] = f"{type(err).__name__}: {err}"
+                self.failed_here.add(index)
                 log.warning("observer %s raised in %s on rank %d: it is switched off on every "
                             "rank; training goes on%s", type(observer).__name__, hook,
                             distributed.rank(), MID_COLLECTIVE if observer.communicates else "",
@@ -165,7 +165,7 @@ class ObserverGroup:
         if any(failed):
             self._switch_off([o for o, f in zip(self.observers, failed) if f],
                              f"raised on some rank before {when}")
-        self.failed_here = {}
+        self.failed_here = set()
 
     def _switch_off_unaligned_schedules(self) -> None:
         """An observer active on different steps on different ranks would leave ranks waiting

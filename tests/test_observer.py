@@ -3,6 +3,7 @@ observer that raised on every rank at the same step, and keeps ranks in step."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -28,23 +29,25 @@ class Recording(Observer):
         self.calls.append(("after_step", ctx.step))
 
 
-def take_steps(group: ObserverGroup, steps) -> list[bool]:
-    """Drive the group as the loop does; returns whether attention was wanted per step."""
-    wanted = []
+def take_steps(group: ObserverGroup, steps) -> list[int]:
+    """Drive the group as the loop does (one micro-batch a step); returns, per step, how many
+    attention maps were kept for the observers."""
+    kept = []
     for step in steps:
         ctx = StepContext(step=step, epoch=0)
         group.start_step(step)
-        wanted.append(group.needs_attention)
         group.before_forward(ctx)
+        group.collect(ctx, SimpleNamespace(attention={"c2t": None}))
+        kept.append(len(ctx.attention))
         group.after_backward(ctx)
         group.before_optimizer_step(ctx)
         group.after_step(ctx)
-    return wanted
+    return kept
 
 
-def test_only_active_observers_are_called_and_ask_for_attention():
+def test_only_active_observers_are_called_and_get_attention():
     every_other = Recording(interval=2)
-    assert take_steps(ObserverGroup([every_other]), range(1, 5)) == [False, True, False, True]
+    assert take_steps(ObserverGroup([every_other]), range(1, 5)) == [0, 1, 0, 1]
     assert every_other.calls == [("before_forward", 2), ("after_step", 2),
                                  ("before_forward", 4), ("after_step", 4)]
 

@@ -138,7 +138,6 @@ class TrainStep:
     def __call__(self, micro_batches, ctx: StepContext,
                  observers: ObserverGroup = NO_OBSERVERS) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the loss and the step's non-finite flags (on the device: no sync)."""
-        want_attention = observers.needs_attention
         observers.before_forward(ctx)
         loss_sum = torch.zeros((), device=self.device)
         poisoned = faults.poison_gradients(self.model, ctx.step) if faults.ACTIVE else []
@@ -149,14 +148,13 @@ class TrainStep:
             syncing = i == len(micro_batches) - 1
             with self._no_sync_unless(syncing), self.autocast():
                 out = self.train_model(batch.wave, batch.target, batch.future_wave,
-                                       return_attention=want_attention)
+                                       return_attention=observers.needs_attention)
                 loss = out.loss(batch.future_target) / len(micro_batches)
             if faults.ACTIVE:
                 loss = faults.corrupt_loss(loss, ctx.step)
             self.scaler.scale(self.finite_check.guard_loss(loss, batch)).backward()
             loss_sum += loss.detach()
-            if want_attention:
-                ctx.attention.append(out.attention)
+            observers.collect(ctx, out)
         for handle in poisoned:
             handle.remove()
         self.scaler.unscale_(self.optimizer)

@@ -121,6 +121,11 @@ class ObserverGroup:
     def before_forward(self, ctx: StepContext) -> None:
         self._call_all(self.active, "before_forward", ctx)
 
+    def collect(self, ctx: StepContext, out) -> None:
+        """Keep what the active observers read from a micro-batch's forward (attention)."""
+        if self.needs_attention:
+            ctx.attention.append(out.attention)
+
     def after_backward(self, ctx: StepContext) -> None:
         self._call_all(self.active, "after_backward", ctx)
 

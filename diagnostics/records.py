@@ -1,23 +1,12 @@
-"""Writing run records: atomic JSON files (readers never see half a file), finite floats."""
+"""Writing run records: atomic JSON files (readers never see half a file), non-finite floats
+as null (trainer.run_log.json_safe)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
-from trainer.run_log import guarded_write
-
-
-def finite_or_none(value):
-    """JSON has no NaN/inf: non-finite floats become null, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
+from trainer.run_log import guarded_write, json_safe
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -26,7 +15,7 @@ def write_json(path: Path, record: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with guarded_write(path, leftover=tmp):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(finite_or_none(record), separators=(",", ":")))
+        tmp.write_text(json.dumps(json_safe(record), separators=(",", ":")))
         tmp.replace(path)
 
 

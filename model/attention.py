@@ -2,6 +2,11 @@
 
 Legend: B batch, L temporal tokens (~170), N bodies, C columns per body (padded), T targets,
 P horizon steps, D d_model, H heads, E head width (D / H).
+
+Precision: under bf16 autocast the matrix products run in bf16, but every softmax here takes its
+scores in fp32 (`.float()`, free in fp32 training). On CUDA autocast does that by itself; on CPU
+it does not, and these weights are what the diagnostics report and the C->T attribution ranks:
+rounded to bf16's 8 bits they would differ from a GPU run's by up to 0.4%.
 """
 from __future__ import annotations
 
@@ -30,11 +35,13 @@ class FusionCrossAttention(nn.Module):
     def forward(self, nodes_BND: torch.Tensor, tokens_BLD: torch.Tensor):
         B, L, D = tokens_BLD.shape
         H, E = self.num_heads, D // self.num_heads
-        pool_BN = torch.softmax(self.pool_key(nodes_BND) @ self.pool_query / math.sqrt(D), dim=-1)
+        pool_scores_BN = (self.pool_key(nodes_BND) @ self.pool_query).float() / math.sqrt(D)
+        pool_BN = torch.softmax(pool_scores_BN, dim=-1)
         context_BD = torch.einsum("bn,bnd->bd", pool_BN, nodes_BND)
         q_BHE = self.query(context_BD).view(B, H, E)
         k_BLHE, v_BLHE = self.key_value(tokens_BLD).view(B, L, 2, H, E).unbind(2)
-        weights_BHL = torch.softmax(torch.einsum("bhe,blhe->bhl", q_BHE, k_BLHE) / math.sqrt(E), -1)
+        scores_BHL = torch.einsum("bhe,blhe->bhl", q_BHE, k_BLHE).float() / math.sqrt(E)
+        weights_BHL = torch.softmax(scores_BHL, -1)
         attended_BD = self.out(torch.einsum("bhl,blhe->bhe", weights_BHL, v_BLHE).reshape(B, D))
         return context_BD, attended_BD, weights_BHL
 
@@ -91,7 +98,7 @@ class CelestialToTargetAttention(nn.Module):
             k_BPND = k_BPND + torch.einsum("bpnc,ncd->bpnd", future_BPNC, self.future_key)
             v_BPND = v_BPND + torch.einsum("bpnc,ncd->bpnd", future_BPNC, self.future_value)
         scores_BPTHN = torch.einsum("bpthe,bpnhe->bpthn", q_BPTHE,
-                                    k_BPND.reshape(B, P, N, H, E)) / math.sqrt(E)
+                                    k_BPND.reshape(B, P, N, H, E)).float() / math.sqrt(E)
         in_degree_BN = torch.log(adjacency_BNN.mean(1) * N + 1e-6)
         scores_BPTHN = scores_BPTHN + self.edge_bias_scale[:, None] * in_degree_BN[:, None, None, None]
         weights_BPTHN = torch.softmax(scores_BPTHN, dim=-1)

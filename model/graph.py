@@ -2,6 +2,12 @@
 
 Legend: B batch, S look-back, N bodies, C columns per body (padded), T targets, M time
 summaries, D d_model, H heads.
+
+Precision: under bf16 autocast the edge logits, the adjacency proposals, their gates and the
+KL term are computed in fp32 (`.float()`, free in fp32 training): they are log-space and
+probability arithmetic (log-sigmoids, logistic noise, log(adjacency)), where bf16's 8 bits lose
+the small edge weights and the KL's cancellations. The node states and message passing run in
+bf16 like any other activations.
 """
 from __future__ import annotations
 
@@ -62,7 +68,7 @@ class StochasticGraphLearner(nn.Module):
 
     def forward(self, nodes_BND: torch.Tensor):
         scale = 1.0 / math.sqrt(nodes_BND.shape[-1])
-        logits_BNN = self.query(nodes_BND) @ self.key(nodes_BND).transpose(1, 2) * scale
+        logits_BNN = (self.query(nodes_BND) @ self.key(nodes_BND).transpose(1, 2)).float() * scale
         if self.training:
             uniform = torch.rand_like(logits_BNN).clamp(1e-6, 1 - 1e-6)
             logistic_noise = torch.log(uniform) - torch.log1p(-uniform)
@@ -123,12 +129,12 @@ class GatedGraphCombiner(nn.Module):
     def forward(self, nodes_BND: torch.Tensor, stochastic_BNN: torch.Tensor):
         scale = 1.0 / math.sqrt(nodes_BND.shape[-1])
         similarity_BNN = self.similarity_query(nodes_BND) @ self.similarity_key(nodes_BND).transpose(1, 2)
-        dynamic_BNN = torch.softmax(similarity_BNN * scale, dim=-1)
-        adaptive_NN = torch.softmax(F.relu(self.adaptive_source @ self.adaptive_target.T), dim=-1)
+        dynamic_BNN = torch.softmax(similarity_BNN.float() * scale, dim=-1)
+        adaptive_NN = torch.softmax(F.relu(self.adaptive_source @ self.adaptive_target.T).float(), dim=-1)
         stochastic_BNN = stochastic_BNN / stochastic_BNN.sum(-1, keepdim=True).clamp_min(1e-6)
         proposals_BPNN = torch.stack([dynamic_BNN, adaptive_NN.expand_as(dynamic_BNN), stochastic_BNN], 1)
-        gates_BP = torch.softmax(self.gate(nodes_BND.mean(1)), dim=-1)
-        adjacency_BNN = torch.einsum("bp,bpij->bij", gates_BP, proposals_BPNN)
+        gates_BP = torch.softmax(self.gate(nodes_BND.mean(1)).float(), dim=-1)
+        adjacency_BNN = (gates_BP[:, :, None, None] * proposals_BPNN).sum(1)   # fp32: no matmul
         bias_B1NN = torch.log(adjacency_BNN + 1e-6).unsqueeze(1).to(nodes_BND.dtype)
         for layer in self.layers:
             nodes_BND = layer(nodes_BND, bias_B1NN)

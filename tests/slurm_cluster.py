@@ -1,10 +1,17 @@
-"""A real single-node Slurm cluster for tests: munged, slurmctld and slurmd on this machine.
+"""A real Slurm cluster for tests: munged, slurmctld and slurmd daemons on this machine.
 
 `slurm_cluster()` is a context manager: it installs Slurm from the Debian packages if it is
-absent, writes a slurm.conf into a scratch folder, starts the daemons, waits for the node to be
+absent, writes a slurm.conf into a scratch folder, starts the daemons, waits for the nodes to be
 idle, yields a `SlurmCluster` for submitting and watching jobs, and ALWAYS stops what it started,
 also when starting fails half way. It skips the calling test (with the reason) where that cannot
 be done: not root, no apt-get, install failed. See ../shared/notes/slurm-on-one-machine.md.
+
+`slurm_cluster(num_nodes=1)` runs slurmctld and one slurmd on this host. With num_nodes >= 2
+every daemon gets a host of its own (tests/netns.py): slurmctld on the first, one `slurmd -N cnI`
+per compute node, each with `NodeAddr` its host's address. The hosts share the file system
+(munge's socket, the spool and state folders, the checkpoints) and the host name, like nodes
+whose `hostname` says nothing about the network Slurm uses. Client commands run on the
+controller's host.
 
 Two sessions on one machine would fight over the daemons, so a lock file serialises them.
 """
@@ -25,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import netns
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 LOCK_FILE = Path(tempfile.gettempdir()) / "celestial-slurm-cluster.lock"
 LOCK_WAIT_S = 600
@@ -40,12 +49,14 @@ def slurm_installed() -> bool:
     return all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged"))
 
 
-def check_can_run() -> None:
+def check_can_run(num_nodes: int) -> None:
     """Raise SlurmUnavailable if this machine cannot start the cluster (cheap checks only)."""
     if os.geteuid() != 0:
         raise SlurmUnavailable("slurmd and munged must be started as root (and installed by it)")
     if not slurm_installed() and shutil.which("apt-get") is None:
         raise SlurmUnavailable("Slurm is not installed and apt-get is not available")
+    if num_nodes > 1 and (why := netns.unavailable()):
+        raise SlurmUnavailable(f"{num_nodes} nodes need a host each: {why}")
 
 
 def install_if_missing() -> None:
@@ -74,15 +85,27 @@ def total_memory_mib() -> int:
     return int(re.search(r"MemTotal:\s+(\d+) kB", meminfo).group(1)) // 1024
 
 
-def write_conf(folder: Path, hostname: str) -> Path:
-    """slurm.conf for one node running as root; ports are free ones, so a Slurm already
-    installed on the machine is left alone."""
-    for sub in ("state", "spool", "run", "log"):
+@dataclass(frozen=True)
+class Node:
+    name: str                   # NodeName, and `slurmd -N` where it differs from the host name
+    address: str | None = None  # NodeAddr; None: the name resolves to the node
+
+
+def write_conf(folder: Path, hostname: str, nodes: list[Node],
+               controller_address: str | None = None) -> Path:
+    """slurm.conf running as root; the ports are free ones, so a Slurm already installed on the
+    machine is left alone. Each node's spool, pid and log files carry its name (%n)."""
+    for sub in ("state", "run", "log", *(f"spool-{node.name}" for node in nodes)):
         (folder / sub).mkdir(parents=True, exist_ok=True)
+    controller = f"{hostname}({controller_address})" if controller_address else hostname
+    memory_mib = max(512, total_memory_mib() - 1024)
+    node_lines = "".join(
+        f"NodeName={node.name}" + (f" NodeAddr={node.address}" if node.address else "")
+        + f" CPUs={os.cpu_count()} RealMemory={memory_mib} State=UNKNOWN\n" for node in nodes)
     conf = folder / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=celestialci
-SlurmctldHost={hostname}
+SlurmctldHost={controller}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 SlurmUser=root
@@ -99,14 +122,14 @@ AccountingStorageType=accounting_storage/none
 ReturnToService=2
 KillWait=30
 StateSaveLocation={folder}/state
-SlurmdSpoolDir={folder}/spool
+SlurmdSpoolDir={folder}/spool-%n
 SlurmctldPidFile={folder}/run/slurmctld.pid
-SlurmdPidFile={folder}/run/slurmd.pid
+SlurmdPidFile={folder}/run/slurmd-%n.pid
 SlurmctldLogFile={folder}/log/slurmctld.log
-SlurmdLogFile={folder}/log/slurmd.log
-NodeName={hostname} CPUs={os.cpu_count()} RealMemory={max(512, total_memory_mib() - 1024)} \
-State=UNKNOWN
-PartitionName=debug Nodes={hostname} Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile={folder}/log/slurmd-%n.log
+{node_lines}\
+PartitionName=debug Nodes={",".join(node.name for node in nodes)} Default=YES \
+MaxTime=INFINITE State=UP
 """)
     return conf
 
@@ -117,13 +140,16 @@ class SlurmCluster:
     folder: Path
     conf: Path
     hostname: str
+    nodes: list[Node]
     env: dict = field(default_factory=dict)
+    client_host: netns.Host | None = None   # where client commands reach slurmctld
 
     def run(self, *args: str, check: bool = True, timeout: float = 60,
             **kwargs) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster."""
         env = {**self.env, **kwargs.pop("env", {})}
-        result = subprocess.run(list(args), check=False, env=env, capture_output=True,
+        argv = self.client_host.command(list(args)) if self.client_host else list(args)
+        result = subprocess.run(argv, check=False, env=env, capture_output=True,
                                 text=True, timeout=timeout, **kwargs)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): "
@@ -142,9 +168,13 @@ class SlurmCluster:
             return {}
         return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
-    def node_state(self) -> str:
-        """The node's state in sinfo ("idle", "allocated", ...); "" while slurmctld is not up."""
-        return self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip()
+    def node_states(self) -> dict[str, str]:
+        """Each node's state in sinfo ("idle", "allocated", ...); {} while slurmctld is not up."""
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout
+        return dict(line.split() for line in out.splitlines() if line.strip())
+
+    def all_idle(self) -> bool:
+        return self.node_states() == {node.name: "idle" for node in self.nodes}
 
     def wait_until(self, condition, timeout: float, what: str, interval: float = 0.5):
         """Poll `condition()` until it returns something true; fail with `what` on timeout."""
@@ -165,11 +195,9 @@ class SlurmCluster:
     def logs(self, lines: int = 15) -> str:
         """The daemons' log tails, for failure messages."""
         parts = []
-        for name in ("slurmctld.log", "slurmd.log"):
-            path = self.folder / "log" / name
-            if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
-                parts.append(f"--- {name}\n" + "\n".join(tail))
+        for path in sorted((self.folder / "log").glob("*")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name}\n" + "\n".join(tail))
         return "\n".join(parts)
 
 
@@ -201,18 +229,24 @@ def start_munge() -> int | None:
     return int(MUNGE_PID_FILE.read_text().split()[0])
 
 
-def start_daemon(name: str, conf: Path, folder: Path) -> subprocess.Popen:
-    """`name -D -f conf` in its own session; its console output goes to log/<name>.console."""
-    with open(folder / "log" / f"{name}.console", "w") as console:
-        return subprocess.Popen([name, "-D", "-f", str(conf)], stdout=console,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+def start_daemon(argv: list[str], folder: Path, console_name: str,
+                 host: netns.Host | None = None) -> subprocess.Popen:
+    """`argv` in its own session (on `host` if given); its console output goes to
+    log/<console_name>.console."""
+    with open(folder / "log" / f"{console_name}.console", "w") as console:
+        if host is not None:
+            return host.popen(argv, machine_sys=True, stdout=console, stderr=subprocess.STDOUT)
+        return subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def stop_daemons(cluster: SlurmCluster | None, daemons: list[subprocess.Popen],
                  munge_pid: int | None) -> None:
-    """Stop everything we started: `scontrol shutdown`, then SIGTERM/SIGKILL stragglers."""
+    """Stop everything we started: jobs a failed test left running (slurmd does not stop
+    them), `scontrol shutdown`, then SIGTERM/SIGKILL stragglers."""
     if cluster is not None and any(d.poll() is None for d in daemons):
         with contextlib.suppress(Exception):
+            cancel_all_jobs(cluster)
             cluster.run("scontrol", "shutdown", check=False, timeout=20)
     for daemon in daemons:
         for sig, wait_s in ((None, 15), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
@@ -223,6 +257,19 @@ def stop_daemons(cluster: SlurmCluster | None, daemons: list[subprocess.Popen],
                 break
     if munge_pid is not None:
         stop_pid(munge_pid)
+
+
+def cancel_all_jobs(cluster: SlurmCluster, timeout: float = 60) -> None:
+    """scancel every job and wait until their processes are gone (KillWait=30 allows for a
+    checkpoint on SIGTERM)."""
+    if not cluster.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+        return
+    cluster.run("scancel", "--partition=debug", check=False)
+    deadline = time.monotonic() + timeout
+    while cluster.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(1)
 
 
 def stop_pid(pid: int) -> None:
@@ -257,33 +304,44 @@ def exclusive_lock():
 
 
 @contextlib.contextmanager
-def slurm_cluster():
+def slurm_cluster(num_nodes: int = 1):
     """Start the cluster, yield it, always stop it. Skips the test where it cannot run."""
     with contextlib.ExitStack() as stack:
         try:
-            check_can_run()
+            check_can_run(num_nodes)
             stack.enter_context(exclusive_lock())
             install_if_missing()
         except SlurmUnavailable as why:
             pytest.skip(f"no Slurm test cluster: {why}")
         folder = Path(tempfile.mkdtemp(prefix="celestial-slurm-"))
-        with running_daemons(folder) as cluster:
+        with running_daemons(folder, num_nodes) as cluster:
             yield cluster
         shutil.rmtree(folder, ignore_errors=True)   # left behind when the cluster failed: its logs
 
 
 @contextlib.contextmanager
-def running_daemons(folder: Path):
-    """munged (unless one already works), slurmctld and slurmd; stopped on the way out."""
+def running_daemons(folder: Path, num_nodes: int):
+    """munged (unless one already works), slurmctld and each node's slurmd; stopped on the way
+    out. One node is this host, named by its host name. Several nodes are cn1, cn2, ..., each
+    on a host of its own, with slurmctld on one more host."""
+    hosts = netns.hosts(num_nodes + 1) if num_nodes > 1 else contextlib.nullcontext([None, None])
     cluster, daemons, munge_pid = None, [], None
-    try:
-        hostname = socket.gethostname().split(".")[0]
-        conf = write_conf(folder, hostname)
-        cluster = SlurmCluster(folder, conf, hostname, {**os.environ, "SLURM_CONF": str(conf)})
-        munge_pid = start_munge()
-        daemons.append(start_daemon("slurmctld", conf, folder))
-        daemons.append(start_daemon("slurmd", conf, folder))
-        cluster.wait_until(lambda: cluster.node_state() == "idle", 30, "the node to be idle")
-        yield cluster
-    finally:
-        stop_daemons(cluster, daemons, munge_pid)
+    with hosts as (controller, *computes):
+        try:
+            hostname = socket.gethostname().split(".")[0]
+            nodes = [Node(hostname)] if controller is None else \
+                [Node(f"cn{i + 1}", host.address) for i, host in enumerate(computes)]
+            conf = write_conf(folder, hostname, nodes, controller and controller.address)
+            cluster = SlurmCluster(folder, conf, hostname, nodes,
+                                   {**os.environ, "SLURM_CONF": str(conf)}, controller)
+            munge_pid = start_munge()
+            daemons.append(start_daemon(["slurmctld", "-D", "-f", str(conf)], folder,
+                                        "slurmctld", controller))
+            for node, host in zip(nodes, computes):
+                name = ["-N", node.name] if host else []     # its host's name says nothing
+                daemons.append(start_daemon(["slurmd", "-D", *name, "-f", str(conf)], folder,
+                                            f"slurmd-{node.name}", host))
+            cluster.wait_until(cluster.all_idle, 30, f"{num_nodes} node(s) to be idle")
+            yield cluster
+        finally:
+            stop_daemons(cluster, daemons, munge_pid)

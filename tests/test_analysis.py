@@ -22,12 +22,9 @@ from diagnostics.analysis.cli import run as cli
 from diagnostics.analysis.console import HEALTHY_LINE
 from diagnostics.analysis.findings import FINDINGS_SCHEMA
 from diagnostics.analysis.load import GradientSeries, RunData, load_run
-from diagnostics.analysis.rules import (
-    MAX_EVIDENCE_POINTS,
-    _evidence,
-    rolling_robust_z,
-    vanishing_gradients,
-)
+from diagnostics.analysis.rules.common import MAX_EVIDENCE_POINTS, evidence
+from diagnostics.analysis.rules.gradients import vanishing_gradients
+from diagnostics.analysis.rules.loss import rolling_robust_z
 from diagnostics.analysis.run import analyze
 from diagnostics.analysis.thresholds import Thresholds, build_thresholds, parse_threshold
 from tests.conftest import REPO
@@ -224,10 +221,10 @@ def test_rolling_robust_z_flags_only_the_spike():
 
 
 def test_evidence_is_capped_and_json_safe():
-    evidence = _evidence("x", range(100), [math.nan] + [1.234567] * 99, extra=np.float32(2.5))
-    assert len(evidence["steps"]) == MAX_EVIDENCE_POINTS and evidence["num_points"] == 100
-    assert evidence["values"][0] is None and evidence["values"][1] == 1.235
-    json.dumps(evidence, allow_nan=False)
+    found = evidence("x", range(100), [math.nan] + [1.234567] * 99, extra=np.float32(2.5))
+    assert len(found["steps"]) == MAX_EVIDENCE_POINTS and found["num_points"] == 100
+    assert found["values"][0] is None and found["values"][1] == 1.235
+    json.dumps(found, allow_nan=False)
 
 
 # --- thresholds ---------------------------------------------------------------------------------

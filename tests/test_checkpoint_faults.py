@@ -8,6 +8,7 @@ The multi-process and killed-process cases are in tests/test_checkpoint_crashes.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import pickle
@@ -126,6 +127,38 @@ def test_plain_values_load_through_the_safe_planner(tmp_path):
     assert state["progress"] == {"step": 4, "best": math.inf, "name": "a"}
     assert state["groups"] == [{"betas": (0.9, 0.95), "lr": 1e-3, "fused": None}]
     assert torch.equal(state["w"], torch.ones(3))
+
+
+class WriteOnLoad:
+    """Unpickling this calls PosixPath(marker).write_text: only names a metadata file may use."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (self.marker.write_text, ("pwned",))
+
+
+class EnumByGetattr(pickle.Pickler):
+    """Pickles enum members as Python 3.11.2 (Debian 12) does: getattr(EnumClass, name)."""
+
+    def reducer_override(self, obj):
+        return (getattr, (type(obj), obj.name)) if isinstance(obj, enum.Enum) else NotImplemented
+
+
+def test_metadata_pickled_by_python_3_11_2_is_accepted_but_other_getattr_is_not(tmp_path):
+    dcp.save({"w": torch.ones(3), "progress": {"step": 4}}, checkpoint_id=str(tmp_path / "c"))
+    path = tmp_path / "c" / ".metadata"
+    metadata = pickle.loads(path.read_bytes())     # our own file: trusted here
+    with open(path, "wb") as f:
+        EnumByGetattr(f).dump(metadata)
+    assert b"getattr" in path.read_bytes()
+    assert metadata_problem(path) is None
+    marker = tmp_path / "pwned"
+    # a bound method pickles as getattr(PosixPath(marker), "write_text"): allowed names, no enum
+    path.write_bytes(pickle.dumps(WriteOnLoad(marker)))
+    assert "refused: it refers to builtins.getattr on" in metadata_problem(path)
+    assert not marker.exists()
 
 
 def test_manifest_json_that_is_a_pickle_is_just_unreadable(tmp_path):

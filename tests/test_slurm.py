@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,35 +30,129 @@ JOB_TIMEOUT_S = 150
 
 
 # ------------------------------------------------------------- rendezvous logic
-def lib_sh(call: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+# A node with several interfaces, as `ip -o -4 addr show` prints it, and Slurm's view of the
+# nodes (`scontrol show node -o NAME`): fakes first on PATH, so the tests need neither.
+FAKE_IP = """#!/bin/sh
+cat <<'END'
+1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
+2: eno1    inet 192.168.5.7/24 brd 192.168.5.255 scope global eno1\\       valid_lft forever
+3: ib0    inet 10.40.0.7/16 brd 10.40.255.255 scope global ib0\\       valid_lft forever
+END
+"""
+FAKE_SCONTROL = """#!/bin/sh
+# show hostnames LIST: the node lists used here; show node -o NAME: one line with NodeAddr
+if [ "$1 $2" = "show hostnames" ]; then
+    case "$3" in
+        "gpu[07-09],cpu1") printf 'gpu07\\ngpu08\\ngpu09\\ncpu1\\n' ;;
+        "named,gpu08") printf 'named\\ngpu08\\n' ;;
+        *) exit 1 ;;
+    esac
+    exit 0
+fi
+[ "$1 $2 $3" = "show node -o" ] || exit 1
+case "$4" in
+    gpu07) echo "NodeName=gpu07 Arch=x86_64 NodeAddr=10.40.0.7 NodeHostName=gpu07 State=IDLE" ;;
+    gpu08) echo "NodeName=gpu08 Arch=x86_64 NodeAddr=10.40.0.8 NodeHostName=gpu08 State=IDLE" ;;
+    named) echo "NodeName=named NodeAddr=localhost NodeHostName=named State=IDLE" ;;
+    *) echo "Node $4 not found" >&2; exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_node_tools(tmp_path) -> str:
+    """A PATH whose `ip` and `scontrol` are the fakes above."""
+    for name, text in (("ip", FAKE_IP), ("scontrol", FAKE_SCONTROL)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    return f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+
+
+def lib_sh(call: str, env: dict[str, str], path: str | None = None) -> subprocess.CompletedProcess:
     """Run `call` after sourcing launch/slurm/lib.sh, with this Python first on PATH."""
-    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    path = path or f"{Path(sys.executable).parent}:{os.environ['PATH']}"
     full_env = {"PATH": path, "HOME": os.environ.get("HOME", "/root"), **env}
     return subprocess.run(["bash", "-c", f"source launch/slurm/lib.sh && {call}"], check=False,
                           cwd=REPO, env=full_env, capture_output=True, text=True, timeout=60)
 
 
-def rendezvous_args(node_id: int, nodelist: str = "gpu[07-09],cpu1") -> list[str]:
-    result = lib_sh("slurm_rendezvous_args", {
+def rendezvous_args(path: str, node_id: int, address: str = "10.40.0.8",
+                    nodelist: str = "gpu[07-09],cpu1", num_nodes: int = 4) -> list[str]:
+    result = lib_sh(f"slurm_rendezvous_args {address}", {
         "SLURM_JOB_NODELIST": nodelist, "SLURM_JOB_ID": "123456", "SLURM_NODEID": str(node_id),
-        "SLURM_JOB_NUM_NODES": "4"})
+        "SLURM_JOB_NUM_NODES": str(num_nodes)}, path)
     assert result.returncode == 0, result.stderr
     return result.stdout.split()
 
 
-def test_rendezvous_is_c10d_on_the_first_node_of_the_allocation():
-    assert rendezvous_args(node_id=0) == [
-        "--nnodes=4", "--rdzv_backend=c10d", "--rdzv_endpoint=gpu07:29956",
-        "--rdzv_id=123456", "--rdzv_conf=is_host=1"]
+def test_rendezvous_is_c10d_at_the_slurm_address_of_the_first_node(fake_node_tools):
+    assert rendezvous_args(fake_node_tools, node_id=0, address="10.40.0.7") == [
+        "--nnodes=4", "--rdzv_backend=c10d", "--rdzv_endpoint=10.40.0.7:29956",
+        "--rdzv_id=123456", "--rdzv_conf=is_host=1", "--local_addr=10.40.0.7"]
 
 
-def test_only_node_zero_hosts_the_rendezvous_store():
+def test_only_node_zero_hosts_the_store_and_each_node_advertises_its_address(fake_node_tools):
     for node_id in (1, 3):
-        args = rendezvous_args(node_id)
-        assert "--rdzv_conf=is_host=0" in args and "--rdzv_endpoint=gpu07:29956" in args
+        args = rendezvous_args(fake_node_tools, node_id, address="10.40.0.8")
+        assert "--rdzv_conf=is_host=0" in args and "--rdzv_endpoint=10.40.0.7:29956" in args
+        assert "--local_addr=10.40.0.8" in args
 
 
-def test_rendezvous_host_and_port_agree_with_the_trainer(monkeypatch):
+def test_node_address_is_slurms_node_addr_resolved_when_it_is_a_name(fake_node_tools):
+    calls = "node_address gpu08; node_address named; node_address localhost"
+    result = lib_sh(calls, {}, fake_node_tools)
+    # NodeAddr; NodeAddr=localhost resolved; a node scontrol does not know: its name resolved
+    assert result.stdout.split() == ["10.40.0.8", "127.0.0.1", "127.0.0.1"], result.stderr
+
+
+def test_node_address_of_an_unknown_node_says_so(fake_node_tools):
+    result = lib_sh("node_address no-such-node.invalid", {}, fake_node_tools)
+    assert result.returncode == 1
+    assert "no IPv4 address for node no-such-node.invalid" in result.stderr
+
+
+def test_a_first_node_at_a_loopback_address_is_refused_for_several_nodes(fake_node_tools):
+    env = {"SLURM_JOB_NODELIST": "named,gpu08", "SLURM_JOB_ID": "7", "SLURM_NODEID": "1",
+           "SLURM_JOB_NUM_NODES": "2"}
+    result = lib_sh("slurm_rendezvous_args 10.40.0.8", env, fake_node_tools)
+    assert result.returncode == 1
+    assert "node named's address is 127.0.0.1, which the other nodes cannot reach" in result.stderr
+    alone = lib_sh("slurm_rendezvous_args 127.0.0.1", {**env, "SLURM_NODEID": "0",
+                                                       "SLURM_JOB_NUM_NODES": "1"}, fake_node_tools)
+    assert "--rdzv_endpoint=127.0.0.1:29507" in alone.stdout.split(), alone.stderr
+
+
+def socket_ifnames(path: str, address: str, **env: str) -> list[str]:
+    result = lib_sh(f'use_interface_of {address}; echo "$GLOO_SOCKET_IFNAME,$NCCL_SOCKET_IFNAME"',
+                    env, path)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()
+
+
+def test_sockets_use_the_interface_carrying_the_node_address(fake_node_tools):
+    assert socket_ifnames(fake_node_tools, "10.40.0.7")[-1] == "ib0,ib0"
+    assert socket_ifnames(fake_node_tools, "192.168.5.7")[-1] == "eno1,eno1"
+
+
+def test_the_users_socket_interface_wins(fake_node_tools):
+    assert socket_ifnames(fake_node_tools, "10.40.0.7", NCCL_SOCKET_IFNAME="eno1")[-1] == \
+        "ib0,eno1"
+    assert socket_ifnames(fake_node_tools, "10.40.0.7", GLOO_SOCKET_IFNAME="lo",
+                          NCCL_SOCKET_IFNAME="eno1")[-1] == "lo,eno1"
+
+
+def test_no_interface_for_the_address_leaves_the_choice_to_the_libraries(fake_node_tools):
+    lines = socket_ifnames(fake_node_tools, "10.99.0.1")
+    assert "warning: no interface carries 10.99.0.1" in lines[0] and lines[-1] == ","
+
+
+def test_interface_of_reads_this_machines_interfaces():
+    if shutil.which("ip") is None:
+        pytest.skip("the `ip` command (iproute2) is not installed")
+    assert lib_sh("interface_of 127.0.0.1", {}).stdout.strip() == "lo"
+
+
+def test_rendezvous_port_and_first_host_agree_with_the_trainer(monkeypatch):
     from trainer import distributed
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -69,7 +165,7 @@ def test_rendezvous_host_and_port_agree_with_the_trainer(monkeypatch):
 
 
 def test_rendezvous_outside_a_job_says_so():
-    result = lib_sh("slurm_rendezvous_args", {})
+    result = lib_sh("slurm_rendezvous_args 10.0.0.1", {})
     assert result.returncode != 0 and "not inside a Slurm job" in result.stderr
 
 
@@ -199,15 +295,16 @@ def cluster():
 
 
 def submit(cluster: SlurmCluster, script: Path, folder: Path, name: str, max_steps: int,
-           *options: str) -> str:
-    """Submit a project batch script on the CPU quickstart config with 2 ranks; logs and
-    checkpoints go under `folder`. The #SBATCH GPU and CPU requests are overridden for this
-    2-core machine, as a user would on the command line."""
+           *options: str, ranks_per_node: int = 2, overrides: str = "") -> str:
+    """Submit a project batch script on the CPU quickstart config (2 ranks per node unless
+    told, more `--set` overrides if given); logs and checkpoints go under `folder`, the job uses
+    this Python's environment. The #SBATCH GPU and CPU requests are overridden for this 2-core
+    machine, as a user would on the command line."""
     extra = (f"--max_steps {max_steps} --checkpoint_interval 20 "
              f"--set train.log_root={folder}/logs checkpoint.root={folder}/checkpoints "
-             f"train.progress_bar=false")
-    env = {"EXPERIMENT_NAME": name, "NPROC_PER_NODE": "2", "EXTRA_ARGS": extra,
-           "DIAGNOSTICS": "--enable_gradient_diagnostics"}
+             f"train.progress_bar=false {overrides}")
+    env = {"EXPERIMENT_NAME": name, "NPROC_PER_NODE": str(ranks_per_node), "EXTRA_ARGS": extra,
+           "DIAGNOSTICS": "--enable_gradient_diagnostics", "VENV": sys.prefix}
     return cluster.sbatch(script, "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}",
                           f"--output={folder}/slurm-%j.out", *options, cwd=REPO, env=env)
 
@@ -297,8 +394,8 @@ def test_multi_node_script_on_one_node_rendezvous_requeue_and_resume(cluster, tm
     info = wait_finished(cluster, tmp_path, job_id)
     output = job_output(tmp_path, job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output
-    port = 29500 + int(job_id) % 1000
-    assert f"--rdzv_endpoint={cluster.hostname}:{port}" in output
+    port, address = 29500 + int(job_id) % 1000, socket.gethostbyname(cluster.hostname)
+    assert f"--rdzv_endpoint={address}:{port}" in output and f"--local_addr={address}" in output
     assert "--rdzv_conf=is_host=1" in output
     assert output.count("received SIGUSR1") >= 2, "batch shell and node launcher"
     assert_stopped_and_resumed(tmp_path, "multi", job_id, output)

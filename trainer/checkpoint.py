@@ -252,11 +252,22 @@ class _MetadataUnpickler(pickle.Unpickler):
     a crafted one fails here (naming what it wanted) before DCP unpickles it unrestricted."""
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         obj = getattr(importlib.import_module(module), name, None) \
             if module in _METADATA_MODULES else None
         if obj is None or not _is_metadata_name(module, name, obj):
             raise pickle.UnpicklingError(f"{module}.{name}")
         return obj
+
+
+def _enum_member(cls, name: str):
+    """`getattr` as a metadata pickle may use it: some Python 3.11 releases (3.11.2, Debian 12's
+    python3; not 3.11.7) pickle an enum member as getattr(EnumClass, name). Only members of an
+    enum this unpickler resolved are fetched, never another attribute."""
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
+        raise pickle.UnpicklingError(f"builtins.getattr on {cls!r}")
+    return cls[name]
 
 
 _METADATA_MODULES = {"torch", "torch.serialization", "pathlib", "collections",

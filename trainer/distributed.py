@@ -94,14 +94,23 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> D
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = _timeout = datetime.timedelta(seconds=timeout_s)
     store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
-    # torchrun's workers share the launcher's store across restarts; a fresh prefix per attempt
-    # keeps a restarted group from reading the dead attempt's addresses (pytorch issue 135712).
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"celestial/attempt{attempt}", store)
+    store = _store_of_this_attempt(store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timeout)
     _control_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     return DistEnv(rank, local_rank, world_size, device, backend)
+
+
+def _store_of_this_attempt(store):
+    """torchrun's workers share the launcher's store across restarts by default; a prefix per
+    attempt keeps a restarted group from reading the dead attempt's addresses (pytorch issue
+    135712). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (needed when hosts join an elastic run)
+    rank 0 opens a fresh store each round, and the restart counts differ between hosts (one that
+    joins counts from 0): a prefix made of them would split the group, so none is used."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"celestial/attempt{attempt}", store)
 
 
 def enable_async_checkpoint_group() -> None:

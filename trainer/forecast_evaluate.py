@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from trainer.errors import UserError
 from trainer.evaluate import FORECASTERS, celestial_effect, evaluate
 from trainer.forecast import run_command
 from trainer.forecast_model import SCALING_KEYS, LoadedModel, load_model_file
+from trainer.run_log import json_safe
 from trainer.scoring import BASELINE_NAMES, SCORES, skill_metrics
 
 FORECASTER_NAMES = {"model": "model", **BASELINE_NAMES}
@@ -121,18 +121,6 @@ def report(loaded: LoadedModel, data_file: Path, split: str, flat: dict) -> dict
             "per_target": dict(zip(targets, flat["blank_all_rise_per_target"]))},
         "model_mixture": {k: flat[k] for k in ("effective_components", "sigma_at_floor")},
     }
-
-
-def json_safe(value):
-    """NaN and infinities (an interval from too few windows) as null: strict JSON readers
-    reject the NaN tokens Python would write."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def table_lines(doc: dict) -> list[str]:

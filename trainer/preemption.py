@@ -80,6 +80,12 @@ def listen() -> StopRequests:
     return _process_requests.install()
 
 
+# As a requeue takes effect Slurm sends SIGTERM to every process of the job, scontrol too, at
+# times before it has read slurmctld's answer (seen on a 2-node job): it then died (-15) and a
+# done requeue was logged as failed. Ignoring SIGTERM lets it report what happened.
+_IGNORING_SIGTERM = ["/bin/sh", "-c", "trap '' TERM; exec \"$@\"", "sh"]
+
+
 def requeue_slurm_job() -> None:
     """Ask Slurm to requeue this job, if it is one; say clearly when that cannot be done."""
     job_id = os.environ.get("SLURM_JOB_ID")
@@ -90,7 +96,8 @@ def requeue_slurm_job() -> None:
         log.warning("Slurm job %s: scontrol is not available here (e.g. inside a container), so "
                     "the job cannot requeue itself: resubmit it with --resume auto", job_id)
         return
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    result = subprocess.run([*_IGNORING_SIGTERM, "scontrol", "requeue", job_id],
+                            check=False, capture_output=True, text=True)
     if result.returncode == 0:
         log.info("Slurm job %s requeued: it will resume from the newest checkpoint", job_id)
     else:

@@ -110,7 +110,27 @@ def find_resumable(manager: CheckpointManager, requested: str, expected: RunIden
     verdict = distributed.broadcast_object(verdict)
     if verdict.get("error"):
         raise UserError(verdict["error"])
-    return Path(verdict["folder"]) if verdict.get("folder") else None
+    folder = Path(verdict["folder"]) if verdict.get("folder") else None
+    if folder is not None and distributed.is_main():
+        log_membership_change(folder)
+    return folder
+
+
+def saved_world_size(folder: Path) -> int | None:
+    """How many ranks saved checkpoint `folder` (None if its manifest does not say)."""
+    manifest, _ = read_manifest(folder)
+    size = manifest.get("world_size") if manifest else None
+    return size if type(size) is int else None
+
+
+def log_membership_change(folder: Path) -> None:
+    """Say so when the run resumes on another number of ranks than saved `folder`: a host lost
+    or regained under `torchrun --nnodes=MIN:MAX`, or a resubmission on other nodes. The epoch
+    goes on from the sample where the checkpoint stopped (ResumableDistributedSampler)."""
+    saved, now = saved_world_size(folder), distributed.world_size()
+    if saved is not None and saved != now:
+        log.info("world size %d -> %d: resuming from %s at step %d, the epoch from the sample "
+                 "where it stopped", saved, now, folder, step_of(folder))
 
 
 def _decide(manager, requested, expected, fallback) -> dict:

@@ -232,9 +232,16 @@ def repair_jsonl_files(log_dir: Path) -> None:
             repair_partial_last_line(path)
 
 
-def _clean(value):
+def json_safe(value):
+    """The one JSON encoding of non-finite floats in this project's files: NaN and infinities
+    become null (strict JSON readers reject the NaN tokens Python would write), recursively.
+    Readers map null to NaN; files written before this encoding carried +-inf as +-1e308."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+        return None
     return value
 
 
@@ -263,10 +270,10 @@ class RunLog:
         if not self.enabled:
             return
         line = {"kind": kind, "step": step, "time": round(time.time(), 3),
-                **{k: _clean(v) for k, v in values.items()}}
+                **json_safe(values)}
         if self._jsonl is not None and write_failure() is None:   # no appending after a failure
             with guarded_write(self.log_dir / "metrics.jsonl"):
-                self._jsonl.write(json.dumps(line) + "\n")
+                self._jsonl.write(json.dumps(line, allow_nan=False) + "\n")
                 self._jsonl.flush()
         self.scalars(kind, step, values)
 

@@ -11,7 +11,8 @@ class TrainConfig:
     log_root: str = "logs"
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA, else fp32
+    # auto: bf16 where the device computes it natively (trainer/precision.py), else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     epochs: int = 10
     max_steps: int = 0                 # optimizer steps; 0: as many as `epochs` take
     grad_accum_steps: int = 1
@@ -23,6 +24,10 @@ class TrainConfig:
     max_consecutive_skips: int = 10    # non-finite steps in a row before the run stops
     collective_timeout_s: int = 600
     compile: bool = False              # torch.compile the model (falls back if it fails)
+    # torch.compile's mode; "reduce-overhead" replays the step's kernels as CUDA graphs (GPU:
+    # removes launch overhead; needs the static shapes and sync-free forward the tests check)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
     progress_bar: bool = True
     resume: str = ""                   # "", "auto" or a checkpoint folder
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from diagnostics import schemas
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
-HUGE = 1e300   # metrics.jsonl writes +-inf as +-1e308
+HUGE = 1e300   # metrics.jsonl written before the one encoding (null) carried +-inf as +-1e308
 
 
 @dataclass
@@ -81,12 +82,20 @@ class RunData:
 
 
 def column(lines: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of one metric; null becomes nan, the writer's +-1e308 becomes +-inf."""
+    """(steps, values) of one metric; null becomes nan, an older file's +-1e308 becomes +-inf."""
     steps = np.array([line["step"] for line in lines], dtype=int)
     values = np.array([np.nan if line.get(key) is None else float(line[key]) for line in lines],
                       dtype=float)
     values[np.abs(values) >= HUGE] = np.copysign(np.inf, values[np.abs(values) >= HUGE])
     return steps, values
+
+
+
+def finite_median(values) -> float:
+    """The median of the finite values; nan when there are none."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    return float(np.median(finite)) if finite.size else math.nan
 
 
 # --- reading and validating -------------------------------------------------------------------

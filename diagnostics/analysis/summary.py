@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diagnostics.analysis.load import GradientSeries, RunData, column
+from diagnostics.analysis.load import GradientSeries, RunData, column, finite_median
 from diagnostics.analysis.thresholds import Thresholds
 
 
@@ -67,11 +67,6 @@ def top_bodies(run: RunData) -> tuple[int, dict[str, list[tuple[str, float]]]] |
                           for target, entries in last["c2t"]["top_k"].items()}
 
 
-def _median(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(np.median(finite)) if finite.size else math.nan
-
-
 def _fmt(value, spec: str = ".4g") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -101,7 +96,7 @@ def _progress_rows(run: RunData) -> list[tuple[str, str]]:
 def _throughput_rows(run: RunData) -> list[tuple[str, str]]:
     if not run.train:
         return [("throughput", "n/a (no training lines)")]
-    rows = [(label, _fmt(_median(column(run.train, key)[1]), spec)) for label, key, spec in (
+    rows = [(label, _fmt(finite_median(column(run.train, key)[1]), spec)) for label, key, spec in (
         ("throughput (samples/s, median)", "samples_per_s", ".1f"),
         ("step time (s, median)", "step_time_s", ".4f"),
         ("data time (s, median)", "data_time_s", ".4f"))]

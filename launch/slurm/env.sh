@@ -16,7 +16,9 @@ unset _cpus _threads
 # error instead of a hang. Site-specific choices stay commented out until a cluster needs them.
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-# export NCCL_SOCKET_IFNAME=ib0        # the interface for bootstrap traffic
+# NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME (the interface for socket traffic): a multi-node job
+# sets both to the interface carrying the node's Slurm address (lib.sh use_interface_of);
+# set them in the environment of `sbatch` to choose another, e.g. NCCL_SOCKET_IFNAME=ib0.
 # export NCCL_IB_HCA=mlx5              # InfiniBand adapters to use
 # export NCCL_IB_DISABLE=1             # Ethernet-only clusters
 

@@ -11,9 +11,16 @@ slurm_log() {
     echo "[slurm $(date +%H:%M:%S) ${SLURMD_NODENAME:-$(hostname -s)}] $*"
 }
 
-# The first host of a Slurm node list (node[01-04] -> node01): trainer/distributed.py's
-# first_slurm_host, so that the batch scripts and the trainer agree.
+# The first host of a Slurm node list (node[01-04] -> node01), as trainer/distributed.py's
+# first_slurm_host finds it, so that the batch scripts and the trainer agree: scontrol, else
+# its parser. scontrol is asked here first because importing the trainer (torch) to ask it
+# takes seconds on every node at every start.
 first_host() {
+    local hosts
+    if hosts=$(scontrol show hostnames "$1" 2>/dev/null) && [[ -n "$hosts" ]]; then
+        echo "${hosts%%$'\n'*}"
+        return 0
+    fi
     python -c 'import sys; from trainer.distributed import first_slurm_host
 print(first_slurm_host(sys.argv[1]))' "$1"
 }
@@ -24,17 +31,68 @@ rendezvous_port() {
     echo $((29500 + ${1:?job id} % 1000))
 }
 
-# torchrun's rendezvous flags for this node of a multi-node job, one per line: c10d on the first
-# node of the allocation. Node 0 (SLURM_NODEID) is told to host the store instead of guessing
-# from its hostname, which fails where the node list's names differ from `hostname`.
+# node_address NODE: the IPv4 address at which Slurm reaches NODE: its NodeAddr (scontrol), or
+# NODE itself where scontrol is missing, resolved with getent when it is a name. Not `hostname`:
+# on hosts with several interfaces (or several nodes per machine) the host name may resolve to
+# a management network or to 127.0.x.x, which the other nodes cannot use.
+node_address() {
+    local node=${1:?node name} address=""
+    if command -v scontrol >/dev/null; then
+        address=$(scontrol show node -o "$node" 2>/dev/null | grep -o 'NodeAddr=[^ ]*')
+        address=${address#NodeAddr=}
+    fi
+    address=${address:-$node}
+    if [[ ! "$address" =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
+        address=$(getent ahostsv4 "$address" | awk 'NR == 1 { print $1 }')
+    fi
+    if [[ -z "$address" ]]; then
+        echo "error: no IPv4 address for node $node (scontrol show node, getent ahostsv4)" >&2
+        return 1
+    fi
+    echo "$address"
+}
+
+# interface_of ADDRESS: the local network interface that carries ADDRESS ("" if none does).
+interface_of() {
+    ip -o -4 addr show 2>/dev/null | awk -v address="$1" \
+        '{ split($4, cidr, "/"); if (cidr[1] == address) { print $2; exit } }'
+}
+
+# use_interface_of ADDRESS: gloo and NCCL open their sockets on the interface carrying this
+# node's address, unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are set already (the user's
+# choice, e.g. `sbatch --export=ALL,NCCL_SOCKET_IFNAME=ib0`). Left to their own choice, both
+# take the interface of the host name's address, which may be one the other nodes cannot reach.
+use_interface_of() {
+    local interface
+    interface=$(interface_of "$1")
+    if [[ -z "$interface" ]]; then
+        slurm_log "warning: no interface carries $1 (ip -4 addr): GLOO_SOCKET_IFNAME and" \
+            "NCCL_SOCKET_IFNAME left to the libraries' choice"
+        return 0
+    fi
+    export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$interface}
+    export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$interface}
+}
+
+# slurm_rendezvous_args THIS_NODE_ADDRESS: torchrun's rendezvous flags for this node of a
+# multi-node job, one per line: c10d on the address of the allocation's first node; this node's
+# agent advertises its own address (--local_addr), not the one its host name resolves to; node 0
+# (SLURM_NODEID) is told it hosts the store (is_host) instead of guessing from its host name,
+# which fails where names, addresses and `hostname` disagree.
 slurm_rendezvous_args() {
-    local head port is_host=0
+    local address=${1:?the address of this node} head head_address port is_host=0
     head=$(first_host "${SLURM_JOB_NODELIST:?not inside a Slurm job}") || return 1
+    head_address=$(node_address "$head") || return 1
+    if ((${SLURM_JOB_NUM_NODES:?} > 1)) && [[ "$head_address" == 127.* ]]; then
+        echo "error: node $head's address is $head_address, which the other nodes cannot" \
+            "reach: give it a NodeAddr in slurm.conf or fix its name resolution" >&2
+        return 1
+    fi
     port=$(rendezvous_port "${SLURM_JOB_ID:?}")
     [[ "${SLURM_NODEID:?}" == 0 ]] && is_host=1
     printf '%s\n' "--nnodes=${SLURM_JOB_NUM_NODES:?}" "--rdzv_backend=c10d" \
-        "--rdzv_endpoint=${head}:${port}" "--rdzv_id=${SLURM_JOB_ID}" \
-        "--rdzv_conf=is_host=${is_host}"
+        "--rdzv_endpoint=${head_address}:${port}" "--rdzv_id=${SLURM_JOB_ID}" \
+        "--rdzv_conf=is_host=${is_host}" "--local_addr=${address}"
 }
 
 # run_forwarding_signals FORWARDER [--ignore-usr1] COMMAND...

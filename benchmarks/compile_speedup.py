@@ -3,7 +3,7 @@
     python benchmarks/compile_speedup.py                       # production config, batch 12
     python benchmarks/compile_speedup.py --force-compile-failure --json
 
-Both settings time the step of throughput.py (`Trainer.train_step` on synthetic batches of the
+Both settings time the step of throughput.py (the trainer's `TrainStep` on synthetic batches of the
 real shapes), each in a fresh process. `train.compile: true` goes through the trainer's own
 `maybe_compile`, which falls back to eager execution with a warning when compilation fails.
 The first step (tracing and code generation when compiling) is reported apart and is never in

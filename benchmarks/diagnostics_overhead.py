@@ -8,9 +8,10 @@ against none, interleaved in one process, and the size of one record at each mod
 The card's intervals: log 10, gradients 50, attention 100, component profile 500 (= the
 checkpoint interval). Target (issue 4): at most 3% slower; each record under 100 KB.
 
-Method. One trainer from `build_trainer` (the real model, optimizer, observers and run folder)
-is driven through `Trainer.run_step`, as `Trainer.run_epoch` drives it: observers are asked
-`is_active(step)` and only the active ones are called. Short blocks of steps alternate between
+Method. The parts of a run from `build_parts` (the real model, optimizer, observers and run
+folder) make two trainers, one with the observers and one with none, each driven through
+`Trainer.run_step`, as `Trainer.run_epoch` drives it: observers are asked `is_active(step)` and
+only the active ones are called. Short blocks of steps alternate between
 the full observer set and none, in ABBA order: this machine's speed drifts by 10-20% over tens
 of seconds (a shared VM), so blocks must be much shorter than that for the drift to cancel.
 Each arm keeps its own step counter, so over R blocks of K steps the "on" arm passes steps
@@ -63,15 +64,17 @@ ALL_ON = ["diagnostics.enable_gradient_diagnostics=true",
 
 def build(config_path: str, overrides: list[str], out: Path, total_steps: int):
     """The trainer of a run with every diagnostic on; no validation or checkpoint in range."""
+    from diagnostics.observers import build_observers
     from trainer import distributed
-    from trainer.build import build_trainer
+    from trainer.build import build_parts
     name = f"diagnostics_overhead_{Path(config_path).stem}"
     run = [f"train.experiment_name={name}", f"train.log_root={out / 'logs'}",
            f"checkpoint.root={out / 'checkpoints'}", "train.progress_bar=false",
            f"train.max_steps={total_steps}", "train.eval_interval=0",
            f"checkpoint.interval={10**9}"]
     config = load_benchmark_config(config_path, [*ALL_ON, *CARD, *overrides, *run])
-    return build_trainer(config, distributed.init_distributed(config.train.device))
+    return build_parts(config, distributed.init_distributed(config.train.device),
+                       observers=build_observers)
 
 
 def take_batches(trainer, count: int) -> list:
@@ -84,38 +87,48 @@ def take_batches(trainer, count: int) -> list:
 
 
 class Arms:
-    """The two observer sets, each with its own step counter, on one trainer."""
+    """Two trainers on the same parts (model, optimizer, run log), one with every observer and
+    one with none, each with its own step counter."""
 
-    def __init__(self, trainer) -> None:
-        from diagnostics.observer import ObserverGroup
-        self.trainer = trainer
-        self.groups = {"on": trainer.observers, "off": ObserverGroup([])}
-        self.next_step = {"on": 0, "off": 0}
+    def __init__(self, parts) -> None:
+        from dataclasses import replace
+
+        from trainer.loop import Progress, Trainer
+        from trainer.observer import ObserverGroup
+        total = parts.progress.total_steps
+        self.trainers = {"on": Trainer(parts),
+                         "off": Trainer(replace(parts, observers=ObserverGroup([]),
+                                                progress=Progress(total_steps=total)))}
+        self.groups = {arm: t.observers for arm, t in self.trainers.items()}
         self.batch_index = 0
 
     def run(self, arm: str, num_steps: int, batches: list) -> float:
         """Take `num_steps` steps with arm's observers; returns the seconds they took."""
-        t = self.trainer
-        t.observers = self.groups[arm]
-        t.progress.step = self.next_step[arm]
+        t = self.trainers[arm]
         started = time.perf_counter()
         for _ in range(num_steps):
             t.run_step([batches[self.batch_index % len(batches)]], 0.0)
             self.batch_index += 1
         if t.env.device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-        self.next_step[arm] = t.progress.step
-        return elapsed
+        return time.perf_counter() - started
+
+    def steps_taken(self, arm: str) -> int:
+        return self.trainers[arm].progress.step
+
+    def restart_counter(self, arm: str, step: int) -> None:
+        """The next step `arm` takes is `step` + 1 (benchmark blocks only: nothing is saved)."""
+        self.trainers[arm].progress.step = step
 
 
 def warm_up(arms: Arms, batches: list, steps: int) -> None:
     """Untimed: plain steps, then steps ending on a multiple of 500, where every observer
     fires once (first files, folders and TensorBoard tags); then both counters restart."""
     arms.run("off", steps, batches)
-    arms.next_step["on"] = -steps % 500
+    arms.restart_counter("on", -steps % 500)
     arms.run("on", steps, batches)
-    arms.next_step = {"on": 0, "off": 0}
+    arms.restart_counter("on", 0)
+    arms.restart_counter("off", 0)
 
 
 def interleave(arms: Arms, batches: list, pairs: int, block: int) -> list[dict]:
@@ -123,7 +136,7 @@ def interleave(arms: Arms, batches: list, pairs: int, block: int) -> list[dict]:
     ran in its "on" block."""
     results = []
     for r in range(pairs):
-        first = arms.next_step["on"] + 1
+        first = arms.steps_taken("on") + 1
         active = any(o.is_active(s) for o in arms.groups["on"].observers
                      for s in range(first, first + block))
         order = ("off", "on") if r % 2 == 0 else ("on", "off")
@@ -134,7 +147,7 @@ def interleave(arms: Arms, batches: list, pairs: int, block: int) -> list[dict]:
 
 def activations(arms: Arms) -> dict[str, int]:
     """How many times each observer ran on a training step in the "on" arm."""
-    last = arms.next_step["on"]
+    last = arms.steps_taken("on")
     return {type(o).__name__: sum(o.is_active(s) for s in range(1, last + 1))
             for o in arms.groups["on"].observers}
 
@@ -190,10 +203,11 @@ def attributed_overhead(pairs: list[dict]) -> float | None:
 def measure_config(config_path: str, args: argparse.Namespace, out: Path) -> dict:
     witness = CpuWitness()
     total = args.warmup * 2 + 2 * args.pairs * args.block
-    trainer = build(config_path, args.overrides, out, total)
-    trainer.observers.on_start(trainer.run_context)         # as Trainer.train() does
+    parts = build(config_path, args.overrides, out, total)
+    parts.observers.on_start(parts.run_context)         # as Trainer.train() does
+    arms = Arms(parts)
+    trainer = arms.trainers["on"]
     batches = take_batches(trainer, args.num_batches)
-    arms = Arms(trainer)
     warm_up(arms, batches, args.warmup)
     pairs = interleave(arms, batches, args.pairs, args.block)
     result = summarize(pairs, trainer.samples_per_step, args.block, args.group)

@@ -4,7 +4,7 @@
     python benchmarks/profile_step.py --precision fp32 bf16 --steps 10
     python benchmarks/profile_step.py --config configs/quickstart_cpu.yaml --batch-size 64
 
-For each precision: warm-up steps, then `--steps` profiled steps of `Trainer.train_step`
+For each precision: warm-up steps, then `--steps` profiled steps of the trainer's `TrainStep`
 (forward, backward, clipping, AdamW, LR schedule) on synthetic batches of the real shapes, as
 benchmarks/throughput.py times them. Every ATen operator's self time (exclusive of the operators
 it calls) is put in one category:
@@ -36,9 +36,14 @@ if __package__ in (None, ""):          # run as a file: make `benchmarks.*` impo
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.throughput import (PRODUCTION, build_step_trainer, input_spec,
-                                   load_benchmark_config, machine_info, run_steps,
-                                   synthetic_batches)
+from benchmarks.throughput import (
+    PRODUCTION,
+    TimedStep,
+    input_spec,
+    load_benchmark_config,
+    machine_info,
+    synthetic_batches,
+)
 
 CATEGORIES = ("matmul", "optimizer", "copies and casts", "indexing", "random",
               "elementwise and reductions", "python and dispatch")
@@ -124,13 +129,13 @@ def profile_precision(config_path: str, batch_size: int, precision: str, warmup:
     config = load_benchmark_config(config_path, [f"data.batch_size={batch_size}",
                                                  f"train.precision={precision}"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trainer = build_step_trainer(config, input_spec(config), device)
-    batches = synthetic_batches(config, trainer.model.spec, device)
-    run_steps(trainer, batches, warmup)
+    timed = TimedStep(config, input_spec(config), device)
+    batches = synthetic_batches(config, timed.step.model.spec, device)
+    timed.run(batches, warmup)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         started = time.perf_counter()
-        run_steps(trainer, batches, steps)
+        timed.run(batches, steps)
         wall_s = time.perf_counter() - started
     result = breakdown(prof.events(), wall_s, steps)
     result.update(precision=precision, batch_size=batch_size,

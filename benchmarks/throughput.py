@@ -4,9 +4,9 @@
     python benchmarks/throughput.py --optimizer fused foreach for_loop --compile --json
     python benchmarks/throughput.py --config configs/quickstart_cpu.yaml --batch-size 64
 
-What is timed is the trainer's own step, `Trainer.train_step` (forward, backward, clipping,
-AdamW, LR schedule), on synthetic batches of the real shapes: warm-up steps first, then several
-timed rounds (median and range reported). Data loading is not included (ddp_scaling.py times
+What is timed is the trainer's own step, the `TrainStep` of trainer.build.build_train_step
+(forward, backward, clipping, AdamW, LR schedule), on synthetic batches of the real shapes:
+warm-up steps first, then several timed rounds (median and range reported). Data loading is not included (ddp_scaling.py times
 whole training runs, data included).
 
 Each (optimizer, compile) setting runs in fresh subprocesses (several, taken in turn: this
@@ -191,47 +191,37 @@ def synthetic_batches(config, spec, device: torch.device, count: int = 4, seed: 
     return batches
 
 
-def build_step_trainer(config, spec, device: torch.device):
-    """A Trainer with the run's model, optimizer, schedule and precision, but no data, logs,
-    checkpoints or observers: enough for `train_step`, the step every run takes."""
-    from diagnostics.observer import ObserverGroup
-    from model import CelestialPGAT
-    from trainer.build import autocast_dtype, maybe_compile, seed_everything
-    from trainer.distributed import DistEnv
-    from trainer.loop import Trainer
-    from trainer.optim import build_optimizer, build_scheduler
-    seed_everything(config.train.seed)
-    model = CelestialPGAT(config.model, spec).to(device)
-    train_model = maybe_compile(model, config.train.compile)
-    optimizer = build_optimizer(model, config.optim, device)
-    scheduler = build_scheduler(optimizer, config.optim, total_steps=10**6)
-    dtype = autocast_dtype(config.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    env = DistEnv(0, 0, 1, device, None)
-    return Trainer(config, env, None, model, train_model, optimizer, scheduler, scaler,
-                   ObserverGroup([]), None, None, None, dtype)
+class TimedStep:
+    """The run's training step (`trainer.build.build_train_step`: model, optimizer, schedule
+    and precision) with no data, logs, checkpoints or observers, driven as `Trainer.run_step`
+    drives it, minus logging."""
+
+    def __init__(self, config, spec, device: torch.device) -> None:
+        from trainer.build import build_train_step
+        from trainer.distributed import DistEnv
+        from trainer.loop import IntervalMeter
+        self.step = build_train_step(config, spec, DistEnv(0, 0, 1, device, None), total=10**6)
+        self.meter, self.num_taken = IntervalMeter(device), 0
+        self.clip_norm = config.optim.grad_clip_norm
+
+    def run(self, batches, num_steps: int) -> None:
+        from trainer.observer import StepContext
+        for i in range(num_steps):
+            self.num_taken += 1
+            ctx = StepContext(step=self.num_taken, epoch=0, clip_norm=self.clip_norm,
+                              lr=self.step.scheduler.get_last_lr()[0])
+            loss, part_flags = self.step([batches[i % len(batches)]], ctx)
+            self.meter.add(loss, ctx.grad_norm, ctx.found_inf, ctx.clip_norm, part_flags)
+        _sync(self.step.device)
+        self.meter.reset()
 
 
-def run_steps(trainer, batches, num_steps: int) -> None:
-    """`num_steps` optimizer steps exactly as `Trainer.run_step` takes them, minus logging."""
-    from diagnostics.observer import StepContext
-    for i in range(num_steps):
-        trainer.progress.step += 1
-        ctx = StepContext(step=trainer.progress.step, epoch=0,
-                          lr=trainer.scheduler.get_last_lr()[0],
-                          clip_norm=trainer.config.optim.grad_clip_norm)
-        loss, part_flags = trainer.train_step([batches[i % len(batches)]], ctx, [])
-        trainer.meter.add(loss, ctx.grad_norm, ctx.found_inf, ctx.clip_norm, part_flags)
-    _sync(trainer.env.device)
-    trainer.meter.reset()
-
-
-def time_rounds(trainer, batches, steps: int, rounds: int) -> list[float]:
+def time_rounds(timed: TimedStep, batches, steps: int, rounds: int) -> list[float]:
     """Seconds per step of each round."""
     times = []
     for _ in range(rounds):
         started = time.perf_counter()
-        run_steps(trainer, batches, steps)
+        timed.run(batches, steps)
         times.append((time.perf_counter() - started) / steps)
     return times
 
@@ -265,19 +255,20 @@ def measure_here(job: dict) -> dict:
     device = pick_device(job["device"], 0)
     if job.get("force_compile_failure"):
         break_the_compiler()
-    trainer = build_step_trainer(config, InputSpec.from_dict(job["spec"]), device)
-    batches = synthetic_batches(config, trainer.model.spec, device)
+    timed = TimedStep(config, InputSpec.from_dict(job["spec"]), device)
+    step = timed.step
+    batches = synthetic_batches(config, step.model.spec, device)
     rss_built_mb = psutil.Process().memory_info().rss / 2**20
     started = time.perf_counter()
-    run_steps(trainer, batches, 1)                         # includes any compilation
+    timed.run(batches, 1)                         # includes any compilation
     first_step_s = time.perf_counter() - started
-    run_steps(trainer, batches, max(0, job["warmup"] - 1))
-    step_times = time_rounds(trainer, batches, job["steps"], job["rounds"])
+    timed.run(batches, max(0, job["warmup"] - 1))
+    step_times = time_rounds(timed, batches, job["steps"], job["rounds"])
     result = {"optimizer": config.optim.implementation,
-              "fused": bool(trainer.optimizer.defaults.get("fused")),
-              "foreach": bool(trainer.optimizer.defaults.get("foreach")),
+              "fused": bool(step.optimizer.defaults.get("fused")),
+              "foreach": bool(step.optimizer.defaults.get("foreach")),
               "compile": config.train.compile, "device": str(device),
-              "precision": str(trainer.autocast_dtype or torch.float32).replace("torch.", ""),
+              "precision": str(step.autocast_dtype or torch.float32).replace("torch.", ""),
               "batch_size": config.data.batch_size, "torch_threads": torch.get_num_threads(),
               "warmup": job["warmup"], "steps": job["steps"],
               "first_step_s": first_step_s, "step_time_s": step_times,

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from diagnostics.config import DiagnosticsConfig
-from diagnostics.observer import Observer, RunContext, StepContext
 from diagnostics.records import step_file, write_json
 from model.graph import GatedGraphCombiner
 from trainer import distributed
+from trainer.diagnostics_config import DiagnosticsConfig
+from trainer.observer import Observer, RunContext, StepContext
 
 
 def _entropy(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -65,6 +65,7 @@ def summarize(sums: torch.Tensor, layout: list[int], targets: list[str], bodies:
 
 class AttentionObserver(Observer):
     needs_attention = True
+    communicates = True      # all-reduces the attention sums
 
     def __init__(self, config: DiagnosticsConfig) -> None:
         self.config = config

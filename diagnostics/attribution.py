@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from diagnostics.config import DiagnosticsConfig
-from diagnostics.observer import Observer, RunContext
 from diagnostics.records import step_file, write_json
+from trainer.diagnostics_config import DiagnosticsConfig
 from trainer.evaluate import celestial_effect
+from trainer.observer import Observer, RunContext
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -58,6 +58,8 @@ def occlusion_record(evaluate_fn, spec, max_batches: int, pred_len: int, stride:
 
 
 class AttributionObserver(Observer):
+    communicates = True      # its occlusion evaluations all-reduce the metrics
+
     def __init__(self, config: DiagnosticsConfig) -> None:
         self.config = config
 

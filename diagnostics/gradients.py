@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from diagnostics.config import DiagnosticsConfig
-from diagnostics.observer import Observer, RunContext, StepContext
 from diagnostics.records import step_file, write_json
 from trainer import distributed
+from trainer.diagnostics_config import DiagnosticsConfig
+from trainer.observer import Observer, RunContext, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ def noise_scale_terms(small_sq: float, big_sq: float, b_small: int, b_big: int) 
 
 
 class GradientObserver(Observer):
+    communicates = True      # all-reduces per-rank gradient statistics
+
     def __init__(self, config: DiagnosticsConfig) -> None:
         self.config = config
         self.interval = config.gradient_log_interval

@@ -1,22 +1,31 @@
-"""Builds the observers the diagnostics config turns on (none: the loop does no extra work)."""
+"""The diagnostics plug-in: the observers the `diagnostics:` config section turns on (none: the
+loop does no extra work), and the training command with them plugged in."""
 from __future__ import annotations
 
 from diagnostics.attention import AttentionObserver
 from diagnostics.attribution import AttributionObserver
-from diagnostics.config import DiagnosticsConfig
 from diagnostics.gradients import GradientObserver
-from diagnostics.observer import Observer
 from diagnostics.profiling import ProfileObserver
+from trainer import cli
+from trainer.config import Config
+from trainer.observer import Observer
 
 
-def build_observers(config: DiagnosticsConfig, checkpoint_interval: int) -> list[Observer]:
+def build_observers(config: Config) -> list[Observer]:
+    """An `ObserverFactory` (trainer.observer): the run's config -> its observers."""
+    d = config.diagnostics
     observers: list[Observer] = []
-    if config.enable_gradient_diagnostics:
-        observers.append(GradientObserver(config))
-    if config.enable_attention_logging:
-        observers.append(AttentionObserver(config))
-        if config.attribution_at_validation:
-            observers.append(AttributionObserver(config))
-    if config.enable_component_profiling:
-        observers.append(ProfileObserver(config, config.profile_interval or checkpoint_interval))
+    if d.enable_gradient_diagnostics:
+        observers.append(GradientObserver(d))
+    if d.enable_attention_logging:
+        observers.append(AttentionObserver(d))
+        if d.attribution_at_validation:
+            observers.append(AttributionObserver(d))
+    if d.enable_component_profiling:
+        observers.append(ProfileObserver(d, d.profile_interval or config.checkpoint.interval))
     return observers
+
+
+def main() -> None:
+    """`celestial-train` (as `python launch/train.py`): train with these observers."""
+    cli.main(observers=build_observers)

@@ -17,10 +17,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diagnostics.config import DiagnosticsConfig
-from diagnostics.observer import Observer, RunContext, StepContext
 from diagnostics.records import step_file, write_json
 from trainer import distributed
+from trainer.diagnostics_config import DiagnosticsConfig
+from trainer.observer import Observer, RunContext, StepContext
 from trainer.resources import memory_report
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,8 @@ class ComponentTimer:
 
 
 class ProfileObserver(Observer):
+    communicates = True      # gathers every rank's memory
+
     def __init__(self, config: DiagnosticsConfig, interval: int) -> None:
         self.config, self.interval = config, interval
 

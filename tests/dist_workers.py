@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import distributed
+from trainer import distributed, faults
 
 
 def free_port() -> int:
@@ -57,19 +57,13 @@ def ddp_gradients(rank, world_size, port, out_dir):
 
 
 def trainer_with_poisoned_rank(rank, world_size, port, csv, root, poison_step):
-    """Train 6 steps; rank 1 feeds a NaN target at `poison_step`. Save what each rank saw."""
+    """Train 6 steps; rank 1 feeds a NaN input at `poison_step`. Save what each rank saw."""
     from tests.conftest import small_config
     from trainer.build import build_trainer
     env = join_group(rank, world_size, port)
     config = small_config(Path(csv), Path(root), "nan", train__max_steps=6, train__log_interval=3)
     trainer = build_trainer(config, env)
-    original = trainer.train_step
-
-    def poisoned(micro_batches, ctx, active):
-        if rank == 1 and ctx.step == poison_step:
-            micro_batches[0].target[0, 0, 0] = float("nan")
-        return original(micro_batches, ctx, active)
-    trainer.train_step = poisoned
+    faults.load(f"nan_input:{poison_step}@1")     # rank 1's inputs only, at that step
     trainer.train()
     result = {"skipped": trainer.progress.skipped_steps, "step": trainer.progress.step,
               "param_sum": float(sum(p.double().sum() for p in trainer.model.parameters()))}
@@ -102,11 +96,11 @@ def observed_step(rank, world_size, port, out_dir):
     """One optimizer step on this rank's share of a fixed global batch of 8, observed by the
     gradient and attention observers (eval mode: identical function on every rank)."""
     from diagnostics.attention import AttentionObserver
-    from diagnostics.config import DiagnosticsConfig
     from diagnostics.gradients import GradientObserver
-    from diagnostics.observer import RunContext, StepContext
     from tests.test_model import inputs, make_model
     from trainer.config import Config
+    from trainer.diagnostics_config import DiagnosticsConfig
+    from trainer.observer import RunContext, StepContext
     from trainer.run_log import RunLog
     env = join_group(rank, world_size, port) if world_size > 1 else \
         distributed.DistEnv(0, 0, 1, torch.device("cpu"), None)
@@ -117,8 +111,10 @@ def observed_step(rank, world_size, port, out_dir):
     diag = DiagnosticsConfig(gradient_log_interval=1, attention_log_interval=1)
     observers = [GradientObserver(diag), AttentionObserver(diag)]
     local = 8 // world_size
-    run = RunContext(Config(), model, train_model, optimizer, model.spec, Path(out_dir) / f"w{world_size}",
-                     RunLog(None, 1, 0, False, False), env.device, world_size, local, rank == 0)
+    run = RunContext(config=Config(), model=model, train_model=train_model, optimizer=optimizer,
+                     spec=model.spec, log_dir=Path(out_dir) / f"w{world_size}",
+                     run_log=RunLog(None, 1, 0, False, False), device=env.device,
+                     world_size=world_size, local_batch_size=local, is_main=rank == 0)
     for o in observers:
         o.on_start(run)
     torch.manual_seed(1)
@@ -217,3 +213,51 @@ def save_checkpoints_until_killed(root: str, async_save: bool) -> None:
     for step in (2, 4):
         manager.save(step, {"w": torch.full((1000,), float(step))}, identity_files())
     manager.wait()
+
+
+def trainer_with_failing_observer(rank, world_size, port, csv, root):
+    """Train 5 steps with an observer that raises on rank 1 at step 2, one that all-reduces on
+    every step, and one whose schedule differs between ranks; save what each rank saw."""
+    from tests.conftest import small_config
+    from trainer.build import build_trainer
+    from trainer.observer import Observer
+
+    class Raising(Observer):
+        def __init__(self):
+            self.steps = []
+
+        def is_active(self, step):
+            return True
+
+        def after_backward(self, ctx):
+            self.steps.append(ctx.step)
+            if rank == 1 and ctx.step == 2:
+                raise RuntimeError("observer bug on rank 1")
+
+    class Summing(Observer):
+        communicates = True
+
+        def __init__(self):
+            self.sums = {}
+
+        def is_active(self, step):
+            return True
+
+        def after_step(self, ctx):
+            self.sums[ctx.step] = distributed.all_reduce_sum(torch.ones(())).item()
+
+    class RankDependent(Summing):
+        def is_active(self, step):
+            return step % 2 == rank      # a plug-in bug: would leave ranks in different collectives
+
+    raising, summing, unaligned = Raising(), Summing(), RankDependent()
+    env = join_group(rank, world_size, port)
+    config = small_config(Path(csv), Path(root), "failing", train__max_steps=5,
+                          train__log_interval=5, train__validate_at_start=False)
+    trainer = build_trainer(config, env, observers=lambda c: [raising, summing, unaligned])
+    status = trainer.train()
+    result = {"status": status, "raising_steps": raising.steps, "sums": summing.sums,
+              "still_on": [type(o).__name__ for o in trainer.observers.observers],
+              "unaligned_sums": unaligned.sums}
+    (Path(root) / f"failing{rank}.json").write_text(json.dumps(result))
+    distributed.destroy()

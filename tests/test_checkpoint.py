@@ -77,3 +77,18 @@ def test_consolidated_file_loads_with_plain_torch_load(tmp_path):
     loaded = torch.load(path, weights_only=True)
     assert torch.equal(loaded["model"]["weight"], model.weight) and loaded["step"] == 4
     assert load_consolidated(path)["config"] == {"a": 1}
+
+
+def test_checkpoint_keys_are_those_main_wrote(short_csv, tmp_path):
+    """The Stateful parts save under the keys checkpoints had before them (fixture: the DCP
+    keys of a checkpoint written by the code before the refactor), so old checkpoints load."""
+    from tests.conftest import small_config
+    from trainer import distributed
+    from trainer.build import build_trainer
+    fixture = Path(__file__).parent / "fixtures" / "checkpoint_keys_main.json"
+    config = small_config(short_csv, tmp_path, "k", train__max_steps=2, checkpoint__interval=2,
+                          train__validate_at_start=False)
+    assert build_trainer(config, distributed.init_distributed("cpu")).train() == 0
+    folder = tmp_path / "checkpoints" / "k" / "checkpoint_step_000002"
+    keys = sorted(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+    assert keys == json.loads(fixture.read_text())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from diagnostics.observer import StepContext
+from trainer.observer import StepContext
 from tests.conftest import REPO, small_config
 from trainer import distributed
 from trainer.build import build_trainer
@@ -29,7 +29,7 @@ def train_tiny(data_csv: Path, root: Path, name: str = "fc", steps: int = 15):
     trainer = build_trainer(small_config(data_csv, root, name), distributed.init_distributed("cpu"))
     for step, batch in zip(range(1, steps + 1), trainer.data.train_loader):
         ctx = StepContext(step=step, epoch=0, clip_norm=trainer.config.optim.grad_clip_norm)
-        trainer.train_step([batch], ctx, [])
+        trainer.train_step([batch], ctx)
     trainer.save_model_file("best_model.pth", {})
     return trainer
 

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from diagnostics.gradients import GradientObserver, noise_scale_terms, status_of
+from diagnostics.observers import build_observers
 from diagnostics.schemas import GRADIENT_HISTORY, GRADIENT_RECORD
 from tests import dist_workers
 from tests.conftest import small_config
 from trainer import distributed
 from trainer.build import build_trainer
+from trainer.observer import Observer
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -22,19 +24,27 @@ def test_record_norms_equal_norms_of_grad(short_csv, tmp_path):
     config = small_config(short_csv, tmp_path, "g", train__max_steps=4, train__validate_at_start=False,
                           diagnostics__enable_gradient_diagnostics=True,
                           diagnostics__gradient_log_interval=2)
-    trainer = build_trainer(config, distributed.init_distributed("cpu"))
-    observer = next(o for o in trainer.observers.observers if isinstance(o, GradientObserver))
     reference = {}
-    original = observer.after_backward
 
-    def capture(ctx):
-        groups = trainer.model.component_parameters()
-        reference[ctx.step] = {name: torch.sqrt(sum(p.grad.double().square().sum() for _, p in ps)).item()
-                               for name, ps in groups.items()}
-        reference[ctx.step]["__total__"] = torch.sqrt(sum(
-            p.grad.double().square().sum() for p in trainer.model.parameters())).item()
-        original(ctx)
-    observer.after_backward = capture
+    class Reference(Observer):
+        """Beside the gradient observer: the norms computed directly from `.grad`."""
+
+        def on_start(self, run):
+            self.model = run.model
+
+        def is_active(self, step):
+            return step % 2 == 0
+
+        def after_backward(self, ctx):
+            groups = self.model.component_parameters()
+            reference[ctx.step] = {
+                name: torch.sqrt(sum(p.grad.double().square().sum() for _, p in ps)).item()
+                for name, ps in groups.items()}
+            reference[ctx.step]["__total__"] = torch.sqrt(sum(
+                p.grad.double().square().sum() for p in self.model.parameters())).item()
+    trainer = build_trainer(config, distributed.init_distributed("cpu"),
+                            observers=lambda c: [*build_observers(c), Reference()])
+    assert any(isinstance(o, GradientObserver) for o in trainer.observers.observers)
     assert trainer.train() == 0
     folder = tmp_path / "logs" / "g" / "gradients"
     for step in (2, 4):

@@ -1,6 +1,7 @@
 """The single-device loop: run folder, accumulation, skipped steps, early stopping, CLI errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -9,15 +10,30 @@ import pytest
 import torch
 
 from tests.conftest import as_cli_args, run_cli, small_config, small_overrides
-from trainer import distributed
-from trainer.build import build_trainer
+from trainer import distributed, faults
+from trainer.build import build_parts, build_trainer
 from trainer.cli import run
+from trainer.loop import Trainer
 
 
 def make_trainer(short_csv, tmp_path, name="t", **extra):
     config = small_config(short_csv, tmp_path, name, **extra)
     env = distributed.init_distributed("cpu")
     return build_trainer(config, env)
+
+
+def trainer_evaluating_with(evaluate, short_csv, tmp_path, name="t", **extra):
+    """A trainer whose validation and test scores come from `evaluate(parts.evaluate)`."""
+    config = small_config(short_csv, tmp_path, name, **extra)
+    parts = build_parts(config, distributed.init_distributed("cpu"))
+    return Trainer(dataclasses.replace(parts, evaluate=evaluate(parts.evaluate)))
+
+
+@pytest.fixture
+def injected_faults():
+    """`faults.load(text)` for this test only (the CELESTIAL_FAULT injection point)."""
+    yield faults.load
+    faults.load("")
 
 
 def metrics(tmp_path, name="t", kind=None):
@@ -46,12 +62,12 @@ def test_short_run_writes_logs_checkpoints_and_model_files(short_csv, tmp_path):
 
 def _one_step_params(trainer, micro_batches):
     trainer.model.eval()          # no dropout or graph sampling: both runs see the same function
-    trainer.train_step(micro_batches, _ctx(trainer), [])
+    trainer.train_step(micro_batches, _ctx(trainer))
     return [p.detach().clone() for p in trainer.model.parameters()]
 
 
 def _ctx(trainer):
-    from diagnostics.observer import StepContext
+    from trainer.observer import StepContext
     return StepContext(step=1, epoch=0, clip_norm=trainer.config.optim.grad_clip_norm)
 
 
@@ -71,20 +87,15 @@ def test_nonfinite_step_is_skipped_exactly(short_csv, tmp_path):
     batch.target[0, 0, 0] = float("nan")
     before = [p.detach().clone() for p in trainer.model.parameters()]
     ctx = _ctx(trainer)
-    trainer.train_step([batch], ctx, [])
+    trainer.train_step([batch], ctx)
     assert ctx.found_inf.item() == 1.0
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
 
 
-def test_consecutive_nonfinite_steps_stop_the_run(short_csv, tmp_path, caplog):
-    trainer = make_trainer(short_csv, tmp_path, train__log_interval=2, train__max_consecutive_skips=3)
-    original = trainer.train_step
-
-    def poisoned(micro_batches, ctx, active):
-        if ctx.step >= 3:
-            micro_batches[0].target[:] = float("nan")
-        return original(micro_batches, ctx, active)
-    trainer.train_step = poisoned
+def test_consecutive_nonfinite_steps_stop_the_run(short_csv, tmp_path, caplog, injected_faults):
+    trainer = make_trainer(short_csv, tmp_path, train__log_interval=2,
+                           train__max_consecutive_skips=3)
+    injected_faults("nan_input:3-")     # a NaN in every step's inputs from step 3 on
     assert trainer.train() == 1
     assert "3 optimizer steps in a row had a non-finite" in caplog.text or \
            "4 optimizer steps in a row" in caplog.text
@@ -92,12 +103,12 @@ def test_consecutive_nonfinite_steps_stop_the_run(short_csv, tmp_path, caplog):
 
 
 def test_early_stopping_after_patience(short_csv, tmp_path):
-    trainer = make_trainer(short_csv, tmp_path, train__early_stopping_patience=2)
     series = {name: np.ones(50) for name in ("model", "rw", "ewma")}
-    trainer.evaluate = lambda split="val", **kw: {"nll": 1.0, "rw_nll": 1.0, "ewma_nll": 1.0,
-                                                  "mae": 0.1, "coverage_50": 0.5,
-                                                  "coverage_90": 0.9, "nll_per_target": [1.0] * 4,
-                                                  "series": dict(series)}
+    flat = lambda real: lambda split="val", **kw: {"nll": 1.0, "rw_nll": 1.0, "ewma_nll": 1.0,  # noqa: E731
+                                                   "mae": 0.1, "coverage_50": 0.5,
+                                                   "coverage_90": 0.9, "nll_per_target": [1.0] * 4,
+                                                   "series": dict(series)}
+    trainer = trainer_evaluating_with(flat, short_csv, tmp_path, train__early_stopping_patience=2)
     trainer.validate()
     assert trainer.stop_reason is None and trainer.progress.best_val_nll == 1.0
     trainer.validate()
@@ -126,24 +137,21 @@ def test_existing_experiment_needs_resume(short_csv, tmp_path, capsys):
     assert run(base + ["--resume", "auto", "--set", "train.max_steps=6"]) == 0
 
 
-def test_throughput_excludes_validation_and_checkpoints(short_csv, tmp_path):
+def test_throughput_excludes_validation_and_checkpoints(short_csv, tmp_path, injected_faults):
     """samples/s and step time in the log are training's own: a validation at the start, in
     the middle of an interval, and a checkpoint save (each made to take 1 s here) are not
     counted. Each interval of 2 small steps takes well under a second on any machine."""
     import time
-    trainer = make_trainer(short_csv, tmp_path, train__max_steps=4, train__log_interval=2,
-                           train__eval_interval=3, checkpoint__interval=3,
-                           train__validate_at_start=True)
-    slow_evaluate, slow_save = trainer.evaluate, trainer.checkpoints.save
 
-    def evaluate(split="val", **kw):
-        time.sleep(1.0)
-        return slow_evaluate(split, **kw)
-
-    def save(*args, **kwargs):
-        time.sleep(1.0)
-        return slow_save(*args, **kwargs)
-    trainer.evaluate, trainer.checkpoints.save = evaluate, save
+    def slow(evaluate):
+        def slow_evaluate(split="val", **kw):
+            time.sleep(1.0)
+            return evaluate(split, **kw)
+        return slow_evaluate
+    trainer = trainer_evaluating_with(slow, short_csv, tmp_path, train__max_steps=4,
+                                      train__log_interval=2, train__eval_interval=3,
+                                      checkpoint__interval=3, train__validate_at_start=True)
+    injected_faults("delay:checkpoint_save:1")     # inside the save's pause, as a slow disk
     assert trainer.train() == 0
     train = metrics(tmp_path, kind="train")
     assert [l["step"] for l in train] == [2, 4]

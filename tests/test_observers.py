@@ -22,12 +22,10 @@ def test_with_every_flag_off_the_step_asks_for_nothing(short_csv, tmp_path):
     trainer = build_trainer(config, distributed.init_distributed("cpu"))
     assert trainer.observers.observers == []
     requested = []
-    forward = trainer.model.forward
 
-    def spy(*args, return_attention=False, **kw):
-        requested.append(return_attention)
-        return forward(*args, return_attention=return_attention, **kw)
-    trainer.model.forward = spy
+    def spy(module, args, kwargs):
+        requested.append(kwargs.get("return_attention", False))
+    trainer.model.register_forward_pre_hook(spy, with_kwargs=True)
     assert trainer.train() == 0
     assert requested and not any(requested)
     assert not (tmp_path / "logs" / "off" / "gradients").exists()

@@ -55,6 +55,7 @@ def test_compiled_runs_profile_the_whole_step_only(short_csv, tmp_path, monkeypa
     import jsonschema
 
     import trainer.build
+    from diagnostics.observers import build_observers
     from diagnostics.schemas import PROFILE_RECORD
     from tests.conftest import small_config
     from trainer import distributed
@@ -64,7 +65,8 @@ def test_compiled_runs_profile_the_whole_step_only(short_csv, tmp_path, monkeypa
                           train__validate_at_start=False,
                           diagnostics__enable_component_profiling=True,
                           diagnostics__profile_interval=2)
-    run = trainer.build.build_trainer(config, distributed.init_distributed("cpu"))
+    run = trainer.build.build_trainer(config, distributed.init_distributed("cpu"),
+                                      observers=build_observers)
     assert run.train() == 0
     profile = tmp_path / "logs" / "compiled" / "components" / "profile_step_000002.json"
     record = json.loads(profile.read_text())

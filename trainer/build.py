@@ -13,8 +13,6 @@ import psutil
 import torch
 import yaml
 
-from diagnostics.observer import ObserverGroup, RunContext
-from diagnostics.observers import build_observers
 from model import CelestialPGAT
 from trainer import distributed, faults
 from trainer.checkpoint import CheckpointManager
@@ -22,9 +20,10 @@ from trainer.config import Config
 from trainer.data import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
-from trainer.loop import Progress, Trainer
-from trainer.optim import apply_optim_settings, build_optimizer, build_scheduler, set_total_steps
-from trainer.resume import REGULARISATION_KEYS, RunIdentity, find_resumable, saved_config
+from trainer.loop import Progress, SplitEvaluator, Trainer, TrainerParts, TrainStep
+from trainer.observer import Observer, ObserverFactory, ObserverGroup, RunContext
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.resume import RunIdentity, find_resumable
 from trainer.run_log import (
     RunLog,
     guarded_write,
@@ -152,49 +151,80 @@ def resume_request(config: Config) -> tuple[str, Path | None]:
     return "auto", Path(requested) if requested not in ("", "auto") else None
 
 
-def build_trainer(config: Config, env: DistEnv, config_path: str | None = None) -> Trainer:
+def build_trainer(config: Config, env: DistEnv, config_path: str | None = None, *,
+                  observers: ObserverFactory | None = None) -> Trainer:
+    """The run's Trainer, built from its config (with the observers `observers` builds from
+    it) and resumed from the checkpoint `train.resume` asks for."""
+    trainer = Trainer(build_parts(config, env, config_path, observers=observers))
+    start_from_checkpoint(trainer, *resume_request(config))
+    describe_run(trainer)
+    return trainer
+
+
+def build_parts(config: Config, env: DistEnv, config_path: str | None = None, *,
+                observers: ObserverFactory | None = None) -> TrainerParts:
+    """Every part of a run, in the order that leaves nothing behind when an input is refused."""
     name = resolve_experiment_name(config, config_path)
     config.train.experiment_name = name
-    resume, fallback = resume_request(config)
     log_dir = Path(config.train.log_root) / name
     setup_logging(None, env.rank, config.train.progress_bar)   # the file once the folder exists
     checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name)
-    check_experiment_folder(checkpoints, resume, name)
+    check_experiment_folder(checkpoints, resume_request(config)[0], name)
     data = build_data(config, env)        # every input check, before anything is written
+    plugged_in = ObserverGroup(plug_in(observers, config))
     open_run_folder(log_dir, config, env)
-
-    faults.delay("model_build")
-    seed_everything(config.train.seed)   # identical initial weights on every rank
-    model = CelestialPGAT(config.model, data.prepared.spec).to(env.device)
-    train_model = distributed.wrap_ddp(maybe_compile(model, config.train.compile), env)
-    optimizer = build_optimizer(model, config.optim, env.device)
-    steps_per_epoch = len(data.train_loader) // config.train.grad_accum_steps
-    total = config.train.epochs * steps_per_epoch
-    if config.train.max_steps:
-        total = min(total, config.train.max_steps)
-    scheduler = build_scheduler(optimizer, config.optim, total)
-    dtype = autocast_dtype(config.train.precision, env.device)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
-    observers = build_observers(config.diagnostics, config.checkpoint.interval)
+    total = total_steps(config, data)
+    step = build_train_step(config, data.prepared.spec, env, total)
     run_log = RunLog(log_dir if env.rank == 0 else None, total, 0,
                      config.diagnostics.tensorboard, config.train.progress_bar)
     stop_if_any_rank_failed_to_write()      # metrics.jsonl and tensorboard/ could be opened
-    local_batch = config.data.batch_size * config.train.grad_accum_steps
-    context = RunContext(config, model, train_model, optimizer, data.prepared.spec, log_dir,
-                         run_log, env.device, env.world_size, local_batch, env.rank == 0)
-    trainer = Trainer(config, env, data, model, train_model, optimizer, scheduler, scaler,
-                      ObserverGroup(observers), checkpoints, run_log, context, dtype)
-    trainer.progress = Progress(total_steps=total, length_setting=length_setting(config))
-    start_from_checkpoint(trainer, resume, fallback)
-    if trainer.progress.length_setting != length_setting(config):
-        log.info("run length changed on resume (%s -> %s): %d steps in all, the LR schedule "
-                 "follows the new length", trainer.progress.length_setting,
-                 length_setting(config), total)
-        trainer.progress.total_steps, trainer.progress.length_setting = total, length_setting(config)
-        set_total_steps(trainer.scheduler, total)
-        trainer.run_log.bar.total = total
-    describe_run(trainer, steps_per_epoch, log_dir, checkpoints.folder)
-    return trainer
+    context = RunContext(config=config, model=step.model, train_model=step.train_model,
+                         optimizer=step.optimizer, spec=data.prepared.spec, log_dir=log_dir,
+                         run_log=run_log, device=env.device, world_size=env.world_size,
+                         local_batch_size=config.data.batch_size * config.train.grad_accum_steps,
+                         is_main=env.rank == 0)
+    return TrainerParts(config=config, env=env, data=data, train_step=step,
+                        evaluate=SplitEvaluator(step, data),
+                        observers=plugged_in,
+                        checkpoints=checkpoints, run_log=run_log, run_context=context,
+                        progress=Progress(total_steps=total, length_setting=length_setting(config)))
+
+
+def build_train_step(config: Config, spec, env: DistEnv, total: int) -> TrainStep:
+    """The model (identical initial weights on every rank), its optimizer, LR schedule and
+    precision: the step every run takes, also timed on its own by the benchmarks."""
+    faults.delay("model_build")
+    seed_everything(config.train.seed)
+    model = CelestialPGAT(config.model, spec).to(env.device)
+    train_model = distributed.wrap_ddp(maybe_compile(model, config.train.compile), env)
+    optimizer = build_optimizer(model, config.optim, env.device)
+    dtype = autocast_dtype(config.train.precision, env.device)
+    return TrainStep(model=model, train_model=train_model, optimizer=optimizer,
+                     scheduler=build_scheduler(optimizer, config.optim, total),
+                     scaler=torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16),
+                     device=env.device, world_size=env.world_size, autocast_dtype=dtype)
+
+
+def plug_in(observers: ObserverFactory | None, config: Config) -> list[Observer]:
+    """The plug-ins' observers for this config. Diagnostics switched on with no factory to
+    build them would silently do nothing: that is a wiring mistake of the caller."""
+    if observers is not None:
+        return observers(config)
+    d = config.diagnostics
+    if d.enable_gradient_diagnostics or d.enable_attention_logging or d.enable_component_profiling:
+        raise RuntimeError("diagnostics are switched on but no observer factory was passed to "
+                           "build_trainer: start runs through launch/train.py, or pass "
+                           "observers=diagnostics.observers.build_observers")
+    return []
+
+
+def steps_per_epoch(config: Config, data: DataBundle) -> int:
+    return len(data.train_loader) // config.train.grad_accum_steps
+
+
+def total_steps(config: Config, data: DataBundle) -> int:
+    total = config.train.epochs * steps_per_epoch(config, data)
+    return min(total, config.train.max_steps) if config.train.max_steps else total
 
 
 def length_setting(config: Config) -> str:
@@ -219,32 +249,16 @@ def start_from_checkpoint(trainer: Trainer, resume: str, fallback: Path | None) 
                  checkpoints.folder)
         return
     trainer.resume(folder)
-    apply_changed_settings(trainer, saved_config(folder))
-    trainer.run_log.bar.n = trainer.progress.step
-    trainer.run_log.bar.total = trainer.progress.total_steps
 
 
-def apply_changed_settings(trainer: Trainer, saved: dict) -> None:
-    """A checkpoint restores its own optimizer hyperparameters and LR schedule; settings the
-    resumed run changed are applied over them (and logged), never silently dropped."""
-    now = trainer.config.to_dict()
-    changed_optim = {k: (saved.get("optim", {}).get(k), v) for k, v in now["optim"].items()
-                     if saved.get("optim", {}).get(k) != v}
-    changed_model = {k: (saved.get("model", {}).get(k), now["model"][k])
-                     for k in REGULARISATION_KEYS if saved.get("model", {}).get(k) != now["model"][k]}
-    if changed_optim:
-        apply_optim_settings(trainer.optimizer, trainer.scheduler, trainer.config.optim)
-    for key, (old, new) in [*(("optim." + k, v) for k, v in changed_optim.items()),
-                            *(("model." + k, v) for k, v in changed_model.items())]:
-        log.info("%s changed on resume (checkpoint %s, this run %s): applied", key, old, new)
-
-
-def describe_run(trainer: Trainer, steps_per_epoch: int, log_dir: Path, ckpt_dir: Path) -> None:
+def describe_run(trainer: Trainer) -> None:
     c, env = trainer.config, trainer.env
     params = sum(p.numel() for p in trainer.model.parameters())
-    log.info("experiment %s: logs in %s, checkpoints in %s", c.train.experiment_name, log_dir, ckpt_dir)
+    log.info("experiment %s: logs in %s, checkpoints in %s", c.train.experiment_name,
+             trainer.run_context.log_dir, trainer.checkpoints.folder)
     log.info("device %s x %d rank(s), backend %s, precision %s, %s parameters",
              env.device, env.world_size, env.backend or "none", c.train.precision, f"{params:,}")
     log.info("effective batch %d = %d per rank x %d rank(s) x %d accumulation; %d steps per "
              "epoch, %d steps in all", trainer.samples_per_step, c.data.batch_size,
-             env.world_size, c.train.grad_accum_steps, steps_per_epoch, trainer.progress.total_steps)
+             env.world_size, c.train.grad_accum_steps, steps_per_epoch(c, trainer.data),
+             trainer.progress.total_steps)

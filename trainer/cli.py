@@ -1,4 +1,5 @@
-"""`python launch/train.py --config ...` (also the `celestial-train` console script).
+"""`python launch/train.py --config ...` (also the `celestial-train` console script), which
+passes the diagnostics' observer factory to `main`.
 
 The reference card's flags are shortcuts for config keys; `--set key=value` sets any key.
 Precedence: defaults < YAML file < card flags < --set, in the order given.
@@ -12,6 +13,7 @@ import sys
 from trainer import distributed, preemption
 from trainer.config import load_config, parse_override
 from trainer.errors import EXIT_WRITE_FAILED, UserError, WriteFailed
+from trainer.observer import ObserverFactory
 from trainer.run_log import log_error_to_file
 
 # flag -> (dotted config key, type)
@@ -56,9 +58,10 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, object]]:
     return pairs
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Train; returns the exit status (0 done, 1 failed, 2 bad input, 74 a file could not be
-    written, 75 stopped on a signal)."""
+def run(argv: list[str] | None = None, observers: ObserverFactory | None = None) -> int:
+    """Train with the observers `observers` builds from the config (the entry point passes the
+    diagnostics'); returns the exit status (0 done, 1 failed, 2 bad input, 74 a file could not
+    be written, 75 stopped on a signal)."""
     args = parse_args(argv)
     # From here on SIGTERM/SIGUSR1 only set a flag: a stop asked for during data preparation,
     # model build or resume is acted on at the trainer's first safe point (exit 75).
@@ -67,7 +70,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides_from(args))
         env = distributed.init_distributed(config.train.device, config.train.collective_timeout_s)
-        return build_trainer(config, env, args.config).train()
+        return build_trainer(config, env, args.config, observers=observers).train()
     except UserError as err:
         return _fail(err, 2)
     except WriteFailed as err:
@@ -96,5 +99,5 @@ def _fail(err: object, status: int) -> int:
     return status
 
 
-def main(argv: list[str] | None = None) -> None:
-    sys.exit(run(argv))
+def main(argv: list[str] | None = None, observers: ObserverFactory | None = None) -> None:
+    sys.exit(run(argv, observers))

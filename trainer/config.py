@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
-from diagnostics.config import DiagnosticsConfig
 from model.config import ModelConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
+from trainer.diagnostics_config import DiagnosticsConfig
 from trainer.errors import UserError
 from trainer.optim import OptimConfig
 from trainer.train_config import TrainConfig

@@ -1,4 +1,5 @@
-"""The training loop: `Trainer.train()` runs epochs; `train_step()` is one optimizer step.
+"""The training loop: `Trainer.train()` runs epochs; its `train_step` (a `TrainStep`) is one
+optimizer step.
 
 Everything that changes control flow (skip a step, stop, save now, early stopping) is decided
 from values every rank has (all-reduced gradients and metrics) or agreed with one small
@@ -10,20 +11,28 @@ import logging
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.checkpoint.stateful import Stateful
 
-from diagnostics.observer import ObserverGroup, RunContext, StepContext
 from trainer import distributed, faults
-from trainer.checkpoint import CheckpointManager, load_consolidated, save_consolidated
+from trainer.checkpoint import (
+    AppState,
+    CheckpointManager,
+    ModelState,
+    OptimizerState,
+    ScalerState,
+    load_consolidated,
+    save_consolidated,
+)
 from trainer.evaluate import celestial_effect, evaluate
 from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
+from trainer.observer import ObserverGroup, RunContext, StepContext
+from trainer.optim import apply_optim_settings, set_total_steps
 from trainer.preemption import EXIT_PREEMPTED, process_requests, requeue_slurm_job
 from trainer.resources import memory_mb
-from trainer.resume import checkpoint_files
+from trainer.resume import REGULARISATION_KEYS, checkpoint_files, saved_config
 from trainer.run_log import (
     guarded_write,
     raise_agreed_write_failure,
@@ -47,27 +56,13 @@ class Progress:
     skipped_steps: int = 0
     consecutive_skips: int = 0
 
-
-class AppState(Stateful):
-    """What a sharded checkpoint holds (per-rank RNG states go in files beside it)."""
-
-    def __init__(self, trainer: "Trainer") -> None:
-        self.t = trainer
-
+    # A Stateful part of the checkpoint (loaded in place: whoever holds it sees the new state).
     def state_dict(self) -> dict:
-        model_sd, optim_sd = get_state_dict(self.t.train_model, self.t.optimizer)
-        return {"model": model_sd, "optimizer": optim_sd,
-                "scheduler": self.t.scheduler.state_dict(),
-                "scaler": self.t.scaler.state_dict() if self.t.scaler.is_enabled() else {"off": 1},
-                "progress": asdict(self.t.progress), "config": self.t.config.to_yaml()}
+        return asdict(self)
 
     def load_state_dict(self, sd: dict) -> None:
-        set_state_dict(self.t.train_model, self.t.optimizer, model_state_dict=sd["model"],
-                       optim_state_dict=sd["optimizer"])
-        self.t.scheduler.load_state_dict(sd["scheduler"])
-        if self.t.scaler.is_enabled():
-            self.t.scaler.load_state_dict(sd["scaler"])
-        self.t.progress = Progress(**sd["progress"])
+        for f in fields(self):
+            setattr(self, f.name, sd[f.name])
 
 
 class IntervalMeter:
@@ -117,28 +112,130 @@ def flat_hparams(config) -> dict:
     return flat
 
 
-class Trainer:
-    def __init__(self, config, env, data, model, train_model, optimizer, scheduler, scaler,
-                 observers: ObserverGroup, checkpoints: CheckpointManager, run_log,
-                 run_context: RunContext, autocast_dtype) -> None:
-        self.config, self.env, self.data = config, env, data
+NO_OBSERVERS = ObserverGroup([])
+
+
+def checkpointed_state(step: "TrainStep", progress: Progress, config) -> AppState:
+    """The Stateful parts a sharded checkpoint holds, under the key names it always had."""
+    return AppState({"model": ModelState(step.train_model),
+                     "optimizer": OptimizerState(step.train_model, step.optimizer),
+                     "scheduler": step.scheduler, "scaler": ScalerState(step.scaler),
+                     "progress": progress}, config_yaml=config.to_yaml())
+
+
+class TrainStep:
+    """One optimizer step: forward/backward over the micro-batches, clip, and step (skipped if
+    non-finite). Built from the config in trainer.build; the benchmarks time it on its own."""
+
+    def __init__(self, *, model, train_model: torch.nn.Module, optimizer, scheduler, scaler,
+                 device: torch.device, world_size: int, autocast_dtype) -> None:
         self.model, self.train_model = model, train_model
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-        self.observers, self.checkpoints, self.run_log = observers, checkpoints, run_log
-        self.run_context = run_context
-        self.autocast_dtype = autocast_dtype
-        self.progress = Progress()
-        self.app_state = AppState(self)
-        self.requests = process_requests()
+        self.device, self.world_size, self.autocast_dtype = device, world_size, autocast_dtype
         self.finite_check = FiniteCheck(model)
-        self.meter = IntervalMeter(env.device)
+        self.fused_optimizer = bool(optimizer.defaults.get("fused"))
+
+    def __call__(self, micro_batches, ctx: StepContext,
+                 observers: ObserverGroup = NO_OBSERVERS) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the loss and the step's non-finite flags (on the device: no sync)."""
+        observers.before_forward(ctx)
+        loss_sum = torch.zeros((), device=self.device)
+        poisoned = faults.poison_gradients(self.model, ctx.step) if faults.ACTIVE else []
+        for i, batch in enumerate(micro_batches):
+            batch = batch.to(self.device, non_blocking=True)
+            if faults.ACTIVE and i == 0:
+                faults.corrupt_inputs(batch, ctx.step)
+            syncing = i == len(micro_batches) - 1
+            with self._no_sync_unless(syncing), self.autocast():
+                out = self.train_model(batch.wave, batch.target, batch.future_wave,
+                                       return_attention=observers.needs_attention)
+                loss = out.loss(batch.future_target) / len(micro_batches)
+            if faults.ACTIVE:
+                loss = faults.corrupt_loss(loss, ctx.step)
+            self.scaler.scale(self.finite_check.guard_loss(loss, batch)).backward()
+            loss_sum += loss.detach()
+            observers.collect(ctx, out)
+        for handle in poisoned:
+            handle.remove()
+        self.scaler.unscale_(self.optimizer)
+        observers.after_backward(ctx)
+        max_norm = ctx.clip_norm if ctx.clip_norm > 0 else math.inf
+        ctx.grad_norm, part_flags = self.finite_check.clip(max_norm)
+        ctx.found_inf = (~torch.isfinite(ctx.grad_norm)).float()
+        observers.before_optimizer_step(ctx)
+        self._optimizer_step(ctx.found_inf)
+        return loss_sum, part_flags
+
+    def _optimizer_step(self, found_inf: torch.Tensor) -> None:
+        """Step unless the (all-reduced, so rank-wide) gradient is non-finite. Fused AdamW skips
+        on the device from `found_inf`, with no host sync; other optimizers must read it."""
+        if self.fused_optimizer:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, found_inf
+            self.optimizer.step()
+        elif found_inf.item() == 0:
+            self.optimizer.step()
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _no_sync_unless(self, syncing: bool):
+        if syncing or self.world_size == 1:
+            return nullcontext()
+        return self.train_model.no_sync()
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+class SplitEvaluator:
+    """`evaluate(split, **kwargs)`: the model's metrics on the val or test split."""
+
+    def __init__(self, step: TrainStep, data) -> None:
+        self.step, self.data = step, data
+
+    def __call__(self, split: str = "val", **kwargs) -> dict:
+        loader = self.data.val_loader if split == "val" else self.data.test_loader
+        autocast = self.step.autocast() if self.step.autocast_dtype is not None else None
+        return evaluate(self.step.model, loader, self.step.device, self.data.prepared.target_std,
+                        autocast=autocast, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerParts:
+    """What a Trainer is made of, built from the config in one place (trainer.build)."""
+
+    config: Any                       # trainer.config.Config
+    env: Any                          # trainer.distributed.DistEnv
+    data: Any                         # trainer.build.DataBundle
+    train_step: TrainStep
+    evaluate: Callable[..., dict]     # SplitEvaluator, or a stand-in in tests
+    observers: ObserverGroup
+    checkpoints: CheckpointManager
+    run_log: Any                      # trainer.run_log.RunLog
+    run_context: RunContext
+    progress: Progress                # its total_steps and length_setting: this run's plan
+
+
+class Trainer:
+    def __init__(self, parts: TrainerParts) -> None:
+        self.config, self.env, self.data = parts.config, parts.env, parts.data
+        self.train_step, self.evaluate = parts.train_step, parts.evaluate
+        self.model, self.train_model = self.train_step.model, self.train_step.train_model
+        self.optimizer, self.scheduler = self.train_step.optimizer, self.train_step.scheduler
+        self.observers, self.checkpoints = parts.observers, parts.checkpoints
+        self.run_log = parts.run_log
+        self.run_context, self.progress = parts.run_context, parts.progress
+        self.app_state = checkpointed_state(self.train_step, self.progress, self.config)
+        self.requests = process_requests()
+        self.meter = IntervalMeter(self.env.device)
         self.stop_reason: str | None = None
         self.requeue_requested = False
         self.last_checkpoint_step = -1
         self.last_validation_step, self.last_validation = -1, {}
-        self.fused_optimizer = bool(optimizer.defaults.get("fused"))
-        train = config.train
-        self.samples_per_step = config.data.batch_size * train.grad_accum_steps * env.world_size
+        self.samples_per_step = (self.config.data.batch_size * self.config.train.grad_accum_steps
+                                 * self.env.world_size)
 
     # ----------------------------------------------------------------- the loop
     def train(self) -> int:
@@ -197,75 +294,16 @@ class Trainer:
         step = self.progress.step + 1
         ctx = StepContext(step=step, epoch=self.progress.epoch, lr=self.scheduler.get_last_lr()[0],
                           clip_norm=self.config.optim.grad_clip_norm, data_time_s=data_time)
-        active = self.observers.active(step)
+        self.observers.start_step(step)
         if faults.ACTIVE:
             faults.hang(step)
-        loss, part_flags = self.train_step(micro_batches, ctx, active)
+        loss, part_flags = self.train_step(micro_batches, ctx, self.observers)
         self.progress.step = step
         self.progress.epoch_position += self.samples_per_step
         self.meter.add(loss, ctx.grad_norm, ctx.found_inf, ctx.clip_norm, part_flags)
         ctx.step_time_s = time.perf_counter() - step_started
-        for observer in active:
-            observer.after_step(ctx)
+        self.observers.after_step(ctx)
         self.after_step(step)
-
-    def train_step(self, micro_batches, ctx: StepContext, active) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over the micro-batches, clip, and step (skipped if non-finite).
-        Returns the loss and the step's non-finite flags (on the device: no sync)."""
-        want_attention = any(o.needs_attention for o in active)
-        for observer in active:
-            observer.before_forward(ctx)
-        loss_sum = torch.zeros((), device=self.env.device)
-        poisoned = faults.poison_gradients(self.model, ctx.step) if faults.ACTIVE else []
-        for i, batch in enumerate(micro_batches):
-            batch = batch.to(self.env.device, non_blocking=True)
-            if faults.ACTIVE and i == 0:
-                faults.corrupt_inputs(batch, ctx.step)
-            syncing = i == len(micro_batches) - 1
-            with self._no_sync_unless(syncing), self._autocast():
-                out = self.train_model(batch.wave, batch.target, batch.future_wave,
-                                       return_attention=want_attention)
-                loss = out.loss(batch.future_target) / len(micro_batches)
-            if faults.ACTIVE:
-                loss = faults.corrupt_loss(loss, ctx.step)
-            self.scaler.scale(self.finite_check.guard_loss(loss, batch)).backward()
-            loss_sum += loss.detach()
-            if want_attention:
-                ctx.attention.append(out.attention)
-        for handle in poisoned:
-            handle.remove()
-        self.scaler.unscale_(self.optimizer)
-        for observer in active:
-            observer.after_backward(ctx)
-        max_norm = ctx.clip_norm if ctx.clip_norm > 0 else math.inf
-        ctx.grad_norm, part_flags = self.finite_check.clip(max_norm)
-        ctx.found_inf = (~torch.isfinite(ctx.grad_norm)).float()
-        for observer in active:
-            observer.before_optimizer_step(ctx)
-        self._optimizer_step(ctx.found_inf)
-        return loss_sum, part_flags
-
-    def _optimizer_step(self, found_inf: torch.Tensor) -> None:
-        """Step unless the (all-reduced, so rank-wide) gradient is non-finite. Fused AdamW skips
-        on the device from `found_inf`, with no host sync; other optimizers must read it."""
-        if self.fused_optimizer:
-            self.optimizer.grad_scale, self.optimizer.found_inf = None, found_inf
-            self.optimizer.step()
-        elif found_inf.item() == 0:
-            self.optimizer.step()
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _no_sync_unless(self, syncing: bool):
-        if syncing or self.env.world_size == 1:
-            return nullcontext()
-        return self.train_model.no_sync()
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
 
     # ---------------------------------------------------------- step boundary
     def after_step(self, step: int) -> None:
@@ -348,7 +386,8 @@ class Trainer:
         local = torch.stack([self.meter.part_flags[i] for i in rows]).tolist()
         by_rank = distributed.all_gather_object(local)
         for n, step in enumerate(skipped):
-            skip = describe_skip(self.finite_check.names, [flags[n] for flags in by_rank])
+            names = self.train_step.finite_check.names
+            skip = describe_skip(names, [flags[n] for flags in by_rank])
             log.warning(skip_message(step, skip))
             self.run_log.record("skip", step, skip)
 
@@ -360,12 +399,6 @@ class Trainer:
             self.act_on_requests()    # a signal during this validation: stop before the next step
 
     # ------------------------------------------------------------- evaluation
-    def evaluate(self, split: str = "val", **kwargs) -> dict:
-        loader = self.data.val_loader if split == "val" else self.data.test_loader
-        autocast = self._autocast() if self.autocast_dtype is not None else None
-        return evaluate(self.model, loader, self.env.device, self.data.prepared.target_std,
-                        autocast=autocast, **kwargs)
-
     def scored(self, split: str, with_effect: bool = False) -> dict:
         """The split's metrics for the model and the baselines, with skill intervals; with
         `with_effect`, also the NLL rise when every body is blanked (`celestial_effect`)."""
@@ -423,12 +456,43 @@ class Trainer:
         self.run_log.record("checkpoint", self.progress.step, {"blocked_s": blocked})
 
     def resume(self, folder) -> None:
+        """Load the checkpoint in `folder` into the parts; what this run's config changed (the
+        optimizer settings, the run length) applies over it."""
         if faults.ACTIVE:
             faults.delay("resume")
+        planned = replace(self.progress)
         self.checkpoints.load(folder, {"app": self.app_state})
         self.last_checkpoint_step = self.progress.step
         log.info("resumed from %s at step %d (epoch %d, %d samples into it)", folder,
                  self.progress.step, self.progress.epoch, self.progress.epoch_position)
+        self.apply_changed_settings(saved_config(folder))
+        self.keep_planned_length(planned)
+        self.run_log.bar.n, self.run_log.bar.total = self.progress.step, self.progress.total_steps
+
+    def apply_changed_settings(self, saved: dict) -> None:
+        """A checkpoint restores its own optimizer hyperparameters and LR schedule; settings the
+        resumed run changed are applied over them (and logged), never silently dropped."""
+        now = self.config.to_dict()
+        changed_optim = {k: (saved.get("optim", {}).get(k), v) for k, v in now["optim"].items()
+                         if saved.get("optim", {}).get(k) != v}
+        changed_model = {k: (saved.get("model", {}).get(k), now["model"][k]) for k in
+                         REGULARISATION_KEYS if saved.get("model", {}).get(k) != now["model"][k]}
+        if changed_optim:
+            apply_optim_settings(self.optimizer, self.scheduler, self.config.optim)
+        for key, (old, new) in [*(("optim." + k, v) for k, v in changed_optim.items()),
+                                *(("model." + k, v) for k, v in changed_model.items())]:
+            log.info("%s changed on resume (checkpoint %s, this run %s): applied", key, old, new)
+
+    def keep_planned_length(self, planned: Progress) -> None:
+        """A resumed run keeps its length (and LR schedule) unless `epochs`/`max_steps` changed."""
+        p = self.progress
+        if p.length_setting == planned.length_setting:
+            return
+        log.info("run length changed on resume (%s -> %s): %d steps in all, the LR schedule "
+                 "follows the new length", p.length_setting, planned.length_setting,
+                 planned.total_steps)
+        p.total_steps, p.length_setting = planned.total_steps, planned.length_setting
+        set_total_steps(self.scheduler, planned.total_steps)
 
     def save_model_file(self, name: str, metrics: dict) -> None:
         path = self.checkpoints.folder / name

@@ -1,0 +1,56 @@
+"""The package layering of docs/architecture.md, read from the source's import statements:
+dependencies run one way, and torch.distributed is imported in the modules that own it."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+# package -> the project packages it may import (besides itself)
+ALLOWED = {"model": set(), "trainer": {"model"}, "diagnostics": {"model", "trainer"}}
+DISTRIBUTED_OWNERS = {"trainer/distributed.py",   # process groups and collectives
+                      "trainer/checkpoint.py"}    # DCP, the sharded checkpoint format
+PROJECT = {"model", "trainer", "diagnostics", "launch", "benchmarks", "tests"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an import statement of `path` names, lazy and type-only imports included."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def sources(package: str) -> list[Path]:
+    return sorted((REPO / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_packages_depend_one_way(package):
+    wrong = {f"{path.relative_to(REPO)} imports {name}"
+             for path in sources(package) for name in imported_modules(path)
+             if name.split(".")[0] in PROJECT - ALLOWED[package] - {package}}
+    assert not wrong, sorted(wrong)
+
+
+def test_torch_distributed_is_imported_only_where_it_is_owned():
+    users = {str(path.relative_to(REPO))
+             for package in ("model", "trainer", "diagnostics", "launch") for path in sources(package)
+             if any(name.startswith("torch.distributed") for name in imported_modules(path))}
+    assert users == DISTRIBUTED_OWNERS
+
+
+def test_the_offline_analysis_loads_without_torch():
+    code = ("import sys, diagnostics.analysis.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'model')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out.strip() == "[]"

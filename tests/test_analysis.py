@@ -20,6 +20,7 @@ import pytest
 from diagnostics import schemas
 from diagnostics.analysis.cli import run as cli
 from diagnostics.analysis.console import HEALTHY_LINE
+from diagnostics.analysis.errors import AnalysisError
 from diagnostics.analysis.findings import FINDINGS_SCHEMA
 from diagnostics.analysis.load import GradientSeries, RunData, load_run
 from diagnostics.analysis.rules.common import MAX_EVIDENCE_POINTS, evidence
@@ -29,7 +30,6 @@ from diagnostics.analysis.run import analyze
 from diagnostics.analysis.thresholds import Thresholds, build_thresholds, parse_threshold
 from tests.conftest import REPO
 from tests.run_folder_factory import BODIES, COMPONENTS, RunSpec, build_run_folder, eval_line
-from trainer.errors import UserError
 
 
 def findings_of(folder: Path, overrides=()) -> list:
@@ -231,13 +231,13 @@ def test_evidence_is_capped_and_json_safe():
 
 def test_threshold_overrides_are_parsed_and_checked():
     assert parse_threshold("vanishing=1e-6") == ("vanishing", 1e-6)
-    with pytest.raises(UserError, match="unknown name 'vanish'"):
+    with pytest.raises(AnalysisError, match="unknown name 'vanish'"):
         parse_threshold("vanish=1e-6")
-    with pytest.raises(UserError, match="not a number"):
+    with pytest.raises(AnalysisError, match="not a number"):
         parse_threshold("vanishing=tiny")
-    with pytest.raises(UserError, match="vanishing < healthy_low"):
+    with pytest.raises(AnalysisError, match="vanishing < healthy_low"):
         build_thresholds({}, [("vanishing", 0.5)])
-    with pytest.raises(UserError, match="whole number"):
+    with pytest.raises(AnalysisError, match="whole number"):
         build_thresholds({}, [("spike_window", 2.5)])
     assert build_thresholds({}, [("spike_window", 30.0)]).spike_window == 30
 

@@ -41,6 +41,16 @@ def test_packages_depend_one_way(package):
     assert not wrong, sorted(wrong)
 
 
+def test_the_offline_analysis_imports_only_itself_and_the_record_schemas():
+    """It reads files: neither the trainer nor the observers (nor torch) are below it."""
+    wrong = {f"{path.relative_to(REPO)} imports {name}"
+             for path in sources("diagnostics/analysis") for name in imported_modules(path)
+             if name.split(".")[0] in PROJECT | {"torch"}
+             and not name.startswith(("diagnostics.analysis", "diagnostics.schemas"))
+             and name != "diagnostics"}
+    assert not wrong, sorted(wrong)
+
+
 def test_torch_distributed_is_imported_only_where_it_is_owned():
     users = {str(path.relative_to(REPO))
              for package in ("model", "trainer", "diagnostics", "launch") for path in sources(package)
@@ -50,7 +60,7 @@ def test_torch_distributed_is_imported_only_where_it_is_owned():
 
 def test_the_offline_analysis_loads_without_torch():
     code = ("import sys, diagnostics.analysis.cli; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'model')))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'model', 'trainer')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True, timeout=120).stdout
     assert out.strip() == "[]"

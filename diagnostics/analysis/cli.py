@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from diagnostics.analysis.console import console_summary
+from diagnostics.analysis.errors import AnalysisError
 from diagnostics.analysis.run import COMPARE_HEADER, analyze_run, compare_row, compare_runs
 from diagnostics.analysis.thresholds import Thresholds, parse_threshold
-from trainer.errors import UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +67,7 @@ def run(argv: list[str] | None = None) -> int:
                                   analysis.findings))
         _print_written(paths)
         return 0
-    except UserError as err:
+    except AnalysisError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -3,7 +3,7 @@
 What a run in progress or a crash leaves is tolerated: a half-written last line of
 metrics.jsonl, a line a crash cut short (and the line a resumed run appended to it), a
 history.json caught mid-rewrite (the step files hold the same records), diagnostics not written
-yet. Anything else that cannot be read or does not match its schema is a UserError naming the
+yet. Anything else that cannot be read or does not match its schema is a AnalysisError naming the
 file. What is missing or was skipped is listed in `RunData.notes`; the analysis does the rest.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from diagnostics import schemas
-from trainer.errors import UserError
+from diagnostics.analysis.errors import AnalysisError
 
 log = logging.getLogger(__name__)
 HUGE = 1e300   # metrics.jsonl written before the one encoding (null) carried +-inf as +-1e308
@@ -110,23 +110,23 @@ def _validate(doc, schema: dict, where: str) -> None:
     error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
     if error is not None:
         at = "/".join(str(p) for p in error.absolute_path) or "top level"
-        raise UserError(f"{where}: does not match its schema: {error.message} (at {at})")
+        raise AnalysisError(f"{where}: does not match its schema: {error.message} (at {at})")
 
 
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+        raise AnalysisError(f"{path}: cannot read ({err.strerror or err})") from None
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file") from None
+        raise AnalysisError(f"{path}: not a text file") from None
 
 
 def _parse_json(path: Path, text: str):
     try:
         return json.loads(text)
     except ValueError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+        raise AnalysisError(f"{path}: not valid JSON ({err})") from None
 
 
 def read_record(path: Path) -> dict:
@@ -146,9 +146,9 @@ def read_config(path: Path) -> dict:
     try:
         config = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise AnalysisError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a mapping of config sections")
+        raise AnalysisError(f"{path}: expected a mapping of config sections")
     return config
 
 
@@ -194,7 +194,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+        raise AnalysisError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
 def _read_history(path: Path, have_step_files: bool, notes: list[str]) -> dict | None:
@@ -207,7 +207,7 @@ def _read_history(path: Path, have_step_files: bool, notes: list[str]) -> dict |
             time.sleep(0.2 * (attempt + 1))
     else:
         if not have_step_files:
-            raise UserError(f"{path}: not valid JSON (and no gradient step files to use instead)")
+            raise AnalysisError(f"{path}: not valid JSON (and no gradient step files to use instead)")
         notes.append(f"gradients/{path.name}: unreadable (being rewritten?): used the step files")
         return None
     _validate(doc, schemas.GRADIENT_HISTORY, str(path))
@@ -302,12 +302,12 @@ _SWITCHES = {"gradients": "diagnostics.enable_gradient_diagnostics",
 
 def _check_is_run(log_dir: Path) -> None:
     if not log_dir.is_dir():
-        raise UserError(f"{log_dir}: no such folder (pass --log_dir logs/<experiment>)")
+        raise AnalysisError(f"{log_dir}: no such folder (pass --log_dir logs/<experiment>)")
     if (log_dir / "config.yaml").is_file() or (log_dir / "metrics.jsonl").is_file():
         return
     runs = sorted(p.name for p in log_dir.iterdir() if (p / "metrics.jsonl").is_file())
     hint = f"; runs inside it: {', '.join(runs[:3])}" if runs else ""
-    raise UserError(f"{log_dir} is not a run folder (no config.yaml or metrics.jsonl){hint}")
+    raise AnalysisError(f"{log_dir} is not a run folder (no config.yaml or metrics.jsonl){hint}")
 
 
 def _note_missing(run: RunData) -> None:
@@ -332,7 +332,7 @@ def _note_missing(run: RunData) -> None:
 
 
 def load_run(log_dir: Path | str) -> RunData:
-    """Everything a run folder holds, validated; UserError (naming the file) if it cannot be."""
+    """Everything a run folder holds, validated; AnalysisError (naming the file) if it cannot be."""
     log_dir = Path(log_dir)
     _check_is_run(log_dir)
     config_path = log_dir / "config.yaml"

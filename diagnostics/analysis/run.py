@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diagnostics.analysis import plots
+from diagnostics.analysis.errors import AnalysisError
 from diagnostics.analysis.findings import SEVERITIES, Finding
 from diagnostics.analysis.load import RunData, column, load_run
 from diagnostics.analysis.report import render_compare, render_report
@@ -19,7 +20,6 @@ from diagnostics.analysis.summary import (
 )
 from diagnostics.analysis.thresholds import Thresholds, build_thresholds
 from diagnostics.analysis.verdict import verdict_rows
-from trainer.errors import UserError
 
 
 @dataclass
@@ -44,7 +44,7 @@ def _output_folder(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"{path}: cannot create the output folder "
+        raise AnalysisError(f"{path}: cannot create the output folder "
                         f"({err.strerror or err})") from None
     return path
 
@@ -84,7 +84,7 @@ def write_outputs(a: RunAnalysis, out: Path) -> list[Path]:
                                         a.findings, images))
         return [*written, recommendations, report]
     except OSError as err:
-        raise UserError(f"{out}: cannot write the analysis ({err.strerror or err})") from None
+        raise AnalysisError(f"{out}: cannot write the analysis ({err.strerror or err})") from None
 
 
 def analyze_run(log_dir: Path, out: Path | None, overrides: list[tuple[str, float]]
@@ -142,5 +142,5 @@ def compare_runs(log_dirs: list[Path], out: Path | None, overrides: list[tuple[s
         rows = [compare_row(a) for a in analyses]
         report.write_text(render_compare(rows, COMPARE_HEADER, images))
     except OSError as err:
-        raise UserError(f"{out}: cannot write the comparison ({err.strerror or err})") from None
+        raise AnalysisError(f"{out}: cannot write the comparison ({err.strerror or err})") from None
     return analyses, [*images.values(), report]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from trainer.errors import UserError
+from diagnostics.analysis.errors import AnalysisError
 
 
 @dataclass(frozen=True)
@@ -73,18 +73,18 @@ def threshold_names() -> list[str]:
 
 
 def parse_threshold(text: str) -> tuple[str, float]:
-    """`vanishing=1e-6` -> ("vanishing", 1e-06); a UserError names what is wrong."""
+    """`vanishing=1e-6` -> ("vanishing", 1e-06); a AnalysisError names what is wrong."""
     name, sep, raw = text.partition("=")
     name = name.strip()
     if not sep:
-        raise UserError(f"--threshold {text!r}: expected name=value, e.g. vanishing=1e-6")
+        raise AnalysisError(f"--threshold {text!r}: expected name=value, e.g. vanishing=1e-6")
     if name not in threshold_names():
         known = ", ".join(threshold_names())
-        raise UserError(f"--threshold: unknown name {name!r} (known: {known})")
+        raise AnalysisError(f"--threshold: unknown name {name!r} (known: {known})")
     try:
         value = float(raw)
     except ValueError:
-        raise UserError(f"--threshold {name}: {raw!r} is not a number") from None
+        raise AnalysisError(f"--threshold {name}: {raw!r} is not a number") from None
     return name, value
 
 
@@ -100,9 +100,9 @@ def build_thresholds(run_config: dict, overrides: list[tuple[str, float]]) -> Th
     for name, value in values.items():
         if types[name] in (int, "int"):
             if value != int(value):
-                raise UserError(f"threshold {name} must be a whole number, got {value}")
+                raise AnalysisError(f"threshold {name} must be a whole number, got {value}")
             values[name] = int(value)
     try:
         return Thresholds(**values)
     except ValueError as err:
-        raise UserError(str(err)) from None
+        raise AnalysisError(str(err)) from None

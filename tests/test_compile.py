@@ -1,7 +1,7 @@
 """What `train.compile_mode: reduce-overhead` (CUDA graphs) needs from the model and the data,
 checked on CPU: one graph without breaks (a break is a host round trip and ends a CUDA graph)
 and training batches of one shape (a new shape re-records the graphs). The GPU run itself is
-tests/test_gpu.py::test_reduce_overhead_compile_trains_like_eager."""
+tests/test_gpu.py::test_reduce_overhead_compile_trains_like_eager (skipped without CUDA)."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +10,8 @@ import torch
 from model import CelestialPGAT
 from tests.conftest import small_config
 from trainer.data import WindowDataset, build_loader, prepare
+from trainer.loop import TrainStep
+from trainer.observer import StepContext
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +41,34 @@ def test_the_training_forward_and_loss_are_one_graph_without_breaks(prepared):
     explained = torch._dynamo.explain(loss)(*batch)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+
+@pytest.mark.parametrize("cuda_graphs, marks_per_step", [(False, 0), (True, 2)])
+def test_cuda_graph_steps_start_a_generation_before_every_forward(prepared, monkeypatch,
+                                                                  cuda_graphs, marks_per_step):
+    """With CUDA graphs the step marks each micro-batch's forward (a graph's outputs are reused
+    memory); without them it does not."""
+    config, data, train = prepared
+    batch = next(iter(build_loader(train, config.data, 0, 1, seed=0, train=True)))
+    model = CelestialPGAT(config.model, data.spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = TrainStep(model=model, train_model=model, optimizer=optimizer,
+                     scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                     scaler=torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"),
+                     world_size=1, autocast_dtype=None, cuda_graphs=cuda_graphs)
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    step([batch, batch], StepContext(step=1, epoch=0, lr=1e-3, clip_norm=1.0))
+    assert len(marks) == marks_per_step
+
+
+@pytest.mark.parametrize("mode, cuda_graphs", [("default", False), ("reduce-overhead", True),
+                                               ("max-autotune", True)])
+def test_the_build_asks_for_marks_in_the_cuda_graph_modes(short_csv, tmp_path, mode, cuda_graphs):
+    from trainer import distributed
+    from trainer.build import build_train_step
+    config = small_config(short_csv, tmp_path, train__compile=True, train__compile_mode=mode)
+    spec = prepare(config.data, config.model.seq_len, config.model.pred_len).spec
+    step = build_train_step(config, spec, distributed.init_distributed("cpu"), total=10)
+    assert step.cuda_graphs is cuda_graphs

@@ -170,3 +170,18 @@ def test_compile_failure_falls_back_to_eager(short_csv, tmp_path, monkeypatch):
     assert attempts, "torch.compile never tried to compile: the fallback was not exercised"
     assert train_losses(tmp_path, "compiled") == pytest.approx(train_losses(tmp_path, "eager"),
                                                                abs=1e-6)
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+def test_reduce_overhead_compile_trains_like_eager(short_csv, tmp_path):
+    """`train.compile_mode: reduce-overhead` (CUDA graphs) trains, finite, with the eager run's
+    losses to bf16's tolerance; its CPU-side needs are tests/test_compile.py's."""
+    for name, extra in (("eager", {}), ("graphs", {"train__compile": True,
+                                                   "train__compile_mode": "reduce-overhead"})):
+        trainer = trainer_on("cuda", short_csv, tmp_path, name, train__max_steps=40,
+                             train__log_interval=10, **extra)
+        assert trainer.train() == 0 and trainer.progress.skipped_steps == 0
+    eager, graphs = train_losses(tmp_path, "eager"), train_losses(tmp_path, "graphs")
+    assert len(graphs) == len(eager) == 4 and all(math.isfinite(x) for x in graphs)
+    assert max(abs(a - b) for a, b in zip(graphs, eager)) < BF16_LOSS_TOLERANCE

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from model import CelestialPGAT
-from trainer import distributed, faults
+from trainer import distributed, faults, precision
 from trainer.checkpoint import CheckpointManager
 from trainer.config import Config
 from trainer.data import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
@@ -105,29 +105,26 @@ def open_run_folder(log_dir: Path, config: Config, env: DistEnv) -> None:
     stop_if_any_rank_failed_to_write()
 
 
-def autocast_dtype(precision: str, device: torch.device):
-    if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        precision = "bf16" if cuda_bf16 else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")     # compile modes with CUDA graphs
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool,
+                  mode: str = "default") -> torch.nn.Module:
     if not enabled:
         return model
     # Compilation happens lazily at the first call: a failure there falls back to eager code
     # for the affected frames (with a warning) instead of ending the run.
     torch._dynamo.config.suppress_errors = True
     try:
-        compiled = torch.compile(model)
-        log.info("model compiled with torch.compile (the first steps are slower while it traces; "
-                 "a compiler error falls back to eager execution with a warning)")
+        compiled = torch.compile(model, mode=mode)
+        log.info("model compiled with torch.compile, mode %s (the first steps are slower while it "
+                 "traces; a compiler error falls back to eager execution with a warning)", mode)
         return compiled
     except Exception as err:
         log.warning("torch.compile failed (%s): training the eager model", err)
@@ -196,13 +193,25 @@ def build_train_step(config: Config, spec, env: DistEnv, total: int) -> TrainSte
     faults.delay("model_build")
     seed_everything(config.train.seed)
     model = CelestialPGAT(config.model, spec).to(env.device)
-    train_model = distributed.wrap_ddp(maybe_compile(model, config.train.compile), env)
+    train_model = distributed.wrap_ddp(
+        maybe_compile(model, config.train.compile, config.train.compile_mode), env)
     optimizer = build_optimizer(model, config.optim, env.device)
-    dtype = autocast_dtype(config.train.precision, env.device)
+    dtype = precision.autocast_dtype(agreed_precision(config.train.precision, env))
     return TrainStep(model=model, train_model=train_model, optimizer=optimizer,
                      scheduler=build_scheduler(optimizer, config.optim, total),
                      scaler=torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16),
-                     device=env.device, world_size=env.world_size, autocast_dtype=dtype)
+                     device=env.device, world_size=env.world_size, autocast_dtype=dtype,
+                     cuda_graphs=config.train.compile
+                     and config.train.compile_mode in CUDA_GRAPH_MODES)
+
+
+def agreed_precision(setting: str, env: DistEnv) -> str:
+    """`train.precision` made concrete for this device (trainer/precision.py), rank 0's choice
+    on every rank: a CPU probe could differ between ranks, and their numerics must not."""
+    chosen, why = precision.resolve_precision(setting, env.device)
+    chosen, why = distributed.broadcast_object((chosen, why))
+    log.info("precision %s (%s)", chosen, why)
+    return chosen
 
 
 def plug_in(observers: ObserverFactory | None, config: Config) -> list[Observer]:
@@ -257,7 +266,8 @@ def describe_run(trainer: Trainer) -> None:
     log.info("experiment %s: logs in %s, checkpoints in %s", c.train.experiment_name,
              trainer.run_context.log_dir, trainer.checkpoints.folder)
     log.info("device %s x %d rank(s), backend %s, precision %s, %s parameters",
-             env.device, env.world_size, env.backend or "none", c.train.precision, f"{params:,}")
+             env.device, env.world_size, env.backend or "none",
+             precision.name_of(trainer.train_step.autocast_dtype), f"{params:,}")
     log.info("effective batch %d = %d per rank x %d rank(s) x %d accumulation; %d steps per "
              "epoch, %d steps in all", trainer.samples_per_step, c.data.batch_size,
              env.world_size, c.train.grad_accum_steps, steps_per_epoch(c, trainer.data),

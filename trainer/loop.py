@@ -128,10 +128,14 @@ class TrainStep:
     non-finite). Built from the config in trainer.build; the benchmarks time it on its own."""
 
     def __init__(self, *, model, train_model: torch.nn.Module, optimizer, scheduler, scaler,
-                 device: torch.device, world_size: int, autocast_dtype) -> None:
+                 device: torch.device, world_size: int, autocast_dtype,
+                 cuda_graphs: bool = False) -> None:
         self.model, self.train_model = model, train_model
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.device, self.world_size, self.autocast_dtype = device, world_size, autocast_dtype
+        # Compiled with CUDA graphs (train.compile_mode): each forward starts a new generation,
+        # so the previous step's graph outputs may be overwritten once backward has used them.
+        self.cuda_graphs = cuda_graphs
         self.finite_check = FiniteCheck(model)
         self.fused_optimizer = bool(optimizer.defaults.get("fused"))
 
@@ -146,6 +150,8 @@ class TrainStep:
             if faults.ACTIVE and i == 0:
                 faults.corrupt_inputs(batch, ctx.step)
             syncing = i == len(micro_batches) - 1
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with self._no_sync_unless(syncing), self.autocast():
                 out = self.train_model(batch.wave, batch.target, batch.future_wave,
                                        return_attention=observers.needs_attention)

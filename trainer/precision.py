@@ -82,3 +82,7 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a resolved precision; None is plain fp32."""
     return DTYPES[precision]
+
+
+def name_of(dtype: torch.dtype | None) -> str:
+    return next(name for name, each in DTYPES.items() if each == dtype)

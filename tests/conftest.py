@@ -24,7 +24,8 @@ def short_csv(tmp_path_factory) -> Path:
 
 
 def small_overrides(csv: Path, root: Path, name: str = "t") -> list[tuple[str, object]]:
-    """A model and run small enough for unit tests (seconds on 2 cores)."""
+    """A model and run small enough for unit tests (seconds on 2 cores), in fp32: `auto` could
+    pick bf16 on a CPU whose bf16 is fast, and tests comparing layouts need fp32's rounding."""
     return [("data.path", str(csv)), ("data.batch_size", 16), ("data.eval_batch_size", 128),
             ("model.seq_len", 48), ("model.pred_len", 12), ("model.d_model", 32),
             ("model.num_heads", 4), ("model.fusion_heads", 2), ("model.num_mixtures", 3),
@@ -32,7 +33,7 @@ def small_overrides(csv: Path, root: Path, name: str = "t") -> list[tuple[str, o
             ("model.patch_scales", [[4, 2], [8, 4]]),
             ("train.experiment_name", name), ("train.log_root", str(root / "logs")),
             ("train.progress_bar", False), ("checkpoint.root", str(root / "checkpoints")),
-            ("optim.warmup_steps", 5)]
+            ("optim.warmup_steps", 5), ("train.precision", "fp32")]
 
 
 def small_config(csv: Path, root: Path, name: str = "t", **extra):

@@ -176,6 +176,7 @@ def teardown_cycles(rank, world_size, port, cycles):
     `distributed.destroy()` BEFORE the DDP model is freed, as happens when a trainer outlives
     the group. Before the fix, this hung within 20 cycles."""
     import datetime
+
     import torch.distributed as dist
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0,

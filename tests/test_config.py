@@ -1,8 +1,6 @@
 """The config tree: YAML, overrides, the card's flags, and errors that name the key."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 

@@ -8,9 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.builtin_data import BODY_NAMES, BuiltinDataConfig, celestial_features, planted_log_prices
-from trainer.data import (DataConfig, ResumableDistributedSampler, WindowDataset, group_bodies,
-                          prepare)
+from trainer.builtin_data import (
+    BODY_NAMES,
+    BuiltinDataConfig,
+    celestial_features,
+    planted_log_prices,
+)
+from trainer.data import (
+    DataConfig,
+    ResumableDistributedSampler,
+    WindowDataset,
+    group_bodies,
+    prepare,
+)
 from trainer.errors import UserError
 
 S, P = 48, 12

@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, as_cli_args, small_overrides
 from tests import dist_workers
+from tests.conftest import REPO, as_cli_args, small_overrides
 from tests.dist_workers import free_port
 from trainer import distributed, faults
 from trainer.checkpoint import verify

@@ -15,8 +15,14 @@ from tests.conftest import REPO, as_cli_args, run_cli, small_overrides
 from trainer.builtin_data import BuiltinDataConfig, write_builtin_csv
 from trainer.data import DataConfig, prepare, read_table
 from trainer.errors import UserError
-from trainer.market_data import (TARGETS, PriceTable, drop_bad_rows, load_series, run,
-                                 write_market_csv)
+from trainer.market_data import (
+    TARGETS,
+    PriceTable,
+    drop_bad_rows,
+    load_series,
+    run,
+    write_market_csv,
+)
 
 
 def read_rows(path: Path) -> list[list[str]]:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 
 from diagnostics.schemas import METRICS_LINE, schema_for
-from tests.conftest import REPO, as_cli_args, run_cli, small_config, small_overrides
+from tests.conftest import as_cli_args, run_cli, small_config, small_overrides
 from trainer import distributed
 from trainer.build import build_trainer
 

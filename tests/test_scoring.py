@@ -12,8 +12,15 @@ import torch
 from model.decoder import mixture_cdf, mixture_crps, mixture_quantiles
 from tests.dist_workers import join_group, spawn
 from trainer import distributed
-from trainer.scoring import (block_bootstrap_interval, block_length, ewma_scale, gaussian,
-                             random_walk, scores, skill_metrics)
+from trainer.scoring import (
+    block_bootstrap_interval,
+    block_length,
+    ewma_scale,
+    gaussian,
+    random_walk,
+    scores,
+    skill_metrics,
+)
 
 
 def random_mixture(shape=(2, 3), K=3, seed=0):
@@ -122,9 +129,9 @@ def test_skill_is_against_the_best_baseline():
 # --- evaluation on real windows, one process and two -------------------------------------------
 
 def evaluation_setup(csv: Path):
-    from tests.conftest import small_config
-    from trainer.data import WindowDataset, build_loader, prepare
     from model import CelestialPGAT
+    from tests.conftest import small_config
+    from trainer.data import WindowDataset, prepare
     config = small_config(csv, Path("/nonexistent"))
     m = config.model
     prepared = prepare(config.data, m.seq_len, m.pred_len)

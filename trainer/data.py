@@ -135,7 +135,7 @@ def read_table(path: Path, date_column: str) -> RawTable:
     for line, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise UserError(f"{path}: line {line} has {len(row)} fields, the header has {len(header)}")
-    by_column = dict(zip(header, zip(*body))) if body else {h: () for h in header}
+    by_column = dict(zip(header, zip(*body))) if body else dict.fromkeys(header, ())
     dates = _parse_dates(path, by_column.pop(date_column))
     columns = {name: _parse_numbers(path, name, values) for name, values in by_column.items()}
     return RawTable(dates, columns, path)
@@ -321,7 +321,7 @@ class Batch(NamedTuple):
     future_wave: torch.Tensor    # (B, P, F) horizon celestial features
     future_target: torch.Tensor  # (B, P, T) what is forecast
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in self))
 
 

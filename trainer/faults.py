@@ -61,7 +61,7 @@ def load(text: str | None = None) -> None:
 
 
 def _mine(name: str) -> list[Fault]:
-    from trainer import distributed          # late: faults stays importable on its own
+    from trainer import distributed  # late: faults stays importable on its own
     if not ACTIVE:
         return []
     rank = distributed.rank()

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -115,7 +116,7 @@ def flat_hparams(config) -> dict:
 NO_OBSERVERS = ObserverGroup([])
 
 
-def checkpointed_state(step: "TrainStep", progress: Progress, config) -> AppState:
+def checkpointed_state(step: TrainStep, progress: Progress, config) -> AppState:
     """The Stateful parts a sharded checkpoint holds, under the key names it always had."""
     return AppState({"model": ModelState(step.train_model),
                      "optimizer": OptimizerState(step.train_model, step.optimizer),

@@ -6,8 +6,8 @@
 
 What is timed is the trainer's own step, the `TrainStep` of trainer.build.build_train_step
 (forward, backward, clipping, AdamW, LR schedule), on synthetic batches of the real shapes:
-warm-up steps first, then several timed rounds (median and range reported). Data loading is not included (ddp_scaling.py times
-whole training runs, data included).
+warm-up steps first, then several timed rounds (median and range reported). Data loading is not
+included (ddp_scaling.py times whole training runs, data included).
 
 Each (optimizer, compile) setting runs in fresh subprocesses (several, taken in turn: this
 shared VM's speed varies by 10-20% between processes and over tens of seconds), so its peak

@@ -95,7 +95,8 @@ def test_real_sp500_span_converts_and_prepares(tmp_path, capsys):
                 "--end", "2018-12-31"]) == 0
     assert "dropped 0 row(s)" in capsys.readouterr().out
     source = load_series("sp500")
-    span = (source.dates >= np.datetime64("2017-01-01")) & (source.dates <= np.datetime64("2018-12-31"))
+    span = ((source.dates >= np.datetime64("2017-01-01"))
+            & (source.dates <= np.datetime64("2018-12-31")))
     read = read_table(out, "date")
     assert (read.dates == source.dates[span]).all() and len(read.dates) == 502
     np.testing.assert_allclose(read.columns["log_Close"], np.log(source.prices["Close"][span]),

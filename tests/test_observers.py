@@ -16,7 +16,8 @@ from trainer.build import build_trainer
 
 
 def test_with_every_flag_off_the_step_asks_for_nothing(short_csv, tmp_path):
-    config = small_config(short_csv, tmp_path, "off", train__max_steps=3, train__validate_at_start=False)
+    config = small_config(short_csv, tmp_path, "off", train__max_steps=3,
+                          train__validate_at_start=False)
     trainer = build_trainer(config, distributed.init_distributed("cpu"))
     assert trainer.observers.observers == []
     requested = []
@@ -85,7 +86,8 @@ def test_the_card_command_works_as_written(tmp_path):
             "--checkpoint_interval", "500"]
     short = ["--max_steps", "100", "--set", f"train.log_root={tmp_path}/logs",
              f"checkpoint.root={tmp_path}/checkpoints", "data.builtin.start_date=2012-01-01",
-             "data.num_workers=0", "train.validate_at_start=false", "diagnostics.profile_interval=50",
+             "data.num_workers=0", "train.validate_at_start=false",
+             "diagnostics.profile_interval=50",
              "diagnostics.attribution_max_samples=64", "data.eval_batch_size=64"]
     result = run_cli(card + short, torchrun=2, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

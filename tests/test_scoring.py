@@ -51,7 +51,8 @@ def test_crps_closed_form_matches_monte_carlo():
 def test_crps_of_a_standard_normal_at_its_mean():
     log_pi, mu, sigma = gaussian(torch.zeros(1, 1, 1), torch.ones(1, 1, 1))
     expected = 2 / math.sqrt(2 * math.pi) - 1 / math.sqrt(math.pi)
-    assert mixture_crps(log_pi, mu, sigma, torch.zeros(1, 1, 1)).item() == pytest.approx(expected, rel=1e-5)
+    crps = mixture_crps(log_pi, mu, sigma, torch.zeros(1, 1, 1)).item()
+    assert crps == pytest.approx(expected, rel=1e-5)
 
 
 def test_mixture_quantiles_are_exact_and_match_sampling():
@@ -155,7 +156,8 @@ def test_evaluate_scores_model_and_baselines_on_the_same_windows(short_csv):
     series = metrics["series"]
     assert all(len(series[k]) == n for k in ("model", "rw", "ewma"))
     for prefix in ("", "rw_", "ewma_"):
-        assert metrics[f"{prefix}nll"] == pytest.approx(series[prefix[:-1] or "model"].mean(), rel=1e-6)
+        mean_nll = series[prefix[:-1] or "model"].mean()
+        assert metrics[f"{prefix}nll"] == pytest.approx(mean_nll, rel=1e-6)
         assert 0 < metrics[f"{prefix}coverage_50"] < metrics[f"{prefix}coverage_90"] <= 1
         assert metrics[f"{prefix}crps"] > 0 and metrics[f"{prefix}mae"] > 0
         assert np.array(metrics[f"{prefix}nll_by_horizon"]).shape == (12, 4)

@@ -504,7 +504,8 @@ class Trainer:
     def save_model_file(self, name: str, metrics: dict) -> None:
         path = self.checkpoints.folder / name
         if distributed.is_main():
-            with guarded_write(path, leftover=path.with_suffix(".tmp")):   # agreed at the step's end
+            # a failure is held and agreed at the step's end
+            with guarded_write(path, leftover=path.with_suffix(".tmp")):
                 save_consolidated(path, self.model, {
                     "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
                     "scaling": self.data.prepared.scaling(),
@@ -560,7 +561,8 @@ class Trainer:
         self.save_model_file("final_model.pth", final)
         test = self.test()
         self.run_log.record("test", self.progress.step, test)
-        self.observers.on_end({"val": final, "test": test, "best_val_nll": self.progress.best_val_nll})
+        self.observers.on_end({"val": final, "test": test,
+                               "best_val_nll": self.progress.best_val_nll})
         self.run_log.hparams(flat_hparams(self.config), {
             "hparam/best_val_nll": self.progress.best_val_nll, "hparam/test_nll": test["nll"],
             "hparam/test_mae": test["mae"], "hparam/test_coverage_90": test["coverage_90"],

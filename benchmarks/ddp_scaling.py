@@ -76,7 +76,7 @@ def throughput_run(args, out: Path, ranks: int, threads: int, repeat: int) -> li
     name = f"ddp_{ranks}r_{threads}t_{repeat}"
     lines = train(args, out, name, ranks, threads, args.steps, args.log_interval,
                   10**9, [f"data.batch_size={args.batch_size}"])
-    return [l for l in lines if l["kind"] == "train"][1:]
+    return [line for line in lines if line["kind"] == "train"][1:]
 
 
 def throughput_runs(args, out: Path, layouts: list[tuple[int, int]]) -> list[dict]:
@@ -87,21 +87,22 @@ def throughput_runs(args, out: Path, layouts: list[tuple[int, int]]) -> list[dic
         for ranks, threads in layouts:
             timed = throughput_run(args, out, ranks, threads, repeat)
             lines[(ranks, threads)] += timed
-            medians[(ranks, threads)].append(statistics.median(l["samples_per_s"] for l in timed))
+            run_median = statistics.median(line["samples_per_s"] for line in timed)
+            medians[(ranks, threads)].append(run_median)
     return [summarize_layout(args, ranks, threads, lines[(ranks, threads)],
                              medians[(ranks, threads)]) for ranks, threads in layouts]
 
 
 def summarize_layout(args, ranks: int, threads: int, timed: list[dict],
                      run_medians: list[float]) -> dict:
-    rates = [l["samples_per_s"] for l in timed]
+    rates = [line["samples_per_s"] for line in timed]
     return {"ranks": ranks, "threads_per_rank": threads, "per_rank_batch": args.batch_size,
             "global_batch": args.batch_size * ranks, "intervals": len(rates),
             "samples_per_s": {"median": statistics.median(rates), "min": min(rates),
                               "max": max(rates)},
             "run_medians": run_medians,
-            "step_time_ms": 1e3 * statistics.median(l["step_time_s"] for l in timed),
-            "rank0_rss_mb_max": max(l["memory_mb"] for l in timed)}
+            "step_time_ms": 1e3 * statistics.median(line["step_time_s"] for line in timed),
+            "rank0_rss_mb_max": max(line["memory_mb"] for line in timed)}
 
 
 def time_lost_per_save(train_lines: list[dict], save_steps: list[int], blocked: list[float],
@@ -112,12 +113,12 @@ def time_lost_per_save(train_lines: list[dict], save_steps: list[int], blocked: 
     follows the log line of step k: (k, k+L] holds its aftermath."""
     timed = train_lines[1:]                                       # first: warm-up
     holding = {s + log_interval for s in save_steps}
-    counted = [l for l in timed if l["step"] in holding]
-    plain = [l["step_time_s"] for l in timed if l["step"] not in holding]
+    counted = [line for line in timed if line["step"] in holding]
+    plain = [line["step_time_s"] for line in timed if line["step"] not in holding]
     if not counted or not plain:
         return None
     typical = statistics.median(plain)
-    extra = sum((l["step_time_s"] - typical) * log_interval for l in timed) / len(counted)
+    extra = sum((line["step_time_s"] - typical) * log_interval for line in timed) / len(counted)
     return statistics.mean(blocked) + extra
 
 
@@ -134,9 +135,9 @@ def checkpoint_run(args, out: Path, ranks: int, threads: int, mode: str) -> dict
                   [f"data.batch_size={args.batch_size}",
                    f"checkpoint.async_save={'true' if mode == 'async' else 'false'}",
                    f"checkpoint.keep_last={args.saves}"])
-    blocked = [l["blocked_s"] for l in lines if l["kind"] == "checkpoint"]
-    save_steps = [l["step"] for l in lines if l["kind"] == "checkpoint"]
-    train_lines = [l for l in lines if l["kind"] == "train"]
+    blocked = [line["blocked_s"] for line in lines if line["kind"] == "checkpoint"]
+    save_steps = [line["step"] for line in lines if line["kind"] == "checkpoint"]
+    train_lines = [line for line in lines if line["kind"] == "train"]
     return {"ranks": ranks, "threads_per_rank": threads, "mode": mode, "saves": len(blocked),
             "blocked_s": blocked,
             "blocked_s_median_after_first": statistics.median(blocked[1:] or blocked),

@@ -151,8 +151,8 @@ def format_report(results: list[dict], info: dict, config_path: str) -> str:
     row = lambda label, cells: lines.append(f"| {label} | " + " | ".join(cells) + " |")  # noqa: E731
     row("step", [f"{r['step_ms']:.1f} ms ({r['samples_per_s']:.1f} samples/s)" for r in results])
     for label in CATEGORIES:
-        row(label, [f"{r['ms_per_step'][label]:.1f} ms ({r['ms_per_step'][label] / r['step_ms']:.0%})"
-                    for r in results])
+        row(label, [f"{r['ms_per_step'][label]:.1f} ms "
+                    f"({r['ms_per_step'][label] / r['step_ms']:.0%})" for r in results])
     row("operator calls per step", [f"{r['operator_calls_per_step']:.0f}" for r in results])
     for r in results:
         lines += ["", f"Costliest operators outside the matmuls, {r['precision']} (ms per step):"]

@@ -94,5 +94,6 @@ class AttentionObserver(Observer):
         self.run.run_log.scalars("attention", ctx.step, {
             "fusion_entropy": summary["fusion"]["entropy"],
             "fusion_normalized_entropy": summary["fusion"]["normalized_entropy"],
-            **{f"c2t_normalized_entropy/{t}": e for t, e in summary["c2t"]["normalized_entropy"].items()},
+            **{f"c2t_normalized_entropy/{t}": e
+               for t, e in summary["c2t"]["normalized_entropy"].items()},
             **{f"gate/{g}": w for g, w in summary["graph"]["gate_weights"].items()}})

@@ -74,7 +74,8 @@ class AttributionObserver(Observer):
                                   config.model.pred_len, config.data.window_stride)
         if not self.run.is_main:
             return
-        record = {"step": step, "epoch": metrics.get("epoch", 0), "timestamp": time.time(), **record}
+        record = {"step": step, "epoch": metrics.get("epoch", 0), "timestamp": time.time(),
+                  **record}
         write_json(step_file(self.run.log_dir / "attention", "attribution", step), record)
         self.run.run_log.scalars("attribution", step, {
             **{f"spearman/{t}": r for t, r in record["spearman"].items() if r is not None},

@@ -75,20 +75,25 @@ def rank_statistics(local_groups: dict[str, list[torch.Tensor]],
                     global_groups: dict[str, list[torch.Tensor]], world_size: int) -> torch.Tensor:
     """(components, 3) summed over ranks: |sum_i u_i|^2, mean_i |g_i|^2, |g_global|^2.
     Collective: every rank calls it on the same step."""
-    local_sq = torch.stack([torch.stack(torch._foreach_norm([t.float() for t in ts])).square().sum()
-                            for ts in local_groups.values()])
-    unit = torch.cat([torch.cat([t.float().flatten() for t in ts]) / local_sq[i].sqrt().clamp_min(1e-30)
+    local_sq = torch.stack([_norm_sq(ts) for ts in local_groups.values()])
+    unit = torch.cat([torch.cat([t.float().flatten() for t in ts])
+                      / local_sq[i].sqrt().clamp_min(1e-30)
                       for i, ts in enumerate(local_groups.values())])
     distributed.all_reduce_sum(unit)
     sizes = [sum(t.numel() for t in ts) for ts in local_groups.values()]
     unit_sum_sq = torch.stack([chunk.square().sum() for chunk in unit.split(sizes)])
     mean_local_sq = distributed.all_reduce_sum(local_sq.clone()) / world_size
-    global_sq = torch.stack([torch.stack(torch._foreach_norm([t.float() for t in ts])).square().sum()
-                             for ts in global_groups.values()])
+    global_sq = torch.stack([_norm_sq(ts) for ts in global_groups.values()])
     return torch.stack([unit_sum_sq, mean_local_sq, global_sq], dim=1)
 
 
-def noise_scale_terms(small_sq: float, big_sq: float, b_small: int, b_big: int) -> tuple[float, float]:
+def _norm_sq(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The squared L2 norm of a group of tensors taken as one vector, in fp32."""
+    return torch.stack(torch._foreach_norm([t.float() for t in tensors])).square().sum()
+
+
+def noise_scale_terms(small_sq: float, big_sq: float, b_small: int,
+                      b_big: int) -> tuple[float, float]:
     """Unbiased estimates (|G|^2, tr Sigma) from squared gradient norms at two batch sizes."""
     true_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
     trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
@@ -133,7 +138,8 @@ class GradientObserver(Observer):
             self.probe.reset()
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
-        self.weights_before = {name: [p.detach().clone() for p in ps] for name, ps in self.groups.items()}
+        self.weights_before = {name: [p.detach().clone() for p in ps]
+                               for name, ps in self.groups.items()}
 
     def after_step(self, ctx: StepContext) -> None:
         ratios = torch.stack([update_ratio(self.weights_before[name], ps)
@@ -155,13 +161,16 @@ class GradientObserver(Observer):
             norm, mean, std, mx, mn = row
             components[name] = {"num_params": sum(p.numel() for p in params), "norm": norm,
                                 "mean": mean, "std": std, "max": mx, "min": mn,
-                                "status": status_of(norm, c.vanishing_threshold, c.exploding_threshold),
+                                "status": status_of(norm, c.vanishing_threshold,
+                                                    c.exploding_threshold),
                                 "update_ratio": ratio}
         return {"step": ctx.step, "epoch": ctx.epoch, "timestamp": time.time(),
                 "world_size": self.run.world_size, "total_norm": total, "clip_norm": ctx.clip_norm,
-                "clipped": bool(ctx.clip_norm > 0 and math.isfinite(total) and total > ctx.clip_norm),
+                "clipped": bool(ctx.clip_norm > 0 and math.isfinite(total)
+                                and total > ctx.clip_norm),
                 "skipped": bool(ctx.found_inf.item()), "lr": ctx.lr, "reduced_over_ranks": True,
-                "thresholds": {"vanishing": c.vanishing_threshold, "exploding": c.exploding_threshold},
+                "thresholds": {"vanishing": c.vanishing_threshold,
+                               "exploding": c.exploding_threshold},
                 "components": components, "ranks": self.rank_record()}
 
     def rank_record(self) -> dict | None:
@@ -173,7 +182,8 @@ class GradientObserver(Observer):
             true_sq, trace = noise_scale_terms(small_sq, big_sq, b, w * b)
             smooth = self.ema.setdefault(name, [true_sq, trace])
             beta = self.config.noise_scale_smoothing
-            smooth[0], smooth[1] = beta * smooth[0] + (1 - beta) * true_sq, beta * smooth[1] + (1 - beta) * trace
+            smooth[0] = beta * smooth[0] + (1 - beta) * true_sq
+            smooth[1] = beta * smooth[1] + (1 - beta) * trace
             components[name] = {"agreement": (unit_sq - w) / (w * (w - 1)),
                                 "local_norm_sq_mean": small_sq, "global_norm_sq": big_sq,
                                 "noise_scale": smooth[1] / smooth[0] if smooth[0] > 0 else None,
@@ -196,7 +206,8 @@ class GradientObserver(Observer):
         h.setdefault("skipped", []).append(record["skipped"])
         ranks = (record["ranks"] or {}).get("components", {})
         for name, comp in record["components"].items():
-            series = h["components"].setdefault(name, {"norm": [], "update_ratio": [], "status": []})
+            series = h["components"].setdefault(
+                name, {"norm": [], "update_ratio": [], "status": []})
             for key in ("norm", "update_ratio", "status"):
                 series[key].append(comp[key])
             h["agreement"].setdefault(name, []).append(ranks.get(name, {}).get("agreement"))
@@ -207,7 +218,8 @@ class GradientObserver(Observer):
         step = record["step"]
         scalars = {"total_norm": record["total_norm"], "clipped": float(record["clipped"])}
         scalars.update({f"norm/{n}": c["norm"] for n, c in record["components"].items()})
-        scalars.update({f"update_ratio/{n}": c["update_ratio"] for n, c in record["components"].items()})
+        scalars.update({f"update_ratio/{n}": c["update_ratio"]
+                        for n, c in record["components"].items()})
         for name, comp in (record["ranks"] or {}).get("components", {}).items():
             scalars[f"agreement/{name}"] = comp["agreement"]
             if comp["noise_scale"] is not None:
@@ -231,7 +243,8 @@ def update_ratio(before: list[torch.Tensor], params: list[torch.nn.Parameter]) -
 
 
 def _all_series(h: dict) -> list[list]:
-    series = [h["steps"], h["epochs"], h["total_norm"], h["clipped"], h["lr"], h.setdefault("skipped", [])]
+    series = [h["steps"], h["epochs"], h["total_norm"], h["clipped"], h["lr"],
+              h.setdefault("skipped", [])]
     for comp in h["components"].values():
         series += [comp["norm"], comp["update_ratio"], comp["status"]]
     return series + list(h["agreement"].values()) + list(h["noise_scale"].values())

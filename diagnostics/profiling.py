@@ -46,9 +46,10 @@ def _cpu_model_name() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else the machine type."""
     import platform
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"

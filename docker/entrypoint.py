@@ -18,6 +18,7 @@ signals it has handlers for, and the handlers are installed first thing. With `-
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -47,10 +48,8 @@ def child_pids() -> list[int]:
 
 def signal_workers(sig: signal.Signals) -> None:
     for pid in child_pids():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def forward_to_workers(signum: int, frame) -> None:

@@ -91,8 +91,10 @@ class CelestialToTargetAttention(nn.Module):
 
     def forward(self, target_BTD, fused_BD, message_BND, own_BND, future_BPNC, adjacency_BNN):
         B, T, D = target_BTD.shape
-        P, N, H, E = self.horizon_position.shape[0], own_BND.shape[1], self.num_heads, D // self.num_heads
-        query_in = target_BTD[:, None] + fused_BD[:, None, None] + self.horizon_position[None, :, None]
+        P, N, H = self.horizon_position.shape[0], own_BND.shape[1], self.num_heads
+        E = D // H
+        query_in = (target_BTD[:, None] + fused_BD[:, None, None]
+                    + self.horizon_position[None, :, None])
         q_BPTHE = self.query(self.query_norm(query_in)).view(B, P, T, H, E)
         k_BPND = self.key(message_BND)[:, None].expand(B, P, N, D)
         v_BPND = self.value(own_BND)[:, None].expand(B, P, N, D)
@@ -102,7 +104,9 @@ class CelestialToTargetAttention(nn.Module):
         scores_BPTHN = torch.einsum("bpthe,bpnhe->bpthn", q_BPTHE,
                                     k_BPND.reshape(B, P, N, H, E)).float() / math.sqrt(E)
         in_degree_BN = torch.log(adjacency_BNN.mean(1) * N + 1e-6)
-        scores_BPTHN = scores_BPTHN + self.edge_bias_scale[:, None] * in_degree_BN[:, None, None, None]
+        scores_BPTHN = scores_BPTHN + (self.edge_bias_scale[:, None]
+                                       * in_degree_BN[:, None, None, None])
         weights_BPTHN = torch.softmax(scores_BPTHN, dim=-1)
-        mixed_BPTHE = torch.einsum("bpthn,bpnhe->bpthe", weights_BPTHN, v_BPND.reshape(B, P, N, H, E))
+        v_BPNHE = v_BPND.reshape(B, P, N, H, E)
+        mixed_BPTHE = torch.einsum("bpthn,bpnhe->bpthe", weights_BPTHN, v_BPNHE)
         return self.out(mixed_BPTHE.reshape(B, P, T, D)), weights_BPTHN

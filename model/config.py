@@ -88,5 +88,5 @@ class InputSpec:
                 "change_scale": self.change_scale}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
+    def from_dict(cls, d: dict) -> InputSpec:
         return cls(**d)

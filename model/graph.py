@@ -34,7 +34,8 @@ class CelestialNodeEncoder(nn.Module):
         self.body_time_pool = nn.Linear(seq_len, num_summaries)
         self.target_time_pool = nn.Linear(seq_len, num_summaries)
         fan_in = max_columns * num_summaries
-        self.body_weight = nn.Parameter(torch.randn(num_bodies, fan_in, d_model) / math.sqrt(fan_in))
+        self.body_weight = nn.Parameter(
+            torch.randn(num_bodies, fan_in, d_model) / math.sqrt(fan_in))
         self.body_bias = nn.Parameter(torch.zeros(num_bodies, d_model))
         self.target_weight = nn.Parameter(
             torch.randn(num_targets, num_summaries, d_model) / math.sqrt(num_summaries))
@@ -130,11 +131,14 @@ class GatedGraphCombiner(nn.Module):
 
     def forward(self, nodes_BND: torch.Tensor, stochastic_BNN: torch.Tensor):
         scale = 1.0 / math.sqrt(nodes_BND.shape[-1])
-        similarity_BNN = self.similarity_query(nodes_BND) @ self.similarity_key(nodes_BND).transpose(1, 2)
+        keys_BDN = self.similarity_key(nodes_BND).transpose(1, 2)
+        similarity_BNN = self.similarity_query(nodes_BND) @ keys_BDN
         dynamic_BNN = torch.softmax(similarity_BNN.float() * scale, dim=-1)
-        adaptive_NN = torch.softmax(F.relu(self.adaptive_source @ self.adaptive_target.T).float(), dim=-1)
+        adaptive_scores_NN = F.relu(self.adaptive_source @ self.adaptive_target.T)
+        adaptive_NN = torch.softmax(adaptive_scores_NN.float(), dim=-1)
         stochastic_BNN = stochastic_BNN / stochastic_BNN.sum(-1, keepdim=True).clamp_min(1e-6)
-        proposals_BPNN = torch.stack([dynamic_BNN, adaptive_NN.expand_as(dynamic_BNN), stochastic_BNN], 1)
+        proposals_BPNN = torch.stack(
+            [dynamic_BNN, adaptive_NN.expand_as(dynamic_BNN), stochastic_BNN], 1)
         gates_BP = torch.softmax(self.gate(nodes_BND.mean(1)).float(), dim=-1)
         adjacency_BNN = (gates_BP[:, :, None, None] * proposals_BPNN).sum(1)   # fp32: no matmul
         bias_B1NN = torch.log(adjacency_BNN + 1e-6).unsqueeze(1).to(nodes_BND.dtype)

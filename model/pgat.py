@@ -51,7 +51,8 @@ class ForecastOutput:
 def body_column_index(body_columns: list[list[int]], num_features: int) -> torch.Tensor:
     """(N, C) indices into the zero-padded feature axis; padding points at index F (zeros)."""
     max_columns = max(len(cols) for cols in body_columns)
-    return torch.tensor([cols + [num_features] * (max_columns - len(cols)) for cols in body_columns])
+    return torch.tensor([cols + [num_features] * (max_columns - len(cols))
+                         for cols in body_columns])
 
 
 class CelestialPGAT(nn.Module):

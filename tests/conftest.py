@@ -37,13 +37,15 @@ def small_overrides(csv: Path, root: Path, name: str = "t") -> list[tuple[str, o
 
 
 def small_config(csv: Path, root: Path, name: str = "t", **extra):
-    overrides = small_overrides(csv, root, name) + [(k.replace("__", "."), v) for k, v in extra.items()]
+    overrides = small_overrides(csv, root, name) + [(k.replace("__", "."), v)
+                                                    for k, v in extra.items()]
     return load_config(None, overrides)
 
 
 def as_cli_args(overrides: list[tuple[str, object]]) -> list[str]:
     import json
-    return ["--set", *[f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides]]
+    return ["--set", *[f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                       for k, v in overrides]]
 
 
 def run_cli(args: list[str], *, torchrun: int = 0, env: dict | None = None, timeout: int = 300,

@@ -47,7 +47,8 @@ def ddp_gradients(rank, world_size, port, out_dir):
     join_group(rank, world_size, port)
     torch.manual_seed(0)
     model = make_model().eval()        # eval: no graph sampling noise, same function on all ranks
-    ddp = distributed.wrap_ddp(model, distributed.DistEnv(rank, rank, world_size, torch.device("cpu"), "gloo"))
+    env = distributed.DistEnv(rank, rank, world_size, torch.device("cpu"), "gloo")
+    ddp = distributed.wrap_ddp(model, env)
     torch.manual_seed(1)
     wave, target, future, y = inputs(model, batch=8)
     half = slice(rank * 4, rank * 4 + 4)
@@ -76,7 +77,8 @@ def resume_and_report_state(rank, world_size, port, csv, root, checkpoint):
     from tests.conftest import small_config
     from trainer.build import build_trainer
     env = join_group(rank, world_size, port)
-    config = small_config(Path(csv), Path(root), f"reload{world_size}", train__resume=str(checkpoint))
+    config = small_config(Path(csv), Path(root), f"reload{world_size}",
+                          train__resume=str(checkpoint))
     trainer = build_trainer(config, env)
     torch.save(state_of(trainer), Path(root) / f"state_w{world_size}_r{rank}.pt")
     distributed.destroy()
@@ -148,7 +150,8 @@ def known_noise(rank, world_size, port, out_dir, dim, sigma2, local_batch):
     noise = torch.randn(dim, generator=torch.Generator().manual_seed(100 + rank))
     local = g_true + noise * (sigma2 / local_batch) ** 0.5
     global_mean = distributed.all_reduce_mean(local.clone())
-    unit_sq, small_sq, big_sq = rank_statistics({"c": [local]}, {"c": [global_mean]}, world_size)[0].tolist()
+    statistics = rank_statistics({"c": [local]}, {"c": [global_mean]}, world_size)
+    unit_sq, small_sq, big_sq = statistics[0].tolist()
     true_sq, trace = noise_scale_terms(small_sq, big_sq, local_batch, world_size * local_batch)
     if rank == 0:
         result = {"agreement": (unit_sq - world_size) / (world_size * (world_size - 1)),
@@ -176,6 +179,7 @@ def teardown_cycles(rank, world_size, port, cycles):
     `distributed.destroy()` BEFORE the DDP model is freed, as happens when a trainer outlives
     the group. Before the fix, this hung within 20 cycles."""
     import datetime
+
     import torch.distributed as dist
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0,

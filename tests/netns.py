@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,17 +77,13 @@ class Host:
 
 
 def signal_pid(pid: int, sig: int) -> None:
-    try:
+    with suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def unavailable() -> str | None:
@@ -97,7 +93,8 @@ def unavailable() -> str | None:
     if shutil.which("ip") is None:
         return "the `ip` command (iproute2) is not installed"
     probe = f"{PREFIX}-probe-{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
+                          check=False)
     if made.returncode != 0:
         return f"`ip netns add` failed: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
@@ -111,7 +108,8 @@ def ip(*args: str) -> None:
 
 
 def namespaces() -> list[str]:
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                            check=False).stdout
     return [line.split()[0] for line in listed.splitlines() if line.strip()]
 
 
@@ -127,7 +125,8 @@ def remove_stale() -> None:
 
 def free_subnet() -> str:
     """A 10.213.N.0/24 no interface on this machine uses, so parallel tests do not collide."""
-    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=False).stdout
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True,
+                          check=False).stdout
     for name in namespaces():
         used += subprocess.run(["ip", "-n", name, "-o", "-4", "addr"], capture_output=True,
                                text=True, check=False).stdout
@@ -193,7 +192,8 @@ def wait_reachable(machines: list[Host], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     first, others = machines[0], machines[1:]
     for other in others:
-        while first.run([sys.executable, "-c", PROBE, other.address], capture_output=True, check=False).returncode:
+        probe = [sys.executable, "-c", PROBE, other.address]
+        while first.run(probe, capture_output=True, check=False).returncode:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{other.name} ({other.address}) unreachable from {first.name}")
             time.sleep(0.2)

@@ -315,14 +315,14 @@ def attribution_record(spec: RunSpec, step: int) -> dict:
     def ranked(scores):
         return [b for b, _ in sorted(scores.items(), key=lambda kv: -kv[1])]
     return {"step": step, "epoch": 0, "timestamp": 1.7e9 + step, "num_windows": 2048,
-            "baseline_nll": {t: -2.2 for t in TARGETS}, "occlusion": occlusion,
+            "baseline_nll": dict.fromkeys(TARGETS, -2.2), "occlusion": occlusion,
             "ranking": {t: ranked(occlusion[t]) for t in TARGETS}, "c2t_weights": weights,
             "c2t_ranking": {t: ranked(weights[t]) for t in TARGETS},
-            "spearman": {t: spec.spearman for t in TARGETS},
+            "spearman": dict.fromkeys(TARGETS, spec.spearman),
             "blank_all": {"rise": spec.blank_all_rise,
                           "low": spec.blank_all_rise - spec.blank_all_halfwidth,
                           "high": spec.blank_all_rise + spec.blank_all_halfwidth,
-                          "per_target": {t: spec.blank_all_rise for t in TARGETS}}}
+                          "per_target": dict.fromkeys(TARGETS, spec.blank_all_rise)}}
 
 
 def write_attention(folder: Path, spec: RunSpec) -> None:

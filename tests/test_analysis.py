@@ -551,10 +551,10 @@ def test_runs_without_baseline_scores_say_so(tmp_path, capsys):
     folder = build_run_folder(tmp_path / "run")
     keep = {"kind", "step", "time", "epoch", "nll", "mae", "coverage_50", "coverage_90", "rw_nll",
             "effective_components", "sigma_at_floor", "num_windows", "best"}
-    lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
-    old = [{k: v for k, v in l.items() if l["kind"] not in ("val", "test") or k in keep}
-           for l in lines]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in old))
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    old = [{k: v for k, v in line.items() if line["kind"] not in ("val", "test") or k in keep}
+           for line in lines]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in old))
     for path in (folder / "attention").glob("attribution_step_*.json"):
         record = json.loads(path.read_text())
         record.pop("blank_all")
@@ -571,9 +571,9 @@ def test_restored_best_line_does_not_hide_the_last_validation(tmp_path):
     must not replace the real last validation (it would hide the rise that stopped the run)."""
     folder = build_run_folder(tmp_path / "run", overfit=True)
     lines = (folder / "metrics.jsonl").read_text().splitlines()
-    best = json.loads([l for l in lines if '"kind": "val"' in l][0])
+    best = json.loads([line for line in lines if '"kind": "val"' in line][0])
     best.update(step=200, restored_best=True)
-    test_at = next(i for i, l in enumerate(lines) if '"kind": "test"' in l)
+    test_at = next(i for i, line in enumerate(lines) if '"kind": "test"' in line)
     lines.insert(test_at, json.dumps(best))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     run = load_run(folder)

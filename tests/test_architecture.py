@@ -53,14 +53,16 @@ def test_the_offline_analysis_imports_only_itself_and_the_record_schemas():
 
 def test_torch_distributed_is_imported_only_where_it_is_owned():
     users = {str(path.relative_to(REPO))
-             for package in ("model", "trainer", "diagnostics", "launch") for path in sources(package)
+             for package in ("model", "trainer", "diagnostics", "launch")
+             for path in sources(package)
              if any(name.startswith("torch.distributed") for name in imported_modules(path))}
     assert users == DISTRIBUTED_OWNERS
 
 
 def test_the_offline_analysis_loads_without_torch():
     code = ("import sys, diagnostics.analysis.cli; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'model', 'trainer')))")
+            "print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('torch', 'model', 'trainer')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True, timeout=120).stdout
     assert out.strip() == "[]"

@@ -47,7 +47,8 @@ def test_c2t_map_top_k_and_gates_by_name():
 
 
 def test_sums_over_micro_batches_weight_every_sample_once():
-    first = attention(torch.full((1, 1, 4), 0.25), torch.full((1, 2, 2, 1, 3), 1 / 3), torch.ones(1, 3) / 3)
+    first = attention(torch.full((1, 1, 4), 0.25), torch.full((1, 2, 2, 1, 3), 1 / 3),
+                      torch.ones(1, 3) / 3)
     peaked = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]]).expand(3, 1, 4)
     second = attention(peaked, torch.full((3, 2, 2, 1, 3), 1 / 3), torch.ones(3, 3) / 3)
     sums, layout = attention_sums([first, second])

@@ -15,8 +15,9 @@ def test_spearman_extremes():
 
 
 def test_occlusion_record_from_an_evaluator():
-    spec = InputSpec(bodies=["Sun", "Moon", "Mars"], targets=["A", "B"], feature_names=list("abcdef"),
-                     body_columns=[[0, 1], [2, 3], [4, 5]], change_scale=[[1.0, 1.0]])
+    spec = InputSpec(bodies=["Sun", "Moon", "Mars"], targets=["A", "B"],
+                     feature_names=list("abcdef"), body_columns=[[0, 1], [2, 3], [4, 5]],
+                     change_scale=[[1.0, 1.0]])
     # Blanking Moon (columns 2-3) hurts target A most; Mars hurts B most.
     rise = {(2, 3): [0.5, 0.01], (4, 5): [0.02, 0.3], (0, 1): [0.0, 0.0],
             (0, 1, 2, 3, 4, 5): [0.6, 0.4]}
@@ -24,7 +25,10 @@ def test_occlusion_record_from_an_evaluator():
 
     def evaluate(split, max_batches=None, blank_columns=None, with_c2t=False, with_series=False):
         base = [1.0, 2.0]
-        nll = base if blank_columns is None else [b + r for b, r in zip(base, rise[tuple(blank_columns)])]
+        if blank_columns is None:
+            nll = base
+        else:
+            nll = [b + r for b, r in zip(base, rise[tuple(blank_columns)])]
         out = {"nll_per_target": nll, "num_windows": 64}
         if with_c2t:
             out["c2t_map"] = [[0.1, 0.7, 0.2], [0.2, 0.2, 0.6]]

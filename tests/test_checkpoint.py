@@ -8,8 +8,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
-from trainer.checkpoint import (CheckpointConfig, CheckpointManager, load_consolidated,
-                                save_consolidated, verify, write_manifest)
+from trainer.checkpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    load_consolidated,
+    save_consolidated,
+    verify,
+    write_manifest,
+)
 from trainer.resume import RunIdentity, find_resumable
 
 IDENTITY = RunIdentity("t", {"d_model": 32}, {"targets": ["A", "B"]})

@@ -78,7 +78,8 @@ def test_restart_of_a_run_started_from_a_folder_resumes_newest(short_csv, tmp_pa
     assert finish(first, timeout=300)[0] != 0
     start = tmp_path / "checkpoints" / "chain" / "checkpoint_step_000004"
     kill_step = random.Random(2).randrange(2 * INTERVAL + 1, STEPS)
-    args = run_args(short_csv, tmp_path, "chain", checkpoint__keep_last=1) + ["--resume", str(start)]
+    args = (run_args(short_csv, tmp_path, "chain", checkpoint__keep_last=1)
+            + ["--resume", str(start)])
     code, out = finish(launch(args, ranks=2, max_restarts=1,
                               env={"CELESTIAL_FAULT": f"kill:step:{kill_step}@1"}), timeout=400)
     assert code == 0, out[-4000:]

@@ -23,9 +23,18 @@ import torch.distributed.checkpoint as dcp
 
 from tests.test_checkpoint import IDENTITY, write_checkpoint
 from trainer.build import resume_request
-from trainer.checkpoint import (CheckpointConfig, CheckpointManager, PlainDataLoadPlanner,
-                                _rng_state, _set_rng_state, load_consolidated, metadata_problem,
-                                read_rng_file, verify, write_manifest)
+from trainer.checkpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    PlainDataLoadPlanner,
+    _rng_state,
+    _set_rng_state,
+    load_consolidated,
+    metadata_problem,
+    read_rng_file,
+    verify,
+    write_manifest,
+)
 from trainer.config import load_config
 from trainer.errors import UserError
 from trainer.optim import OptimConfig, apply_optim_settings, build_optimizer, build_scheduler

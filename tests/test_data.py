@@ -8,9 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.builtin_data import BODY_NAMES, BuiltinDataConfig, celestial_features, planted_log_prices
-from trainer.data import (DataConfig, ResumableDistributedSampler, WindowDataset, group_bodies,
-                          prepare)
+from trainer.builtin_data import (
+    BODY_NAMES,
+    BuiltinDataConfig,
+    celestial_features,
+    planted_log_prices,
+)
+from trainer.data import (
+    DataConfig,
+    ResumableDistributedSampler,
+    WindowDataset,
+    group_bodies,
+    prepare,
+)
 from trainer.errors import UserError
 
 S, P = 48, 12
@@ -44,7 +54,8 @@ def test_builtin_dataset_schema(short_csv):
     assert all(groups[b] for b in BODY_NAMES)
     assert "North_Node_speed" in groups["North_Node"] and "Sun_lon_sin" in groups["Sun"]
     for body in ("Moon", "Mars", "Pluto"):
-        assert {f"{body}_{k}" for k in ("lon_sin", "lon_cos", "speed", "lat", "dist")} <= set(groups[body])
+        expected = {f"{body}_{k}" for k in ("lon_sin", "lon_cos", "speed", "lat", "dist")}
+        assert expected <= set(groups[body])
 
 
 def test_ephemeris_values_are_real():
@@ -128,7 +139,8 @@ def test_user_csv_with_ohlc_targets(short_csv, tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda rows: [r.pop(2) for r in rows], "missing target column(s) ['Asset_B']"),
     (lambda rows: rows[10].__setitem__(7, "abc"), "is not numeric: 'abc' at line 11"),
-    (lambda rows: rows[20].__setitem__(3, "nan"), "column 'Asset_C' has a non-finite value (nan) at line 21"),
+    (lambda rows: rows[20].__setitem__(3, "nan"),
+     "column 'Asset_C' has a non-finite value (nan) at line 21"),
     (lambda rows: rows[25].__setitem__(9, "inf"), "has a non-finite value (inf) at line 26"),
     (lambda rows: rows.__setitem__(5, rows[4][:]), "duplicate dates"),
     (lambda rows: rows.__setitem__(slice(5, 7), [rows[6], rows[5]]), "unsorted dates"),
@@ -154,7 +166,8 @@ def test_missing_file_and_bodies_without_columns(short_csv, tmp_path):
 def _drain(n: int, world: int, position: int, epoch: int = 3) -> list[list[int]]:
     out = []
     for r in range(world):
-        sampler = ResumableDistributedSampler(range(n), world, r, shuffle=True, seed=7, drop_last=True)
+        sampler = ResumableDistributedSampler(range(n), world, r, shuffle=True, seed=7,
+                                              drop_last=True)
         sampler.set_epoch(epoch)
         sampler.position = position
         out.append(list(sampler))
@@ -176,7 +189,8 @@ def test_validation_sampler_covers_each_sample_once():
     n = 101
     shards = []
     for r in range(3):
-        sampler = ResumableDistributedSampler(range(n), 3, r, shuffle=False, seed=0, drop_last=False)
+        sampler = ResumableDistributedSampler(range(n), 3, r, shuffle=False, seed=0,
+                                              drop_last=False)
         shards += list(sampler)
         assert len(sampler) == len(list(sampler))
     assert sorted(shards) == list(range(n))

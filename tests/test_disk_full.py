@@ -33,8 +33,8 @@ def small_filesystem(where: Path, size: str):
     where.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("a size-limited tmpfs needs root and mount")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=False,
-                          capture_output=True, text=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          check=False, capture_output=True, text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
 
@@ -60,12 +60,14 @@ def test_full_disk_while_writing_records_and_metrics_is_held_then_raised(tmp_pat
     with small_filesystem(tmp_path / "fs", "64k"):
         log_dir = tmp_path / "fs" / "run"
         log_dir.mkdir()
-        run_log = RunLog(log_dir, total_steps=10, start_step=0, tensorboard=False, progress_bar=False)
+        run_log = RunLog(log_dir, total_steps=10, start_step=0, tensorboard=False,
+                         progress_bar=False)
         clear_write_failure()
         fill(log_dir)
         record = log_dir / "gradients" / "gradients_step_000010.json"
         write_json(record, {"step": 10, "values": list(range(2000))})   # must not raise
-        assert "No space left on device" in write_failure() and "gradients_step_000010" in write_failure()
+        assert "No space left on device" in write_failure()
+        assert "gradients_step_000010" in write_failure()
         assert not list(log_dir.glob("gradients/.*tmp*"))           # no half-written temporary
         run_log.record("train", 10, {"loss": 1.0})                   # held too, not raised
         with pytest.raises(WriteFailed, match="No space left on device.*--resume auto"):
@@ -145,7 +147,7 @@ def test_full_disk_during_a_checkpoint_stops_every_rank_and_resumes(short_csv, t
             ("checkpoint.root", str(root)), ("checkpoint.interval", 2), ("checkpoint.keep_last", 1),
             ("train.max_steps", 4), ("train.log_interval", 2), ("train.resume", "auto")])
         results = run_two_ranks(argv, tmp_path / "out")
-        for rank, result in enumerate(results):
+        for result in results:
             assert result["status"] == EXIT_WRITE_FAILED, result["stderr"][-2000:]
             errors = [ln for ln in result["stderr"].splitlines() if ln.startswith("error: ")]
             assert len(errors) == 1, result["stderr"][-2000:]

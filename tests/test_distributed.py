@@ -26,16 +26,19 @@ pytestmark = pytest.mark.slow
 
 
 def train_args(csv, root, name, **extra) -> list[str]:
-    overrides = small_overrides(csv, root, name) + [(k.replace("__", "."), v) for k, v in extra.items()]
+    overrides = small_overrides(csv, root, name) + [(k.replace("__", "."), v)
+                                                    for k, v in extra.items()]
     return as_cli_args(overrides)
 
 
 def launch(args, ranks: int, max_restarts: int = 0, env=None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           f"--max-restarts={max_restarts}", str(REPO / "launch/train.py"), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={ranks}", f"--max-restarts={max_restarts}",
+           str(REPO / "launch/train.py"), *args]
     if ranks == 0:
         cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
-    return subprocess.Popen(cmd, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    full_env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -46,7 +49,8 @@ def finish(proc: subprocess.Popen, timeout: int = 120) -> tuple[int, str]:
 
 def train_losses(root: Path, name: str) -> dict[int, float]:
     lines = (root / "logs" / name / "metrics.jsonl").read_text().splitlines()
-    return {l["step"]: l["loss"] for l in map(json.loads, lines) if l["kind"] == "train"}
+    return {line["step"]: line["loss"] for line in map(json.loads, lines)
+            if line["kind"] == "train"}
 
 
 def model_file(root: Path, name: str, which: str = "final_model.pth") -> dict:
@@ -76,8 +80,8 @@ def test_ddp_gradients_equal_single_process(tmp_path):
 
 
 def test_exact_resume_mid_epoch_on_two_ranks(short_csv, tmp_path):
-    common = dict(train__max_steps=16, train__log_interval=1, checkpoint__interval=8,
-                  checkpoint__keep_last=3)
+    common = {"train__max_steps": 16, "train__log_interval": 1, "checkpoint__interval": 8,
+              "checkpoint__keep_last": 3}
     code, out = finish(launch(train_args(short_csv, tmp_path, "straight", **common), ranks=2))
     assert code == 0, out[-3000:]
     middle = tmp_path / "checkpoints" / "straight" / "checkpoint_step_000008"
@@ -105,7 +109,8 @@ def _assert_same_state(state: dict, reference: dict) -> None:
         assert torch.equal(value, reference["model"][name]), name
     for name, moments in state["optim"].items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(moments[key], reference["optimizer"]["state"][name][key]), (name, key)
+            expected = reference["optimizer"]["state"][name][key]
+            assert torch.equal(moments[key], expected), (name, key)
 
 
 def test_world_size_two_to_one(short_csv, tmp_path):
@@ -142,7 +147,8 @@ def test_elastic_restart_after_sigkill(short_csv, tmp_path):
                       train__log_interval=5)
     proc = launch(args, ranks=2, max_restarts=1)
     wait_for(tmp_path / "checkpoints" / "elastic" / "checkpoint_step_000010", proc)
-    workers = [c for c in psutil.Process(proc.pid).children() if "train.py" in " ".join(c.cmdline())]
+    workers = [c for c in psutil.Process(proc.pid).children()
+               if "train.py" in " ".join(c.cmdline())]
     assert len(workers) == 2
     workers[-1].send_signal(signal.SIGKILL)
     code, out = finish(proc)

@@ -165,7 +165,8 @@ def ignored(path: str, patterns: list[str]) -> bool:
         bare = pattern.removeprefix("**/")
         for prefix in prefixes:
             tail = prefix.rsplit("/", 1)[-1]
-            if fnmatch.fnmatch(prefix, pattern) or (bare != pattern and fnmatch.fnmatch(tail, bare)):
+            if fnmatch.fnmatch(prefix, pattern) or (bare != pattern
+                                                    and fnmatch.fnmatch(tail, bare)):
                 return True
     return False
 

@@ -52,7 +52,7 @@ def test_the_checks_never_sync_the_host_on_cuda():
     model = make_model().eval().cuda()
     batch = Batch(*(t.cuda() for t in inputs(model)))
     check = FiniteCheck(model)
-    for step in range(2):            # the second step uses the cached component index
+    for _ in range(2):               # the second step uses the cached component index
         loss = model(batch.wave, batch.target, batch.future_wave).loss(batch.future_target)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -155,7 +155,8 @@ def faulty_ranks(rank, world_size, port, csv, root):
                           train__validate_at_start=False)
     trainer = build_trainer(config, env)
     code = trainer.train()
-    result = {"code": code, "skipped": trainer.progress.skipped_steps, "step": trainer.progress.step,
+    result = {"code": code, "skipped": trainer.progress.skipped_steps,
+              "step": trainer.progress.step,
               "param_sum": float(sum(p.double().sum() for p in trainer.model.parameters()))}
     (Path(root) / f"rank{rank}.json").write_text(json.dumps(result))
     distributed.destroy()

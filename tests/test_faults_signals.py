@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, as_cli_args, small_overrides
 from tests import dist_workers
+from tests.conftest import REPO, as_cli_args, small_overrides
 from tests.dist_workers import free_port
 from trainer import distributed, faults
 from trainer.checkpoint import verify
@@ -41,11 +41,13 @@ def test_the_last_stop_signal_decides_the_requeue():
 
 def test_fault_spec_is_parsed_once_into_per_rank_entries():
     parsed = faults.parse("hang:5@1, delay:resume:2.5,nan_loss:3-")
-    assert parsed == [faults.Fault("hang", ("5",), 1), faults.Fault("delay", ("resume", "2.5"), None),
+    assert parsed == [faults.Fault("hang", ("5",), 1),
+                      faults.Fault("delay", ("resume", "2.5"), None),
                       faults.Fault("nan_loss", ("3-",), None)]
     try:
         faults.load("nan_loss:3-5,hang:2@1")
-        assert [bool(faults.at_step("nan_loss", s)) for s in (2, 3, 5, 6)] == [False, True, True, False]
+        flags = [bool(faults.at_step("nan_loss", s)) for s in (2, 3, 5, 6)]
+        assert flags == [False, True, True, False]
         assert faults.at_step("hang", 2) is None          # rank 1 only; this process is rank 0
     finally:
         faults.load("")
@@ -128,8 +130,8 @@ def test_signals_at_awkward_moments_leave_one_checkpoint_each_and_resume(short_c
     step), during the resume (-> no new one), USR1 then TERM during a checkpoint save (-> still
     one checkpoint, no requeue); then it finishes."""
     log = tmp_path / "logs" / "awk" / "training_full.log"
-    common = dict(train__max_steps=7, train__eval_interval=3, train__validate_at_start=False,
-                  checkpoint__interval=5)
+    common = {"train__max_steps": 7, "train__eval_interval": 3,
+              "train__validate_at_start": False, "checkpoint__interval": 5}
     proc = _start(_args(short_csv, tmp_path, "awk", **common), "delay:validation:4")
     code, out = _signal_during(proc, log, "validation", signal.SIGTERM)
     assert code == 75 and _checkpoints(tmp_path, "awk") == ["checkpoint_step_000003"], out[-3000:]
@@ -160,7 +162,8 @@ def test_two_signals_to_one_rank_during_a_save_on_two_ranks(short_csv, tmp_path)
     proc = _start(args, "delay:checkpoint_save:4", ranks=2, env=_fake_slurm(tmp_path))
     log = tmp_path / "logs" / "pair" / "training_full.log"
     _wait_for_text(log, "fault injection: delaying checkpoint_save", proc)
-    workers = [c for c in psutil.Process(proc.pid).children() if "train.py" in " ".join(c.cmdline())]
+    workers = [c for c in psutil.Process(proc.pid).children()
+               if "train.py" in " ".join(c.cmdline())]
     code, out = _signal_during(proc, log, "checkpoint_save", signal.SIGUSR1, signal.SIGTERM,
                                target=workers[-1])
     assert code != 0 and out.count("exitcode  : 75") >= 1, out[-3000:]
@@ -195,7 +198,8 @@ def test_a_hung_rank_fails_the_others_within_the_timeout(short_csv, tmp_path):
     assert 9 <= waited <= 10 + 20, waited      # the timeout, plus slack for a loaded machine
     error = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "Traceback" not in out, out[-3000:]
-    assert "train.collective_timeout_s=10 s" in error[0] and "raise train.collective_timeout_s" in error[0]
+    assert "train.collective_timeout_s=10 s" in error[0]
+    assert "raise train.collective_timeout_s" in error[0]
     print(json.dumps({"waited_s": round(waited, 1)}))
 
 

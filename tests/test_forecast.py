@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.observer import StepContext
 from tests.conftest import REPO, small_config
 from trainer import distributed
 from trainer.build import build_trainer
 from trainer.forecast import COLUMNS, run
+from trainer.observer import StepContext
 
 PRED_LEN, SEQ_LEN = 12, 48     # tests/conftest.py small_overrides
 

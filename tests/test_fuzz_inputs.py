@@ -83,7 +83,8 @@ def read_rows(path: Path) -> list[list[str]]:
 
 
 def csv_overrides(csv_path: Path, root: Path) -> list:
-    return small_overrides(csv_path, root, "fuzz") + [("data.source", "csv"), ("train.max_steps", 1)]
+    return small_overrides(csv_path, root, "fuzz") + [("data.source", "csv"),
+                                                      ("train.max_steps", 1)]
 
 
 # --- configs ---------------------------------------------------------------------------------
@@ -105,7 +106,8 @@ SECTIONS = ["", *sorted({k.rsplit(".", 1)[0] for k, _ in LEAVES if "." in k})]
 junk_values = st.one_of(
     st.none(), st.booleans(), st.integers(-10**30, 10**30),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
-    st.lists(st.integers(-5, 5), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+    st.lists(st.integers(-5, 5), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
 non_finite = st.sampled_from([math.nan, math.inf, -math.inf])
 non_name_keys = st.one_of(st.integers(), st.booleans(), st.none(), st.floats(allow_nan=False))
 
@@ -127,8 +129,9 @@ def broken_configs(draw, always_invalid: bool):
     """A valid small config tree with one thing wrong; returns (tree, what to look for in the
     error). With always_invalid=False the change may also leave a valid config."""
     tree = tree_of(small_overrides(Path("x.csv"), Path("/nonexistent"), "fuzz"))
+    sometimes_valid = [] if always_invalid else ["junk", "drop_section"]
     kind = draw(st.sampled_from(["non_finite", "non_name_key", "unknown_key", "not_a_section",
-                                 "wrong_type"] + ([] if always_invalid else ["junk", "drop_section"])))
+                                 "wrong_type"] + sometimes_valid))
     if kind == "non_finite":
         key = draw(st.sampled_from([k for k, v in LEAVES if isinstance(v, float)]))
         _set_leaf(tree, key, draw(non_finite))
@@ -150,8 +153,9 @@ def broken_configs(draw, always_invalid: bool):
                                                     st.lists(st.integers(), max_size=2)))
         return tree, section
     if kind == "wrong_type":
-        key, _ = draw(st.sampled_from([(k, v) for k, v in LEAVES
-                                             if isinstance(v, (int, float)) and not isinstance(v, bool)]))
+        numeric = [(k, v) for k, v in LEAVES
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        key, _ = draw(st.sampled_from(numeric))
         _set_leaf(tree, key, draw(st.one_of(st.text(max_size=8).filter(lambda t: not _numeric(t)),
                                             st.lists(st.integers(), min_size=1, max_size=2))))
         return tree, key
@@ -206,7 +210,8 @@ def test_fuzzed_config_is_refused_by_the_entry_point(case):
     ("model:\n  1: 2\n  d_model: 32\n", "config key model.1 is not a name"),
     ("? [a, b]\n: 1\n", "not valid YAML"),
     ("a: &x [*x]\n", "unknown config key a"),
-    ("train:\n  seed: 100000000000000000000000000\n", "train.seed: 100000000000000000000000000 is out of range"),
+    ("train:\n  seed: 100000000000000000000000000\n",
+     "train.seed: 100000000000000000000000000 is out of range"),
     (b"optim:\n  lr: \xff\xfe\n", "not a UTF-8 text file"),
 ])
 def test_known_bad_configs(tmp_path, text, expected):
@@ -275,7 +280,8 @@ def broken_csvs(draw, base: list[list[str]]):
     if kind == "empty":
         return b"", "empty file"
     if kind == "binary":
-        return b"\x89PNG\r\n\x1a\n" + draw(st.binary(min_size=1, max_size=64)) + b"\xff\xfe", "not a UTF-8"
+        png = b"\x89PNG\r\n\x1a\n" + draw(st.binary(min_size=1, max_size=64)) + b"\xff\xfe"
+        return png, "not a UTF-8"
     if kind == "nul":
         rows[row][col] = "1\x002"
         return rows, "line"

@@ -107,7 +107,7 @@ def test_bf16_autocast_stays_finite_and_tracks_fp32(short_csv, tmp_path, device)
         assert trainer.train() == 0
         assert trainer.progress.skipped_steps == 0
     fp32, bf16 = train_losses(tmp_path, f"fp32_{device}"), train_losses(tmp_path, f"bf16_{device}")
-    assert len(bf16) == len(fp32) == 30 and all(math.isfinite(l) for l in bf16)
+    assert len(bf16) == len(fp32) == 30 and all(math.isfinite(loss) for loss in bf16)
     gaps = [abs(a - b) for a, b in zip(bf16, fp32)]
     assert max(gaps) < BF16_LOSS_TOLERANCE, gaps
     for losses in (fp32, bf16):              # both learn: the last 50 steps beat the first 50
@@ -141,7 +141,7 @@ def test_checkpoint_moves_between_gpu_and_cpu(short_csv, tmp_path, save_on, load
     _assert_same_state(_cpu_state(loader), _reference_state(checkpoint, tmp_path))
     assert loader.train() == 0                       # and training goes on there
     assert loader.progress.step == 6
-    assert all(math.isfinite(l) for l in train_losses(tmp_path, "moved"))
+    assert all(math.isfinite(loss) for loss in train_losses(tmp_path, "moved"))
 
 
 @pytest.mark.slow

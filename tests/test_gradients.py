@@ -21,7 +21,8 @@ jsonschema = pytest.importorskip("jsonschema")
 
 
 def test_record_norms_equal_norms_of_grad(short_csv, tmp_path):
-    config = small_config(short_csv, tmp_path, "g", train__max_steps=4, train__validate_at_start=False,
+    config = small_config(short_csv, tmp_path, "g", train__max_steps=4,
+                          train__validate_at_start=False,
                           diagnostics__enable_gradient_diagnostics=True,
                           diagnostics__gradient_log_interval=2)
     reference = {}
@@ -52,7 +53,8 @@ def test_record_norms_equal_norms_of_grad(short_csv, tmp_path):
         jsonschema.validate(record, GRADIENT_RECORD)
         for name, comp in record["components"].items():
             assert comp["norm"] == pytest.approx(reference[step][name], rel=1e-5)
-            assert comp["num_params"] == sum(p.numel() for _, p in trainer.model.component_parameters()[name])
+            params = trainer.model.component_parameters()[name]
+            assert comp["num_params"] == sum(p.numel() for _, p in params)
             assert comp["update_ratio"] > 0 and comp["status"] == "healthy"
         assert record["total_norm"] == pytest.approx(reference[step]["__total__"], rel=1e-5)
         assert record["ranks"] is None and record["world_size"] == 1
@@ -74,7 +76,8 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path):
     assert g2["total_norm"] == pytest.approx(g1["total_norm"], rel=1e-4)
     for name, comp in g1["components"].items():
         for key in ("norm", "mean", "max", "min", "update_ratio"):
-            assert g2["components"][name][key] == pytest.approx(comp[key], rel=1e-4, abs=1e-9), (name, key)
+            expected = pytest.approx(comp[key], rel=1e-4, abs=1e-9)
+            assert g2["components"][name][key] == expected, (name, key)
     assert g1["ranks"] is None and set(g2["ranks"]["components"]) == set(g1["components"])
     a1, a2 = _load(one / "attention", "attention"), _load(two / "attention", "attention")
     assert a2["num_samples"] == a1["num_samples"] == 8
@@ -116,7 +119,8 @@ def test_warning_when_a_component_turns_exploding(caplog):
     observer.previous_status = {}
     observer.run = type("R", (), {"run_log": RunLog(None, 1, 0, False, False)})()
     record = {"step": 7, "total_norm": 300.0, "clipped": True, "ranks": None,
-              "components": {"decoder": {"norm": 300.0, "update_ratio": 0.1, "status": "exploding"}}}
+              "components": {"decoder": {"norm": 300.0, "update_ratio": 0.1,
+                                         "status": "exploding"}}}
     with caplog.at_level(logging.WARNING):
         observer.report(record)
         observer.report({**record, "step": 8})

@@ -37,8 +37,9 @@ def injected_faults():
 
 
 def metrics(tmp_path, name="t", kind=None):
-    lines = [json.loads(l) for l in (tmp_path / "logs" / name / "metrics.jsonl").read_text().splitlines()]
-    return [l for l in lines if kind is None or l["kind"] == kind]
+    text = (tmp_path / "logs" / name / "metrics.jsonl").read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    return [line for line in lines if kind is None or line["kind"] == kind]
 
 
 def test_short_run_writes_logs_checkpoints_and_model_files(short_csv, tmp_path):
@@ -47,10 +48,11 @@ def test_short_run_writes_logs_checkpoints_and_model_files(short_csv, tmp_path):
                         ("checkpoint.interval", 12)])
     assert run(argv) == 0
     logs, ckpts = tmp_path / "logs" / "run1", tmp_path / "checkpoints" / "run1"
-    assert (logs / "config.yaml").is_file() and "step 24/24" in (logs / "training_full.log").read_text()
+    assert (logs / "config.yaml").is_file()
+    assert "step 24/24" in (logs / "training_full.log").read_text()
     train = metrics(tmp_path, "run1", "train")
-    assert [l["step"] for l in train] == [6, 12, 18, 24]
-    assert all(math.isfinite(l["loss"]) and l["samples_per_s"] > 0 for l in train)
+    assert [line["step"] for line in train] == [6, 12, 18, 24]
+    assert all(math.isfinite(line["loss"]) and line["samples_per_s"] > 0 for line in train)
     val = metrics(tmp_path, "run1", "val")
     assert val[0]["step"] == 0 and val[-1]["step"] == 24
     assert {"nll", "mae", "coverage_50", "coverage_90", "rw_nll"} <= set(val[-1])
@@ -99,7 +101,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(short_csv, tmp_path, caplog, i
     assert trainer.train() == 1
     assert "3 optimizer steps in a row had a non-finite" in caplog.text or \
            "4 optimizer steps in a row" in caplog.text
-    assert any(l["skipped_steps"] > 0 for l in metrics(tmp_path, kind="train"))
+    assert any(line["skipped_steps"] > 0 for line in metrics(tmp_path, kind="train"))
 
 
 def test_early_stopping_after_patience(short_csv, tmp_path):
@@ -118,8 +120,10 @@ def test_early_stopping_after_patience(short_csv, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--set", "model.d_model=30"], "error: model.d_model (30) must be divisible by model.num_heads"),
-    (["--set", "data.path=/nonexistent.csv", "data.source=csv"], "error: data file not found: /nonexistent.csv"),
+    (["--set", "model.d_model=30"],
+     "error: model.d_model (30) must be divisible by model.num_heads"),
+    (["--set", "data.path=/nonexistent.csv", "data.source=csv"],
+     "error: data file not found: /nonexistent.csv"),
     (["--config", "/nonexistent.yaml"], "error: config file not found"),
     (["--set", "optim.learning_rate=1"], "error: unknown config key optim.learning_rate"),
 ])
@@ -154,5 +158,5 @@ def test_throughput_excludes_validation_and_checkpoints(short_csv, tmp_path, inj
     injected_faults("delay:checkpoint_save:1")     # inside the save's pause, as a slow disk
     assert trainer.train() == 0
     train = metrics(tmp_path, kind="train")
-    assert [l["step"] for l in train] == [2, 4]
-    assert all(l["step_time_s"] < 0.5 for l in train), [l["step_time_s"] for l in train]
+    assert [line["step"] for line in train] == [2, 4]
+    assert all(line["step_time_s"] < 0.5 for line in train), [line["step_time_s"] for line in train]

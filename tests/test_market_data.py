@@ -15,8 +15,14 @@ from tests.conftest import REPO, as_cli_args, run_cli, small_overrides
 from trainer.builtin_data import BuiltinDataConfig, write_builtin_csv
 from trainer.data import DataConfig, prepare, read_table
 from trainer.errors import UserError
-from trainer.market_data import (TARGETS, PriceTable, drop_bad_rows, load_series, run,
-                                 write_market_csv)
+from trainer.market_data import (
+    TARGETS,
+    PriceTable,
+    drop_bad_rows,
+    load_series,
+    run,
+    write_market_csv,
+)
 
 
 def read_rows(path: Path) -> list[list[str]]:
@@ -89,7 +95,8 @@ def test_real_sp500_span_converts_and_prepares(tmp_path, capsys):
                 "--end", "2018-12-31"]) == 0
     assert "dropped 0 row(s)" in capsys.readouterr().out
     source = load_series("sp500")
-    span = (source.dates >= np.datetime64("2017-01-01")) & (source.dates <= np.datetime64("2018-12-31"))
+    span = ((source.dates >= np.datetime64("2017-01-01"))
+            & (source.dates <= np.datetime64("2018-12-31")))
     read = read_table(out, "date")
     assert (read.dates == source.dates[span]).all() and len(read.dates) == 502
     np.testing.assert_allclose(read.columns["log_Close"], np.log(source.prices["Close"][span]),

@@ -25,7 +25,8 @@ def make_spec(num_bodies: int = 13, uneven: bool = True) -> InputSpec:
 
 def make_model(**overrides) -> CelestialPGAT:
     config = ModelConfig(seq_len=S, pred_len=P, d_model=32, num_heads=4, fusion_heads=2,
-                         num_mixtures=3, num_time_summaries=4, patch_scales=[[4, 2], [8, 4], [12, 6]],
+                         num_mixtures=3, num_time_summaries=4,
+                         patch_scales=[[4, 2], [8, 4], [12, 6]],
                          **overrides)
     return CelestialPGAT(config, make_spec())
 
@@ -71,7 +72,8 @@ def test_every_parameter_gets_a_gradient(train_mode):
     model.train(train_mode)
     wave, target, future, y = inputs(model)
     model(wave, target, future).loss(y).backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [n for n, p in model.named_parameters()
+               if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
 
 

@@ -17,7 +17,8 @@ print("listening", flush=True)
 connection, _ = listener.accept()
 connection.sendall(b"from " + sys.argv[1].encode())
 """
-CLIENT = "import socket, sys; print(socket.create_connection((sys.argv[1], 29400)).recv(64).decode())"
+CLIENT = ("import socket, sys; "
+          "print(socket.create_connection((sys.argv[1], 29400)).recv(64).decode())")
 
 
 def test_three_hosts_talk_over_tcp_and_are_removed_afterwards():

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 
 from diagnostics.schemas import METRICS_LINE, schema_for
-from tests.conftest import REPO, as_cli_args, run_cli, small_config, small_overrides
+from tests.conftest import as_cli_args, run_cli, small_config, small_overrides
 from trainer import distributed
 from trainer.build import build_trainer
 
 
 def test_with_every_flag_off_the_step_asks_for_nothing(short_csv, tmp_path):
-    config = small_config(short_csv, tmp_path, "off", train__max_steps=3, train__validate_at_start=False)
+    config = small_config(short_csv, tmp_path, "off", train__max_steps=3,
+                          train__validate_at_start=False)
     trainer = build_trainer(config, distributed.init_distributed("cpu"))
     assert trainer.observers.observers == []
     requested = []
@@ -87,7 +86,8 @@ def test_the_card_command_works_as_written(tmp_path):
             "--checkpoint_interval", "500"]
     short = ["--max_steps", "100", "--set", f"train.log_root={tmp_path}/logs",
              f"checkpoint.root={tmp_path}/checkpoints", "data.builtin.start_date=2012-01-01",
-             "data.num_workers=0", "train.validate_at_start=false", "diagnostics.profile_interval=50",
+             "data.num_workers=0", "train.validate_at_start=false",
+             "diagnostics.profile_interval=50",
              "diagnostics.attribution_max_samples=64", "data.eval_batch_size=64"]
     result = run_cli(card + short, torchrun=2, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -5,6 +5,7 @@ there is nothing in the celestial inputs to find. The analysis must say so:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 def no_driver_config(tmp_path):
     drivers = [{"target": d.target, "body": d.body, "feature": d.feature, "lag": d.lag,
                 "strength": 0.0} for d in BuiltinDataConfig().drivers]
-    config = yaml.safe_load(open("configs/quickstart_cpu.yaml"))
+    config = yaml.safe_load(Path("configs/quickstart_cpu.yaml").read_text())
     config["data"]["builtin"] = {"start_date": "1980-01-01", "end_date": "2025-12-31",
                                  "drivers": drivers}
     config["data"]["path"] = str(tmp_path / "no_drivers.csv")
@@ -37,8 +38,8 @@ def test_without_drivers_the_analysis_finds_no_skill_and_unused_inputs(tmp_path)
                      timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     log_dir = tmp_path / "logs" / "zero"
-    test = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()
-            if '"kind": "test"' in l][-1]
+    test = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "test"' in line][-1]
     issues = {f.issue for f in analyze(log_dir, []).findings}
     assert "celestial_inputs_unused" in issues, test["blank_all_rise_low"]
     assert "no_skill_over_baseline" in issues, (test["skill"], test["skill_high"])

@@ -38,7 +38,8 @@ def test_flops_are_counted_without_touching_the_model():
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.4),
+                                        ("NVIDIA H100 PCIe", 756.0),
                                         ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.1),
                                         ("NVIDIA L4", 121.0), ("Some Future GPU", None)])
 def test_mfu_peak_table(name, peak):

@@ -27,7 +27,7 @@ def quickstart_run(tmp_path_factory):
 
 
 def lines(log_dir, kind):
-    rows = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == kind]
 
 

@@ -61,7 +61,10 @@ def test_resume_after_a_crash_mid_line_keeps_every_record(short_csv, tmp_path):
     reads every line (before the fix the next line was glued to the partial one)."""
     overrides = small_overrides(short_csv, tmp_path, "crash") + [
         ("train.log_interval", 1), ("checkpoint.interval", 2), ("train.resume", "auto")]
-    run = lambda steps: cli.run(as_cli_args(overrides + [("train.max_steps", steps)]))
+
+    def run(steps: int) -> int:
+        return cli.run(as_cli_args(overrides + [("train.max_steps", steps)]))
+
     with contextlib.redirect_stderr(io.StringIO()):
         assert run(2) == 0
     log_dir = tmp_path / "logs" / "crash"

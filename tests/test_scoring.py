@@ -12,8 +12,15 @@ import torch
 from model.decoder import mixture_cdf, mixture_crps, mixture_quantiles
 from tests.dist_workers import join_group, spawn
 from trainer import distributed
-from trainer.scoring import (block_bootstrap_interval, block_length, ewma_scale, gaussian,
-                             random_walk, scores, skill_metrics)
+from trainer.scoring import (
+    block_bootstrap_interval,
+    block_length,
+    ewma_scale,
+    gaussian,
+    random_walk,
+    scores,
+    skill_metrics,
+)
 
 
 def random_mixture(shape=(2, 3), K=3, seed=0):
@@ -44,7 +51,8 @@ def test_crps_closed_form_matches_monte_carlo():
 def test_crps_of_a_standard_normal_at_its_mean():
     log_pi, mu, sigma = gaussian(torch.zeros(1, 1, 1), torch.ones(1, 1, 1))
     expected = 2 / math.sqrt(2 * math.pi) - 1 / math.sqrt(math.pi)
-    assert mixture_crps(log_pi, mu, sigma, torch.zeros(1, 1, 1)).item() == pytest.approx(expected, rel=1e-5)
+    crps = mixture_crps(log_pi, mu, sigma, torch.zeros(1, 1, 1)).item()
+    assert crps == pytest.approx(expected, rel=1e-5)
 
 
 def test_mixture_quantiles_are_exact_and_match_sampling():
@@ -122,9 +130,9 @@ def test_skill_is_against_the_best_baseline():
 # --- evaluation on real windows, one process and two -------------------------------------------
 
 def evaluation_setup(csv: Path):
-    from tests.conftest import small_config
-    from trainer.data import WindowDataset, build_loader, prepare
     from model import CelestialPGAT
+    from tests.conftest import small_config
+    from trainer.data import WindowDataset, prepare
     config = small_config(csv, Path("/nonexistent"))
     m = config.model
     prepared = prepare(config.data, m.seq_len, m.pred_len)
@@ -148,7 +156,8 @@ def test_evaluate_scores_model_and_baselines_on_the_same_windows(short_csv):
     series = metrics["series"]
     assert all(len(series[k]) == n for k in ("model", "rw", "ewma"))
     for prefix in ("", "rw_", "ewma_"):
-        assert metrics[f"{prefix}nll"] == pytest.approx(series[prefix[:-1] or "model"].mean(), rel=1e-6)
+        mean_nll = series[prefix[:-1] or "model"].mean()
+        assert metrics[f"{prefix}nll"] == pytest.approx(mean_nll, rel=1e-6)
         assert 0 < metrics[f"{prefix}coverage_50"] < metrics[f"{prefix}coverage_90"] <= 1
         assert metrics[f"{prefix}crps"] > 0 and metrics[f"{prefix}mae"] > 0
         assert np.array(metrics[f"{prefix}nll_by_horizon"]).shape == (12, 4)

@@ -64,7 +64,8 @@ def assert_each_node_ran_its_torchrun(output: str, cluster: SlurmCluster, job_id
 
 def assert_every_rank_wrote_its_shards(checkpoints, world_size: int) -> None:
     for folder in sorted(checkpoints.glob("checkpoint_step_*")):
-        ranks = {int(re.search(r"rng_rank(\d+)", p.name).group(1)) for p in folder.glob("rng_rank*")}
+        ranks = {int(re.search(r"rng_rank(\d+)", p.name).group(1))
+                 for p in folder.glob("rng_rank*")}
         shards = {int(p.name.split("_")[2]) for p in folder.glob("__*_*.distcp")}
         assert ranks == shards == set(range(world_size)), (folder, sorted(folder.iterdir()))
 

@@ -175,7 +175,8 @@ def _daily_features(config: BuiltinDataConfig, dates: np.ndarray) -> dict[str, n
     return columns
 
 
-def planted_log_prices(config: BuiltinDataConfig, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def planted_log_prices(config: BuiltinDataConfig,
+                       features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(config.seed)
     n = len(next(iter(features.values())))
 

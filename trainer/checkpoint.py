@@ -435,7 +435,8 @@ class CheckpointManager:
         final = self.folder / checkpoint_name(step)
         tmp = final.with_name(final.name + ".tmp")
         self._agreed(tmp, lambda: self._start_folder(tmp, files))
-        self._agreed(tmp, lambda: torch.save(_rng_state(), tmp / f"{_RNG_PREFIX}{distributed.rank()}.pt"))
+        rng_file = tmp / f"{_RNG_PREFIX}{distributed.rank()}.pt"
+        self._agreed(tmp, lambda: torch.save(_rng_state(), rng_file))
         faults.kill("dcp_write", step)
         if self.config.async_save:
             future = dcp.async_save(app_state, checkpoint_id=str(tmp),
@@ -443,10 +444,12 @@ class CheckpointManager:
             self._pending.append(future)
             self._pending_tmp = tmp
             if distributed.is_main():
-                self._pending.append(self._finalizer.submit(self._finalize_after, future, tmp, final, step))
+                self._pending.append(self._finalizer.submit(self._finalize_after, future, tmp,
+                                                            final, step))
         else:
             self._agreed(tmp, lambda: dcp.save(app_state, checkpoint_id=str(tmp)))
-            self._agreed(tmp, lambda: self._finalize(tmp, final, step) if distributed.is_main() else None)
+            self._agreed(tmp, lambda: (self._finalize(tmp, final, step)
+                                       if distributed.is_main() else None))
         return time.perf_counter() - started
 
     def _start_folder(self, tmp: Path, files: dict[str, str]) -> None:

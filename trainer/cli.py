@@ -66,7 +66,7 @@ def run(argv: list[str] | None = None, observers: ObserverFactory | None = None)
     # From here on SIGTERM/SIGUSR1 only set a flag: a stop asked for during data preparation,
     # model build or resume is acted on at the trainer's first safe point (exit 75).
     requests = preemption.listen()
-    from trainer.build import build_trainer   # after argparse: --help stays fast
+    from trainer.build import build_trainer  # after argparse: --help stays fast
     try:
         config = load_config(args.config, overrides_from(args))
         env = distributed.init_distributed(config.train.device, config.train.collective_timeout_s)

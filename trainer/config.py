@@ -107,7 +107,8 @@ def build_dataclass(cls, data: Any, prefix: str):
                         f"(known: {', '.join(sorted(names))})")
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UserError(f"unknown config key {where}{_key_text(unknown[0])} (known: {', '.join(sorted(names))})")
+        raise UserError(f"unknown config key {where}{_key_text(unknown[0])} "
+                        f"(known: {', '.join(sorted(names))})")
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)

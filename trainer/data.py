@@ -114,7 +114,8 @@ def _generate_builtin(config: DataConfig, path: Path) -> None:
         raise UserError(f"data.path {str(path)!r}: {path.parent} is not writable, so the "
                         f"built-in dataset cannot be generated there")
     log.info("data.source is builtin and %s does not exist: generating the built-in dataset "
-             "(%s to %s) into that file ...", path, config.builtin.start_date, config.builtin.end_date)
+             "(%s to %s) into that file ...",
+             path, config.builtin.start_date, config.builtin.end_date)
     try:
         write_builtin_csv(config.builtin, path)
     except OSError as err:
@@ -134,8 +135,9 @@ def read_table(path: Path, date_column: str) -> RawTable:
         raise UserError(f"{path}: duplicate column names {duplicated}")
     for line, row in enumerate(body, start=2):
         if len(row) != len(header):
-            raise UserError(f"{path}: line {line} has {len(row)} fields, the header has {len(header)}")
-    by_column = dict(zip(header, zip(*body))) if body else {h: () for h in header}
+            raise UserError(f"{path}: line {line} has {len(row)} fields, "
+                            f"the header has {len(header)}")
+    by_column = dict(zip(header, zip(*body))) if body else dict.fromkeys(header, ())
     dates = _parse_dates(path, by_column.pop(date_column))
     columns = {name: _parse_numbers(path, name, values) for name, values in by_column.items()}
     return RawTable(dates, columns, path)
@@ -149,7 +151,8 @@ def _read_rows(path: Path) -> list[list[str]]:
             try:
                 return list(reader)
             except csv.Error as err:     # a NUL byte, a field past the size limit
-                raise UserError(f"{path}: line {reader.line_num + 1} is not CSV text ({err})") from None
+                raise UserError(f"{path}: line {reader.line_num + 1} is not CSV text "
+                                f"({err})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text CSV (a binary file?)") from None
     except OSError as err:
@@ -256,7 +259,8 @@ class PreparedData:
     def scaling(self) -> dict:
         """The training split's statistics, saved with a model so that new data is scaled the
         same way (plain lists: the model file stays loadable with weights_only=True)."""
-        return {"feature_mean": self.feature_mean.tolist(), "feature_std": self.feature_std.tolist(),
+        return {"feature_mean": self.feature_mean.tolist(),
+                "feature_std": self.feature_std.tolist(),
                 "target_mean": self.target_mean.tolist(), "target_std": self.target_std.tolist()}
 
 
@@ -273,7 +277,8 @@ def prepare(config: DataConfig, seq_len: int, pred_len: int) -> PreparedData:
     if diff:
         features_RF[1:, diff] = np.diff(features_RF[:, diff], axis=0)
         first_row = 1
-    features_RF, targets_RT, dates = features_RF[first_row:], targets_RT[first_row:], table.dates[first_row:]
+    features_RF, targets_RT = features_RF[first_row:], targets_RT[first_row:]
+    dates = table.dates[first_row:]
     borders = split_borders(len(dates), config, seq_len + pred_len, table.path)
     train = slice(*borders["train"])
     f_mean, f_std = _column_stats(features_RF[train], feature_names)
@@ -289,7 +294,8 @@ def prepare(config: DataConfig, seq_len: int, pred_len: int) -> PreparedData:
                         t_mean, t_std, f_mean, f_std)
 
 
-def split_borders(num_rows: int, config: DataConfig, window: int, path: Path) -> dict[str, tuple[int, int]]:
+def split_borders(num_rows: int, config: DataConfig, window: int,
+                  path: Path) -> dict[str, tuple[int, int]]:
     n_train = int(num_rows * config.train_fraction)
     n_val = int(num_rows * config.val_fraction)
     borders = {"train": (0, n_train), "val": (n_train, n_train + n_val),
@@ -321,7 +327,7 @@ class Batch(NamedTuple):
     future_wave: torch.Tensor    # (B, P, F) horizon celestial features
     future_target: torch.Tensor  # (B, P, T) what is forecast
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in self))
 
 

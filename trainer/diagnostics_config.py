@@ -26,7 +26,8 @@ class DiagnosticsConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"diagnostics.{name} must be >= 1, got {getattr(self, name)}")
         if self.profile_interval < 0:
-            raise ValueError(f"diagnostics.profile_interval must be >= 0, got {self.profile_interval}")
+            raise ValueError("diagnostics.profile_interval must be >= 0, "
+                             f"got {self.profile_interval}")
         if not 0 < self.vanishing_threshold < self.exploding_threshold:
             raise ValueError("diagnostics.vanishing_threshold must be > 0 and below "
                              "diagnostics.exploding_threshold")

@@ -207,7 +207,8 @@ def group_timeouts() -> dict[str, float]:
     reached); empty outside a process group."""
     if not is_distributed():
         return {}
-    groups = {"default": dist.group.WORLD, "control": _control_group, "checkpoint": _checkpoint_group}
+    groups = {"default": dist.group.WORLD, "control": _control_group,
+              "checkpoint": _checkpoint_group}
     timeouts = {}
     for name, group in groups.items():
         if group is not None:

@@ -5,14 +5,17 @@
 `CELESTIAL_FAULT="delay:resume:10,nan_grad:3:decoder"`. Without `@rank` a fault applies to every
 rank; STEP is `N`, `N-M` or `N-` (from N on). Faults known here:
 
-| fault | effect |
-|---|---|
-| `delay:PHASE:SECONDS` | sleep at the start of a phase: data_preparation, model_build, resume, validation, checkpoint_save |
-| `hang:STEP` | sleep forever before optimizer step STEP (a rank that stops participating) |
-| `nan_input:STEP` | a NaN in the first micro-batch's inputs at step STEP |
-| `nan_loss:STEP` | a NaN loss at step STEP |
-| `nan_grad:STEP:COMPONENT` | NaN gradients for one model component at step STEP (before DDP's all-reduce) |
-| `kill:POINT:STEP` | SIGKILL at POINT of step STEP, first attempt only (a worker torchrun restarts runs clean): `step` (after the step, before its checkpoint), or a stage of the step's save: `dcp_write` (before the sharded write), `manifest` (shards written), `rename` (manifest written) |
+- `delay:PHASE:SECONDS`: sleep at the start of a phase: data_preparation, model_build, resume,
+  validation, checkpoint_save
+- `hang:STEP`: sleep forever before optimizer step STEP (a rank that stops participating)
+- `nan_input:STEP`: a NaN in the first micro-batch's inputs at step STEP
+- `nan_loss:STEP`: a NaN loss at step STEP
+- `nan_grad:STEP:COMPONENT`: NaN gradients for one model component at step STEP (before DDP's
+  all-reduce)
+- `kill:POINT:STEP`: SIGKILL at POINT of step STEP, first attempt only (a worker torchrun
+  restarts runs clean): `step` (after the step, before its checkpoint), or a stage of the step's
+  save: `dcp_write` (before the sharded write), `manifest` (shards written), `rename` (manifest
+  written)
 
 The variable is parsed once, at import. Unset, `ACTIVE` is False and every hook returns at once,
 so the training step pays one attribute test.
@@ -61,7 +64,7 @@ def load(text: str | None = None) -> None:
 
 
 def _mine(name: str) -> list[Fault]:
-    from trainer import distributed          # late: faults stays importable on its own
+    from trainer import distributed  # late: faults stays importable on its own
     if not ACTIVE:
         return []
     rank = distributed.rank()

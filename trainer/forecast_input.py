@@ -72,7 +72,7 @@ def read_forecast_csv(path: Path, date_column: str, targets: list[str]) -> CsvRo
         if len(row) != len(header):
             raise UserError(f"{path}: line {line} has {len(row)} fields, the header has "
                             f"{len(header)}")
-    by_column = dict(zip(header, zip(*body))) if body else {h: () for h in header}
+    by_column = dict(zip(header, zip(*body))) if body else dict.fromkeys(header, ())
     num_observed = _count_observed(path, [by_column[t] for t in targets], targets)
     dates = _parse_dates(path, by_column.pop(date_column))
     target_values = [_parse_numbers(path, t, by_column.pop(t)[:num_observed]) for t in targets]

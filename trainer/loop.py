@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -115,7 +116,7 @@ def flat_hparams(config) -> dict:
 NO_OBSERVERS = ObserverGroup([])
 
 
-def checkpointed_state(step: "TrainStep", progress: Progress, config) -> AppState:
+def checkpointed_state(step: TrainStep, progress: Progress, config) -> AppState:
     """The Stateful parts a sharded checkpoint holds, under the key names it always had."""
     return AppState({"model": ModelState(step.train_model),
                      "optimizer": OptimizerState(step.train_model, step.optimizer),
@@ -503,7 +504,8 @@ class Trainer:
     def save_model_file(self, name: str, metrics: dict) -> None:
         path = self.checkpoints.folder / name
         if distributed.is_main():
-            with guarded_write(path, leftover=path.with_suffix(".tmp")):   # agreed at the step's end
+            # a failure is held and agreed at the step's end
+            with guarded_write(path, leftover=path.with_suffix(".tmp")):
                 save_consolidated(path, self.model, {
                     "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
                     "scaling": self.data.prepared.scaling(),
@@ -559,7 +561,8 @@ class Trainer:
         self.save_model_file("final_model.pth", final)
         test = self.test()
         self.run_log.record("test", self.progress.step, test)
-        self.observers.on_end({"val": final, "test": test, "best_val_nll": self.progress.best_val_nll})
+        self.observers.on_end({"val": final, "test": test,
+                               "best_val_nll": self.progress.best_val_nll})
         self.run_log.hparams(flat_hparams(self.config), {
             "hparam/best_val_nll": self.progress.best_val_nll, "hparam/test_nll": test["nll"],
             "hparam/test_mae": test["mae"], "hparam/test_coverage_90": test["coverage_90"],

@@ -46,20 +46,23 @@ def load_series(series: str) -> PriceTable:
     try:
         module = importlib.import_module(SERIES[series])
     except ImportError:
+        install = "pip install 'celestial-pgat[real-data]' or pip install arch"
         raise UserError(f"--series {series}: needs the optional package 'arch', which ships the "
-                        f"data (pip install 'celestial-pgat[real-data]' or pip install arch)") from None
+                        f"data ({install})") from None
     frame = module.load()
     missing = [name for name in PRICE_COLUMNS if name not in frame.columns]
     if missing:
         raise UserError(f"{SERIES[series]}: the series has no column(s) {missing}")
     dates = np.asarray(frame.index.values, dtype="datetime64[D]")
-    return PriceTable(dates, {name: frame[name].to_numpy(dtype=np.float64) for name in PRICE_COLUMNS})
+    return PriceTable(dates, {name: frame[name].to_numpy(dtype=np.float64)
+                              for name in PRICE_COLUMNS})
 
 
 def select_span(table: PriceTable, start: str | None, end: str | None) -> PriceTable:
     """The rows with start <= date <= end (either bound may be None)."""
     keep = np.ones(len(table.dates), dtype=bool)
-    for bound, name, inside in ((start, "--start", np.greater_equal), (end, "--end", np.less_equal)):
+    bounds = ((start, "--start", np.greater_equal), (end, "--end", np.less_equal))
+    for bound, name, inside in bounds:
         if bound is not None:
             keep &= inside(table.dates, _parse_day(bound, name))
     if not keep.any():
@@ -107,7 +110,8 @@ def write_market_csv(table: PriceTable, path: Path, source: str,
         raise UserError(f"{source}: {len(table.dates)} usable rows in the chosen span "
                         f"(check --start and --end)")
     check_dates(table, source)
-    return write_columns_csv(path, table.dates, market_columns(table, observer or BuiltinDataConfig()))
+    columns = market_columns(table, observer or BuiltinDataConfig())
+    return write_columns_csv(path, table.dates, columns)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -126,7 +130,8 @@ def run(argv: list[str] | None = None) -> int:
     """Write the CSV; returns the exit status (0 done, 2 bad input)."""
     args = parse_args(argv)
     try:
-        table, num_dropped = drop_bad_rows(select_span(load_series(args.series), args.start, args.end))
+        span = select_span(load_series(args.series), args.start, args.end)
+        table, num_dropped = drop_bad_rows(span)
         path = write_market_csv(table, args.out, SERIES[args.series])
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

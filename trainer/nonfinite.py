@@ -50,7 +50,8 @@ class FiniteCheck:
         total = torch.linalg.vector_norm(norms_G)
         torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, total, foreach=True)
         bad_C = torch.zeros(len(self.components), device=total.device)
-        bad_C.index_add_(0, self._index_for(grads, total.device), (~torch.isfinite(norms_G)).float())
+        bad_G = (~torch.isfinite(norms_G)).float()
+        bad_C.index_add_(0, self._index_for(grads, total.device), bad_G)
         bad_C.clamp_(max=1.0)       # counts -> flags
         flags = torch.cat([self._bad_inputs.float().view(1), self._bad_loss.float().view(1), bad_C])
         self._bad_inputs = self._bad_loss = None

@@ -19,9 +19,10 @@ explained.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,12 +44,12 @@ class RunContext:
     """What observers may read about the run (fixed for its duration)."""
 
     config: Any                      # trainer.config.Config
-    model: "CelestialPGAT"           # the unwrapped model
+    model: CelestialPGAT           # the unwrapped model
     train_model: torch.nn.Module     # what the step calls (DDP wrapper or the model)
     optimizer: torch.optim.Optimizer
-    spec: "InputSpec"
+    spec: InputSpec
     log_dir: Path
-    run_log: "RunLog"
+    run_log: RunLog
     device: torch.device
     world_size: int
     local_batch_size: int            # samples per rank per optimizer step (x accumulation)
@@ -155,7 +156,7 @@ class ObserverGroup:
                 continue      # it raised earlier in this step: not called again before agreeing
             try:
                 getattr(observer, hook)(*args)
-            except Exception as err:
+            except Exception:
                 self.failed_here.add(index)
                 log.warning("observer %s raised in %s on rank %d: it is switched off on every "
                             "rank; training goes on%s", type(observer).__name__, hook,

@@ -40,9 +40,11 @@ def _decays(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2 and "norm" not in name
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: OptimConfig,
+                    device: torch.device) -> torch.optim.AdamW:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in params if _decays(n, p)], "weight_decay": config.weight_decay},
+    groups = [{"params": [p for n, p in params if _decays(n, p)],
+               "weight_decay": config.weight_decay},
               {"params": [p for n, p in params if not _decays(n, p)], "weight_decay": 0.0}]
     impl = config.implementation
     if impl == "auto":
@@ -64,7 +66,8 @@ class WarmupCosine:
     length changed can set `total_steps`."""
 
     def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
-        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.min_lr_ratio = min_lr_ratio
 
     def __call__(self, step: int) -> float:
         warmup = min(self.warmup_steps, max(0, self.total_steps - 1))
@@ -85,9 +88,11 @@ def apply_optim_settings(optimizer, scheduler, config: OptimConfig) -> None:
     """Put the run's `optim.*` into an optimizer and schedule restored from a checkpoint (which
     carry the values they were saved with). Group order is build_optimizer's: decay, no decay."""
     for group in optimizer.param_groups:
-        group["betas"], group["eps"], group["initial_lr"] = tuple(config.betas), config.eps, config.lr
+        group["betas"], group["eps"] = tuple(config.betas), config.eps
+        group["initial_lr"] = config.lr
         # loading a state dict restored the saved groups' implementation flags too
-        group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
+        group["fused"] = optimizer.defaults["fused"]
+        group["foreach"] = optimizer.defaults["foreach"]
     optimizer.param_groups[0]["weight_decay"] = config.weight_decay
     scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
     for schedule in scheduler.lr_lambdas:

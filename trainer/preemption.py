@@ -44,7 +44,7 @@ class StopRequests:
         """The last stop signal was SIGTERM: the job must not be requeued."""
         return self.stop_signal == signal.SIGTERM
 
-    def install(self) -> "StopRequests":
+    def install(self) -> StopRequests:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._on_stop)
         self._previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, self._on_save)

@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from tqdm import tqdm
@@ -111,10 +111,8 @@ def guarded_write(path, leftover: Path | None = None):
     except OSError as err:
         note_write_failure(path, err)
         if leftover is not None:
-            try:
+            with suppress(OSError):     # its folder is gone or unreadable: nothing to clean
                 leftover.unlink(missing_ok=True)
-            except OSError:
-                pass    # its folder is gone or unreadable: nothing to clean
 
 
 # --- the text log ---------------------------------------------------------------------------------
@@ -256,14 +254,15 @@ class RunLog:
         if self.enabled:    # a failure is held: build_trainer agrees on it across ranks
             with guarded_write(log_dir / "metrics.jsonl"):
                 repair_jsonl_files(log_dir)
-                self._jsonl = open(log_dir / "metrics.jsonl", "a")
+                # the append handle lives as long as the logger: closed by close()
+                self._jsonl = open(log_dir / "metrics.jsonl", "a")  # noqa: SIM115
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 with guarded_write(log_dir / "tensorboard"):
                     self.writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not (self.enabled and progress_bar_wanted(progress_bar)), mininterval=1.0,
-                        file=sys.stderr)
+                        disable=not (self.enabled and progress_bar_wanted(progress_bar)),
+                        mininterval=1.0, file=sys.stderr)
 
     def record(self, kind: str, step: int, values: dict) -> None:
         """One line of metrics.jsonl and the matching TensorBoard scalars (`<kind>/<name>`)."""
@@ -282,7 +281,8 @@ class RunLog:
             return
         with guarded_write(self.log_dir / "tensorboard"):
             for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if is_number and math.isfinite(value):
                     self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
     def hparams(self, hparams: dict, metrics: dict) -> None:

@@ -98,7 +98,8 @@ def block_bootstrap_interval(values: np.ndarray, block: int, level: float = 0.95
                              num_resamples: int = NUM_RESAMPLES, seed: int = 0
                              ) -> tuple[float, float]:
     """Percentile interval of the mean of a time series by the moving-block bootstrap (Kunsch
-    1989): resample overlapping blocks of `block` consecutive values, joined to the series length."""
+    1989): resample overlapping blocks of `block` consecutive values, joined to the series
+    length."""
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
     if n < 2:

@@ -186,7 +186,8 @@ def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
         shown = ", ".join(map(str, broken[:5])) + (" ..." if len(broken) > 5 else "")
         notes.append(f"{path.name}: skipped {len(broken)} line(s) that are not valid JSON (cut "
                      f"short by a crash?): line {shown}")
-        log.warning("%s: skipped %d line(s) that are not valid JSON: line %s", path, len(broken), shown)
+        log.warning("%s: skipped %d line(s) that are not valid JSON: line %s",
+                    path, len(broken), shown)
     return {kind: [lines[s] for s in sorted(lines)] for kind, lines in by_kind.items()}
 
 
@@ -207,7 +208,8 @@ def _read_history(path: Path, have_step_files: bool, notes: list[str]) -> dict |
             time.sleep(0.2 * (attempt + 1))
     else:
         if not have_step_files:
-            raise AnalysisError(f"{path}: not valid JSON (and no gradient step files to use instead)")
+            raise AnalysisError(f"{path}: not valid JSON "
+                                "(and no gradient step files to use instead)")
         notes.append(f"gradients/{path.name}: unreadable (being rewritten?): used the step files")
         return None
     _validate(doc, schemas.GRADIENT_HISTORY, str(path))

@@ -109,7 +109,8 @@ def c2t_heatmap(record: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-_BASELINE_CURVES = (("rw_nll", "random walk", "gray"), ("ewma_nll", "EWMA random walk", "tab:orange"))
+_BASELINE_CURVES = (("rw_nll", "random walk", "gray"),
+                    ("ewma_nll", "EWMA random walk", "tab:orange"))
 
 
 def skill_curve(run: RunData, path: Path) -> Path:
@@ -121,7 +122,8 @@ def skill_curve(run: RunData, path: Path) -> Path:
         if lines:
             steps = [v["step"] for v in lines]
             skill = np.array([v["skill"] for v in lines])
-            err = [skill - [v["skill_low"] for v in lines], [v["skill_high"] for v in lines] - skill]
+            err = [skill - [v["skill_low"] for v in lines],
+                   [v["skill_high"] for v in lines] - skill]
             ax.errorbar(steps, skill, yerr=err, fmt=style, ms=9 if style == "*" else 5,
                         capsize=3, label=f"{label} (vs {lines[-1].get('best_baseline')})")
     ax.axhline(0, color="black", lw=1)
@@ -135,7 +137,8 @@ def skill_curve(run: RunData, path: Path) -> Path:
                                "high": t.get("blank_all_rise_high")}))
     if rises:
         rise = np.array([_float(r["rise"]) for _, r in rises])
-        err = [rise - [_float(r["low"]) for _, r in rises], [_float(r["high"]) for _, r in rises] - rise]
+        err = [rise - [_float(r["low"]) for _, r in rises],
+               [_float(r["high"]) for _, r in rises] - rise]
         bx.errorbar(range(len(rises)), rise, yerr=err, fmt="o", capsize=3)
         bx.set_xticks(range(len(rises)), [name for name, _ in rises], rotation=45, fontsize=7)
     bx.axhline(0, color="black", lw=1)

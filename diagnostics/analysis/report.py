@@ -17,7 +17,8 @@ body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
-.critical { background: #fdd; } .error { background: #fdd; } .warning { background: #ffe9c6; } .info { background: #e8f0ff; }
+.critical { background: #fdd; } .error { background: #fdd; }
+.warning { background: #ffe9c6; } .info { background: #e8f0ff; }
 .ok { color: #176f2c; font-weight: bold; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 12px; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }

@@ -126,7 +126,9 @@ class Overfitting:
 
 
 def _slope(x, y) -> float:
-    return float(np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)[0]) if len(x) > 1 else 0.0
+    if len(x) < 2:
+        return 0.0
+    return float(np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)[0])
 
 
 def overfitting(run: RunData, t: Thresholds) -> Overfitting | None:

@@ -1,4 +1,5 @@
-"""Rules on gradient norms and update sizes: vanishing, exploding, clipped, a learning rate too small."""
+"""Rules on gradient norms and update sizes: vanishing, exploding, clipped, a learning rate too
+small."""
 from __future__ import annotations
 
 import math
@@ -180,7 +181,8 @@ def frequent_clipping(run: RunData, t: Thresholds) -> list[Finding]:
         component="optimizer", issue="frequent_clipping", severity="warning",
         message=f"Gradient clipping acted on {overall:.0%} of the steps (limit "
                 f"{t.clip_fraction:.0%}) at optim.grad_clip_norm = {clip} (median gradient norm "
-                f"{finite_median(norms):.3g}): it rescales many updates, like a smaller, noisier LR.",
+                f"{finite_median(norms):.3g}): it rescales many updates, like a smaller, "
+                "noisier LR.",
         evidence=evidence("clip_fraction", steps[high], fractions[high], overall=overall,
                            clip_norm=clip, median_grad_norm=finite_median(norms)),
         suggestion=(f"Raise the clip norm to about the 90th percentile of the norms "

@@ -60,7 +60,8 @@ def test_compiled_runs_profile_the_whole_step_only(short_csv, tmp_path, monkeypa
     from diagnostics.schemas import PROFILE_RECORD
     from tests.conftest import small_config
     from trainer import distributed
-    monkeypatch.setattr(trainer.build, "maybe_compile", lambda model, enabled, mode="default": model)
+    monkeypatch.setattr(trainer.build, "maybe_compile",
+                        lambda model, enabled, mode="default": model)
     config = small_config(short_csv, tmp_path, "compiled", train__compile=True,
                           train__max_steps=2, train__log_interval=2,
                           train__validate_at_start=False,

@@ -46,6 +46,8 @@ if __package__ in (None, ""):          # run as a file: make `benchmarks.*` impo
 import psutil
 import torch
 
+from trainer import resources
+
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTION = REPO / "configs" / "celestial_enhanced_pgat_production.yaml"
 # Issue 14's targets on a 2-core CPU: the production config at batch 12 (aim 200 samples/s),
@@ -58,18 +60,8 @@ QUIET_OTHER_CORES = 0.1
 
 
 # --------------------------------------------------------------------------- the machine
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict:
-    info = {"cpu": cpu_model_name(), "cores": os.cpu_count(),
+    info = {"cpu": resources.cpu_model_name(), "cores": os.cpu_count(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "torch": torch.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diagnostics.records import step_file, write_json
-from trainer import distributed
+from trainer import distributed, resources
 from trainer.diagnostics_config import DiagnosticsConfig
 from trainer.observer import Observer, RunContext, StepContext
 from trainer.resources import memory_report
@@ -39,20 +39,7 @@ def peak_tflops(device_name: str) -> float | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return _cpu_model_name()
-
-
-def _cpu_model_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else the machine type."""
-    import platform
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    return resources.cpu_model_name()
 
 
 def count_flops_per_sample(model: torch.nn.Module, num_features: int, num_targets: int,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from trainer import precision
+from trainer import precision, resources
 
 CPU = torch.device("cpu")
 
@@ -36,7 +36,7 @@ def test_the_probe_measures_a_positive_speedup_once():
 
 def test_native_bf16_agrees_with_the_kernels_cpu_flags():
     """torch's check and /proc/cpuinfo's flags say the same on this machine."""
-    flags = precision.cpu_flags()
+    flags = resources.cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo flags here")
     assert precision.cpu_has_native_bf16() == bool(flags & set(precision.BF16_CPU_FLAGS))

@@ -16,24 +16,15 @@ from __future__ import annotations
 
 import functools
 import time
-from pathlib import Path
 
 import torch
+
+from trainer import resources
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 MIN_CPU_SPEEDUP = 1.2          # bf16 products this much faster than fp32's, or fp32 is kept
 PROBE_SIZE, PROBE_REPEATS = 1024, 3
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -42,7 +33,7 @@ def cpu_has_native_bf16() -> bool:
               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(callable(check) for check in checks):
         return any(check() for check in checks)
-    return bool(cpu_flags() & set(BF16_CPU_FLAGS))
+    return bool(resources.cpu_flags() & set(BF16_CPU_FLAGS))
 
 
 def _best_time(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,8 +1,11 @@
-"""Memory readings of this process: CUDA allocator and NVML on GPU, RSS on CPU."""
+"""What the machine has: memory readings of this process (CUDA allocator and NVML on GPU, RSS on
+CPU) and the CPU's model name and instruction-set flags."""
 from __future__ import annotations
 
 import functools
+import platform
 import socket
+from pathlib import Path
 
 import psutil
 import torch
@@ -49,3 +52,24 @@ def _nvml_handle(device: torch.device):
         return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
     except pynvml.NVMLError:
         return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+
+
+def cpuinfo_field(name: str) -> str | None:
+    """The first value of `name` in /proc/cpuinfo (Linux); None elsewhere or if absent."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":", 1)[0].strip() == name:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name, else the machine type."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags as the kernel lists them (empty where unknown)."""
+    return set((cpuinfo_field("flags") or "").split())

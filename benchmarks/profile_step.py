@@ -73,22 +73,22 @@ def op_name(event) -> str | None:
     return event.name[len("aten::"):] if event.name.startswith("aten::") else None
 
 
-def in_optimizer(event) -> bool:
+def has_ancestor(event, prefix: str) -> bool:
+    """Whether an enclosing profiler event's name starts with `prefix`."""
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name.startswith("Optimizer."):
+        if parent.name.startswith(prefix):
             return True
         parent = parent.cpu_parent
     return False
+
+
+def in_optimizer(event) -> bool:
+    return has_ancestor(event, "Optimizer.")
 
 
 def called_by_an_operator(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
-        parent = parent.cpu_parent
-    return False
+    return has_ancestor(event, "aten::")
 
 
 def category(event) -> str:

@@ -24,6 +24,7 @@ views (view, expand, permute, ...): on a GPU each is at least one kernel launch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -125,8 +126,8 @@ def breakdown(events, wall_s: float, steps: int) -> dict:
 
 
 def profile_precision(config_path: str, batch_size: int, precision: str, warmup: int,
-                      steps: int) -> dict:
-    config = load_benchmark_config(config_path, [f"data.batch_size={batch_size}",
+                      steps: int, overrides: tuple[str, ...] = ()) -> dict:
+    config = load_benchmark_config(config_path, [*overrides, f"data.batch_size={batch_size}",
                                                  f"train.precision={precision}"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timed = TimedStep(config, input_spec(config), device)
@@ -167,11 +168,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                        metavar="KEY=VALUE", help="config overrides, as the trainer's --set")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    results = [profile_precision(args.config, args.batch_size, precision, args.warmup, args.steps)
+    results = [profile_precision(args.config, args.batch_size, precision, args.warmup, args.steps,
+                                 tuple(args.overrides))
                for precision in args.precision]
-    print(format_report(results, machine_info(), args.config))
+    if args.json:
+        print(json.dumps({"machine": machine_info(), "config": args.config, "results": results}))
+    else:
+        print(format_report(results, machine_info(), args.config))
 
 
 if __name__ == "__main__":

@@ -51,9 +51,25 @@ def test_throughput_reports_rate_memory_flops_and_share_of_peak(short_csv, tmp_p
         assert len(run["samples_per_s"]) == 4 and all(r > 0 for r in run["samples_per_s"])
         assert run["peak_rss_mb"] >= run["rss_after_build_mb"] > 50
         assert 0 < run["matmul_peak_fraction"] < 1
+        assert run["bf16_matmul_peak_fraction"] > 0 and result["bf16_matmul_peak_gflops"] > 0
     assert {"other_processes_cores", "quiet", "load_1m_before"} <= set(result["load"])
     report = format_report(result)
     assert "samples/s" in report and "peak RSS" in report and "of matmul peak" in report
+
+
+def test_profile_step_splits_the_whole_step_into_categories(short_csv, tmp_path):
+    from benchmarks.profile_step import CATEGORIES, format_report
+    result = run_script("profile_step.py", "--config", QUICKSTART, "--batch-size", "8",
+                        "--precision", "fp32", "bf16", "--warmup", "1", "--steps", "2",
+                        "--json", "--set", *tiny(short_csv, tmp_path))
+    assert [r["precision"] for r in result["results"]] == ["fp32", "bf16"]
+    for run in result["results"]:
+        parts = run["ms_per_step"]
+        assert set(parts) == set(CATEGORIES) and parts["matmul"] > 0
+        assert sum(parts.values()) == pytest.approx(run["step_ms"], rel=0.05)
+        assert run["operator_calls_per_step"] > 50 and run["top_non_matmul"]
+    report = format_report(result["results"], result["machine"], QUICKSTART)
+    assert "python and dispatch" in report and "operator calls per step" in report
 
 
 def test_compile_speedup_falls_back_and_claims_no_speedup(short_csv, tmp_path):

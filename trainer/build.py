@@ -207,9 +207,10 @@ def build_train_step(config: Config, spec, env: DistEnv, total: int) -> TrainSte
 
 def agreed_precision(setting: str, env: DistEnv) -> str:
     """`train.precision` made concrete for this device (trainer/precision.py), rank 0's choice
-    on every rank: a CPU probe could differ between ranks, and their numerics must not."""
-    chosen, why = precision.resolve_precision(setting, env.device)
-    chosen, why = distributed.broadcast_object((chosen, why))
+    on every rank: a CPU probe could differ between ranks, and their numerics must not. Only
+    rank 0 probes."""
+    decided = precision.resolve_precision(setting, env.device) if env.rank == 0 else None
+    chosen, why = distributed.broadcast_object(decided)
     log.info("precision %s (%s)", chosen, why)
     return chosen
 

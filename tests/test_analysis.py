@@ -485,7 +485,7 @@ def test_real_training_run_is_analysed(tmp_path):
              "--enable_attention_logging", "--enable_component_profiling",
              "--gradient_log_interval", "10", "--attention_log_interval", "20",
              "--checkpoint_interval", "20", "--set", f"train.log_root={tmp_path}/logs",
-             f"checkpoint.root={tmp_path}/checkpoints"]
+             f"checkpoint.root={tmp_path}/checkpoints", "diagnostics.attribution_max_samples=128"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     done = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=1500, check=False)

@@ -1,7 +1,9 @@
 """Planted truth, the other way: on the built-in data with every driver's strength set to 0
 there is nothing in the celestial inputs to find. The analysis must say so:
 `celestial_inputs_unused`, and `no_skill_over_baseline` since nothing but the target history
-(a random walk) is left to forecast from."""
+(a random walk) is left to forecast from. Both come from the test split's line (its skill and
+its all-bodies-blanked rise), so the occlusion at each validation, which costs more than the
+validation itself, is off; the attention records are kept for the attention rules."""
 from __future__ import annotations
 
 import json
@@ -34,7 +36,8 @@ def test_without_drivers_the_analysis_finds_no_skill_and_unused_inputs(tmp_path)
                       "--enable_attention_logging",
                       "--set", f"train.log_root={tmp_path}/logs",
                       f"checkpoint.root={tmp_path}/checkpoints",
-                      "diagnostics.attribution_max_samples=512", "train.progress_bar=false"],
+                      "diagnostics.attribution_at_validation=false",
+                      "train.progress_bar=false"],
                      timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     log_dir = tmp_path / "logs" / "zero"

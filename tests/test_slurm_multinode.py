@@ -25,9 +25,6 @@ from tests.test_slurm import (
 )
 
 NUM_NODES = 2
-# A shorter data range and a smaller model: the point is the launch, not the forecast.
-SMALL_AND_FAST = ("data.builtin.start_date=1996-01-01 data.builtin.end_date=2003-12-31 "
-                  "model.d_model=32 model.seq_len=48 model.pred_len=12")
 
 
 def test_two_nodes_skip_cleanly_where_hosts_cannot_be_made(monkeypatch):
@@ -74,7 +71,7 @@ def assert_every_rank_wrote_its_shards(checkpoints, world_size: int) -> None:
 @pytest.mark.slow
 def test_two_node_job_trains_requeues_on_usr1_and_resumes_on_two_nodes(cluster, tmp_path):
     job_id = submit(cluster, MULTI_NODE, tmp_path, "two-nodes", 60, f"--nodes={NUM_NODES}",
-                    ranks_per_node=1, overrides=SMALL_AND_FAST)
+                    ranks_per_node=1)
     signal_after_first_checkpoint(cluster, tmp_path, "two-nodes", job_id)
     info = wait_finished(cluster, tmp_path, job_id)
     output = job_output(tmp_path, job_id)

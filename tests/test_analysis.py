@@ -5,11 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import jsonschema
@@ -17,7 +15,6 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from diagnostics import schemas
 from diagnostics.analysis.cli import run as cli
 from diagnostics.analysis.console import HEALTHY_LINE
 from diagnostics.analysis.errors import AnalysisError
@@ -29,7 +26,7 @@ from diagnostics.analysis.rules.loss import rolling_robust_z
 from diagnostics.analysis.run import analyze
 from diagnostics.analysis.thresholds import Thresholds, build_thresholds, parse_threshold
 from tests.conftest import REPO
-from tests.run_folder_factory import BODIES, COMPONENTS, RunSpec, build_run_folder, eval_line
+from tests.run_folder_factory import COMPONENTS, RunSpec, build_run_folder, eval_line
 
 
 def findings_of(folder: Path, overrides=()) -> list:
@@ -473,46 +470,6 @@ def test_compare_overlays_runs_in_one_report(tmp_path, capsys):
     html = (compare / "report.html").read_text()
     assert_self_contained(html)
     assert html.count("data:image/png;base64,") == 2 and str(b) in html
-
-
-# --- a real short training run ----------------------------------------------------------------
-
-@pytest.mark.slow
-def test_real_training_run_is_analysed(tmp_path):
-    name = f"analysis_{uuid.uuid4().hex[:8]}"
-    train = [sys.executable, "launch/train.py", "--config", "configs/quickstart_cpu.yaml",
-             "--experiment_name", name, "--max_steps", "40", "--enable_gradient_diagnostics",
-             "--enable_attention_logging", "--enable_component_profiling",
-             "--gradient_log_interval", "10", "--attention_log_interval", "20",
-             "--checkpoint_interval", "20", "--set", f"train.log_root={tmp_path}/logs",
-             f"checkpoint.root={tmp_path}/checkpoints", "diagnostics.attribution_max_samples=128"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    done = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1500, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    log_dir = tmp_path / "logs" / name
-    result = subprocess.run([sys.executable, "launch/analyze.py", "--log_dir", str(log_dir)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Mean norm:" in result.stdout and "Top celestial (" in result.stdout
-    analysis = log_dir / "analysis"
-    for png in ("gradient_flow.png", "fusion_attention_entropy.png", "c2t_attention_heatmap.png",
-                "training_curves.png", "skill.png"):
-        assert_valid_png(analysis / png)
-    assert "Verdict:" in result.stdout and "skill vs random walk" in result.stdout
-    with open(analysis / "gradient_norms.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
-    assert "decoder" in rows[0] and all(float(r["decoder"]) > 0 for r in rows)
-    assert_valid_findings(analysis / "recommendations.json")
-    html = (analysis / "report.html").read_text()
-    assert_self_contained(html)
-    assert html.count("data:image/png;base64,") == 5
-    for path in log_dir.glob("*/*_step_*.json"):   # what was analysed is what the schemas say
-        jsonschema.validate(json.loads(path.read_text()), schemas.schema_for(path.name))
-    top = json.loads(max((log_dir / "attention").glob("attention_step_*.json")).read_text())
-    assert set(top["c2t"]["bodies"]) == set(BODIES)
 
 
 def test_overfitting_advice_never_says_train_longer(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,11 +187,20 @@ def test_nan_on_one_rank_skips_the_step_on_both(short_csv, tmp_path):
     assert results[0]["param_sum"] == results[1]["param_sum"]
 
 
-@pytest.mark.parametrize("damage", ["truncated_shard", "missing_metadata", "flipped_byte"])
-def test_damaged_newest_checkpoint_falls_back(short_csv, tmp_path, damage):
-    args = train_args(short_csv, tmp_path, "dmg", train__max_steps=10, checkpoint__interval=5,
+@pytest.fixture(scope="module")
+def undamaged_run(short_csv, tmp_path_factory):
+    """One 2-rank run with checkpoints at steps 5 and 10, copied by each damage case below."""
+    root = tmp_path_factory.mktemp("undamaged")
+    args = train_args(short_csv, root, "dmg", train__max_steps=10, checkpoint__interval=5,
                       checkpoint__keep_last=3)
     assert finish(launch(args, ranks=2))[0] == 0
+    return root
+
+
+@pytest.mark.parametrize("damage", ["truncated_shard", "missing_metadata", "flipped_byte"])
+def test_damaged_newest_checkpoint_falls_back(short_csv, tmp_path, undamaged_run, damage):
+    for folder in ("checkpoints", "logs"):
+        shutil.copytree(undamaged_run / folder, tmp_path / folder)
     newest = tmp_path / "checkpoints" / "dmg" / "checkpoint_step_000010"
     shard = newest / "__1_0.distcp"
     if damage == "truncated_shard":

@@ -204,9 +204,8 @@ class SplitEvaluator:
 
     def __call__(self, split: str = "val", **kwargs) -> dict:
         loader = self.data.val_loader if split == "val" else self.data.test_loader
-        autocast = self.step.autocast() if self.step.autocast_dtype is not None else None
         return evaluate(self.step.model, loader, self.step.device, self.data.prepared.target_std,
-                        autocast=autocast, **kwargs)
+                        autocast=self.step.autocast(), **kwargs)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -47,6 +47,7 @@ import psutil
 import torch
 
 from trainer import resources
+from trainer.precision import cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTION = REPO / "configs" / "celestial_enhanced_pgat_production.yaml"
@@ -57,6 +58,8 @@ QUICKSTART_TARGET_SAMPLES_PER_S = 1500.0
 # Other processes (or the hypervisor's steal) taking more than this many cores on average during
 # a measurement make it "not quiet" (the load average lags and counts our own earlier runs too).
 QUIET_OTHER_CORES = 0.1
+# Longest a matrix-product peak probe may take on a CPU (it shrinks the product to fit).
+MATMUL_PROBE_BUDGET_S = 10.0
 
 
 # --------------------------------------------------------------------------- the machine
@@ -133,8 +136,13 @@ def peak_rss_mb() -> float:
 
 
 def matmul_peak_gflops(size: int, repeats: int, device: torch.device,
-                       dtype: torch.dtype = torch.float32) -> float:
-    """Best-of-`repeats` rate of one (size x size) @ (size x size) product, in GFLOP/s."""
+                       dtype: torch.dtype = torch.float32,
+                       budget_s: float = MATMUL_PROBE_BUDGET_S) -> tuple[float, int]:
+    """(GFLOP/s, size): the best-of-`repeats` rate of one square matrix product. On a CPU the
+    product is shrunk below `size` where a `size`^2 one would take the probe past `budget_s`
+    (bf16 emulated without bf16 instructions runs at about 1 GFLOP/s: 4096^2 takes minutes)."""
+    if device.type == "cpu":
+        size = affordable_size(size, repeats, dtype, budget_s)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     out = torch.empty_like(a)
@@ -146,7 +154,20 @@ def matmul_peak_gflops(size: int, repeats: int, device: torch.device,
         torch.mm(a, b, out=out)
         _sync(device)
         best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best / 1e9
+    return 2 * size**3 / best / 1e9, size
+
+
+def affordable_size(size: int, repeats: int, dtype: torch.dtype, budget_s: float) -> int:
+    """The largest size up to `size` (a multiple of 64, at least 128) whose `repeats` + 1 products
+    fit in `budget_s`, judged from the rate of one 128^2 product."""
+    small = 128
+    a = torch.randn(small, small, dtype=dtype)
+    torch.mm(a, a)
+    started = time.perf_counter()
+    torch.mm(a, a)
+    rate = 2 * small**3 / max(time.perf_counter() - started, 1e-9)
+    largest = (budget_s * rate / (2 * (repeats + 1))) ** (1 / 3)
+    return max(small, min(size, int(largest) // 64 * 64))
 
 
 def _sync(device: torch.device) -> None:
@@ -374,11 +395,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     facts = model_facts(config, spec)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = matmul_peak_gflops(args.matmul_size, args.matmul_repeats, device, dtype)
+    peak, size = matmul_peak_gflops(args.matmul_size, args.matmul_repeats, device, dtype)
     # On a CPU also the bf16 peak, in the same run: which one training approaches depends on
     # the precision (trainer/precision.py picks bf16 only where its products are faster).
-    bf16_peak = (matmul_peak_gflops(args.matmul_size, args.matmul_repeats, device, torch.bfloat16)
-                 if device.type == "cpu" else None)
+    # Only where the CPU has bf16 instructions: elsewhere bf16 is emulated and never chosen.
+    bf16_peak, bf16_size = (
+        matmul_peak_gflops(args.matmul_size, args.matmul_repeats, device, torch.bfloat16)
+        if device.type == "cpu" and cpu_has_native_bf16() else (None, None))
     jobs = [{"config": args.config, "device": device.type, "spec": spec.to_dict(),
              "overrides": overrides + [f"optim.implementation={optimizer}",
                                        f"train.compile={str(compiled).lower()}"],
@@ -392,8 +415,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             run["bf16_matmul_peak_fraction"] = achieved_gflops / bf16_peak
     return {"benchmark": "throughput", "config": str(args.config), "batch_size": args.batch_size,
             "overrides": overrides, "machine": machine_info(),
-            "model": facts, "matmul_peak_gflops": peak, "matmul_size": args.matmul_size,
-            "bf16_matmul_peak_gflops": bf16_peak,
+            "model": facts, "matmul_peak_gflops": peak, "matmul_size": size,
+            "bf16_matmul_peak_gflops": bf16_peak, "bf16_matmul_size": bf16_size,
             "matmul_dtype": str(dtype).replace("torch.", ""),
             "data_preparation_peak_rss_mb": data_peak_mb, "runs": runs,
             "load": witness.report()}
@@ -411,8 +434,9 @@ def format_report(r: dict) -> str:
          f"{f['flops_per_sample'] / 1e9:.3f} GFLOP"),
         (f"matmul peak of this machine ({r['matmul_dtype']} {r['matmul_size']}^2, best of "
          f"several): {r['matmul_peak_gflops']:.1f} GFLOP/s"
-         + (f"; bfloat16: {r['bf16_matmul_peak_gflops']:.1f} GFLOP/s"
-            if r.get("bf16_matmul_peak_gflops") else "")),
+         + (f"; bfloat16 ({r['bf16_matmul_size']}^2): {r['bf16_matmul_peak_gflops']:.1f} GFLOP/s"
+            if r.get("bf16_matmul_peak_gflops") else
+            "; bfloat16: not measured (no bf16 instructions: emulated, never chosen)")),
         "",
         (f"{'optimizer':<10} {'compile':<8} {'threads':>7} {'samples/s (median [min-max])':>30} "
          f"{'step ms':>8} {'peak RSS MB':>12} {'of matmul peak':>15}  per-process medians"),

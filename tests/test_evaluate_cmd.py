@@ -106,6 +106,17 @@ def test_missing_data_and_bad_checkpoint(trainer, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_missing_data_file_is_refused_not_generated(trainer, tmp_path, capsys):
+    """The model's data is built-in (a cache generated where data.path says); a `--data` typo
+    must not become a new dataset at that path."""
+    assert trainer.config.data.source == "builtin"
+    typo = tmp_path / "nope.csv"
+    status, _, err = evaluate(capsys, "--checkpoint", model_path(trainer), "--data", typo,
+                              "--out", tmp_path / "o" / "r.json")
+    assert status == 2 and err == f"error: data file not found: {typo}\n"
+    assert not typo.exists() and not (tmp_path / "o").exists()
+
+
 def test_json_has_no_nan_tokens():
     from trainer.run_log import json_safe
     assert json_safe({"skill": [0.1, float("nan")], "x": {"y": float("inf")}}) == \

@@ -237,11 +237,15 @@ def test_origins_backtest(model_file, short_csv, tmp_path, capsys):
 @pytest.mark.parametrize("origins, message", [
     ("1000", "history for at most"), ("0", "at least 1 origin"),
     ("1996-01-10", "the model looks back"),
-    ("2099-01-01", "is not a row with targets"), ("soon", "neither a count nor")])
+    ("2099-01-01", "is not a row with targets"),
+    ("soon", "--origins: 'soon' is not a full YYYY-MM-DD date (give a count or full dates)"),
+    ("2003-06", "--origins: '2003-06' is not a full YYYY-MM-DD date"),
+    ("2003-06-30T12:00", "is not a full YYYY-MM-DD date")])
 def test_bad_origins(model_file, short_csv, tmp_path, capsys, origins, message):
     status, _, err = forecast(capsys, "--checkpoint", model_file, "--data", short_csv,
                               "--out", tmp_path / "out", "--origins", origins)
-    assert status == 2 and message in err and not (tmp_path / "out").exists()
+    assert status == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from model.decoder import mixture_mean, mixture_quantiles
-from trainer.data import ensure_dataset
+from trainer.data import ensure_dataset, given_data_file, parse_date
 from trainer.distributed import pick_device
 from trainer.errors import UserError
 from trainer.forecast_input import ForecastInput, prepare_forecast_input, typical_step
@@ -75,9 +75,9 @@ def choose_origins(inputs: ForecastInput, spec: str | None, loaded: LoadedModel)
 
 def _origin_row(inputs: ForecastInput, text: str, loaded: LoadedModel) -> int:
     try:
-        date = np.datetime64(text, "D")
-    except ValueError:
-        raise UserError(f"--origins: {text!r} is neither a count nor a YYYY-MM-DD date") from None
+        date = parse_date(text)
+    except ValueError as err:
+        raise UserError(f"--origins: {err} (give a count or full dates)") from None
     found = np.flatnonzero(inputs.dates[:inputs.num_observed] == date)
     if not len(found):
         raise UserError(f"--origins: {text} is not a row with targets in {inputs.path}")
@@ -194,8 +194,8 @@ def data_path(loaded: LoadedModel, given: Path | None) -> tuple[Path, bool]:
     data = loaded.config.data
     builtin = data.source == "builtin"
     if given is not None:
-        return given, builtin
-    return (ensure_dataset(data) if builtin else Path(data.path)), builtin
+        return given_data_file(given), builtin
+    return (ensure_dataset(data) if builtin else given_data_file(Path(data.path))), builtin
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data import PreparedData, WindowDataset, build_loader, prepare
+from trainer.data import PreparedData, given_data_file, WindowDataset, build_loader, prepare
 from trainer.distributed import pick_device
 from trainer.errors import UserError
 from trainer.evaluate import FORECASTERS, celestial_effect, evaluate
@@ -35,7 +35,7 @@ def rebuild_data(loaded: LoadedModel, data_file: Path | None) -> PreparedData:
     """The training-time data, checked to be what the model was trained on."""
     data_config = loaded.config.data
     if data_file is not None:
-        data_config = dataclasses.replace(data_config, path=str(data_file))
+        data_config = dataclasses.replace(data_config, path=str(given_data_file(data_file)))
     prepared = prepare(data_config, loaded.seq_len, loaded.pred_len)
     path = data_config.resolved_path()
     if prepared.spec.feature_names != loaded.spec.feature_names or \

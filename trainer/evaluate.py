@@ -5,9 +5,9 @@ Per forecaster (the model, `rw_*` and `ewma_*` baselines, see trainer/scoring.py
 intervals; overall and `<metric>_per_target` (and `_by_horizon`, [P][T], on request). For the
 model also the effective number of mixture components (exp of the entropy of pi) and the
 pi-weighted fraction of components whose sigma sits at its floor (sigma collapse).
-Sums are taken on every rank's shard and reduced over all ranks. With `with_series`, the
-per-window mean NLL of every forecaster, in time order and gathered from all ranks, is returned
-too (`series`), for skill intervals and occlusion.
+Sums are taken on every rank's shard and reduced over all ranks. With `with_series`, per-window
+scores in time order, gathered from all ranks, are returned too (`series`, for skill intervals,
+occlusion and the per-window test file), with `calibration_by_horizon` (trainer/calibration.py).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from trainer import distributed
+from trainer.calibration import NUM_PIT_BINS, calibration_by_horizon, pit_counts
 from trainer.scoring import (
     BASELINES,
     SCORES,
@@ -28,6 +29,8 @@ from trainer.scoring import (
 
 FORECASTERS = ("model", *BASELINES)
 _MODEL_ONLY = ("effective_components", "sigma_at_floor")
+_SERIES_KEYS = ("window", *FORECASTERS, *(f"{name}_{score}_T" for name in FORECASTERS
+                                            for score in ("nll", "crps")), "coverage_90_P")
 _SUM_KEYS = ("count", *[f"{p}{s}" for p in ("", *(f"{b}_" for b in BASELINES)) for s in SCORES],
              *_MODEL_ONLY)
 
@@ -78,8 +81,9 @@ def evaluate(model, loader, device: torch.device, target_std_T, *,
     P, T = change_scale_PT.shape
     sums = torch.zeros(len(_SUM_KEYS), P, T, dtype=torch.float64, device=device)
     c2t_sum = torch.zeros(T, len(model.spec.bodies), dtype=torch.float64, device=device)
+    pit_PB = torch.zeros(P, NUM_PIT_BINS, dtype=torch.int64, device=device)
     window_ids = iter(loader.sampler)
-    series = {"window": [], **{name: [] for name in FORECASTERS}}
+    series = {key: [] for key in _SERIES_KEYS}
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -91,29 +95,52 @@ def evaluate(model, loader, device: torch.device, target_std_T, *,
             c2t_sum += out.attention["c2t"].double().mean((1, 3)).sum(0)
         per_elem = _batch_scores(out, batch, change_scale_PT, std_T, model.config.sigma_min)
         sums += torch.stack([per_elem[k].double().sum(0) for k in _SUM_KEYS])
+        pit_PB += pit_counts(per_elem["pit"])
         if with_series:
             series["window"] += [next(window_ids) for _ in range(len(batch.target))]
-            for name in FORECASTERS:
-                key = "nll" if name == "model" else f"{name}_nll"
-                series[name] += per_elem[key].double().mean((1, 2)).tolist()
+            _add_window_series(series, per_elem)
     model.train(was_training)
     distributed.all_reduce_sum(sums)
+    distributed.all_reduce_sum(pit_PB)
     metrics = _as_metrics(sums.cpu(), per_horizon)
     if with_c2t:
         distributed.all_reduce_sum(c2t_sum)
         metrics["c2t_map"] = (c2t_sum / max(1, metrics["num_windows"])).tolist()
     if with_series:
         metrics["series"] = _gathered_in_time_order(series)
+        metrics["calibration_by_horizon"] = calibration_by_horizon(
+            _per_step(sums[_SUM_KEYS.index("coverage_50")], sums[0]),
+            metrics["series"]["coverage_90_P"], pit_PB.cpu().tolist(), loader.dataset.stride)
     return metrics
+
+
+def _per_step(sums_PT: torch.Tensor, count_PT: torch.Tensor) -> list[float]:
+    return (sums_PT.sum(1) / count_PT.sum(1).clamp_min(1)).tolist()
+
+
+def _add_window_series(series: dict[str, list], per_elem: dict[str, torch.Tensor]) -> None:
+    """Per window of the batch: every forecaster's mean NLL (`<name>`), its NLL and CRPS per
+    target over the horizon (`<name>_nll_T`, `<name>_crps_T`), and the model's share of targets
+    inside its 90% interval per step (`coverage_90_P`)."""
+    for name in FORECASTERS:
+        prefix = "" if name == "model" else f"{name}_"
+        series[name] += per_elem[f"{prefix}nll"].double().mean((1, 2)).tolist()
+        for score in ("nll", "crps"):
+            series[f"{name}_{score}_T"] += per_elem[f"{prefix}{score}"].double().mean(1).tolist()
+    series["coverage_90_P"] += per_elem["coverage_90"].double().mean(2).tolist()
 
 
 def _gathered_in_time_order(series: dict[str, list]) -> dict[str, np.ndarray]:
     """Every rank's per-window values, joined and sorted by window index (= time order)."""
     parts = distributed.all_gather_object(series)
-    joined = {k: np.concatenate([np.asarray(p[k], dtype=np.float64) for p in parts])
-              for k in series}
+    joined = {k: _joined([p[k] for p in parts]) for k in series}
     order = np.argsort(joined.pop("window"), kind="stable")
     return {k: v[order] for k, v in joined.items()}
+
+
+def _joined(parts: list[list]) -> np.ndarray:
+    filled = [np.asarray(p, dtype=np.float64) for p in parts if len(p)]
+    return np.concatenate(filled) if filled else np.empty(0)
 
 
 def _as_metrics(sums_MPT, per_horizon: bool) -> dict:

@@ -68,9 +68,11 @@ def baseline_forecasts(target_BST: torch.Tensor, change_scale_PT: torch.Tensor) 
 
 
 def scores(mixture, y_BPT: torch.Tensor, target_std_T: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every score per (B, P, T) for a mixture (log_pi, mu, sigma) against outcomes y."""
+    """Every score per (B, P, T) for a mixture (log_pi, mu, sigma) against outcomes y, and
+    `pit`, the forecast CDF at the outcome."""
     log_pi, mu, sigma = mixture
-    centrality_BPT = (mixture_cdf(log_pi, mu, sigma, y_BPT) - 0.5).abs()
+    pit_BPT = mixture_cdf(log_pi, mu, sigma, y_BPT)
+    centrality_BPT = (pit_BPT - 0.5).abs()
     if mu.shape[-1] == 1:     # a Gaussian: the median is its mean, no search needed
         median_BPT = mu[..., 0]
     else:
@@ -79,7 +81,7 @@ def scores(mixture, y_BPT: torch.Tensor, target_std_T: torch.Tensor) -> dict[str
             "crps": mixture_crps(log_pi, mu, sigma, y_BPT),
             "mae": (median_BPT - y_BPT).abs() * target_std_T,
             "coverage_50": (centrality_BPT <= 0.25).float(),
-            "coverage_90": (centrality_BPT <= 0.45).float()}
+            "coverage_90": (centrality_BPT <= 0.45).float(), "pit": pit_BPT}
 
 
 # --- skill and its interval ----------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import REPO
 from tests.test_forecast import model_path, read_rows, saved_with, train_tiny, write_rows
 from trainer import distributed
-from trainer.forecast_evaluate import VAL_WARNING, run
+from trainer.forecast_evaluate import REPORT_SCORES, VAL_WARNING, run
 from trainer.test_windows import COLUMNS as WINDOW_COLUMNS
 
 PRED_LEN = 12
@@ -63,7 +63,9 @@ def test_report_has_every_forecaster_per_target_and_horizon(test_report, short_c
         assert set(forecaster["per_target"]) == set(TARGETS)
         for target in TARGETS:
             by_horizon = forecaster["by_horizon"][target]
-            assert set(by_horizon) == {"nll", "crps", "mae", "coverage_50", "coverage_90"}
+            assert set(by_horizon) == set(REPORT_SCORES)
+            assert {"pinball_q05", "wql", "msis_90", "mase", "rmse", "crps_units"} <= \
+                set(by_horizon)
             assert all(len(v) == PRED_LEN for v in by_horizon.values())
             # Spread grows with the horizon: the baselines' 12-step CRPS exceeds their 1-step.
             assert by_horizon["crps"][-1] > by_horizon["crps"][0]

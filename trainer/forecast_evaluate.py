@@ -26,11 +26,23 @@ from trainer.evaluate import FORECASTERS, celestial_effect, evaluate
 from trainer.forecast import run_command
 from trainer.forecast_model import SCALING_KEYS, LoadedModel, load_model_file
 from trainer.run_log import json_safe
-from trainer.scoring import BASELINE_NAMES, BASELINES, SCORES, skill_metrics
+from trainer.scoring import (
+    BASELINE_NAMES,
+    BASELINES,
+    DERIVED_SCORES,
+    QUANTILE_SCORES,
+    SCORES,
+    skill_metrics,
+)
 from trainer.stats_pending import holm, paired_difference
 from trainer.test_windows import window_origins, window_rows, write_windows_csv
 
 FORECASTER_NAMES = {"model": "model", **BASELINE_NAMES}
+REPORT_SCORES = tuple(s for s in (*SCORES, *QUANTILE_SCORES, *DERIVED_SCORES)
+                      if s not in ("squared_error", "abs_outcome"))
+UNITS = ("nll, crps: scaled target units (target / training std); crps_units, mae, rmse, "
+         "pinball_*, interval_score_*: target units; mase, msis_*: over the naive one-step MAE "
+         "of each window's look-back; wql: over the mean |outcome| in target units")
 
 
 def rebuild_data(loaded: LoadedModel, data_file: Path | None) -> PreparedData:
@@ -78,7 +90,8 @@ def score_split(loaded: LoadedModel, prepared: PreparedData, split: str, device
     def evaluate_fn(_split: str, **kwargs) -> dict:
         return evaluate(model, loader, device, prepared.target_std, **kwargs)
 
-    metrics = evaluate_fn(split, with_series=True, per_horizon=True)
+    metrics = evaluate_fn(split, with_series=True, per_horizon=True,
+                          target_mean_T=prepared.target_mean)
     metrics.update(celestial_effect(evaluate_fn, split, loaded.spec, loaded.pred_len,
                                     config.data.window_stride, base=metrics))
     series = metrics.pop("series")
@@ -117,11 +130,11 @@ def _key(name: str, score: str) -> str:
 def _forecaster_scores(flat: dict, name: str, targets: list[str]) -> dict:
     """One forecaster's scores: overall, per target, and per target per horizon step."""
     return {"description": FORECASTER_NAMES[name],
-            **{s: flat[_key(name, s)] for s in SCORES},
-            "per_target": {t: {s: flat[f"{_key(name, s)}_per_target"][i] for s in SCORES}
+            **{s: flat[_key(name, s)] for s in REPORT_SCORES},
+            "per_target": {t: {s: flat[f"{_key(name, s)}_per_target"][i] for s in REPORT_SCORES}
                            for i, t in enumerate(targets)},
             "by_horizon": {t: {s: [row[i] for row in flat[f"{_key(name, s)}_by_horizon"]]
-                               for s in SCORES} for i, t in enumerate(targets)}}
+                               for s in REPORT_SCORES} for i, t in enumerate(targets)}}
 
 
 def report(loaded: LoadedModel, data_file: Path, split: str, flat: dict, tests: dict) -> dict:
@@ -134,7 +147,7 @@ def report(loaded: LoadedModel, data_file: Path, split: str, flat: dict, tests: 
         "checkpoint": str(loaded.path), "step": loaded.step, "data": str(data_file),
         "split": split, "first_date": flat["first_date"], "last_date": flat["last_date"],
         "num_windows": flat["num_windows"], "horizon_steps": loaded.pred_len, "targets": targets,
-        "units": "nll and crps in scaled target units (training std), mae in target units",
+        "units": UNITS,
         "forecasters": forecasters,
         "skill": {"definition": "model NLL minus baseline NLL on the same windows (negative: "
                                 "the model is better), 95% moving-block bootstrap interval",
@@ -160,16 +173,24 @@ def report(loaded: LoadedModel, data_file: Path, split: str, flat: dict, tests: 
     }
 
 
+TABLE_COLUMNS = [("nll", 9, "nll", ".4f"), ("crps (scaled)", 15, "crps", ".4f"),
+                 ("crps (units)", 14, "crps_units", ".4g"), ("mae", 10, "mae", ".4g"),
+                 ("rmse", 10, "rmse", ".4g"), ("mase", 8, "mase", ".3f"), ("wql", 9, "wql", ".4g"),
+                 ("msis 90%", 10, "msis_90", ".3f"), ("cover 50%", 11, "coverage_50", ".3f"),
+                 ("cover 90%", 11, "coverage_90", ".3f")]
+
+
 def table_lines(doc: dict) -> list[str]:
     """A readable summary of the report."""
     lines = [(f"{doc['checkpoint']} (step {doc['step']}) on the {doc['split']} split of "
               f"{doc['data']}: {doc['num_windows']} windows, origins {doc['first_date']} to "
               f"{doc['last_date']}, {doc['horizon_steps']} steps, {len(doc['targets'])} targets"),
-             "", (f"{'forecaster':<34}{'nll':>9}{'crps':>9}{'mae':>10}{'cover 50%':>11}"
-                 f"{'cover 90%':>11}")]
+             "", "units: nll and crps (scaled) per training std; crps, mae, rmse (units) in "
+                 "target units; mase and msis per the look-back's naive one-step MAE", "",
+             f"{'forecaster':<34}" + "".join(f"{h:>{w}}" for h, w, _, _ in TABLE_COLUMNS)]
     for f in doc["forecasters"].values():
-        lines.append(f"{f['description']:<34}{f['nll']:>9.4f}{f['crps']:>9.4f}{f['mae']:>10.4g}"
-                     f"{f['coverage_50']:>11.3f}{f['coverage_90']:>11.3f}")
+        lines.append(f"{f['description']:<34}" + "".join(f"{f[k]:>{w}{spec}}"
+                                                         for _, w, k, spec in TABLE_COLUMNS))
     lines += ["", "NLL per target" + "".join(f"{n:>10}" for n in doc["forecasters"])]
     for t in doc["targets"]:
         lines.append(f"{t:<14}" + "".join(f"{f['per_target'][t]['nll']:>10.4f}"

@@ -99,6 +99,8 @@ EVAL_LINE = _obj({"nll": _NUM, "mae": _NUM, "coverage_50": _NUM, "coverage_90": 
                   "skill": _NUM, "skill_low": _NUM, "skill_high": _NUM,
                   "best_baseline": {"enum": ["rw", "ewma"]}, "skill_block_length": _INT,
                   "blank_all_rise": _NUM, "blank_all_rise_low": _NUM, "blank_all_rise_high": _NUM,
+                  **{f"{p}{k}": _NUM for p in ("", "rw_", "ewma_")
+                     for k in ("crps_units", "rmse", "mase")},
                   "calibration_by_horizon": CALIBRATION_BY_HORIZON, "pred_len": _INT,
                   "window_stride": _INT, "windows_file": _STR})
 

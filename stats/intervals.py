@@ -7,7 +7,8 @@ volatility clustering adds a slowly decaying tail. The interval is studentised:
     mean +- t_{df} * sqrt(LRV / n)
 
 - LRV: the long-run variance by a Bartlett-kernel HAC estimator (Newey-West 1987) whose lag
-  truncation is `block_length` = the overlap plus 2 n^(1/3);
+  truncation is `block_length` = the overlap plus 2 n^(1/3), corrected for its shrinkage from
+  centring on the sample mean (see `long_run_variance`);
 - df = n / block_length - 1 (at least 1): the number of roughly independent blocks of windows,
   minus one. This is the Harvey-Leybourne-Newbold (1997) small-sample correction of the
   Diebold-Mariano test (refer the statistic to Student's t, not the normal) with the degrees of
@@ -61,14 +62,18 @@ def block_length(num_windows: int, pred_len: int, stride: int = 1) -> int:
 
 def long_run_variance(values_RN: np.ndarray, max_lag: int) -> np.ndarray:
     """Bartlett-kernel (Newey-West) long-run variance of each row: sum over |j| <= max_lag of
-    (1 - |j| / (max_lag + 1)) times the lag-j autocovariance. Never negative."""
+    (1 - |j| / (max_lag + 1)) times the lag-j autocovariance, divided by the estimator's expected
+    shrinkage from centring on the sample mean, 1 - b + b^2 / 3 with b = (max_lag + 1) / n (its
+    fixed-b mean, Kiefer and Vogelsang 2005), which is large when few blocks fit. Never
+    negative."""
     centred = values_RN - values_RN.mean(-1, keepdims=True)
     n = centred.shape[-1]
     variance = (centred * centred).sum(-1) / n
     for lag in range(1, min(max_lag, n - 1) + 1):
         autocovariance = (centred[..., lag:] * centred[..., :-lag]).sum(-1) / n
         variance = variance + 2 * (1 - lag / (max_lag + 1)) * autocovariance
-    return variance
+    b = min((max_lag + 1) / n, 1.0)
+    return variance / (1 - b + b * b / 3)
 
 
 def _check_level(level: float) -> None:

@@ -68,14 +68,16 @@ def test_block_length_never_drops_below_the_window_overlap():
 
 def test_dm_statistic_and_pvalue_of_a_hand_computed_case():
     """x = 2, 0, 2, 0, ... (n = 16): mean 1, block 7 (1 + ceil(2 * 16^(1/3))); the Bartlett
-    long-run variance is 1 + 2 * sum_{j<=7} (1 - j/8) (-1)^j (16 - j)/16 = 1 - 120/128 = 1/16, so
-    the standard error is sqrt(1/16 / 16) = 1/16, the statistic 16 and df = 16/7 - 1 = 9/7."""
+    sum is 1 + 2 * sum_{j<=7} (1 - j/8) (-1)^j (16 - j)/16 = 1 - 120/128 = 1/16, over the
+    centring shrinkage 1 - b + b^2/3 = 7/12 at b = 8/16: a long-run variance of 3/28. The standard
+    error is sqrt(3/28 / 16), the statistic its inverse, and df = 16/7 - 1 = 9/7."""
     from scipy import stats
     result = mean_interval([2.0, 0.0] * 8, pred_len=1)
     assert result.block_length == 7 and result.num_blocks == 2
-    assert result.dm_statistic == pytest.approx(16.0)
-    assert result.dm_pvalue == pytest.approx(2 * stats.t.sf(16.0, 9 / 7))
-    assert result.high - result.mean == pytest.approx(stats.t.ppf(0.975, 9 / 7) / 16)
+    standard_error = math.sqrt(3 / 28 / 16)
+    assert result.dm_statistic == pytest.approx(1 / standard_error)
+    assert result.dm_pvalue == pytest.approx(2 * stats.t.sf(1 / standard_error, 9 / 7))
+    assert result.high - result.mean == pytest.approx(stats.t.ppf(0.975, 9 / 7) * standard_error)
 
 
 def test_the_dm_test_rejects_exactly_when_the_interval_excludes_zero():

@@ -1,4 +1,5 @@
-"""Hostile checkpoint folders: a checkpoint reads only regular files inside itself.
+"""Hostile checkpoint folders: a checkpoint reads only regular files inside itself, and loads
+whole or not at all.
 
 Each case runs in a forked child with a time and a memory limit (tests/bounded.py): before the
 checks these cases hung forever (a named pipe) or read gigabytes (a `.metadata` pointing at
@@ -9,16 +10,24 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 from torch.distributed.checkpoint.stateful import Stateful
 
 from tests.bounded import run_bounded
 from tests.test_checkpoint import IDENTITY, identity_files, shard
-from trainer.checkpoint import CheckpointConfig, CheckpointManager, verify, write_manifest
+from trainer.checkpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    PlainDataLoadPlanner,
+    verify,
+    write_manifest,
+)
 from trainer.errors import UserError
 from trainer.resume import find_resumable
 
@@ -165,3 +174,98 @@ def test_intact_checkpoint_loads_through_the_confined_reader(tmp_path):
     CheckpointManager(CheckpointConfig(), tmp_path).load(folder, state)
     assert torch.equal(state["app"].value["w"], torch.arange(1000.0))
     assert state["app"].value["progress"] == {"step": 5}
+
+
+# --------------------------------------------------------- no silent partial load (point 2)
+def move_chunk(metadata, name: str, offsets: tuple) -> None:
+    """Give the first chunk of tensor `name` other offsets, its storage record following."""
+    chunk = metadata.state_dict_metadata[name].chunks[0]
+    record = metadata.storage_data.pop(MetadataIndex(name, chunk.offsets))
+    chunk.offsets = torch.Size(offsets)
+    metadata.storage_data[MetadataIndex(name, offsets)] = record
+
+
+def test_negative_chunk_offset_is_refused_by_verify_and_by_the_load(tmp_path):
+    """DCP loads such a chunk in part and leaves the rest of the tensor as it was."""
+    folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
+    rewrite_metadata(folder, lambda m: move_chunk(m, "app.w", (-4,)))
+    assert_one_line_naming(verify(folder), "app.w", "offsets (-4,)")
+    assert_one_line_naming(load_error(folder), str(folder), "app.w")
+
+
+def test_a_partial_load_is_found_after_the_load_whatever_the_metadata_check(tmp_path):
+    folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
+    rewrite_metadata(folder, lambda m: move_chunk(m, "app.w", (-4,)))
+    state = {"app": {"w": torch.full((1000,), -1.0), "progress": {"step": 0}}}
+    planner = PlainDataLoadPlanner()
+    dcp.load(state, checkpoint_id=str(folder), planner=planner)     # DCP's own reader: no check
+    assert planner.not_loaded_whole() == ["app.w"]
+    assert (state["app"]["w"][-4:] == -1).all()          # what DCP alone leaves behind
+
+
+def duplicate_chunks(metadata, times: int) -> None:
+    entry = metadata.state_dict_metadata["app.w"]
+    entry.chunks = entry.chunks * times
+
+
+def test_20000_duplicate_chunks_are_refused_fast(tmp_path):
+    folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
+    rewrite_metadata(folder, lambda m: duplicate_chunks(m, 20_000))
+    started = time.perf_counter()
+    problem = run_bounded(verify, folder, seconds=10, memory_mb=200)
+    assert_one_line_naming(problem, "app.w", "20000 chunks")
+    assert time.perf_counter() - started < 5
+    assert_one_line_naming(run_bounded(load_error, folder, seconds=10, memory_mb=200), "app.w")
+
+
+def split_overlapping(metadata) -> None:
+    """Two chunks of 500 elements at 0 and 250: 1000 in all, but 750-999 never written."""
+    entry = metadata.state_dict_metadata["app.w"]
+    record = metadata.storage_data[MetadataIndex("app.w", (0,))]
+    entry.chunks = [ChunkStorageMetadata(torch.Size([0]), torch.Size([500])),
+                    ChunkStorageMetadata(torch.Size([250]), torch.Size([500]))]
+    metadata.storage_data[MetadataIndex("app.w", (250,))] = record
+
+
+def drop_record(metadata, name: str) -> None:
+    metadata.storage_data = {i: r for i, r in metadata.storage_data.items() if i.fqn != name}
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda m: move_chunk(m, "app.w", (1,)), "not within its shape"),
+    (lambda m: duplicate_chunks(m, 2), "exactly once"),
+    (split_overlapping, "exactly once"),
+    (lambda m: drop_record(m, "app.w"), "no storage record"),
+    (lambda m: drop_record(m, "app.progress.step"), "no storage record"),
+    (lambda m: setattr(m.state_dict_metadata["app.w"].chunks[0], "sizes", torch.Size([999])),
+     "exactly once"),
+])
+def test_malformed_chunks_are_refused_naming_the_value(tmp_path, damage, expected):
+    folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
+    rewrite_metadata(folder, damage)
+    assert_one_line_naming(verify(folder), ".metadata", expected)
+
+
+def test_trainer_refuses_a_checkpoint_that_covers_a_parameter_in_part(short_csv, tmp_path,
+                                                                     monkeypatch):
+    """The case found: a negative offset in wave_patching_composer.position's chunk resumed
+    "at step 2" with part of that parameter random. Refused by the metadata check, and by the
+    count of what was loaded when that check is bypassed."""
+    from tests.conftest import small_config
+    from trainer import checkpoint, distributed
+    from trainer.build import build_trainer
+    config = small_config(short_csv, tmp_path, "p", train__max_steps=2, checkpoint__interval=2,
+                          train__validate_at_start=False)
+    env = distributed.init_distributed("cpu")
+    assert build_trainer(config, env).train() == 0
+    folder = tmp_path / "checkpoints" / "p" / "checkpoint_step_000002"
+    keys = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    name = next(k for k in keys if k.endswith("wave_patching_composer.position"))
+    rewrite_metadata(folder, lambda m: move_chunk(
+        m, name, (-4,) + (0,) * (len(keys[name].size) - 1)))
+    trainer = build_trainer(small_config(short_csv, tmp_path, "q"), env)
+    with pytest.raises(UserError, match=f"tensor '{name}'.*not within its shape"):
+        trainer.resume(folder)
+    monkeypatch.setattr(checkpoint, "check_metadata_entries", lambda metadata, sizes: None)
+    with pytest.raises(UserError, match=f"does not cover {name} whole"):
+        trainer.resume(folder)

@@ -24,6 +24,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -46,9 +47,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
+    ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
     StorageMeta,
+    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -68,6 +71,11 @@ _RNG_PREFIX = "rng_rank"
 _RNG_FORMAT = 2          # 1 (unversioned): numpy's state pickled as an ndarray
 _MAX_MANIFEST_BYTES = 4 << 20   # a manifest lists a few files per rank
 _MAX_RNG_BYTES = 1 << 20        # an RNG state file holds about 10 KB
+# A checkpoint of this project holds a few thousand metadata entries, one chunk per tensor per
+# saving rank at most: the caps refuse a crafted file before it costs time or memory.
+_MAX_METADATA_ENTRIES = 200_000
+_MAX_CHUNKS_PER_TENSOR = 1024
+_MAX_DIMS = 16
 _OLD_RNG_GLOBALS = {"numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct",
                     "numpy.core.multiarray._reconstruct", "numpy.dtypes.UInt32DType"}
 
@@ -385,13 +393,77 @@ def read_metadata(folder: Path, sizes: dict[str, int]) -> Metadata:
 
 
 def check_metadata_entries(metadata, sizes: dict[str, int]) -> None:
-    """Every storage record of `metadata` is a slice of a shard the manifest lists, within
-    its stated size. Raises UserError naming the first entry that is not."""
-    if not (isinstance(metadata, Metadata) and isinstance(metadata.state_dict_metadata, dict)
-            and isinstance(metadata.storage_data, dict)):
+    """Every storage record of `metadata` is a slice of a shard the manifest lists, within its
+    stated size; every tensor is covered by its chunks exactly once, each with a storage
+    record; every other value has one. Raises UserError naming the first entry that is not."""
+    values, records = (getattr(metadata, "state_dict_metadata", None),
+                       getattr(metadata, "storage_data", None))
+    if not (isinstance(metadata, Metadata) and isinstance(values, dict)
+            and isinstance(records, dict)):
         raise UserError(".metadata: refused: not DCP metadata")
-    for index, record in metadata.storage_data.items():
+    num_entries = len(values) + len(records) + sum(
+        len(entry.chunks) for entry in values.values()
+        if isinstance(entry, TensorStorageMetadata) and isinstance(entry.chunks, list))
+    if num_entries > _MAX_METADATA_ENTRIES:
+        raise UserError(f".metadata: refused: {num_entries} entries (at most "
+                        f"{_MAX_METADATA_ENTRIES})")
+    for index, record in records.items():
         _check_storage_record(index, record, sizes)
+    for name, entry in values.items():
+        if not isinstance(name, str):
+            raise UserError(f".metadata: refused: the key {short_repr(name)} is not a name")
+        if isinstance(entry, TensorStorageMetadata):
+            _check_tensor_chunks(name, entry, records)
+        elif not (isinstance(entry, BytesStorageMetadata) and MetadataIndex(name) in records):
+            raise UserError(f".metadata: refused: the value {short_repr(name)} has no storage "
+                            f"record")
+
+
+def _check_tensor_chunks(name: str, entry: TensorStorageMetadata, records: dict) -> None:
+    """The chunks of tensor `name` lie within its shape, each has a storage record, and
+    together they cover every element exactly once (DCP would leave a gap unloaded)."""
+    shape, chunks = entry.size, entry.chunks
+    where = f".metadata: refused: tensor {short_repr(name)}"
+    if not (_is_shape(shape) and isinstance(chunks, list)):
+        raise UserError(f"{where}: malformed shape or chunk list")
+    if len(chunks) > _MAX_CHUNKS_PER_TENSOR:
+        raise UserError(f"{where}: {len(chunks)} chunks (at most {_MAX_CHUNKS_PER_TENSOR})")
+    for chunk in chunks:
+        offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+        if not (isinstance(chunk, ChunkStorageMetadata) and _is_shape(offsets)
+                and _is_shape(sizes) and len(offsets) == len(sizes) == len(shape)
+                and all(o + n <= d for o, n, d in zip(offsets, sizes, shape))):
+            raise UserError(f"{where}: a chunk at offsets {_dims(offsets)} of sizes "
+                            f"{_dims(sizes)} is not within its shape {tuple(shape)}")
+        if MetadataIndex(name, offsets) not in records:
+            raise UserError(f"{where}: the chunk at offsets {tuple(offsets)} has no storage "
+                            f"record")
+    covered = sum(math.prod(chunk.sizes) for chunk in chunks)
+    if covered != math.prod(shape) or _any_overlap(chunks):
+        raise UserError(f"{where}: its chunks do not cover its {math.prod(shape)} elements "
+                        f"exactly once")
+
+
+def _dims(value) -> str:
+    return short_repr(tuple(value) if isinstance(value, tuple) else value)
+
+
+def _is_shape(value) -> bool:
+    return (isinstance(value, tuple) and len(value) <= _MAX_DIMS
+            and all(type(n) is int and 0 <= n < 2**62 for n in value))
+
+
+def _any_overlap(chunks: list) -> bool:
+    """Whether two chunks share an element (chunks are boxes: [offsets, offsets + sizes))."""
+    if len(chunks) < 2:
+        return False
+    start = np.array([tuple(c.offsets) for c in chunks], dtype=np.int64)
+    end = start + np.array([tuple(c.sizes) for c in chunks], dtype=np.int64)
+    nonempty = np.all(end > start, axis=1)
+    start, end = start[nonempty], end[nonempty]
+    overlap = np.all((start[:, None] < end[None]) & (start[None] < end[:, None]), axis=2)
+    np.fill_diagonal(overlap, False)
+    return bool(overlap.any())
 
 
 def _check_storage_record(index, record, sizes: dict[str, int]) -> None:
@@ -616,13 +688,16 @@ class CheckpointManager:
 
     def load(self, folder: Path, app_state: dict[str, Stateful]) -> None:
         """Load into the Stateful parts; restore this rank's RNG state if that rank saved one.
-        Only files the manifest lists are read, as regular files inside the folder. The folder
-        was verified (by rank 0) before; errors here still name it, on one line."""
+        Only files the manifest lists are read, as regular files inside the folder, and every
+        value must be written whole. The folder was verified (by rank 0) before; errors here
+        still name it, on one line."""
         try:
             sizes = {name: entry["size"] for name, entry in listed_files(folder).items()}
             reader = ConfinedReader(folder, sizes, read_metadata(folder, sizes))
             state = {key: part.state_dict() for key, part in app_state.items()}
-            dcp.load(state, storage_reader=reader, planner=PlainDataLoadPlanner())
+            planner = PlainDataLoadPlanner()
+            dcp.load(state, storage_reader=reader, planner=planner)
+            _refuse_partial_load(planner.not_loaded_whole())
         except UserError as err:
             raise UserError(f"--resume {folder}: {err}") from None
         except BaseException as err:
@@ -683,6 +758,15 @@ class ConfinedReader(FileSystemReader):
         return self.metadata
 
 
+def _refuse_partial_load(not_loaded: list[str]) -> None:
+    """A value the checkpoint covers only in part would keep part of its fresh values
+    silently: every rank refuses, so the run stops before a step or a save."""
+    if distributed.agree_any([bool(not_loaded)])[0]:
+        first = not_loaded[0] if not_loaded else "a value on another rank"
+        raise UserError(f"refused: the checkpoint does not cover {first} whole "
+                        f"({len(not_loaded)} value(s) in all on this rank)")
+
+
 def _load_failure(err: BaseException) -> str:
     """The first line of the first rank's error inside a CheckpointException."""
     failures = getattr(err, "failures", None)
@@ -694,7 +778,13 @@ def _load_failure(err: BaseException) -> str:
 class PlainDataLoadPlanner(DefaultLoadPlanner):
     """DCP's default planner unpickles a checkpoint's non-tensor values (progress, config, LR
     schedule, optimizer hyperparameters) with weights_only=False. Ours are plain data, so this
-    one reads them with weights_only=True: a crafted value is refused instead of run."""
+    one reads them with weights_only=True: a crafted value is refused instead of run. It also
+    counts what it wrote, so that a value the checkpoint covers only in part is found."""
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        self.elements_left = {name: value.numel() if isinstance(value, torch.Tensor) else 1
+                              for name, value in self.state_dict.items()}
 
     def load_bytes(self, read_item, value) -> None:
         plain = _plain_value(value.read(), read_item.dest_index.fqn)
@@ -702,6 +792,15 @@ class PlainDataLoadPlanner(DefaultLoadPlanner):
         torch.save(plain, again)     # re-serialised from plain data: safe for the default load
         again.seek(0)
         super().load_bytes(read_item, again)
+        self.elements_left[read_item.dest_index.fqn] -= 1
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        super().commit_tensor(read_item, tensor)
+        self.elements_left[read_item.dest_index.fqn] -= math.prod(read_item.lengths)
+
+    def not_loaded_whole(self) -> list[str]:
+        """Names of the values the load did not write exactly once, element by element."""
+        return [name for name, left in self.elements_left.items() if left != 0]
 
 
 def _plain_value(data: bytes, name: str):

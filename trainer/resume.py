@@ -19,6 +19,7 @@ import yaml
 
 from trainer import distributed
 from trainer.checkpoint import CheckpointManager, read_inside, read_manifest, verify
+from trainer.config import parse_yaml
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ def checkpoint_files(config, spec) -> dict[str, str]:
 
 
 def saved_config(folder: Path) -> dict:
-    """The config a checkpoint was saved with (safe YAML: plain data only)."""
-    data = yaml.safe_load(read_inside(folder, "config.yaml", _MAX_TEXT_BYTES).decode())
+    """The config a checkpoint was saved with (safe YAML: plain data only, bounded)."""
+    data = parse_yaml(read_inside(folder, "config.yaml", _MAX_TEXT_BYTES).decode(),
+                      str(folder / "config.yaml"))
     if not isinstance(data, dict):
         raise TypeError("config.yaml is not a mapping")
     return data

@@ -809,6 +809,9 @@ def _plain_value(data: bytes, name: str):
     except pickle.UnpicklingError:
         raise ValueError(f"refused: the value {name!r} in the shards is not plain data (a "
                          f"crafted checkpoint can run code when unpickled)") from None
+    except Exception as err:  # noqa: BLE001 - bytes that are not a value fail in many ways
+        raise ValueError(f"the value {name!r} in the shards is unreadable "
+                         f"({_first_line(err)})") from None
 
 
 def _remove_aside(folder: Path) -> None:

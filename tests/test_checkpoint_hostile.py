@@ -271,14 +271,16 @@ def test_trainer_refuses_a_checkpoint_that_covers_a_parameter_in_part(short_csv,
         trainer.resume(folder)
 
 
-def test_value_record_pointing_at_other_bytes_is_a_verdict_not_an_exception(tmp_path):
-    """Found by tests/test_checkpoint_fuzz.py: verify raised EOFError."""
+@pytest.mark.parametrize("length", [0, 100])
+def test_value_record_pointing_at_other_bytes_is_a_verdict_not_an_exception(tmp_path, length):
+    """Found by tests/test_checkpoint_fuzz.py: verify raised EOFError (an empty slice) or
+    RuntimeError (a slice cut short)."""
     folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
 
-    def shift(metadata):
+    def cut(metadata):
         record = metadata.storage_data[MetadataIndex("app.progress.step")]
-        record.offset, record.length = 1, 10
-    rewrite_metadata(folder, shift)
+        record.offset, record.length = 0, length
+    rewrite_metadata(folder, cut)
     problem = verify(folder)
-    assert "'app.progress.step' in the shards is unreadable" in problem and "\n" not in problem
-    assert "app.progress.step" in load_error(folder)
+    assert "'app.progress.step' in the shards is unreadable" in problem, problem
+    assert "\n" not in problem and "app.progress.step" in load_error(folder)

@@ -270,6 +270,63 @@ def test_hostile_override_is_refused_in_bounded_time_and_memory(tmp_path, overri
     assert expected in error, error
 
 
+YAML_PLACES = [("model", "patch_scales"), ("model", "d_model"), ("optim", "lr"),
+               ("train", "experiment_name"), ("data", "targets")]
+
+
+def nested_flow(depth: int, mapping: bool) -> str:
+    return "{a: " * depth + "1" + "}" * depth if mapping else "[" * depth + "]" * depth
+
+
+@st.composite
+def yaml_structures(draw):
+    """(a config's text, what its refusal must say, or None where it may load or be refused
+    for any reason). The value at section.key is deep, made of aliases, or large."""
+    section, key = draw(st.sampled_from(YAML_PLACES))
+    kind = draw(st.sampled_from(["nested", "aliases", "self_alias", "integer", "string"]))
+    expected = None
+    if kind == "nested":          # the root and the section are 2 levels
+        depth = draw(st.integers(0, 80))
+        value = nested_flow(depth, draw(st.booleans()))
+        expected = "nest" if depth > 30 else None
+    elif kind == "aliases":
+        levels, width = draw(st.integers(1, 8)), draw(st.integers(1, 12))
+        value = flow_mapping(alias_bomb(levels, width))
+        expected = "more than 100000 values" if width ** levels > 200_000 else None
+    elif kind == "self_alias":
+        depth = draw(st.integers(0, 20))
+        value = "&x [" + nested_flow(depth, False)[:depth] + "*x" + "]" * depth + "]"
+        expected = "refers to a value that contains it"
+    elif kind == "integer":
+        digits = draw(st.integers(1, 6000))
+        value = draw(st.sampled_from(["", "-", "0x", "0"])) + "7" * digits   # 0: octal
+        expected = "an integer of" if len(value) > 40 else None
+    else:
+        quote = draw(st.sampled_from(["", "'", '"']))
+        value = quote + "x" * draw(st.integers(0, 300_000)) + quote
+    return f"{section}:\n  {key}: {value}\n", expected
+
+
+def config_verdict(path: Path) -> str:
+    try:
+        load_config(path)
+        return "loaded"
+    except UserError as err:
+        return str(err)
+
+
+@settings(FUZZ, max_examples=60)
+@given(yaml_structures())
+def test_fuzzed_yaml_structure_ends_in_one_line_within_bounds(case):
+    text, expected = case
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yaml"
+        path.write_text(text)
+        verdict = run_bounded(config_verdict, path, seconds=20, memory_mb=300)
+    assert "\n" not in verdict and len(verdict) < 600, verdict
+    assert expected is None or expected in verdict, verdict
+
+
 def test_config_path_that_is_a_directory(tmp_path):
     assert "is a directory" in run_refused(["--config", str(tmp_path)], tmp_path)
 

@@ -7,6 +7,7 @@ checks these cases hung forever (a named pipe) or read gigabytes (a `.metadata` 
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -284,3 +285,23 @@ def test_value_record_pointing_at_other_bytes_is_a_verdict_not_an_exception(tmp_
     problem = verify(folder)
     assert "'app.progress.step' in the shards is unreadable" in problem, problem
     assert "\n" not in problem and "app.progress.step" in load_error(folder)
+
+
+def test_crafted_tensor_slice_is_refused_in_our_words(tmp_path):
+    """Torch's own text for a refused pickle spans paragraphs ("you have two options")."""
+    from tests.test_checkpoint_faults import CodeOnLoad
+    marker = tmp_path / "pwned"
+    folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
+    crafted = io.BytesIO()
+    torch.save({"payload": CodeOnLoad(marker)}, crafted)
+    shard_size = shard(folder).stat().st_size
+    with open(shard(folder), "ab") as f:
+        f.write(crafted.getvalue())
+
+    def point_at_crafted(metadata):
+        record = metadata.storage_data[MetadataIndex("app.w", (0,))]
+        record.offset, record.length = shard_size, len(crafted.getvalue())
+    rewrite_metadata(folder, point_at_crafted)
+    error = load_error(folder)
+    assert "a tensor in the shards is not plain tensor data" in error and "\n" not in error
+    assert "two options" not in error and not marker.exists()

@@ -768,10 +768,14 @@ def _refuse_partial_load(not_loaded: list[str]) -> None:
 
 
 def _load_failure(err: BaseException) -> str:
-    """The first line of the first rank's error inside a CheckpointException."""
+    """The first line of the first rank's error inside a CheckpointException; ours for a
+    tensor that torch's weights-only unpickler refused (its text spans paragraphs)."""
     failures = getattr(err, "failures", None)
     if failures:
         err = next(iter(failures.values()))[0]
+    if isinstance(err, pickle.UnpicklingError):
+        return ("refused: a tensor in the shards is not plain tensor data (a crafted checkpoint "
+                "can run code when unpickled)")
     return _first_line(err)
 
 

@@ -640,6 +640,8 @@ class CheckpointManager:
         try:
             work()
         except (OSError, RuntimeError, CheckpointException, WriteFailed) as err:
+            if _interrupted(err):
+                raise KeyboardInterrupt from None     # a second Ctrl-C, not a write failure
             # torch.save reports a short write (a full disk) as a RuntimeError
             failure = _failure_text(err) + _free_space(self.folder)
         if not distributed.agree_any([failure is not None])[0]:
@@ -825,6 +827,12 @@ def _remove_aside(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
     folder.rename(doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether DCP wrapped a KeyboardInterrupt of this process in its CheckpointException."""
+    failures = getattr(err, "failures", None) or {}
+    return any(isinstance(cause, KeyboardInterrupt) for cause, _ in failures.values())
 
 
 def _failure_text(err: BaseException) -> str:

@@ -12,7 +12,8 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,10 +31,9 @@ from trainer.checkpoint import (
 from trainer.evaluate import celestial_effect, evaluate
 from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
 from trainer.observer import ObserverGroup, RunContext, StepContext
-from trainer.optim import apply_optim_settings, set_total_steps
 from trainer.preemption import EXIT_PREEMPTED, process_requests, requeue_slurm_job
 from trainer.resources import memory_mb
-from trainer.resume import REGULARISATION_KEYS, checkpoint_files, saved_config
+from trainer.resume import checkpoint_files
 from trainer.run_log import (
     guarded_write,
     raise_agreed_write_failure,
@@ -222,6 +222,7 @@ class TrainerParts:
     run_log: Any                      # trainer.run_log.RunLog
     run_context: RunContext
     progress: Progress                # its total_steps and length_setting: this run's plan
+    resumed_from: Path | None = None  # the checkpoint loaded into the parts, if any
 
 
 class Trainer:
@@ -238,7 +239,7 @@ class Trainer:
         self.meter = IntervalMeter(self.env.device)
         self.stop_reason: str | None = None
         self.requeue_requested = False
-        self.last_checkpoint_step = -1
+        self.last_checkpoint_step = self.progress.step if parts.resumed_from else -1
         self.last_validation_step, self.last_validation = -1, {}
         self.samples_per_step = (self.config.data.batch_size * self.config.train.grad_accum_steps
                                  * self.env.world_size)
@@ -460,45 +461,6 @@ class Trainer:
                                             checkpoint_files(self.config, self.model.spec))
         self.last_checkpoint_step = self.progress.step
         self.run_log.record("checkpoint", self.progress.step, {"blocked_s": blocked})
-
-    def resume(self, folder) -> None:
-        """Load the checkpoint in `folder` into the parts; what this run's config changed (the
-        optimizer settings, the run length) applies over it."""
-        if faults.ACTIVE:
-            faults.delay("resume")
-        planned = replace(self.progress)
-        self.checkpoints.load(folder, {"app": self.app_state})
-        self.last_checkpoint_step = self.progress.step
-        log.info("resumed from %s at step %d (epoch %d, %d samples into it)", folder,
-                 self.progress.step, self.progress.epoch, self.progress.epoch_position)
-        self.apply_changed_settings(saved_config(folder))
-        self.keep_planned_length(planned)
-        self.run_log.bar.n, self.run_log.bar.total = self.progress.step, self.progress.total_steps
-
-    def apply_changed_settings(self, saved: dict) -> None:
-        """A checkpoint restores its own optimizer hyperparameters and LR schedule; settings the
-        resumed run changed are applied over them (and logged), never silently dropped."""
-        now = self.config.to_dict()
-        changed_optim = {k: (saved.get("optim", {}).get(k), v) for k, v in now["optim"].items()
-                         if saved.get("optim", {}).get(k) != v}
-        changed_model = {k: (saved.get("model", {}).get(k), now["model"][k]) for k in
-                         REGULARISATION_KEYS if saved.get("model", {}).get(k) != now["model"][k]}
-        if changed_optim:
-            apply_optim_settings(self.optimizer, self.scheduler, self.config.optim)
-        for key, (old, new) in [*(("optim." + k, v) for k, v in changed_optim.items()),
-                                *(("model." + k, v) for k, v in changed_model.items())]:
-            log.info("%s changed on resume (checkpoint %s, this run %s): applied", key, old, new)
-
-    def keep_planned_length(self, planned: Progress) -> None:
-        """A resumed run keeps its length (and LR schedule) unless `epochs`/`max_steps` changed."""
-        p = self.progress
-        if p.length_setting == planned.length_setting:
-            return
-        log.info("run length changed on resume (%s -> %s): %d steps in all, the LR schedule "
-                 "follows the new length", p.length_setting, planned.length_setting,
-                 planned.total_steps)
-        p.total_steps, p.length_setting = planned.total_steps, planned.length_setting
-        set_total_steps(self.scheduler, planned.total_steps)
 
     def save_model_file(self, name: str, metrics: dict) -> None:
         path = self.checkpoints.folder / name

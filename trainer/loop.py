@@ -241,6 +241,7 @@ class Trainer:
         self.requeue_requested = False
         self.last_checkpoint_step = self.progress.step if parts.resumed_from else -1
         self.last_validation_step, self.last_validation = -1, {}
+        self.weights_step = -1        # at the end: the step of the weights the run kept
         self.samples_per_step = (self.config.data.batch_size * self.config.train.grad_accum_steps
                                  * self.env.world_size)
 
@@ -462,7 +463,8 @@ class Trainer:
         self.last_checkpoint_step = self.progress.step
         self.run_log.record("checkpoint", self.progress.step, {"blocked_s": blocked})
 
-    def save_model_file(self, name: str, metrics: dict) -> None:
+    def save_model_file(self, name: str, metrics: dict, weights_step: int | None = None) -> None:
+        """A single-file model; its `step` is the step of its weights (default: this one)."""
         path = self.checkpoints.folder / name
         if distributed.is_main():
             # a failure is held and agreed at the step's end
@@ -470,7 +472,8 @@ class Trainer:
                 save_consolidated(path, self.model, {
                     "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
                     "scaling": self.data.prepared.scaling(),
-                    "step": self.progress.step, "epoch": self.progress.epoch,
+                    "step": self.progress.step if weights_step is None else weights_step,
+                    "epoch": self.progress.epoch,
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
 
     def report_stop(self) -> None:
@@ -493,16 +496,21 @@ class Trainer:
 
     def restore_best_weights(self) -> dict | None:
         """After early stopping, load best_model.pth (the sharded checkpoint keeps the last
-        state for resuming) and return its validation metrics."""
+        state for resuming) and return its validation metrics, drawn in TensorBoard as
+        `val_kept/*` at the step of those weights (`val/*` keeps the last validation's)."""
         best = self.checkpoints.folder / "best_model.pth"
         if not (self.stop_reason == "early_stopping" and self.config.train.restore_best):
             return None
         distributed.barrier()
-        self.model.load_state_dict(load_consolidated(best)["model"])
+        saved = load_consolidated(best)
+        self.model.load_state_dict(saved["model"])
+        self.weights_step = int(saved["step"])
         metrics = self.scored("val")
         self.run_log.record("val", self.progress.step, {"epoch": self.progress.epoch,
-                                                        "restored_best": True, **metrics})
-        log.info("early stopping: restored the best weights (validation NLL %.4f)", metrics["nll"])
+                                                        "restored_best": True, **metrics},
+                            tag="val_kept", weights_step=self.weights_step)
+        log.info("early stopping: restored the best weights, of step %d (validation NLL %.4f)",
+                 self.weights_step, metrics["nll"])
         return metrics
 
     def finish(self) -> int:
@@ -518,10 +526,11 @@ class Trainer:
             return EXIT_PREEMPTED
         if self.last_validation_step != self.progress.step:
             self.validate()
+        self.weights_step = self.progress.step       # unless the best weights are restored
         final = self.restore_best_weights() or self.last_validation
-        self.save_model_file("final_model.pth", final)
+        self.save_model_file("final_model.pth", final, self.weights_step)
         test = self.test()
-        self.run_log.record("test", self.progress.step, test)
+        self.run_log.record("test", self.progress.step, test, weights_step=self.weights_step)
         self.observers.on_end({"val": final, "test": test,
                                "best_val_nll": self.progress.best_val_nll})
         self.run_log.hparams(flat_hparams(self.config), {

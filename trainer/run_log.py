@@ -264,17 +264,21 @@ class RunLog:
                         disable=not (self.enabled and progress_bar_wanted(progress_bar)),
                         mininterval=1.0, file=sys.stderr)
 
-    def record(self, kind: str, step: int, values: dict) -> None:
-        """One line of metrics.jsonl and the matching TensorBoard scalars (`<kind>/<name>`)."""
+    def record(self, kind: str, step: int, values: dict, *, tag: str | None = None,
+               weights_step: int | None = None) -> None:
+        """One line of metrics.jsonl and the matching TensorBoard scalars (`<tag>/<name>`, the
+        tag defaulting to `kind`). `weights_step`: the step whose weights were scored, written
+        into the line; the scalars are drawn at that step, not at `step`."""
         if not self.enabled:
             return
         line = {"kind": kind, "step": step, "time": round(time.time(), 3),
+                **({} if weights_step is None else {"weights_step": weights_step}),
                 **json_safe(values)}
         if self._jsonl is not None and write_failure() is None:   # no appending after a failure
             with guarded_write(self.log_dir / "metrics.jsonl"):
                 self._jsonl.write(json.dumps(line, allow_nan=False) + "\n")
                 self._jsonl.flush()
-        self.scalars(kind, step, values)
+        self.scalars(tag or kind, step if weights_step is None else weights_step, values)
 
     def scalars(self, prefix: str, step: int, values: dict) -> None:
         if self.writer is None:

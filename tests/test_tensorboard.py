@@ -70,3 +70,10 @@ def test_lines_and_model_file_name_the_step_of_the_weights(early_stopped):
     test = [x for x in lines if x["kind"] == "test"]
     assert [(x["step"], x["weights_step"]) for x in restored + test] == [(6, 2), (6, 2)]
     assert load_consolidated(early_stopped / "checkpoints" / "es" / "final_model.pth")["step"] == 2
+
+
+def test_the_log_says_what_is_scored_with_which_weights(early_stopped):
+    text = (early_stopped / "logs" / "es" / "training_full.log").read_text()
+    for phase in ("validation at step 4: ", "validation of the restored weights of step 2: ",
+                  "test with the weights of step 2: "):
+        assert phase in text and "batches" in text.split(phase)[1].splitlines()[0], phase

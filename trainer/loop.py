@@ -407,14 +407,19 @@ class Trainer:
             self.act_on_requests()    # a signal during this validation: stop before the next step
 
     # ------------------------------------------------------------- evaluation
-    def scored(self, split: str, with_effect: bool = False) -> dict:
+    def scored(self, split: str, with_effect: bool = False, what: str | None = None) -> dict:
         """The split's metrics for the model and the baselines, with skill intervals; with
-        `with_effect`, also the NLL rise when every body is blanked (`celestial_effect`)."""
-        metrics = self.evaluate(split, with_series=True)
-        if with_effect:
-            metrics.update(celestial_effect(self.evaluate, split, self.model.spec,
-                                            self.config.model.pred_len,
-                                            self.config.data.window_stride, base=metrics))
+        `with_effect`, also the NLL rise when every body is blanked (`celestial_effect`).
+        `what` names the work in the log and on its progress bar."""
+        loader = self.data.val_loader if split == "val" else self.data.test_loader
+        passes = 2 if with_effect else 1
+        with self.run_log.phase(what or f"{split} split", passes * len(loader)) as bar:
+            metrics = self.evaluate(split, with_series=True, on_batch=bar.update)
+            if with_effect:
+                metrics.update(celestial_effect(self.evaluate, split, self.model.spec,
+                                                self.config.model.pred_len,
+                                                self.config.data.window_stride, base=metrics,
+                                                on_batch=bar.update))
         series = metrics.pop("series")
         metrics.update(skill_metrics(series, self.config.model.pred_len,
                                      self.config.data.window_stride))
@@ -424,8 +429,8 @@ class Trainer:
         if faults.ACTIVE:
             faults.delay("validation")
         with self.meter.paused():     # not training time
-            metrics = self.scored("val")
             p, step = self.progress, self.progress.step
+            metrics = self.scored("val", what=f"validation at step {step}")
             improved = metrics["nll"] < p.best_val_nll - 1e-6
             if improved:
                 p.best_val_nll, p.evals_without_improvement = metrics["nll"], 0
@@ -447,7 +452,8 @@ class Trainer:
 
     def test(self) -> dict:
         """The test split scored, and how much the NLL rises with every body blanked."""
-        metrics = self.scored("test", with_effect=True)
+        metrics = self.scored("test", with_effect=True,
+                              what=f"test with the weights of step {self.weights_step}")
         log.info("test: nll %.4f, %s; all bodies blanked: nll %+.4f [%+.4f, %+.4f]",
                  metrics["nll"], describe_skill(metrics), metrics["blank_all_rise"],
                  metrics["blank_all_rise_low"], metrics["blank_all_rise_high"])
@@ -505,7 +511,8 @@ class Trainer:
         saved = load_consolidated(best)
         self.model.load_state_dict(saved["model"])
         self.weights_step = int(saved["step"])
-        metrics = self.scored("val")
+        metrics = self.scored("val", what=f"validation of the restored weights of step "
+                                          f"{self.weights_step}")
         self.run_log.record("val", self.progress.step, {"epoch": self.progress.epoch,
                                                         "restored_best": True, **metrics},
                             tag="val_kept", weights_step=self.weights_step)

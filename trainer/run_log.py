@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from trainer import distributed
 from trainer.errors import WriteFailed
 
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_log = logging.getLogger(__name__)
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -50,6 +52,39 @@ class _HideProgressLines(logging.Filter):
 
 def progress_bar_wanted(enabled: bool) -> bool:
     return enabled and sys.stderr.isatty()
+
+
+FALLBACK_TERMINAL_SIZE = (80, 24)
+
+
+def terminal_size() -> tuple[int, int] | None:
+    """(columns, lines) of the terminal on stderr when it reports a size; None where it reports
+    zero (COLUMNS=0, or a pseudo-terminal whose size was never set, as in some CI and container
+    consoles) or none."""
+    try:
+        columns, lines = os.get_terminal_size(sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):
+        return None
+    if os.environ.get("COLUMNS") == "0" or columns <= 0 or lines <= 0:
+        return None
+    return columns, lines
+
+
+def make_bar(enabled: bool, **kwargs) -> tqdm:
+    """A tqdm bar on stderr. Where the terminal reports no size, tqdm would draw it -1 columns
+    wide on row -1 and hide it: it is drawn 80x24 instead."""
+    if terminal_size() is None:
+        columns, lines = FALLBACK_TERMINAL_SIZE
+        kwargs.update(ncols=columns - 1, nrows=lines - 1, dynamic_ncols=False)
+    else:
+        kwargs.update(dynamic_ncols=True)
+    return tqdm(disable=not progress_bar_wanted(enabled), file=sys.stderr, **kwargs)
+
+
+def counted(count: int, unit: str) -> str:
+    """`12 batches`, `1 pass`."""
+    plural = unit + ("es" if unit.endswith(("s", "ch")) else "s")
+    return f"{count} {unit if count == 1 else plural}"
 
 
 # --- write failures held until the ranks agree --------------------------------------------------
@@ -217,7 +252,7 @@ def repair_partial_last_line(path: Path) -> int:
         keep = data.rfind(b"\n") + 1
         f.truncate(keep)
     removed = len(data) - keep
-    logging.getLogger(__name__).warning(
+    _log.warning(
         "%s: removed a partial last line (%d bytes, left by a crash or a full disk): %r",
         path, removed, data[keep:keep + 60].decode("utf-8", "replace"))
     return removed
@@ -260,9 +295,9 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
                 with guarded_write(log_dir / "tensorboard"):
                     self.writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not (self.enabled and progress_bar_wanted(progress_bar)),
-                        mininterval=1.0, file=sys.stderr)
+        self.show_bars = self.enabled and progress_bar
+        self.bar = make_bar(self.show_bars, total=total_steps, initial=start_step,
+                                unit="step", mininterval=1.0)
 
     def record(self, kind: str, step: int, values: dict, *, tag: str | None = None,
                weights_step: int | None = None) -> None:
@@ -304,6 +339,20 @@ class RunLog:
                 file_writer.add_summary(summary)
             for name, value in finite.items():
                 self.writer.add_scalar(name, value)
+
+    @contextmanager
+    def phase(self, what: str, total: int, unit: str = "batch"):
+        """Work between training steps (validation, attribution, test): a log line saying what
+        runs and how much of it, and a bar of its own below the training bar, gone when done.
+        Yields the bar: call its `update()` per `unit` done."""
+        if self.enabled:
+            _log.info("%s: %s", what, counted(total, unit))
+        bar = make_bar(self.show_bars, total=total, desc=what.split(" ")[0], unit=unit,
+                           leave=False, mininterval=1.0)
+        try:
+            yield bar
+        finally:
+            bar.close()
 
     def advance(self, steps: int = 1, **postfix) -> None:
         self.bar.update(steps)

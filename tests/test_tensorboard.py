@@ -1,5 +1,6 @@
 """What TensorBoard shows (read back from the event files): the last validation as it was, the
-restored best weights and the test at the step of the weights they score."""
+restored best weights and the test at the step of the weights they score; the custom-scalars
+layout (model with its baselines, skill with its interval) and the resolved config as text."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from tests.conftest import small_config
 from trainer import distributed
@@ -77,3 +80,34 @@ def test_the_log_says_what_is_scored_with_which_weights(early_stopped):
     for phase in ("validation at step 4: ", "validation of the restored weights of step 2: ",
                   "test with the weights of step 2: "):
         assert phase in text and "batches" in text.split(phase)[1].splitlines()[0], phase
+
+
+def tensor_values(log_dir, tag) -> list[bytes]:
+    events = EventAccumulator(str(log_dir / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    return [e.tensor_proto.string_val[0] for e in events.Tensors(tag)]
+
+
+def test_custom_scalars_draw_the_model_with_its_baselines_and_the_skill_interval(early_stopped):
+    log_dir = early_stopped / "logs" / "es"
+    (layout_bytes,) = tensor_values(log_dir, "custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(layout_bytes)
+    charts = {chart.title: chart for category in layout.category for chart in category.chart}
+    nll = next(c for title, c in charts.items() if title.startswith("validation NLL"))
+    assert list(nll.multiline.tag) == ["^val/nll$", "^val_kept/nll$", "^val/rw_nll$",
+                                       "^val/ewma_nll$"]
+    skill = next(c for title, c in charts.items() if title.startswith("test skill"))
+    (series,) = skill.margin.series
+    assert (series.value, series.lower, series.upper) == ("test/skill", "test/skill_low",
+                                                         "test/skill_high")
+    for tag in ("val/rw_nll", "val/ewma_nll", "val/skill", "val/skill_low", "val/skill_high",
+                "test/skill_low", "test/skill_high"):
+        assert scalars(log_dir, tag), f"the layout draws {tag}, which the run does not log"
+
+
+def test_the_resolved_config_is_logged_as_text(early_stopped):
+    log_dir = early_stopped / "logs" / "es"
+    (text,) = tensor_values(log_dir, "config/text_summary")
+    written = yaml.safe_load((log_dir / "config.yaml").read_text())
+    shown = yaml.safe_load("\n".join(line[4:] for line in text.decode().splitlines()))
+    assert shown == written and shown["train"]["experiment_name"] == "es"

@@ -116,6 +116,7 @@ def open_run_folder(log_dir: Path, config: Config, env: DistEnv, progress: Progr
             config_path.write_text(config.to_yaml())
     run_log = RunLog(log_dir if env.rank == 0 else None, progress.total_steps, progress.step,
                      config.diagnostics.tensorboard, config.train.progress_bar)
+    run_log.describe(config.to_yaml())
     stop_if_any_rank_failed_to_write()      # every file of the folder could be opened
     return run_log
 

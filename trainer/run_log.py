@@ -278,6 +278,30 @@ def json_safe(value):
     return value
 
 
+def _exactly(*tags: str) -> list[str]:
+    """Custom-scalar multiline charts match tags as regular expressions: match these only."""
+    return [f"^{tag}$" for tag in tags]
+
+
+def _forecast_charts(split: str, name: str) -> dict[str, list]:
+    """The model's scores with the baselines' in one chart each, and the skill's interval."""
+    kept = ("val_kept",) if split == "val" else ()
+    return {
+        f"{name} NLL: model (and kept weights) vs random walk and EWMA random walk": [
+            "Multiline", _exactly(*(f"{s}/nll" for s in (split, *kept)), f"{split}/rw_nll",
+                                  f"{split}/ewma_nll")],
+        f"{name} CRPS: model vs random walk and EWMA random walk": [
+            "Multiline", _exactly(f"{split}/crps", f"{split}/rw_crps", f"{split}/ewma_crps")],
+        f"{name} skill vs the better baseline (nats, below 0: the model is better), 95% "
+        f"interval": ["Margin", [f"{split}/skill", f"{split}/skill_low", f"{split}/skill_high"]],
+    }
+
+
+# TensorBoard's Custom Scalars tab (torch.utils.tensorboard's layout: category -> chart -> tags)
+CUSTOM_SCALARS = {"forecast vs baselines (validation)": _forecast_charts("val", "validation"),
+                  "forecast vs baselines (test)": _forecast_charts("test", "test")}
+
+
 class RunLog:
     """metrics.jsonl, TensorBoard and the progress bar of rank 0."""
 
@@ -323,6 +347,16 @@ class RunLog:
                 is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if is_number and math.isfinite(value):
                     self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def describe(self, config_yaml: str) -> None:
+        """TensorBoard's Custom Scalars layout (CUSTOM_SCALARS) and the resolved config as text
+        (`config/text_summary`, a code block in the Text tab)."""
+        if self.writer is None:
+            return
+        with guarded_write(self.log_dir / "tensorboard"):
+            self.writer.add_custom_scalars(CUSTOM_SCALARS)
+            self.writer.add_text("config", "".join(f"    {line}\n"
+                                                   for line in config_yaml.splitlines()))
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         """The run's key settings with its final metrics, in TensorBoard's HParams tab."""

@@ -228,6 +228,9 @@ def agreed_precision(setting: str, env: DistEnv) -> str:
     decided = precision.resolve_precision(setting, env.device) if env.rank == 0 else None
     chosen, why = distributed.broadcast_object(decided)
     log.info("precision %s (%s)", chosen, why)
+    slower = precision.slower_than_fp32(chosen, env.device) if env.rank == 0 else None
+    if slower:
+        log.warning(slower)
     return chosen
 
 

@@ -285,9 +285,10 @@ def _exactly(*tags: str) -> list[str]:
 
 def _forecast_charts(split: str, name: str) -> dict[str, list]:
     """The model's scores with the baselines' in one chart each, and the skill's interval."""
-    kept = ("val_kept",) if split == "val" else ()
+    kept = ("val_kept",) if split == "val" else ()     # restored best weights, at their step
+    kept_note = " (val_kept: the weights the run kept)" if kept else ""
     return {
-        f"{name} NLL: model (and kept weights) vs random walk and EWMA random walk": [
+        f"{name} NLL: model vs random walk and EWMA random walk{kept_note}": [
             "Multiline", _exactly(*(f"{s}/nll" for s in (split, *kept)), f"{split}/rw_nll",
                                   f"{split}/ewma_nll")],
         f"{name} CRPS: model vs random walk and EWMA random walk": [

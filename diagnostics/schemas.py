@@ -99,7 +99,10 @@ EVAL_LINE = _obj({"nll": _NUM, "mae": _NUM, "coverage_50": _NUM, "coverage_90": 
                      for name in ("skill", "skill_rw", "skill_ewma", "blank_all_rise")
                      for key, schema in (("shown", {"type": "boolean"}),
                                          ("reason", {"type": ["string", "null"]}),
-                                         ("dm_pvalue", _NUM))}})
+                                         ("dm_pvalue", _NUM))},
+                  # the step whose weights were scored (test line, restored best weights);
+                  # readers fall back to `step`
+                  "weights_step": _INT, "restored_best": {"type": "boolean"}})
 
 SCHEMAS = {"gradients_step": GRADIENT_RECORD, "history": GRADIENT_HISTORY,
            "attention_step": ATTENTION_RECORD, "attribution_step": ATTRIBUTION_RECORD,

@@ -439,19 +439,6 @@ def test_builtin_cache_is_generated_where_data_path_says_and_the_log_says_so(tmp
     assert f"{target} does not exist: generating the built-in dataset" in caplog.text
 
 
-def test_error_after_the_run_folder_exists_is_in_training_full_log(base_csv, tmp_path):
-    """Resume is checked once the run folder exists (it needs the model): the run's own log
-    then says why it stopped. (If resume is ever checked earlier, nothing may be left at all.)"""
-    overrides = csv_overrides(base_csv, tmp_path) + [("train.resume", str(tmp_path / "missing"))]
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        assert cli.run(as_cli_args(overrides)) == 2
-    error = stderr.getvalue().strip().splitlines()[-1]
-    assert error.startswith("error: ") and "missing" in error
-    log = tmp_path / "logs" / "fuzz" / "training_full.log"
-    assert not log.parent.exists() or error in log.read_text()
-
-
 # --- a few real processes: the exit status and stderr a user sees ------------------------------
 
 @pytest.mark.slow

@@ -566,6 +566,15 @@ class ScalerState(Stateful):
             self.scaler.load_state_dict(sd)
 
 
+def complete_checkpoints_in(folder: Path) -> list[Path]:
+    """The renamed (complete) checkpoint folders in an experiment's `folder`, newest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir()
+             if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]), reverse=True)
+
+
 class CheckpointManager:
     """Saves, finds, verifies and loads the sharded checkpoints of one experiment."""
 
@@ -579,11 +588,7 @@ class CheckpointManager:
 
     def complete_checkpoints(self) -> list[Path]:
         """Renamed (complete) checkpoint folders, newest first."""
-        if not self.folder.is_dir():
-            return []
-        found = [p for p in self.folder.iterdir()
-                 if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
-        return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]), reverse=True)
+        return complete_checkpoints_in(self.folder)
 
     def stale_writes(self) -> list[Path]:
         """Folders a killed save or prune left behind (`*.tmp`): never resumable."""

@@ -112,6 +112,18 @@ def build_dataclass(cls, data: Any, prefix: str):
         raise UserError(str(err)) from None
 
 
+def key_default_and_choices(dotted: str) -> tuple[Any, tuple | None]:
+    """The default of config key `dotted` (e.g. "train.precision") and, for a key with a fixed
+    set of values, those values (else None)."""
+    *sections, name = dotted.split(".")
+    node = Config()
+    for section in sections:
+        node = getattr(node, section)
+    hint = typing.get_type_hints(type(node))[name]
+    choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+    return getattr(node, name), choices
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree

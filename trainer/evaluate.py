@@ -11,6 +11,7 @@ too (`series`), for skill intervals and occlusion.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
@@ -58,12 +59,14 @@ def _blank(batch, columns):
 def evaluate(model, loader, device: torch.device, target_std_T, *,
              autocast: AbstractContextManager | None = None,
              blank_columns: list[int] | None = None, max_batches: int | None = None,
-             with_c2t: bool = False, with_series: bool = False, per_horizon: bool = False) -> dict:
+             with_c2t: bool = False, with_series: bool = False, per_horizon: bool = False,
+             on_batch: Callable[[], object] | None = None) -> dict:
     """Metrics over the loader's shard on this rank, reduced over all ranks.
 
     `blank_columns` zeroes those feature columns (occlusion); `max_batches` caps the batches
     per rank; `with_c2t` adds `c2t_map`, the (targets x bodies) C->T weights averaged over
     samples, horizon and heads; `with_series` adds `series` (see the module docstring).
+    `on_batch` is called after each batch (a progress bar's `update`).
     """
     was_training = model.training
     model.eval()
@@ -90,6 +93,8 @@ def evaluate(model, loader, device: torch.device, target_std_T, *,
             for name in FORECASTERS:
                 key = "nll" if name == "model" else f"{name}_nll"
                 series[name] += per_elem[key].double().mean((1, 2)).tolist()
+        if on_batch is not None:
+            on_batch()
     model.train(was_training)
     distributed.all_reduce_sum(sums)
     metrics = _as_metrics(sums.cpu(), per_horizon)

@@ -57,6 +57,15 @@ def occlusion_record(evaluate_fn, spec, max_batches: int, pred_len: int, stride:
                           "per_target": dict(zip(targets, effect["blank_all_rise_per_target"]))}}
 
 
+def counting_passes(evaluate_fn, advance):
+    """`evaluate_fn` calling `advance()` after each pass over the split."""
+    def evaluate(split, **kwargs):
+        metrics = evaluate_fn(split, **kwargs)
+        advance()
+        return metrics
+    return evaluate
+
+
 class AttributionObserver(Observer):
     communicates = True      # its occlusion evaluations all-reduce the metrics
 
@@ -69,9 +78,14 @@ class AttributionObserver(Observer):
         self.max_batches = max(1, math.ceil(per_rank / run.config.data.eval_batch_size))
 
     def on_validation(self, step: int, metrics: dict, evaluate_fn) -> None:
-        config = self.run.config
-        record = occlusion_record(evaluate_fn, self.run.spec, self.max_batches,
-                                  config.model.pred_len, config.data.window_stride)
+        config, bodies = self.run.config, self.run.spec.bodies
+        passes = len(bodies) + 2        # unblanked, all bodies blanked, each body blanked
+        with self.run.run_log.phase(f"attribution at step {step} (occlusion of {len(bodies)} "
+                                    f"bodies, up to {self.max_batches} batches per rank each)",
+                                    passes, unit="pass") as bar:
+            record = occlusion_record(counting_passes(evaluate_fn, bar.update), self.run.spec,
+                                      self.max_batches, config.model.pred_len,
+                                      config.data.window_stride)
         if not self.run.is_main:
             return
         record = {"step": step, "epoch": metrics.get("epoch", 0), "timestamp": time.time(),

@@ -102,7 +102,15 @@ EVAL_LINE = _obj({"nll": _NUM, "mae": _NUM, "coverage_50": _NUM, "coverage_90": 
                   **{f"{p}{k}": _NUM for p in ("", "rw_", "ewma_")
                      for k in ("crps_units", "rmse", "mase")},
                   "calibration_by_horizon": CALIBRATION_BY_HORIZON, "pred_len": _INT,
-                  "window_stride": _INT, "windows_file": _STR})
+                  "window_stride": _INT, "windows_file": _STR,
+                  **{f"{name}_{key}": schema
+                     for name in ("skill", "skill_rw", "skill_ewma", "blank_all_rise")
+                     for key, schema in (("shown", {"type": "boolean"}),
+                                         ("reason", {"type": ["string", "null"]}),
+                                         ("dm_pvalue", _NUM))},
+                  # the step whose weights were scored (test line, restored best weights);
+                  # readers fall back to `step`
+                  "weights_step": _INT, "restored_best": {"type": "boolean"}})
 
 SCHEMAS = {"gradients_step": GRADIENT_RECORD, "history": GRADIENT_HISTORY,
            "attention_step": ATTENTION_RECORD, "attribution_step": ATTRIBUTION_RECORD,

@@ -1,6 +1,7 @@
 """trainer/precision.py: what `train.precision: auto` means on each device."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -40,3 +41,29 @@ def test_native_bf16_agrees_with_the_kernels_cpu_flags():
     if not flags:
         pytest.skip("no /proc/cpuinfo flags here")
     assert precision.cpu_has_native_bf16() == bool(flags & set(precision.BF16_CPU_FLAGS))
+
+
+@pytest.mark.parametrize("setting, native_bf16, speedup, fp16_flags, slower", [
+    ("fp16", True, 3.7, set(), True), ("fp16", True, 3.7, {"avx512_fp16"}, False),
+    ("bf16", False, 3.7, set(), True), ("bf16", True, 0.5, set(), True),
+    ("bf16", True, 3.7, set(), False), ("fp32", False, 0.5, set(), False),
+    ("auto", False, 0.5, set(), False)])
+def test_an_explicit_half_precision_slower_than_fp32_on_this_cpu_is_named(
+        monkeypatch, setting, native_bf16, speedup, fp16_flags, slower):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(resources, "cpu_flags", lambda: fp16_flags)
+    warning = precision.slower_than_fp32(setting, CPU)
+    assert (warning is not None) == slower
+    if slower:
+        assert f"train.precision {setting}" in warning and "fp32" in warning
+    assert precision.slower_than_fp32(setting, torch.device("cuda")) is None
+
+
+def test_the_run_log_warns_when_fp16_is_set_on_a_cpu(monkeypatch, caplog):
+    from trainer import distributed
+    from trainer.build import agreed_precision
+    monkeypatch.setattr(resources, "cpu_flags", lambda: set())
+    with caplog.at_level(logging.WARNING):
+        assert agreed_precision("fp16", distributed.init_distributed("cpu")) == "fp16"
+    assert "train.precision fp16 on a CPU" in caplog.text and "slower than fp32" in caplog.text

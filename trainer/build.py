@@ -5,13 +5,12 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
-import yaml
 
 from model import CelestialPGAT
 from trainer import distributed, faults, precision
@@ -20,10 +19,22 @@ from trainer.config import Config
 from trainer.data import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
-from trainer.loop import Progress, SplitEvaluator, Trainer, TrainerParts, TrainStep
+from trainer.loop import (
+    Progress,
+    SplitEvaluator,
+    Trainer,
+    TrainerParts,
+    TrainStep,
+    checkpointed_state,
+)
 from trainer.observer import Observer, ObserverFactory, ObserverGroup, RunContext
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.resume import RunIdentity, find_resumable
+from trainer.optim import (
+    apply_optim_settings,
+    build_optimizer,
+    build_scheduler,
+    set_total_steps,
+)
+from trainer.resume import REGULARISATION_KEYS, RunIdentity, find_resumable, saved_config
 from trainer.run_log import (
     RunLog,
     guarded_write,
@@ -93,16 +104,21 @@ def agree_on_user_error(work):
     return result
 
 
-def open_run_folder(log_dir: Path, config: Config, env: DistEnv) -> None:
-    """Create logs/<exp>/ (training_full.log with what was logged so far, config.yaml): only
-    once every input has been checked, so a refused run leaves nothing behind."""
+def open_run_folder(log_dir: Path, config: Config, env: DistEnv, progress: Progress) -> RunLog:
+    """Create logs/<exp>/ (training_full.log with what was logged so far, config.yaml,
+    metrics.jsonl, tensorboard/): only once every input has been checked and the checkpoint to
+    resume from loaded, so a refused start leaves nothing behind."""
     with guarded_write(log_dir):
         open_log_file(log_dir, env.rank)
     if env.rank == 0:
         config_path = log_dir / "config.yaml"
         with guarded_write(config_path):
-            config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    stop_if_any_rank_failed_to_write()
+            config_path.write_text(config.to_yaml())
+    run_log = RunLog(log_dir if env.rank == 0 else None, progress.total_steps, progress.step,
+                     config.diagnostics.tensorboard, config.train.progress_bar)
+    run_log.describe(config.to_yaml())
+    stop_if_any_rank_failed_to_write()      # every file of the folder could be opened
+    return run_log
 
 
 def seed_everything(seed: int) -> None:
@@ -153,38 +169,38 @@ def build_trainer(config: Config, env: DistEnv, config_path: str | None = None, 
     """The run's Trainer, built from its config (with the observers `observers` builds from
     it) and resumed from the checkpoint `train.resume` asks for."""
     trainer = Trainer(build_parts(config, env, config_path, observers=observers))
-    start_from_checkpoint(trainer, *resume_request(config))
     describe_run(trainer)
     return trainer
 
 
 def build_parts(config: Config, env: DistEnv, config_path: str | None = None, *,
                 observers: ObserverFactory | None = None) -> TrainerParts:
-    """Every part of a run, in the order that leaves nothing behind when an input is refused."""
+    """Every part of a run. All of them are built and every input is checked (the checkpoint
+    to resume from included) before the run folder is opened: a refused start writes nothing."""
     name = resolve_experiment_name(config, config_path)
     config.train.experiment_name = name
-    log_dir = Path(config.train.log_root) / name
     setup_logging(None, env.rank, config.train.progress_bar)   # the file once the folder exists
     checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name)
     check_experiment_folder(checkpoints, resume_request(config)[0], name)
-    data = build_data(config, env)        # every input check, before anything is written
+    data = build_data(config, env)
     plugged_in = ObserverGroup(plug_in(observers, config))
-    open_run_folder(log_dir, config, env)
-    total = total_steps(config, data)
-    step = build_train_step(config, data.prepared.spec, env, total)
-    run_log = RunLog(log_dir if env.rank == 0 else None, total, 0,
-                     config.diagnostics.tensorboard, config.train.progress_bar)
-    stop_if_any_rank_failed_to_write()      # metrics.jsonl and tensorboard/ could be opened
+    progress = Progress(total_steps=total_steps(config, data),
+                        length_setting=length_setting(config))
+    step = build_train_step(config, data.prepared.spec, env, progress.total_steps)
+    resumed_from = start_from_checkpoint(config, env, step, progress, checkpoints,
+                                         data.prepared.spec)
+    log_dir = Path(config.train.log_root) / name
+    run_log = open_run_folder(log_dir, config, env, progress)
+    checkpoints.remove_stale_writes()
     context = RunContext(config=config, model=step.model, train_model=step.train_model,
                          optimizer=step.optimizer, spec=data.prepared.spec, log_dir=log_dir,
                          run_log=run_log, device=env.device, world_size=env.world_size,
                          local_batch_size=config.data.batch_size * config.train.grad_accum_steps,
                          is_main=env.rank == 0)
     return TrainerParts(config=config, env=env, data=data, train_step=step,
-                        evaluate=SplitEvaluator(step, data),
-                        observers=plugged_in,
+                        evaluate=SplitEvaluator(step, data), observers=plugged_in,
                         checkpoints=checkpoints, run_log=run_log, run_context=context,
-                        progress=Progress(total_steps=total, length_setting=length_setting(config)))
+                        progress=progress, resumed_from=resumed_from)
 
 
 def build_train_step(config: Config, spec, env: DistEnv, total: int) -> TrainStep:
@@ -212,6 +228,9 @@ def agreed_precision(setting: str, env: DistEnv) -> str:
     decided = precision.resolve_precision(setting, env.device) if env.rank == 0 else None
     chosen, why = distributed.broadcast_object(decided)
     log.info("precision %s (%s)", chosen, why)
+    slower = precision.slower_than_fp32(chosen, env.device) if env.rank == 0 else None
+    if slower:
+        log.warning(slower)
     return chosen
 
 
@@ -243,22 +262,63 @@ def length_setting(config: Config) -> str:
     return f"epochs={config.train.epochs} max_steps={config.train.max_steps}"
 
 
-def start_from_checkpoint(trainer: Trainer, resume: str, fallback: Path | None) -> None:
-    """Seed the per-rank RNG streams, clear what an interrupted save left, and load the
-    checkpoint `resume` asks for (refusals are one-line UserErrors on every rank)."""
-    config, checkpoints = trainer.config, trainer.checkpoints
+def start_from_checkpoint(config: Config, env: DistEnv, step: TrainStep, progress: Progress,
+                          checkpoints: CheckpointManager, spec) -> Path | None:
+    """Seed the per-rank RNG streams and load the checkpoint `train.resume` asks for into the
+    parts; returns its folder (None: a fresh start). Refusals are one-line UserErrors on every
+    rank."""
     # Per-rank RNG streams (dropout, graph sampling) derive from the one seed.
-    seed_everything(config.train.seed + 1_000_003 * trainer.env.rank)
-    checkpoints.remove_stale_writes()
+    seed_everything(config.train.seed + 1_000_003 * env.rank)
+    resume, fallback = resume_request(config)
     if not resume:
-        return
-    identity = RunIdentity.of(config, trainer.data.prepared.spec)
-    folder = find_resumable(checkpoints, resume, identity, fallback)
+        return None
+    folder = find_resumable(checkpoints, resume, RunIdentity.of(config, spec), fallback)
     if folder is None:
         log.info("--resume auto: no usable checkpoint in %s (none saved yet), starting fresh",
                  checkpoints.folder)
+        return None
+    load_checkpoint(folder, config, step, progress, checkpoints)
+    return folder
+
+
+def load_checkpoint(folder: Path, config: Config, step: TrainStep, progress: Progress,
+                    checkpoints: CheckpointManager) -> None:
+    """Load the checkpoint in `folder` into the parts; what this run's config changed (the
+    optimizer settings, the run length) applies over it."""
+    if faults.ACTIVE:
+        faults.delay("resume")
+    planned = replace(progress)
+    checkpoints.load(folder, {"app": checkpointed_state(step, progress, config)})
+    log.info("resumed from %s at step %d (epoch %d, %d samples into it)", folder,
+             progress.step, progress.epoch, progress.epoch_position)
+    apply_changed_settings(step, config, saved_config(folder))
+    keep_planned_length(progress, planned, step.scheduler)
+
+
+def apply_changed_settings(step: TrainStep, config: Config, saved: dict) -> None:
+    """A checkpoint restores its own optimizer hyperparameters and LR schedule; settings the
+    resumed run changed are applied over them (and logged), never silently dropped."""
+    now = config.to_dict()
+    changed_optim = {k: (saved.get("optim", {}).get(k), v) for k, v in now["optim"].items()
+                     if saved.get("optim", {}).get(k) != v}
+    changed_model = {k: (saved.get("model", {}).get(k), now["model"][k]) for k in
+                     REGULARISATION_KEYS if saved.get("model", {}).get(k) != now["model"][k]}
+    if changed_optim:
+        apply_optim_settings(step.optimizer, step.scheduler, config.optim)
+    for key, (old, new) in [*(("optim." + k, v) for k, v in changed_optim.items()),
+                            *(("model." + k, v) for k, v in changed_model.items())]:
+        log.info("%s changed on resume (checkpoint %s, this run %s): applied", key, old, new)
+
+
+def keep_planned_length(progress: Progress, planned: Progress, scheduler) -> None:
+    """A resumed run keeps its length (and LR schedule) unless `epochs`/`max_steps` changed."""
+    if progress.length_setting == planned.length_setting:
         return
-    trainer.resume(folder)
+    log.info("run length changed on resume (%s -> %s): %d steps in all, the LR schedule "
+             "follows the new length", progress.length_setting, planned.length_setting,
+             planned.total_steps)
+    progress.total_steps, progress.length_setting = planned.total_steps, planned.length_setting
+    set_total_steps(scheduler, planned.total_steps)
 
 
 def describe_run(trainer: Trainer) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainer.stats_pending import mean_interval
+from stats.intervals import mean_interval
 
 NUM_PIT_BINS = 10
 

@@ -7,14 +7,17 @@ Precedence: defaults < YAML file < card flags < --set, in the order given.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 
 from trainer import distributed, preemption
-from trainer.config import load_config, parse_override
+from trainer.config import key_default_and_choices, load_config, parse_override
 from trainer.errors import EXIT_WRITE_FAILED, UserError, WriteFailed
 from trainer.observer import ObserverFactory
 from trainer.run_log import log_error_to_file
+
+EXIT_INTERRUPTED = 130    # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
 # flag -> (dotted config key, type)
 VALUE_FLAGS = {
@@ -37,17 +40,66 @@ SWITCH_FLAGS = {
 }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="launch/train.py",
-                                     description="Train the Celestial Enhanced PGAT.")
-    parser.add_argument("--config", help="YAML config file (see configs/)")
+# What a flag's default means where the config's default value does not say it.
+DEFAULT_MEANING = {
+    "experiment_name": "<config file stem>_<start time>",
+    "max_steps": "0, as many steps as the epochs take",
+    "resume": "none (start fresh); auto: the experiment's newest usable checkpoint, or a "
+              "checkpoints/<exp>/checkpoint_step_NNNNNN folder",
+}
+EXIT_STATUSES = ("exit status: 0 done, 1 a failure (lost or hung rank, too many non-finite "
+                 "steps), 2 bad input, 74 a file could not be written, 75 stopped on a signal "
+                 "after a checkpoint (continue with --resume auto)")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a mistake as the project's user errors are: one line, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _value_help(flag: str, key: str) -> str:
+    default, choices = key_default_and_choices(key)
+    allowed = f"; one of {', '.join(map(str, choices))}" if choices else ""
+    return f"sets {key}{allowed} (default: {DEFAULT_MEANING.get(flag, default)})"
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="launch/train.py", allow_abbrev=False, epilog=EXIT_STATUSES,
+                           description="Train the Celestial Enhanced PGAT. Settings: defaults, "
+                                       "then --config, then these flags, then --set.")
+    parser.add_argument("--config", help="YAML config file (see configs/; default: none, "
+                                         "the defaults only)")
     for flag, (key, kind) in VALUE_FLAGS.items():
-        parser.add_argument(f"--{flag}", type=kind, help=f"sets {key}")
+        choices = key_default_and_choices(key)[1]
+        parser.add_argument(f"--{flag}", type=kind, choices=choices, help=_value_help(flag, key))
     for flag, key in SWITCH_FLAGS.items():
-        parser.add_argument(f"--{flag}", action="store_true", help=f"sets {key}: true")
+        parser.add_argument(f"--{flag}", action="store_true",
+                            help=f"sets {key}: true (default: false)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], nargs="+",
                         metavar="KEY=VALUE", help="any config key, e.g. --set optim.lr=3e-4")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized argument {unknown[0]}{_did_you_mean(unknown[0])}")
+    return args
+
+
+def _did_you_mean(argument: str) -> str:
+    """`--max-steps` -> ": did you mean --max_steps?"; close misspellings likewise."""
+    if not argument.startswith("--"):
+        return ""
+    flag = argument.split("=", 1)[0]
+    known = ["--config", "--set", *(f"--{f}" for f in (*VALUE_FLAGS, *SWITCH_FLAGS))]
+    underscored = "--" + flag[2:].replace("-", "_")
+    guess = underscored if underscored in known else next(
+        iter(difflib.get_close_matches(underscored, known, n=1)), None)
+    return f": did you mean {guess}?" if guess else ""
 
 
 def overrides_from(args: argparse.Namespace) -> list[tuple[str, object]]:
@@ -61,9 +113,9 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, object]]:
 def run(argv: list[str] | None = None, observers: ObserverFactory | None = None) -> int:
     """Train with the observers `observers` builds from the config (the entry point passes the
     diagnostics'); returns the exit status (0 done, 1 failed, 2 bad input, 74 a file could not
-    be written, 75 stopped on a signal)."""
+    be written, 75 stopped on a signal, 130 a second Ctrl-C)."""
     args = parse_args(argv)
-    # From here on SIGTERM/SIGUSR1 only set a flag: a stop asked for during data preparation,
+    # From here on SIGTERM/SIGINT/SIGUSR1 only set a flag: a stop asked for during data preparation,
     # model build or resume is acted on at the trainer's first safe point (exit 75).
     requests = preemption.listen()
     from trainer.build import build_trainer  # after argparse: --help stays fast
@@ -75,6 +127,9 @@ def run(argv: list[str] | None = None, observers: ObserverFactory | None = None)
         return _fail(err, 2)
     except WriteFailed as err:
         return _fail(err, EXIT_WRITE_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted twice (Ctrl-C): stopped at once, without a checkpoint; "
+                     "resume from the newest one with --resume auto", EXIT_INTERRUPTED)
     except BaseException as err:    # DCP's CheckpointException is a BaseException
         explained = distributed.explain_failure(err)
         if explained is not None:

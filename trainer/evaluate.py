@@ -11,11 +11,13 @@ occlusion and the per-window test file), with `calibration_by_horizon` (trainer/
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
 
+from stats.intervals import paired_difference
 from trainer import distributed
 from trainer.calibration import NUM_PIT_BINS, calibration_by_horizon, pit_counts
 from trainer.scoring import (
@@ -23,9 +25,8 @@ from trainer.scoring import (
     QUANTILE_SCORES,
     SCORES,
     baseline_forecasts,
-    block_length,
     derived_scores,
-    mean_difference,
+    difference_metrics,
     naive_scale,
     quantile_scores,
     scores,
@@ -84,13 +85,14 @@ def evaluate(model, loader, device: torch.device, target_std_T, *,
              autocast: AbstractContextManager | None = None,
              blank_columns: list[int] | None = None, max_batches: int | None = None,
              with_c2t: bool = False, with_series: bool = False, per_horizon: bool = False,
-             target_mean_T=None) -> dict:
+             on_batch: Callable[[], object] | None = None, target_mean_T=None) -> dict:
     """Metrics over the loader's shard on this rank, reduced over all ranks.
 
     `blank_columns` zeroes those feature columns (occlusion); `max_batches` caps the batches
     per rank; `with_c2t` adds `c2t_map`, the (targets x bodies) C->T weights averaged over
     samples, horizon and heads; `with_series` adds `series` (see the module docstring);
     `target_mean_T` (the training means) adds the quantile scores (trainer/scoring.py).
+    `on_batch` is called after each batch (a progress bar's `update`).
     """
     was_training = model.training
     model.eval()
@@ -121,6 +123,8 @@ def evaluate(model, loader, device: torch.device, target_std_T, *,
         if with_series:
             series["window"] += [next(window_ids) for _ in range(len(batch.target))]
             _add_window_series(series, per_elem)
+        if on_batch is not None:
+            on_batch()
     model.train(was_training)
     distributed.all_reduce_sum(sums)
     distributed.all_reduce_sum(pit_PB)
@@ -188,13 +192,11 @@ def _as_metrics(keys: tuple[str, ...], sums_MPT, per_horizon: bool) -> dict:
 def celestial_effect(evaluate_fn, split: str, spec, pred_len: int, stride: int,
                      base: dict | None = None, **kwargs) -> dict:
     """Do the celestial inputs help at all? The model's NLL rise when every body's columns are
-    blanked together, per window, with its 95% block-bootstrap interval (`blank_all_rise*`)."""
+    blanked together, per window, with its 95% interval (`blank_all_rise*`, the keys of
+    `difference_metrics`)."""
     base = base or evaluate_fn(split, with_series=True, **kwargs)
     every_column = sorted(c for columns in spec.body_columns for c in columns)
     blanked = evaluate_fn(split, blank_columns=every_column, with_series=True, **kwargs)
-    model_nll = base["series"]["model"]
-    block = block_length(len(model_nll), pred_len, stride)
-    rise = mean_difference(blanked["series"]["model"], model_nll, block)
+    rise = paired_difference(blanked["series"]["model"], base["series"]["model"], pred_len, stride)
     per_target = [b - a for a, b in zip(base["nll_per_target"], blanked["nll_per_target"])]
-    return {"blank_all_rise": rise["mean"], "blank_all_rise_low": rise["low"],
-            "blank_all_rise_high": rise["high"], "blank_all_rise_per_target": per_target}
+    return {**difference_metrics("blank_all_rise", rise), "blank_all_rise_per_target": per_target}

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,10 +32,9 @@ from trainer.checkpoint import (
 from trainer.evaluate import celestial_effect, evaluate
 from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
 from trainer.observer import ObserverGroup, RunContext, StepContext
-from trainer.optim import apply_optim_settings, set_total_steps
 from trainer.preemption import EXIT_PREEMPTED, process_requests, requeue_slurm_job
 from trainer.resources import memory_mb
-from trainer.resume import REGULARISATION_KEYS, checkpoint_files, saved_config
+from trainer.resume import checkpoint_files
 from trainer.run_log import (
     guarded_write,
     raise_agreed_write_failure,
@@ -223,6 +224,7 @@ class TrainerParts:
     run_log: Any                      # trainer.run_log.RunLog
     run_context: RunContext
     progress: Progress                # its total_steps and length_setting: this run's plan
+    resumed_from: Path | None = None  # the checkpoint loaded into the parts, if any
 
 
 class Trainer:
@@ -239,8 +241,9 @@ class Trainer:
         self.meter = IntervalMeter(self.env.device)
         self.stop_reason: str | None = None
         self.requeue_requested = False
-        self.last_checkpoint_step = -1
+        self.last_checkpoint_step = self.progress.step if parts.resumed_from else -1
         self.last_validation_step, self.last_validation = -1, {}
+        self.weights_step = -1        # at the end: the step of the weights the run kept
         self.samples_per_step = (self.config.data.batch_size * self.config.train.grad_accum_steps
                                  * self.env.world_size)
 
@@ -406,14 +409,19 @@ class Trainer:
             self.act_on_requests()    # a signal during this validation: stop before the next step
 
     # ------------------------------------------------------------- evaluation
-    def scored(self, split: str, with_effect: bool = False) -> dict:
+    def scored(self, split: str, with_effect: bool = False, what: str | None = None) -> dict:
         """The split's metrics for the model and the baselines, with skill intervals; with
-        `with_effect`, also the NLL rise when every body is blanked (`celestial_effect`)."""
-        metrics = self.evaluate(split, with_series=True)
-        if with_effect:
-            metrics.update(celestial_effect(self.evaluate, split, self.model.spec,
-                                            self.config.model.pred_len,
-                                            self.config.data.window_stride, base=metrics))
+        `with_effect`, also the NLL rise when every body is blanked (`celestial_effect`).
+        `what` names the work in the log and on its progress bar."""
+        loader = self.data.val_loader if split == "val" else self.data.test_loader
+        passes = 2 if with_effect else 1
+        with self.run_log.phase(what or f"{split} split", passes * len(loader)) as bar:
+            metrics = self.evaluate(split, with_series=True, on_batch=bar.update)
+            if with_effect:
+                metrics.update(celestial_effect(self.evaluate, split, self.model.spec,
+                                                self.config.model.pred_len,
+                                                self.config.data.window_stride, base=metrics,
+                                                on_batch=bar.update))
         series = self.last_series = metrics.pop("series")
         metrics.update(skill_metrics(series, self.config.model.pred_len,
                                      self.config.data.window_stride))
@@ -423,8 +431,8 @@ class Trainer:
         if faults.ACTIVE:
             faults.delay("validation")
         with self.meter.paused():     # not training time
-            metrics = self.scored("val")
             p, step = self.progress, self.progress.step
+            metrics = self.scored("val", what=f"validation at step {step}")
             improved = metrics["nll"] < p.best_val_nll - 1e-6
             if improved:
                 p.best_val_nll, p.evals_without_improvement = metrics["nll"], 0
@@ -446,7 +454,8 @@ class Trainer:
 
     def test(self) -> dict:
         """The test split scored, and how much the NLL rises with every body blanked."""
-        metrics = self.scored("test", with_effect=True)
+        metrics = self.scored("test", with_effect=True,
+                              what=f"test with the weights of step {self.weights_step}")
         metrics.update(write_test_windows(self.run_log, self.data.test_loader,
                                           self.data.prepared, self.last_series))
         log.info("test: nll %.4f, %s; all bodies blanked: nll %+.4f [%+.4f, %+.4f]",
@@ -464,46 +473,8 @@ class Trainer:
         self.last_checkpoint_step = self.progress.step
         self.run_log.record("checkpoint", self.progress.step, {"blocked_s": blocked})
 
-    def resume(self, folder) -> None:
-        """Load the checkpoint in `folder` into the parts; what this run's config changed (the
-        optimizer settings, the run length) applies over it."""
-        if faults.ACTIVE:
-            faults.delay("resume")
-        planned = replace(self.progress)
-        self.checkpoints.load(folder, {"app": self.app_state})
-        self.last_checkpoint_step = self.progress.step
-        log.info("resumed from %s at step %d (epoch %d, %d samples into it)", folder,
-                 self.progress.step, self.progress.epoch, self.progress.epoch_position)
-        self.apply_changed_settings(saved_config(folder))
-        self.keep_planned_length(planned)
-        self.run_log.bar.n, self.run_log.bar.total = self.progress.step, self.progress.total_steps
-
-    def apply_changed_settings(self, saved: dict) -> None:
-        """A checkpoint restores its own optimizer hyperparameters and LR schedule; settings the
-        resumed run changed are applied over them (and logged), never silently dropped."""
-        now = self.config.to_dict()
-        changed_optim = {k: (saved.get("optim", {}).get(k), v) for k, v in now["optim"].items()
-                         if saved.get("optim", {}).get(k) != v}
-        changed_model = {k: (saved.get("model", {}).get(k), now["model"][k]) for k in
-                         REGULARISATION_KEYS if saved.get("model", {}).get(k) != now["model"][k]}
-        if changed_optim:
-            apply_optim_settings(self.optimizer, self.scheduler, self.config.optim)
-        for key, (old, new) in [*(("optim." + k, v) for k, v in changed_optim.items()),
-                                *(("model." + k, v) for k, v in changed_model.items())]:
-            log.info("%s changed on resume (checkpoint %s, this run %s): applied", key, old, new)
-
-    def keep_planned_length(self, planned: Progress) -> None:
-        """A resumed run keeps its length (and LR schedule) unless `epochs`/`max_steps` changed."""
-        p = self.progress
-        if p.length_setting == planned.length_setting:
-            return
-        log.info("run length changed on resume (%s -> %s): %d steps in all, the LR schedule "
-                 "follows the new length", p.length_setting, planned.length_setting,
-                 planned.total_steps)
-        p.total_steps, p.length_setting = planned.total_steps, planned.length_setting
-        set_total_steps(self.scheduler, planned.total_steps)
-
-    def save_model_file(self, name: str, metrics: dict) -> None:
+    def save_model_file(self, name: str, metrics: dict, weights_step: int | None = None) -> None:
+        """A single-file model; its `step` is the step of its weights (default: this one)."""
         path = self.checkpoints.folder / name
         if distributed.is_main():
             # a failure is held and agreed at the step's end
@@ -511,7 +482,8 @@ class Trainer:
                 save_consolidated(path, self.model, {
                     "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
                     "scaling": self.data.prepared.scaling(),
-                    "step": self.progress.step, "epoch": self.progress.epoch,
+                    "step": self.progress.step if weights_step is None else weights_step,
+                    "epoch": self.progress.epoch,
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
 
     def report_stop(self) -> None:
@@ -519,7 +491,9 @@ class Trainer:
         if distributed.is_main() and self.requeue_requested:
             requeue_slurm_job()
         elif distributed.is_main():
-            log.info("stopped on SIGTERM: resume with --resume auto")
+            sig = self.requests.stop_signal
+            log.info("stopped on %s: resume with --resume auto",
+                     signal.Signals(sig).name if sig else "another rank's stop signal")
 
     def stop_nonfinite(self) -> int:
         """End a run that kept producing non-finite steps, without saving its state: the
@@ -534,16 +508,22 @@ class Trainer:
 
     def restore_best_weights(self) -> dict | None:
         """After early stopping, load best_model.pth (the sharded checkpoint keeps the last
-        state for resuming) and return its validation metrics."""
+        state for resuming) and return its validation metrics, drawn in TensorBoard as
+        `val_kept/*` at the step of those weights (`val/*` keeps the last validation's)."""
         best = self.checkpoints.folder / "best_model.pth"
         if not (self.stop_reason == "early_stopping" and self.config.train.restore_best):
             return None
         distributed.barrier()
-        self.model.load_state_dict(load_consolidated(best)["model"])
-        metrics = self.scored("val")
+        saved = load_consolidated(best)
+        self.model.load_state_dict(saved["model"])
+        self.weights_step = int(saved["step"])
+        metrics = self.scored("val", what=f"validation of the restored weights of step "
+                                          f"{self.weights_step}")
         self.run_log.record("val", self.progress.step, {"epoch": self.progress.epoch,
-                                                        "restored_best": True, **metrics})
-        log.info("early stopping: restored the best weights (validation NLL %.4f)", metrics["nll"])
+                                                        "restored_best": True, **metrics},
+                            tag="val_kept", weights_step=self.weights_step)
+        log.info("early stopping: restored the best weights, of step %d (validation NLL %.4f)",
+                 self.weights_step, metrics["nll"])
         return metrics
 
     def finish(self) -> int:
@@ -559,10 +539,11 @@ class Trainer:
             return EXIT_PREEMPTED
         if self.last_validation_step != self.progress.step:
             self.validate()
+        self.weights_step = self.progress.step       # unless the best weights are restored
         final = self.restore_best_weights() or self.last_validation
-        self.save_model_file("final_model.pth", final)
+        self.save_model_file("final_model.pth", final, self.weights_step)
         test = self.test()
-        self.run_log.record("test", self.progress.step, test)
+        self.run_log.record("test", self.progress.step, test, weights_step=self.weights_step)
         self.observers.on_end({"val": final, "test": test,
                                "best_val_nll": self.progress.best_val_nll})
         self.run_log.hparams(flat_hparams(self.config), {

@@ -23,6 +23,7 @@ from trainer import resources
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+FP16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")
 MIN_CPU_SPEEDUP = 1.2          # bf16 products this much faster than fp32's, or fp32 is kept
 PROBE_SIZE, PROBE_REPEATS = 1024, 3
 
@@ -68,6 +69,26 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     verdict = "bf16" if speedup >= MIN_CPU_SPEEDUP else "fp32"
     return verdict, (f"auto: the CPU has bf16 instructions and its bf16 matrix products run at "
                      f"{speedup:.2f}x fp32's here (bf16 from {MIN_CPU_SPEEDUP}x)")
+
+
+def slower_than_fp32(precision: str, device: torch.device) -> str | None:
+    """Why an explicit bf16 or fp16 runs slower than fp32 on this CPU, in words; None where it
+    need not (fp32, auto, a GPU, a CPU with native instructions for it)."""
+    if device.type != "cpu" or precision not in ("bf16", "fp16"):
+        return None
+    if precision == "fp16":
+        if resources.cpu_flags() & set(FP16_CPU_FLAGS):
+            return None
+        return ("train.precision fp16 on a CPU without fp16 instructions (AVX-512 FP16 or AMX): "
+                "slower than fp32 there; use fp32 or auto")
+    if not cpu_has_native_bf16():
+        return ("train.precision bf16 on a CPU without bf16 instructions (AVX-512 BF16 or AMX): "
+                "slower than fp32 there; use fp32 or auto")
+    speedup = cpu_bf16_speedup()
+    if speedup >= MIN_CPU_SPEEDUP:
+        return None
+    return (f"train.precision bf16: this CPU's bf16 matrix products run at {speedup:.2f}x fp32's "
+            f"here, so bf16 training is slower than fp32 or hardly faster; auto would pick fp32")
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

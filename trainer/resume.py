@@ -18,7 +18,14 @@ from pathlib import Path
 import yaml
 
 from trainer import distributed
-from trainer.checkpoint import CheckpointManager, read_manifest, verify
+from trainer.checkpoint import (
+    CheckpointManager,
+    complete_checkpoints_in,
+    read_inside,
+    read_manifest,
+    verify,
+)
+from trainer.config import parse_yaml
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -26,6 +33,7 @@ LAYOUT_FILE = "layout.json"
 # Model keys that shape no parameter: a resumed run may change them (the run's value applies).
 REGULARISATION_KEYS = ("dropout", "body_dropout", "kl_weight")
 _LAYOUT_KEYS = ("bodies", "targets", "feature_names", "body_columns")
+_MAX_TEXT_BYTES = 1 << 20      # config.yaml and layout.json hold a few KB
 
 
 @dataclass
@@ -49,8 +57,9 @@ def checkpoint_files(config, spec) -> dict[str, str]:
 
 
 def saved_config(folder: Path) -> dict:
-    """The config a checkpoint was saved with (safe YAML: plain data only)."""
-    data = yaml.safe_load((folder / "config.yaml").read_text())
+    """The config a checkpoint was saved with (safe YAML: plain data only, bounded)."""
+    data = parse_yaml(read_inside(folder, "config.yaml", _MAX_TEXT_BYTES).decode(),
+                      str(folder / "config.yaml"))
     if not isinstance(data, dict):
         raise TypeError("config.yaml is not a mapping")
     return data
@@ -58,8 +67,10 @@ def saved_config(folder: Path) -> dict:
 
 def saved_identity(folder: Path) -> RunIdentity:
     config = saved_config(folder)
-    layout_path = folder / LAYOUT_FILE
-    layout = json.loads(layout_path.read_text()) if layout_path.is_file() else {}
+    try:
+        layout = json.loads(read_inside(folder, LAYOUT_FILE, _MAX_TEXT_BYTES))
+    except FileNotFoundError:
+        layout = {}
     if not layout:     # saved before layout.json existed: the targets at least are known
         layout = {"targets": config.get("data", {}).get("targets")}
     return RunIdentity(str(config.get("train", {}).get("experiment_name")),
@@ -167,6 +178,9 @@ def _decide_auto(manager, expected, fallback) -> dict:
 def _decide_explicit(manager, folder: Path, expected, restarting: bool = False) -> dict:
     if not folder.is_dir():
         return {"error": f"--resume {folder}: not a folder"}
+    mistaken = _not_a_checkpoint(folder, manager)
+    if mistaken:
+        return {"error": f"--resume {folder}: {mistaken}"}
     own = _is_inside(folder, manager.folder)
     problem = verify(folder) or fit_problem(folder, expected, other_experiment_ok=not own)
     if problem is None and not restarting:
@@ -178,6 +192,35 @@ def _decide_explicit(manager, folder: Path, expected, restarting: bool = False) 
         log.warning("experiment %r starts from checkpoint %s of experiment %r", expected.experiment,
                     folder, saved)
     return {"folder": str(folder)}
+
+
+LOG_FOLDER_FILES = ("metrics.jsonl", "training_full.log")
+
+
+def _not_a_checkpoint(folder: Path, manager: CheckpointManager) -> str | None:
+    """What `folder` is when it is a run's log folder or an experiment's checkpoint folder
+    rather than one checkpoint, and which folder to pass instead."""
+    if any((folder / name).is_file() for name in LOG_FOLDER_FILES):
+        return f"this is a log folder, not a checkpoint; {_checkpoints_of(folder, manager)}"
+    inside = complete_checkpoints_in(folder)
+    if inside:
+        return (f"this is an experiment's checkpoint folder, not a checkpoint: pass one of its "
+                f"checkpoints (newest: {inside[0]}), or --resume auto")
+    return None
+
+
+def _checkpoints_of(log_folder: Path, manager: CheckpointManager) -> str:
+    """Where the checkpoints of the run that wrote `log_folder` are, in words."""
+    try:
+        root = saved_config(log_folder).get("checkpoint", {}).get("root")
+    except (OSError, TypeError, AttributeError, yaml.YAMLError):
+        root = None
+    checkpoints = Path(root or manager.folder.parent) / log_folder.name
+    newest = complete_checkpoints_in(checkpoints)
+    if not newest:
+        return f"no checkpoint of it was found in {checkpoints}"
+    return (f"its newest checkpoint is {newest[0]} (or continue the run with --resume auto "
+            f"--experiment_name {log_folder.name})")
 
 
 def _is_inside(folder: Path, parent: Path) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from trainer import distributed
 from trainer.errors import WriteFailed
 
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_log = logging.getLogger(__name__)
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -50,6 +52,39 @@ class _HideProgressLines(logging.Filter):
 
 def progress_bar_wanted(enabled: bool) -> bool:
     return enabled and sys.stderr.isatty()
+
+
+FALLBACK_TERMINAL_SIZE = (80, 24)
+
+
+def terminal_size() -> tuple[int, int] | None:
+    """(columns, lines) of the terminal on stderr when it reports a size; None where it reports
+    zero (COLUMNS=0, or a pseudo-terminal whose size was never set, as in some CI and container
+    consoles) or none."""
+    try:
+        columns, lines = os.get_terminal_size(sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):
+        return None
+    if os.environ.get("COLUMNS") == "0" or columns <= 0 or lines <= 0:
+        return None
+    return columns, lines
+
+
+def make_bar(enabled: bool, **kwargs) -> tqdm:
+    """A tqdm bar on stderr. Where the terminal reports no size, tqdm would draw it -1 columns
+    wide on row -1 and hide it: it is drawn 80x24 instead."""
+    if terminal_size() is None:
+        columns, lines = FALLBACK_TERMINAL_SIZE
+        kwargs.update(ncols=columns - 1, nrows=lines - 1, dynamic_ncols=False)
+    else:
+        kwargs.update(dynamic_ncols=True)
+    return tqdm(disable=not progress_bar_wanted(enabled), file=sys.stderr, **kwargs)
+
+
+def counted(count: int, unit: str) -> str:
+    """`12 batches`, `1 pass`."""
+    plural = unit + ("es" if unit.endswith(("s", "ch")) else "s")
+    return f"{count} {unit if count == 1 else plural}"
 
 
 # --- write failures held until the ranks agree --------------------------------------------------
@@ -217,7 +252,7 @@ def repair_partial_last_line(path: Path) -> int:
         keep = data.rfind(b"\n") + 1
         f.truncate(keep)
     removed = len(data) - keep
-    logging.getLogger(__name__).warning(
+    _log.warning(
         "%s: removed a partial last line (%d bytes, left by a crash or a full disk): %r",
         path, removed, data[keep:keep + 60].decode("utf-8", "replace"))
     return removed
@@ -243,6 +278,31 @@ def json_safe(value):
     return value
 
 
+def _exactly(*tags: str) -> list[str]:
+    """Custom-scalar multiline charts match tags as regular expressions: match these only."""
+    return [f"^{tag}$" for tag in tags]
+
+
+def _forecast_charts(split: str, name: str) -> dict[str, list]:
+    """The model's scores with the baselines' in one chart each, and the skill's interval."""
+    kept = ("val_kept",) if split == "val" else ()     # restored best weights, at their step
+    kept_note = " (val_kept: the weights the run kept)" if kept else ""
+    return {
+        f"{name} NLL: model vs random walk and EWMA random walk{kept_note}": [
+            "Multiline", _exactly(*(f"{s}/nll" for s in (split, *kept)), f"{split}/rw_nll",
+                                  f"{split}/ewma_nll")],
+        f"{name} CRPS: model vs random walk and EWMA random walk": [
+            "Multiline", _exactly(f"{split}/crps", f"{split}/rw_crps", f"{split}/ewma_crps")],
+        f"{name} skill vs the better baseline (nats, below 0: the model is better), 95% "
+        f"interval": ["Margin", [f"{split}/skill", f"{split}/skill_low", f"{split}/skill_high"]],
+    }
+
+
+# TensorBoard's Custom Scalars tab (torch.utils.tensorboard's layout: category -> chart -> tags)
+CUSTOM_SCALARS = {"forecast vs baselines (validation)": _forecast_charts("val", "validation"),
+                  "forecast vs baselines (test)": _forecast_charts("test", "test")}
+
+
 class RunLog:
     """metrics.jsonl, TensorBoard and the progress bar of rank 0."""
 
@@ -260,21 +320,25 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
                 with guarded_write(log_dir / "tensorboard"):
                     self.writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not (self.enabled and progress_bar_wanted(progress_bar)),
-                        mininterval=1.0, file=sys.stderr)
+        self.show_bars = self.enabled and progress_bar
+        self.bar = make_bar(self.show_bars, total=total_steps, initial=start_step,
+                                unit="step", mininterval=1.0)
 
-    def record(self, kind: str, step: int, values: dict) -> None:
-        """One line of metrics.jsonl and the matching TensorBoard scalars (`<kind>/<name>`)."""
+    def record(self, kind: str, step: int, values: dict, *, tag: str | None = None,
+               weights_step: int | None = None) -> None:
+        """One line of metrics.jsonl and the matching TensorBoard scalars (`<tag>/<name>`, the
+        tag defaulting to `kind`). `weights_step`: the step whose weights were scored, written
+        into the line; the scalars are drawn at that step, not at `step`."""
         if not self.enabled:
             return
         line = {"kind": kind, "step": step, "time": round(time.time(), 3),
+                **({} if weights_step is None else {"weights_step": weights_step}),
                 **json_safe(values)}
         if self._jsonl is not None and write_failure() is None:   # no appending after a failure
             with guarded_write(self.log_dir / "metrics.jsonl"):
                 self._jsonl.write(json.dumps(line, allow_nan=False) + "\n")
                 self._jsonl.flush()
-        self.scalars(kind, step, values)
+        self.scalars(tag or kind, step if weights_step is None else weights_step, values)
 
     def scalars(self, prefix: str, step: int, values: dict) -> None:
         if self.writer is None:
@@ -284,6 +348,16 @@ class RunLog:
                 is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if is_number and math.isfinite(value):
                     self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def describe(self, config_yaml: str) -> None:
+        """TensorBoard's Custom Scalars layout (CUSTOM_SCALARS) and the resolved config as text
+        (`config/text_summary`, a code block in the Text tab)."""
+        if self.writer is None:
+            return
+        with guarded_write(self.log_dir / "tensorboard"):
+            self.writer.add_custom_scalars(CUSTOM_SCALARS)
+            self.writer.add_text("config", "".join(f"    {line}\n"
+                                                   for line in config_yaml.splitlines()))
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         """The run's key settings with its final metrics, in TensorBoard's HParams tab."""
@@ -300,6 +374,20 @@ class RunLog:
                 file_writer.add_summary(summary)
             for name, value in finite.items():
                 self.writer.add_scalar(name, value)
+
+    @contextmanager
+    def phase(self, what: str, total: int, unit: str = "batch"):
+        """Work between training steps (validation, attribution, test): a log line saying what
+        runs and how much of it, and a bar of its own below the training bar, gone when done.
+        Yields the bar: call its `update()` per `unit` done."""
+        if self.enabled:
+            _log.info("%s: %s", what, counted(total, unit))
+        bar = make_bar(self.show_bars, total=total, desc=what.split(" ")[0], unit=unit,
+                           leave=False, mininterval=1.0)
+        try:
+            yield bar
+        finally:
+            bar.close()
 
     def advance(self, steps: int = 1, **postfix) -> None:
         self.bar.update(steps)

@@ -191,7 +191,7 @@ def table_lines(doc: dict) -> list[str]:
     lines = [(f"{doc['checkpoint']} (step {doc['step']}) on the {doc['split']} split of "
               f"{doc['data']}: {doc['num_windows']} windows, origins {doc['first_date']} to "
               f"{doc['last_date']}, {doc['horizon_steps']} steps, {len(doc['targets'])} targets"),
-             "", "units: nll and crps (scaled) per training std; crps, mae, rmse (units) in "
+             "", "units: nll and crps (scaled) per training std; crps (units), mae and rmse in "
                  "target units; mase and msis per the look-back's naive one-step MAE", "",
              f"{'forecaster':<34}" + "".join(f"{h:>{w}}" for h, w, _, _ in TABLE_COLUMNS)]
     for f in doc["forecasters"].values():
@@ -227,12 +227,13 @@ def _difference(d: dict) -> str:
 
 
 def paired_test_lines(doc: dict) -> list[str]:
-    """Model minus each baseline, NLL and CRPS, overall and per target (Holm-adjusted p)."""
+    """Model minus each baseline: CRPS overall (the NLL is the skill above), NLL and CRPS per
+    target with Holm-adjusted p-values."""
     tests = doc["paired_tests"]
-    lines = ["", "model - baseline on the same windows (negative: the model is better), 95% "
-             "HAC interval, Diebold-Mariano p (HLN):"]
-    for key, d in tests["overall"].items():
-        lines.append(f"  {key:<12}{_difference(d)}")
+    lines = ["", "CRPS: model - baseline on the same windows (negative: the model is better), "
+             "95% HAC interval, Diebold-Mariano p (HLN):"]
+    for b in BASELINES:
+        lines.append(f"  vs {FORECASTER_NAMES[b]:<32}{_difference(tests['overall'][f'{b}_crps'])}")
     lines.append("per target (Holm-adjusted p over the per-target tests):")
     for target, row in tests["per_target"].items():
         for key, d in row.items():

@@ -11,8 +11,10 @@ killed save left and are removed at the next start.
 
 Untrusted files: everything this project writes loads without unpickling code (RNG states are
 tensors, model files load with weights_only=True); a file that would need more is refused.
-DCP's `.metadata` is a pickle that DCP unpickles unrestricted, so it is first read with an
-unpickler that resolves only DCP's metadata records.
+DCP's `.metadata` is a pickle that DCP would unpickle unrestricted, so the trainer reads it with
+an unpickler that resolves only DCP's metadata records, checks every entry, and hands it to DCP
+itself (`ConfinedReader`). A checkpoint reads only the regular files inside its folder that its
+manifest lists, within the sizes listed: no link, pipe or device, nothing outside.
 """
 from __future__ import annotations
 

@@ -54,6 +54,7 @@ class Comparison:
     difference: PairedDifference | None
     holm_pvalue: float = math.nan
     problem: str | None = None               # why there is no difference to report
+    weights_steps: tuple[int, int] | None = None   # lowest and highest step of tested weights
 
     @property
     def shown(self) -> bool:
@@ -64,7 +65,8 @@ class Comparison:
         return {"variant": self.variant, "target": self.target, "split": "test",
                 "num_seeds": self.num_seeds, "num_windows": self.num_windows,
                 "difference": self.difference.as_dict() if self.difference else None,
-                "holm_pvalue": self.holm_pvalue, "shown": self.shown, "problem": self.problem}
+                "holm_pvalue": self.holm_pvalue, "shown": self.shown, "problem": self.problem,
+                "weights_steps": self.weights_steps}
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Selection:
 
     variant: str | None
     val_means: dict[str, float] = field(default_factory=dict)
+    weights_steps: tuple[int, int] | None = None
 
 
 def load_trial_scores(trial: Trial) -> TrialScores:
@@ -169,7 +172,15 @@ def _compare(by_key: dict, control: str, variant: str, target: str, score: str,
     diffs = [a.test[score][target] - b.test[score][target] for a, b in pairs]
     first = pairs[0][0]
     difference = paired_difference_over_seeds(diffs, first.pred_len, first.stride, level)
-    return Comparison(variant, target, len(seeds), len(diffs[0]), difference)
+    return Comparison(variant, target, len(seeds), len(diffs[0]), difference,
+                      weights_steps=steps_range([s for pair in pairs for s in pair], "test"))
+
+
+def steps_range(scores: list[TrialScores], split: str) -> tuple[int, int] | None:
+    """The lowest and highest step whose weights the trials' `split` scores come from."""
+    steps = [s.test_step if split == "test" else s.val_step for s in scores]
+    steps = [int(x) for x in steps if x is not None]
+    return (min(steps), max(steps)) if steps else None
 
 
 def select_on_validation(scores: list[TrialScores], score: str) -> Selection:
@@ -179,4 +190,5 @@ def select_on_validation(scores: list[TrialScores], score: str) -> Selection:
         if score in s.val:
             values.setdefault(s.trial.variant, []).append(s.val[score])
     means = {v: float(np.mean(x)) for v, x in values.items()}
-    return Selection(min(means, key=means.get) if means else None, means)
+    return Selection(min(means, key=means.get) if means else None, means,
+                     steps_range(scores, "val"))

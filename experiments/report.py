@@ -45,6 +45,13 @@ def _fmt(value: float, digits: int = 4) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:+.{digits}f}"
 
 
+def steps_text(steps: tuple[int, int] | None) -> str:
+    if steps is None:
+        return "weights: step unknown"
+    low, high = steps
+    return f"weights of step {low}" if low == high else f"weights of steps {low}-{high}"
+
+
 def comparison_line(c: Comparison, control: str, score: str) -> str:
     """`variant X is better than control by ... [..] nats on test` or `no difference shown`."""
     unit = UNITS[score]
@@ -52,7 +59,7 @@ def comparison_line(c: Comparison, control: str, score: str) -> str:
     if d is None:
         return f"{c.variant} vs {control}: not compared ({c.problem})"
     where = (f"test {score}, {c.num_seeds} seed(s) x {c.num_windows} windows, "
-             f"Holm-adjusted p {c.holm_pvalue:.3g}")
+             f"{steps_text(c.weights_steps)}, Holm-adjusted p {c.holm_pvalue:.3g}")
     if c.shown:
         better = d.mean < 0
         return (f"{c.variant} is {'better' if better else 'worse'} than {control} by "
@@ -70,9 +77,10 @@ def verdict_lines(result: ExperimentResult) -> list[str]:
              for c in result.comparisons if c.target == OVERALL]
     sel = result.selection
     if sel.variant is not None:
-        lines.append(f"selected on validation (mean val {spec.score} over seeds, not test): "
-                     f"{sel.variant} ({sel.val_means[sel.variant]:.4f}); the test differences "
-                     f"above are reported for every variant, none chosen on test")
+        lines.append(f"selected on validation (mean val {spec.score} over seeds, "
+                     f"{steps_text(sel.weights_steps)}; not test): {sel.variant} "
+                     f"({sel.val_means[sel.variant]:.4f}); the test differences above are "
+                     f"reported for every variant, none chosen on test")
     missing = result.missing()
     if missing:
         lines.append(f"missing trials ({len(missing)} of {len(result.trials)}): "
@@ -126,6 +134,7 @@ def experiment_json(result: ExperimentResult) -> dict:
             "comparisons": [c.as_dict() for c in result.comparisons],
             "selection": {"split": "val", "score": result.spec.score,
                           "variant": result.selection.variant,
+                          "weights_steps": result.selection.weights_steps,
                           "val_means": result.selection.val_means},
             "trials": results_rows(result),
             "missing": [{"trial": n, "reason": r} for n, r in result.missing()]}

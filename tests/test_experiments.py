@@ -255,6 +255,7 @@ def test_report_files_name_their_splits_and_open_in_a_browser(tmp_path, capsys):
     assert cli.run(["--report", str(folder)]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("shuffled is worse than real by 0.0") and "nats on test" in out[0]
+    assert "weights of step 3" in out[0] and "weights of step 3; not test" in out[2]
     assert out[1].startswith("wide vs real: no difference shown on test")
     assert "selected on validation" in out[2] and "missing trials (1 of 9): abl__wide__s3" in out[3]
     rows = list(csv.DictReader((folder / "results.csv").read_text().splitlines()))

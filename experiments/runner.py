@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.plan import Trial
+from trainer.preemption import EXIT_PREEMPTED
 
 POLL_S = 0.5
 
@@ -168,6 +169,8 @@ def failure_reason(folder: Path, trial: Trial, code: int | None) -> str:
         return errors[-1]
     if code == 0:
         return "exited 0 without scoring the test split"
+    if code == EXIT_PREEMPTED:
+        return "stopped on a signal after a checkpoint (exit 75): run the experiment again"
     if code is not None and code < 0:
         return f"killed by signal {-code}"
     return f"exit status {code}" + (f": {lines[-1].strip()[:200]}" if lines else "")

@@ -110,6 +110,8 @@ def test_trials_are_variant_by_seed_with_their_own_run_folders(tmp_path):
     assert command[1:3] == [str(REPO / "launch/train.py"), "--config"]
     assert "data.celestial_ablation=block_shuffle" in command and "train.seed=1" in command
     assert "--resume" in command and command[command.index("--resume") + 1] == "auto"
+    assert train_command(spec, trials[1], ranks=2)[1:5] == [
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def test_a_trial_command_sets_exactly_the_trial_config(tmp_path):

@@ -1,7 +1,7 @@
 """`celestial-experiment` (launch/experiment.py): run an experiment, or report on one.
 
     celestial-experiment experiment.yaml [--parallel N] [--ranks-per-trial K] [--dry-run]
-    celestial-experiment --from-analysis logs/<run> [--seeds 1 2 3] [--name NAME] ...
+    celestial-experiment --from-analysis logs/<run> [--seeds 1 2 3 4 5] [--name NAME] ...
     celestial-experiment --report logs/experiments/<name>
 
 Writes `<log root>/experiments/<name>/` (experiment.yaml, experiment.json, results.csv,
@@ -32,8 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("experiment", nargs="?", type=Path, help="experiment YAML file")
     parser.add_argument("--from-analysis", type=Path, metavar="RUN",
                         help="test the advice of this run's analysis (logs/<run>)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
-                        help="seeds for --from-analysis (default 1 2 3)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                        help="seeds for --from-analysis (default 1 2 3 4 5: with fewer the "
+                             "interval can be too narrow, see docs/experiments.md)")
     parser.add_argument("--name", help="experiment name for --from-analysis")
     parser.add_argument("--report", type=Path, metavar="FOLDER",
                         help="re-render the report of an experiment folder from its trials")

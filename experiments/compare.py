@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.plan import Trial, read_metrics
-from experiments.stats_shim import PairedDifference, holm, paired_difference_over_seeds
+from stats.intervals import PairedDifference, holm, paired_difference_over_seeds
 from trainer.errors import UserError
 
 WINDOWS_FILE = "test_windows.csv"

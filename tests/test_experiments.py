@@ -21,7 +21,7 @@ from experiments.from_analysis import advice_variants
 from experiments.plan import Trial, build_trials, train_command
 from experiments.runner import make_slots, run_trials
 from experiments.spec import load_spec
-from experiments.stats_shim import paired_difference_over_seeds
+from stats.intervals import paired_difference_over_seeds
 from tests.conftest import REPO
 from trainer.config import load_config
 from trainer.errors import UserError
@@ -191,7 +191,7 @@ def fabricate_experiment(tmp_path: Path, effects: dict[str, float], num_windows:
                          seed: int = 0):
     """Every trial of the spec, finished, with per-window NLL = shared window difficulty + seed
     offset + correlated noise + the variant's planted effect (on Asset_A only)."""
-    spec = load_spec(write_experiment(tmp_path))
+    spec = load_spec(write_experiment(tmp_path, seeds=[1, 2, 3, 4, 5]))
     rng = np.random.default_rng(seed)
     difficulty_N = ma_noise(rng, num_windows, 1.0)
     trials = build_trials(spec)
@@ -203,7 +203,8 @@ def fabricate_experiment(tmp_path: Path, effects: dict[str, float], num_windows:
     return spec, trials
 
 
-def test_a_planted_improvement_is_shown_and_a_null_variant_is_not(tmp_path):
+def test_a_planted_difference_is_shown_per_target_and_overall(tmp_path):
+    """(How often a null difference is shown is tested on many simulated experiments below.)"""
     spec, trials = fabricate_experiment(tmp_path, {"shuffled": 0.08, "wide": 0.0})
     scores = [load_trial_scores(t) for t in trials]
     comparisons = {(c.variant, c.target): c for c in
@@ -211,9 +212,9 @@ def test_a_planted_improvement_is_shown_and_a_null_variant_is_not(tmp_path):
     assert set(comparisons) == {(v, t) for v in ("shuffled", "wide")
                                 for t in ("all", *TARGETS)}
     hit = comparisons[("shuffled", "Asset_A")]
-    assert hit.shown and 0.06 < hit.difference.mean < 0.1 and hit.num_seeds == 3
+    assert hit.shown and 0.06 < hit.difference.mean < 0.1 and hit.num_seeds == 5
     assert comparisons[("shuffled", "all")].shown
-    assert not comparisons[("wide", "all")].shown and not comparisons[("shuffled", "Asset_B")].shown
+    assert abs(comparisons[("shuffled", "Asset_B")].difference.mean) < 0.02
     assert all(c.holm_pvalue >= c.difference.dm_pvalue for c in comparisons.values())
     selection = select_on_validation(scores, "nll")
     assert selection.variant in ("real", "wide") and selection.val_means["shuffled"] == -1.92
@@ -230,27 +231,29 @@ def test_trials_scored_on_other_windows_are_not_compared(tmp_path):
     assert problem.difference is None and "not scored on the same test windows" in problem.problem
 
 
-def test_the_interval_covers_zero_at_its_nominal_rate_in_a_null_case():
-    """Two variants that differ only in their label: per seed a seed offset each, shared window
-    difficulty and overlapping-window noise. The 95% interval must cover 0 close to 95% of the
-    time over many simulated experiments."""
+@pytest.mark.parametrize("seed_effect", [0.0, 0.02, 0.05])
+def test_the_interval_covers_zero_at_its_nominal_rate_in_a_null_case(seed_effect):
+    """Two variants that differ only in their label, five seeds each: per trial a seed offset
+    (training randomness), shared window difficulty and overlapping-window noise. The 95%
+    interval must cover 0 close to 95% of the time over many simulated experiments, whether the
+    seeds or the windows dominate the variation."""
     rng = np.random.default_rng(7)
     covered = []
     for _ in range(400):
         difficulty = ma_noise(rng, 300, 1.0)
-        diffs = [(difficulty + rng.normal(0, 0.02) + ma_noise(rng, 300, 0.05))
-                 - (difficulty + rng.normal(0, 0.02) + ma_noise(rng, 300, 0.05))
-                 for _ in range(3)]
+        diffs = [(difficulty + rng.normal(0, seed_effect) + ma_noise(rng, 300, 0.05))
+                 - (difficulty + rng.normal(0, seed_effect) + ma_noise(rng, 300, 0.05))
+                 for _ in range(5)]
         d = paired_difference_over_seeds(diffs, PRED_LEN)
         covered.append(d.low <= 0 <= d.high)
-    assert 0.91 <= np.mean(covered) <= 0.99, np.mean(covered)
+    assert 0.92 <= np.mean(covered) <= 0.98, np.mean(covered)
 
 
 # --- the report ----------------------------------------------------------------------------------
 
 def test_report_files_name_their_splits_and_open_in_a_browser(tmp_path, capsys):
     spec, trials = fabricate_experiment(tmp_path, {"shuffled": 0.08})
-    shutil.rmtree(trials[-1].run_dir)          # one missing trial: abl__wide__s3
+    shutil.rmtree(trials[-1].run_dir)          # one missing trial: abl__wide__s5
     folder = tmp_path / "logs" / "experiments" / "abl"
     folder.mkdir(parents=True)
     (folder / "experiment.yaml").write_text(spec.to_yaml())
@@ -259,7 +262,8 @@ def test_report_files_name_their_splits_and_open_in_a_browser(tmp_path, capsys):
     assert out[0].startswith("shuffled is worse than real by 0.0") and "nats on test" in out[0]
     assert "weights of step 3" in out[0] and "weights of step 3; not test" in out[2]
     assert out[1].startswith("wide vs real: no difference shown on test")
-    assert "selected on validation" in out[2] and "missing trials (1 of 9): abl__wide__s3" in out[3]
+    assert "selected on validation" in out[2]
+    assert "missing trials (1 of 15): abl__wide__s5" in out[3]
     rows = list(csv.DictReader((folder / "results.csv").read_text().splitlines()))
     assert [r["trial"] for r in rows] == [t.name for t in trials]
     assert rows[0]["run_folder"] == str(trials[0].run_dir) and rows[0]["test_step"] == "3"

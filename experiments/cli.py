@@ -2,6 +2,7 @@
 
     celestial-experiment experiment.yaml [--parallel N] [--ranks-per-trial K] [--dry-run]
     celestial-experiment --from-analysis logs/<run> [--seeds 1 2 3 4 5] [--name NAME] ...
+    celestial-experiment experiment.yaml --slurm [--sbatch "OPTIONS"] [--wait]
     celestial-experiment --report logs/experiments/<name>
 
 Writes `<log root>/experiments/<name>/` (experiment.yaml, experiment.json, results.csv,
@@ -19,7 +20,14 @@ from experiments.compare import compare_variants, load_trial_scores, select_on_v
 from experiments.from_analysis import spec_from_analysis
 from experiments.plan import Trial, build_trials, experiment_dir, train_command
 from experiments.report import ExperimentResult, per_target_lines, verdict_lines, write_outputs
-from experiments.runner import make_slots, read_record, run_trials, visible_gpus
+from experiments.runner import (
+    failure_reason,
+    make_slots,
+    read_record,
+    run_trials,
+    visible_gpus,
+)
+from experiments.slurm import submit_array, wait_for_array
 from experiments.spec import ExperimentSpec, load_spec
 from trainer.errors import UserError
 
@@ -42,6 +50,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ranks-per-trial", type=int, default=1,
                         help="run each trial as a torchrun of K ranks (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument("--slurm", action="store_true",
+                        help="submit the unfinished trials as one Slurm job array")
+    parser.add_argument("--sbatch", default="", metavar="ARGS",
+                        help="more sbatch options for --slurm, e.g. \"--partition=gpu "
+                             "--cpus-per-task=4 --time=2:00:00\"")
+    parser.add_argument("--wait", action="store_true",
+                        help="with --slurm: wait for the array, then report")
     args = parser.parse_args(argv)
     if sum(x is not None for x in (args.experiment, args.from_analysis, args.report)) != 1:
         parser.error("give one of: an experiment file, --from-analysis logs/<run>, "
@@ -88,6 +103,10 @@ def claim_folder(spec: ExperimentSpec, folder: Path) -> None:
 def collect(spec: ExperimentSpec, trials: list[Trial], folder: Path,
             records: dict[str, dict] | None = None) -> ExperimentResult:
     records = {t.name: (records or {}).get(t.name) or read_record(folder, t) for t in trials}
+    for trial in trials:
+        if not trial.is_finished() and not records[trial.name].get("reason"):
+            records[trial.name] = {**records[trial.name], "status": "not finished",
+                                   "reason": unfinished_reason(folder, trial)}
     scores = []
     for trial in trials:
         if not trial.is_finished():
@@ -99,6 +118,13 @@ def collect(spec: ExperimentSpec, trials: list[Trial], folder: Path,
     comparisons = compare_variants(scores, spec.control, list(spec.variants), spec.score)
     return ExperimentResult(spec, trials, records, scores, comparisons,
                             select_on_validation(scores, spec.score))
+
+
+def unfinished_reason(folder: Path, trial: Trial) -> str:
+    if (folder / "trials" / f"{trial.name}.log").is_file():
+        reason = failure_reason(folder, trial, None)
+        return reason if reason.startswith("error:") else "not finished"
+    return "not run"
 
 
 def print_plan(spec: ExperimentSpec, trials: list[Trial], folder: Path, commands: dict) -> None:
@@ -142,18 +168,40 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     try:
         claim_folder(spec, folder)
+        if args.slurm:
+            return run_on_slurm(spec, trials, folder, args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return run_locally(spec, trials, folder, commands, slots, args.ranks_per_trial)
+
+
+def run_locally(spec: ExperimentSpec, trials: list[Trial], folder: Path, commands: dict,
+                slots: list, ranks: int) -> int:
     print(f"experiment {spec.name}: {len(trials)} trials, {len(slots)} at a time, in {folder}")
     try:
-        records = run_trials(trials, commands, folder, slots, args.ranks_per_trial)
+        records = run_trials(trials, commands, folder, slots, ranks)
     except KeyboardInterrupt:
         print("interrupted: the running trials saved checkpoints; run the same command again "
               "to resume", file=sys.stderr)
         report(collect(spec, trials, folder), folder)
         return 130
     return report(collect(spec, trials, folder, records), folder)
+
+
+def run_on_slurm(spec: ExperimentSpec, trials: list[Trial], folder: Path,
+                 args: argparse.Namespace) -> int:
+    """Submit the unfinished trials as one array; with --wait, report when it has finished."""
+    pending = [t for t in trials if not t.is_finished()]
+    if pending:
+        job_id = submit_array(spec, pending, folder, args.sbatch)
+        print(f"experiment {spec.name}: {len(pending)} trial(s) submitted as Slurm job array "
+              f"{job_id} ({len(trials) - len(pending)} finished before), in {folder}")
+        if not args.wait:
+            print(f"collect with: celestial-experiment --report {folder}")
+            return 0
+        wait_for_array(job_id)
+    return report(collect(spec, trials, folder), folder)
 
 
 def main(argv: list[str] | None = None) -> None:

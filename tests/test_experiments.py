@@ -385,3 +385,55 @@ def test_from_analysis_dry_run_plans_control_and_advice(tmp_path, capsys):
     assert "advice_run1__overfitting__s5 [new]" in out and "model.dropout=0.3" in out
     assert "note: lookback_short: not tested" in out
     assert not (tmp_path / "logs" / "experiments").exists()
+
+
+# --- Slurm job array (the real cluster: tests/test_experiments_slurm.py) ---------------------
+
+FAKE_SLURM = """#!/bin/sh
+echo "$0 $*" >> "{calls}"
+case "$0" in
+  *sbatch) echo "77;cluster" ;;
+  *squeue) [ -f "{queued}" ] && echo "77_0 RUNNING" ;;
+esac
+exit 0
+"""
+
+
+def fake_slurm(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    bin_dir, calls, queued = tmp_path / "bin", tmp_path / "calls.txt", tmp_path / "queued"
+    bin_dir.mkdir()
+    for tool in ("sbatch", "squeue"):
+        (bin_dir / tool).write_text(FAKE_SLURM.format(calls=calls, queued=queued))
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return calls, queued
+
+
+def test_slurm_submits_the_unfinished_trials_as_one_array(tmp_path, monkeypatch, capsys):
+    calls, queued = fake_slurm(tmp_path, monkeypatch)
+    spec, trials = fabricate_experiment(tmp_path, {}, num_windows=20)
+    shutil.rmtree(trials[1].run_dir)
+    shutil.rmtree(trials[4].run_dir)
+    path = tmp_path / "experiment.yaml"
+    assert cli.run([str(path), "--slurm", "--sbatch", "--partition=cpu --time=1:00:00"]) == 0
+    assert "2 trial(s) submitted as Slurm job array 77 (13 finished before)" in \
+        capsys.readouterr().out
+    folder = tmp_path / "logs" / "experiments" / "abl"
+    lines = [x.split("\t") for x in (folder / "slurm_tasks.tsv").read_text().splitlines()]
+    assert [x[0] for x in lines] == [trials[1].name, trials[4].name]
+    arguments = lines[0][2].split(" ")
+    assert "data.celestial_ablation=block_shuffle" in arguments and "train.seed=1" in arguments
+    assert f"train.log_root={tmp_path / 'logs'}" in arguments
+    sbatch = calls.read_text().splitlines()[-1]
+    assert "--array=0-1" in sbatch and "--partition=cpu --time=1:00:00" in sbatch
+    assert sbatch.endswith("launch/slurm/experiment_array.sbatch")
+    queued.touch()
+    assert cli.run([str(path), "--slurm"]) == 2
+    assert "Slurm job array 77 of this experiment is still in the queue" in capsys.readouterr().err
+
+
+def test_slurm_refuses_an_override_with_white_space(tmp_path, monkeypatch, capsys):
+    fake_slurm(tmp_path, monkeypatch)
+    path = write_experiment(tmp_path, overrides={"data.date_column": "the date"})
+    assert cli.run([str(path), "--slurm"]) == 2
+    assert "white space" in capsys.readouterr().err

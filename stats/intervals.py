@@ -89,7 +89,8 @@ def _not_shown(mean: float, block: int, num_blocks: int, reason: str, level: flo
 
 def _reason(num_blocks: int, low: float, high: float) -> str | None:
     if num_blocks < MIN_BLOCKS:
-        return (f"only {num_blocks} independent blocks of windows ({MIN_BLOCKS} needed)")
+        blocks = "block" if num_blocks == 1 else "blocks"
+        return f"only {num_blocks} independent {blocks} of windows ({MIN_BLOCKS} needed)"
     if low <= 0 <= high:
         return "the interval includes 0"
     return None
@@ -112,8 +113,8 @@ def studentised(mean: float, standard_error: float, df: float, block: int, num_b
 
 def _degenerate(values: np.ndarray, block: int, level: float) -> PairedDifference | None:
     n = len(values)
-    if n and np.isnan(values).any():
-        return _not_shown(math.nan, block, 0, "the scores contain NaN", level)
+    if not np.isfinite(values).all():
+        return _not_shown(math.nan, block, 0, "the scores contain NaN or infinity", level)
     if n < 2:
         mean = float(values[0]) if n else math.nan
         return _not_shown(mean, block, 0, f"only {n} window(s) (at least 2 needed)", level)
@@ -184,11 +185,13 @@ def paired_difference_over_seeds(diffs, pred_len: int, stride: int = 1, level: f
     The t degrees of freedom combine the two by Welch-Satterthwaite, so the seed count governs
     when seed-to-seed variation dominates. One seed reduces to `mean_interval`."""
     _check_level(level)
-    diffs_SN = np.asarray([np.asarray(d, dtype=np.float64).ravel() for d in diffs])
-    if diffs_SN.ndim != 2 or not len(diffs_SN):
-        raise ValueError("paired_difference_over_seeds needs equal-length series, one per seed")
+    series = [np.asarray(d, dtype=np.float64).ravel() for d in diffs]
+    if not series or len({len(d) for d in series}) > 1:
+        raise ValueError("paired_difference_over_seeds needs one series per seed, all of equal "
+                         f"length, got lengths {[len(d) for d in series]}")
+    diffs_SN = np.stack(series)
     num_seeds, n = diffs_SN.shape
-    if num_seeds == 1 or n < 2 or np.isnan(diffs_SN).any():
+    if num_seeds == 1 or n < 2 or not np.isfinite(diffs_SN).all():
         return mean_interval(diffs_SN.mean(0), pred_len, stride, level)
     block = block_length(n, pred_len, stride)
     average_N = diffs_SN.mean(0)

@@ -158,3 +158,12 @@ def test_gpu_check_dry_run_on_cpu_prints_every_number(short_csv, tmp_path):
         assert f"-- {precision} on" in out
     assert out.count("samples/s") == 2 and out.count("MFU: unknown") == 2
     assert "celestial_to_target_attention" in out and "gpu_check: done" in out
+
+
+def test_interval_coverage_reports_both_methods_at_every_size():
+    result = run_script("interval_coverage.py", "--replications", "8", "--json")
+    assert [row["windows"] for row in result["single_series"]] == [120, 400, 4000]
+    for row in result["single_series"]:
+        for method in ("bootstrap", "studentised_hac"):
+            assert 0 <= row[method]["coverage"] <= 1
+    assert [row["seeds"] for row in result["over_seeds"]] == [3, 10]

@@ -30,8 +30,8 @@ from trainer.checkpoint import (
     _rng_state,
     _set_rng_state,
     load_consolidated,
-    metadata_problem,
     read_rng_file,
+    verified_sizes,
     verify,
     write_manifest,
 )
@@ -117,7 +117,8 @@ def test_crafted_value_in_a_shard_is_refused_by_verify_and_by_the_load(tmp_path)
     folder = tmp_path / "c"
     dcp.save({"w": torch.ones(3), "progress": {"step": 4}, "x": CodeOnLoad(marker)},
              checkpoint_id=str(folder))
-    problem = metadata_problem(folder / ".metadata")
+    write_manifest(folder, 4)
+    problem = verify(folder)
     assert problem.startswith("__0_0.distcp: refused: the value 'x'"), problem
     state = {"w": torch.zeros(3), "progress": {"step": 0}, "x": None}
     with pytest.raises(BaseException, match="refused: the value 'x'"):   # DCP's CheckpointException
@@ -129,7 +130,8 @@ def test_plain_values_load_through_the_safe_planner(tmp_path):
     dcp.save({"w": torch.ones(3), "progress": {"step": 4, "best": math.inf, "name": "a"},
               "groups": [{"betas": (0.9, 0.95), "lr": 1e-3, "fused": None}]},
              checkpoint_id=str(tmp_path / "c"))
-    assert metadata_problem(tmp_path / "c" / ".metadata") is None
+    write_manifest(tmp_path / "c", 4)
+    assert verify(tmp_path / "c") is None
     state = {"w": torch.zeros(3), "progress": {"step": 0, "best": 0.0, "name": ""},
              "groups": [{"betas": (0.0, 0.0), "lr": 0.0, "fused": True}]}
     dcp.load(state, checkpoint_id=str(tmp_path / "c"), planner=PlainDataLoadPlanner())
@@ -162,11 +164,13 @@ def test_metadata_pickled_by_python_3_11_2_is_accepted_but_other_getattr_is_not(
     with open(path, "wb") as f:
         EnumByGetattr(f).dump(metadata)
     assert b"getattr" in path.read_bytes()
-    assert metadata_problem(path) is None
+    write_manifest(path.parent, 4)
+    assert verify(path.parent) is None
     marker = tmp_path / "pwned"
     # a bound method pickles as getattr(PosixPath(marker), "write_text"): allowed names, no enum
     path.write_bytes(pickle.dumps(WriteOnLoad(marker)))
-    assert "refused: it refers to builtins.getattr on" in metadata_problem(path)
+    write_manifest(path.parent, 4)
+    assert "refused: it refers to builtins.getattr on" in verify(path.parent)
     assert not marker.exists()
 
 
@@ -199,7 +203,8 @@ def test_old_format_rng_file_is_not_unpickled_and_the_rank_reseeds(tmp_path, cap
          "python": random.getstate()}, p))
     assert read_rng_file(folder / "rng_rank0.pt") is None and verify(folder) is None
     with caplog.at_level(logging.WARNING):
-        CheckpointManager(CheckpointConfig(), tmp_path)._restore_rng(folder / "rng_rank0.pt")
+        CheckpointManager(CheckpointConfig(), tmp_path)._restore_rng(
+            folder, "rng_rank0.pt", verified_sizes(folder))
     assert "old RNG format" in caplog.text and "freshly seeded" in caplog.text
 
 

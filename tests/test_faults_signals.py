@@ -154,6 +154,28 @@ def test_signals_at_awkward_moments_leave_one_checkpoint_each_and_resume(short_c
 
 
 @pytest.mark.slow
+def test_ctrl_c_checkpoints_and_exits_75_and_a_second_one_stops_at_once(short_csv, tmp_path):
+    """Ctrl-C during a save was reported as a write failure ("make room", exit 74), and
+    elsewhere as a KeyboardInterrupt traceback with no checkpoint."""
+    log = tmp_path / "logs" / "ctrl_c" / "training_full.log"
+    args = _args(short_csv, tmp_path, "ctrl_c", train__max_steps=50, checkpoint__interval=4,
+                 train__validate_at_start=False)
+    code, out = _signal_during(_start(args, "delay:checkpoint_save:4"), log, "checkpoint_save",
+                               signal.SIGINT)
+    assert code == 75 and "stopped on SIGINT" in out, out[-3000:]
+    assert "make room" not in out and "Traceback" not in out
+    assert _checkpoints(tmp_path, "ctrl_c") == ["checkpoint_step_000004"]
+
+    log.rename(log.with_suffix(".first"))     # so that the wait below sees the new run's line
+    resume = args + ["--resume", "auto"]
+    proc = _start(resume, "delay:checkpoint_save:4")
+    code, out = _signal_during(proc, log, "checkpoint_save", signal.SIGINT, signal.SIGINT)
+    assert code == 130 and out.strip().splitlines()[-1].startswith("error: interrupted twice")
+    assert "Traceback" not in out and "make room" not in out, out[-3000:]
+    assert _checkpoints(tmp_path, "ctrl_c")[0] == "checkpoint_step_000004"
+
+
+@pytest.mark.slow
 def test_two_signals_to_one_rank_during_a_save_on_two_ranks(short_csv, tmp_path):
     """torchrun, 2 gloo ranks: USR1 then TERM to rank 1 while the step-4 checkpoint is being
     saved -> both ranks stop after it with status 75, one checkpoint, no requeue."""

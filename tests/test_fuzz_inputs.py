@@ -20,6 +20,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from tests.bounded import run_bounded
 from tests.conftest import REPO, as_cli_args, run_cli, small_overrides
 from trainer import cli
 from trainer.config import Config, load_config
@@ -209,7 +210,7 @@ def test_fuzzed_config_is_refused_by_the_entry_point(case):
     ("model:\n  dropout: -.inf\n", "model.dropout: expected a finite number"),
     ("model:\n  1: 2\n  d_model: 32\n", "config key model.1 is not a name"),
     ("? [a, b]\n: 1\n", "not valid YAML"),
-    ("a: &x [*x]\n", "unknown config key a"),
+    ("a: &x [*x]\n", "line 1: the alias *x refers to a value that contains it"),
     ("train:\n  seed: 100000000000000000000000000\n",
      "train.seed: 100000000000000000000000000 is out of range"),
     (b"optim:\n  lr: \xff\xfe\n", "not a UTF-8 text file"),
@@ -218,6 +219,112 @@ def test_known_bad_configs(tmp_path, text, expected):
     path = tmp_path / "c.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     assert expected in run_refused(["--config", str(path)], tmp_path)
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A few hundred bytes of YAML that stand for width**levels values when written out."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def flow_mapping(block: str) -> str:
+    """The lines of a block mapping as one flow mapping: `{a: 1, b: 2}`."""
+    return "{" + ", ".join(block.splitlines()) + "}"
+
+
+HOSTILE_CONFIGS = [
+    ("alias_bomb", alias_bomb(), "more than 100000 values"),
+    ("alias_bomb_in_a_value", "model:\n  d_model: " + flow_mapping(alias_bomb()) + "\n",
+     "more than 100000 values"),
+    ("deep_flow_list", "model:\n  patch_scales: " + "[" * 5000 + "]" * 5000 + "\n", "nest"),
+    ("deep_flow_mapping", "model: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n", "nest"),
+    ("deep_block_mapping", "".join(f"{' ' * i}a{i}:\n" for i in range(200)) + " " * 200 + "b: 1\n",
+     "nested deeper than 32 levels"),
+    ("long_integer", "train:\n  seed: " + "7" * 5000 + "\n", "an integer of 5000 characters"),
+    ("long_hex_integer", "train:\n  seed: 0x" + "f" * 5000 + "\n", "an integer of 5002"),
+    ("huge_file", "# " + "x" * (1 << 20) + "\n", "too large for a config file"),
+]
+
+
+@pytest.mark.parametrize("name, text, expected", HOSTILE_CONFIGS,
+                         ids=[case[0] for case in HOSTILE_CONFIGS])
+def test_hostile_config_file_is_refused_in_bounded_time_and_memory(tmp_path, name, text,
+                                                                    expected):
+    """A 448-byte alias bomb took 25-38 s and 1.8 GB; 5,000 levels raised RecursionError; a
+    5,000-digit integer raised ValueError (Python's limit on converting long integers)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    error = run_bounded(run_refused, ["--config", str(path)], tmp_path, seconds=20, memory_mb=500)
+    assert str(path) in error and expected in error, error
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.patch_scales=" + "[" * 5000 + "]" * 5000, "model.patch_scales"),
+    ("model.patch_scales=" + "[" * 40 + "]" * 40, "nested deeper than 32 levels"),
+    ("train.seed=" + "7" * 5000, "an integer of 5000 characters"),
+    ("model.d_model=" + flow_mapping(alias_bomb(levels=7)), "more than 100000 values"),
+], ids=["deep_5000", "deep_40", "long_integer", "alias_bomb"])
+def test_hostile_override_is_refused_in_bounded_time_and_memory(tmp_path, override, expected):
+    error = run_bounded(run_refused, ["--set", override], tmp_path, seconds=20, memory_mb=500)
+    assert expected in error, error
+
+
+YAML_PLACES = [("model", "patch_scales"), ("model", "d_model"), ("optim", "lr"),
+               ("train", "experiment_name"), ("data", "targets")]
+
+
+def nested_flow(depth: int, mapping: bool) -> str:
+    return "{a: " * depth + "1" + "}" * depth if mapping else "[" * depth + "]" * depth
+
+
+@st.composite
+def yaml_structures(draw):
+    """(a config's text, what its refusal must say, or None where it may load or be refused
+    for any reason). The value at section.key is deep, made of aliases, or large."""
+    section, key = draw(st.sampled_from(YAML_PLACES))
+    kind = draw(st.sampled_from(["nested", "aliases", "self_alias", "integer", "string"]))
+    expected = None
+    if kind == "nested":          # the root and the section are 2 levels
+        depth = draw(st.integers(0, 80))
+        value = nested_flow(depth, draw(st.booleans()))
+        expected = "nest" if depth > 30 else None
+    elif kind == "aliases":
+        levels, width = draw(st.integers(1, 8)), draw(st.integers(1, 12))
+        value = flow_mapping(alias_bomb(levels, width))
+        expected = "more than 100000 values" if width ** levels > 200_000 else None
+    elif kind == "self_alias":
+        depth = draw(st.integers(0, 20))
+        value = "&x [" + nested_flow(depth, False)[:depth] + "*x" + "]" * depth + "]"
+        expected = "refers to a value that contains it"
+    elif kind == "integer":
+        digits = draw(st.integers(1, 6000))
+        value = draw(st.sampled_from(["", "-", "0x", "0"])) + "7" * digits   # 0: octal
+        expected = "an integer of" if len(value) > 40 else None
+    else:
+        quote = draw(st.sampled_from(["", "'", '"']))
+        value = quote + "x" * draw(st.integers(0, 300_000)) + quote
+    return f"{section}:\n  {key}: {value}\n", expected
+
+
+def config_verdict(path: Path) -> str:
+    try:
+        load_config(path)
+        return "loaded"
+    except UserError as err:
+        return str(err)
+
+
+@settings(FUZZ, max_examples=60)
+@given(yaml_structures())
+def test_fuzzed_yaml_structure_ends_in_one_line_within_bounds(case):
+    text, expected = case
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yaml"
+        path.write_text(text)
+        verdict = run_bounded(config_verdict, path, seconds=20, memory_mb=300)
+    assert "\n" not in verdict and len(verdict) < 600, verdict
+    assert expected is None or expected in verdict, verdict
 
 
 def test_config_path_that_is_a_directory(tmp_path):

@@ -58,6 +58,11 @@ def test_one_seed_is_the_single_series_interval():
     assert paired_difference_over_seeds([x], PRED_LEN) == mean_interval(x, PRED_LEN)
 
 
+def test_one_block_is_named_in_the_singular():
+    assert mean_interval(np.arange(30.0), PRED_LEN).reason == (
+        f"only 1 independent block of windows ({MIN_BLOCKS} needed)")
+
+
 def test_block_length_never_drops_below_the_window_overlap():
     assert block_length(10, pred_len=24) == 10                    # at most the windows
     assert block_length(120, pred_len=24) == 24 + 10              # overlap + ceil(2 n^(1/3))
@@ -117,7 +122,8 @@ def test_an_interval_including_zero_is_not_shown():
     ([], "only 0 window(s) (at least 2 needed)"),
     ([0.3], "only 1 window(s) (at least 2 needed)"),
     ([0.5] * 50, "the differences have no variance"),
-    ([0.1, math.nan, 0.2], "the scores contain NaN"),
+    ([0.1, math.nan, 0.2], "the scores contain NaN or infinity"),
+    ([0.1, math.inf, 0.2], "the scores contain NaN or infinity"),
 ])
 def test_degenerate_inputs_give_a_not_shown_result(values, reason):
     r = mean_interval(values, PRED_LEN)
@@ -129,6 +135,10 @@ def test_degenerate_inputs_give_a_not_shown_result(values, reason):
 def test_user_errors_are_value_errors():
     with pytest.raises(ValueError, match="equal lengths"):
         paired_difference([1.0, 2.0], [1.0], PRED_LEN)
+    with pytest.raises(ValueError, match="equal length"):
+        paired_difference_over_seeds([[1.0, 2.0], [1.0]], PRED_LEN)
+    with pytest.raises(ValueError, match="one series per seed"):
+        paired_difference_over_seeds([], PRED_LEN)
     with pytest.raises(ValueError, match="level"):
         mean_interval([1.0, 2.0], PRED_LEN, level=95)
 

@@ -5,6 +5,8 @@ import logging
 import os
 import signal
 
+import pytest
+
 from trainer.preemption import StopRequests, requeue_slurm_job
 
 
@@ -49,3 +51,29 @@ def test_requeue_is_reported_when_slurm_stops_the_job_during_scontrol(tmp_path, 
         requeue_slurm_job()
     assert (tmp_path / "calls").read_text() == "requeue 123\n"
     assert "Slurm job 123 requeued" in caplog.text
+
+
+def test_ctrl_c_is_a_stop_without_requeue_and_a_second_one_stops_at_once(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    requests = StopRequests().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert requests.stop_signal == signal.SIGINT and requests.cancel
+        assert not requests.requeue
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        requests.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_under_torchrun_a_repeated_ctrl_c_is_the_same_stop(monkeypatch):
+    """torchrun's agent forwards the terminal's Ctrl-C: each worker gets it twice."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "r")
+    requests = StopRequests().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert requests.stop_signal == signal.SIGINT and requests.cancel
+    finally:
+        requests.uninstall()

@@ -16,6 +16,8 @@ from trainer.errors import EXIT_WRITE_FAILED, UserError, WriteFailed
 from trainer.observer import ObserverFactory
 from trainer.run_log import log_error_to_file
 
+EXIT_INTERRUPTED = 130    # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+
 # flag -> (dotted config key, type)
 VALUE_FLAGS = {
     "experiment_name": ("train.experiment_name", str),
@@ -61,9 +63,9 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, object]]:
 def run(argv: list[str] | None = None, observers: ObserverFactory | None = None) -> int:
     """Train with the observers `observers` builds from the config (the entry point passes the
     diagnostics'); returns the exit status (0 done, 1 failed, 2 bad input, 74 a file could not
-    be written, 75 stopped on a signal)."""
+    be written, 75 stopped on a signal, 130 a second Ctrl-C)."""
     args = parse_args(argv)
-    # From here on SIGTERM/SIGUSR1 only set a flag: a stop asked for during data preparation,
+    # From here on SIGTERM/SIGINT/SIGUSR1 only set a flag: a stop asked for during data preparation,
     # model build or resume is acted on at the trainer's first safe point (exit 75).
     requests = preemption.listen()
     from trainer.build import build_trainer  # after argparse: --help stays fast
@@ -75,6 +77,9 @@ def run(argv: list[str] | None = None, observers: ObserverFactory | None = None)
         return _fail(err, 2)
     except WriteFailed as err:
         return _fail(err, EXIT_WRITE_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted twice (Ctrl-C): stopped at once, without a checkpoint; "
+                     "resume from the newest one with --resume auto", EXIT_INTERRUPTED)
     except BaseException as err:    # DCP's CheckpointException is a BaseException
         explained = distributed.explain_failure(err)
         if explained is not None:

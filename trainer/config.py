@@ -21,7 +21,7 @@ from model.config import ModelConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
 from trainer.diagnostics_config import DiagnosticsConfig
-from trainer.errors import UserError
+from trainer.errors import UserError, short_repr
 from trainer.optim import OptimConfig
 from trainer.train_config import TrainConfig
 
@@ -53,7 +53,7 @@ def _convert(value: Any, tp, key: str) -> Any:
         return build_dataclass(tp, value, key)
     if origin is Literal:
         if value not in args:
-            raise UserError(f"{key}: {_short(value)} is not one of {list(args)}")
+            raise UserError(f"{key}: {short_repr(value)} is not one of {list(args)}")
         return value
     if origin in (typing.Union, types.UnionType):
         for option in args:
@@ -62,23 +62,23 @@ def _convert(value: Any, tp, key: str) -> Any:
         return _convert(value, next(a for a in args if a is not type(None)), key)
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"{key}: expected a list, got {_short(value)}")
+            raise UserError(f"{key}: expected a list, got {short_repr(value)}")
         return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{key}: expected true or false, got {_short(value)}")
+            raise UserError(f"{key}: expected true or false, got {short_repr(value)}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, float) and not math.isfinite(value):
         # No setting means anything at NaN or infinity; NaN also slips past every range check.
-        raise UserError(f"{key}: expected a finite number, got {_short(value)}")
+        raise UserError(f"{key}: expected a finite number, got {short_repr(value)}")
     if tp is str and isinstance(value, datetime.date):
         return value.isoformat()     # YAML reads an unquoted 1950-01-01 as a date
     if tp in (int, float, str) and not (isinstance(value, tp) and not isinstance(value, bool)):
-        raise UserError(f"{key}: expected {_type_name(tp)}, got {_short(value)}")
+        raise UserError(f"{key}: expected {_type_name(tp)}, got {short_repr(value)}")
     if tp is int and not -2**63 <= value < 2**63:   # torch and numpy take 64-bit integers
-        raise UserError(f"{key}: {value} is out of range")
+        raise UserError(f"{key}: {short_repr(value)} is out of range")
     return value
 
 
@@ -86,18 +86,12 @@ def _key_text(key: str) -> str:
     return key if key.isidentifier() else repr(key)
 
 
-def _short(value: Any) -> str:
-    """A value for an error message: a fuzzed or mistaken value may be huge."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def build_dataclass(cls, data: Any, prefix: str):
     """Build dataclass `cls` from a mapping, naming `prefix.key` in every error."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{prefix or 'config'}: expected a mapping, got {_short(data)}")
+        raise UserError(f"{prefix or 'config'}: expected a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     where = f"{prefix}." if prefix else ""
@@ -135,7 +129,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise UserError(f"override {text!r}: expected key=value, e.g. optim.lr=3e-4")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw, f"override {key.strip()}") if raw.strip() else ""
+    except UserError:
+        raise
     except (yaml.YAMLError, ValueError):
         value = raw
     if isinstance(value, str) and _looks_numeric(value):
@@ -158,7 +154,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
+        if len(raw) > _MAX_CONFIG_BYTES:
+            raise UserError(f"{path}: over {_MAX_CONFIG_BYTES // 2**20} MiB, too large for a "
+                            f"config file")
+        data = parse_yaml(raw.decode("utf-8"), str(path))
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not a UTF-8 text file (byte {err.start})") from None
     except OSError as err:
@@ -172,6 +173,79 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+# A config is a few hundred values at most four levels deep; these bounds refuse a crafted or
+# mistaken file (an alias bomb, thousands of levels, a number of thousands of digits) before it
+# costs time or memory.
+_MAX_CONFIG_BYTES = 1 << 20
+_MAX_YAML_DEPTH = 32
+_MAX_YAML_VALUES = 100_000       # counted as if every alias were written out
+_MAX_INT_CHARS = 40              # 64-bit integers have at most 20 digits
+_INT_TAG = "tag:yaml.org,2002:int"
+_RESOLVER = yaml.resolver.Resolver()
+_EVENT_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml's parser when built
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)` once one linear pass over its events has found it within the
+    bounds above (UserError naming `where` and the line otherwise). The pass does not recurse,
+    and counts each alias as the values it stands for."""
+    _check_yaml_bounds(text, where)
+    return yaml.safe_load(text)
+
+
+def _check_yaml_bounds(text: str, where: str) -> None:
+    open_nodes: list[list] = []          # [anchor, values, height] of each open collection
+    anchored: dict[str, tuple[int, int]] = {}     # anchor -> (values, height)
+    total = 0
+    for event in yaml.parse(text, Loader=_EVENT_LOADER):
+        line = f"{where}: line {event.start_mark.line + 1}"
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(open_nodes) >= _MAX_YAML_DEPTH:
+                raise UserError(f"{line}: nested deeper than {_MAX_YAML_DEPTH} levels")
+            open_nodes.append([event.anchor, 1, 0])
+            total += 1
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, values, height = open_nodes.pop()
+            node = (values, height + 1)
+            if anchor is not None:
+                anchored[anchor] = node
+        elif isinstance(event, yaml.AliasEvent):
+            node = _alias_size(event.anchor, anchored, open_nodes, line)
+            total += node[0]
+        elif isinstance(event, yaml.ScalarEvent):
+            _check_scalar(event, line)
+            node = (1, 0)
+            total += 1
+            if event.anchor is not None:
+                anchored[event.anchor] = node
+        else:
+            continue
+        if total > _MAX_YAML_VALUES:
+            raise UserError(f"{line}: more than {_MAX_YAML_VALUES} values (each alias counted "
+                            f"as the values it stands for)")
+        if len(open_nodes) + node[1] > _MAX_YAML_DEPTH:
+            raise UserError(f"{line}: nested deeper than {_MAX_YAML_DEPTH} levels (aliases "
+                            f"written out)")
+        if open_nodes:
+            open_nodes[-1][1] += node[0]
+            open_nodes[-1][2] = max(open_nodes[-1][2], node[1])
+
+
+def _alias_size(anchor: str, anchored: dict, open_nodes: list, line: str) -> tuple[int, int]:
+    if any(node[0] == anchor for node in open_nodes):
+        raise UserError(f"{line}: the alias *{anchor} refers to a value that contains it")
+    return anchored.get(anchor, (1, 0))   # an undefined alias: safe_load names it
+
+
+def _check_scalar(event: yaml.ScalarEvent, line: str) -> None:
+    tag = event.tag if event.tag not in (None, "!") else \
+        _RESOLVER.resolve(yaml.ScalarNode, event.value, event.implicit)
+    if tag == _INT_TAG and len(event.value) > _MAX_INT_CHARS:
+        raise UserError(f"{line}: an integer of {len(event.value)} characters (settings take "
+                        f"64-bit integers)")
+
+
 def _one_line(err: Exception) -> str:
     """PyYAML's messages span lines (with a caret under the column): keep them on one line."""
     return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
@@ -182,7 +256,4 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
     tree = read_yaml(path) if path else {}
     for key, value in overrides:
         _set_dotted(tree, key, value)
-    try:
-        return build_dataclass(Config, tree, "")
-    except RecursionError:   # a YAML alias that contains itself (`a: &x [*x]`)
-        raise UserError(f"{path or 'config'}: a value refers to itself (YAML alias loop)") from None
+    return build_dataclass(Config, tree, "")

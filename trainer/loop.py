@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -516,7 +517,9 @@ class Trainer:
         if distributed.is_main() and self.requeue_requested:
             requeue_slurm_job()
         elif distributed.is_main():
-            log.info("stopped on SIGTERM: resume with --resume auto")
+            sig = self.requests.stop_signal
+            log.info("stopped on %s: resume with --resume auto",
+                     signal.Signals(sig).name if sig else "another rank's stop signal")
 
     def stop_nonfinite(self) -> int:
         """End a run that kept producing non-finite steps, without saving its state: the

@@ -1,12 +1,15 @@
 """Stop and save requests from signals, acted on at a step boundary by all ranks together.
 
-SIGTERM and SIGUSR1 ask the run to checkpoint and stop. Only SIGUSR1 (what a job asks Slurm to
-send ahead of its time limit, `--signal=B:USR1@<s>`) also requeues the Slurm job: SIGTERM is
-what `scancel` sends, and a cancelled job must stay cancelled (under preemption with
-PreemptMode=REQUEUE, Slurm requeues the job itself). The last stop signal decides: USR1 then
-TERM is a cancel. SIGUSR2 asks for a checkpoint now and training goes on. The handlers only set
-flags: saving inside a handler can deadlock, and a rank that stops alone would leave the others
-waiting in a collective.
+SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 ask the run to checkpoint and stop; a second Ctrl-C stops
+at once, without a checkpoint (under torchrun the agent forwards the terminal's Ctrl-C, so each
+worker gets it twice: there the agent's shutdown timeout is what stops at once). Only SIGUSR1
+(what a job asks Slurm to send ahead of its time limit, `--signal=B:USR1@<s>`) also requeues
+the Slurm job: SIGTERM is what `scancel` sends, and a cancelled job must stay cancelled (under
+preemption with PreemptMode=REQUEUE, Slurm requeues the job itself); SIGINT is a person's stop,
+not requeued either. The last stop signal decides: USR1 then TERM is a cancel. SIGUSR2 asks
+for a checkpoint now and training goes on. The handlers only set flags: saving inside a
+handler can deadlock, and a rank that stops alone would leave the others waiting in a
+collective.
 
 The CLI installs the handlers when the process starts (`listen()`), so a signal during data
 preparation, model build or resume is remembered, not fatal; the trainer acts on it at its
@@ -41,11 +44,11 @@ class StopRequests:
 
     @property
     def cancel(self) -> bool:
-        """The last stop signal was SIGTERM: the job must not be requeued."""
-        return self.stop_signal == signal.SIGTERM
+        """The last stop signal was SIGTERM or SIGINT: the job must not be requeued."""
+        return self.stop_signal in (signal.SIGTERM, signal.SIGINT)
 
     def install(self) -> StopRequests:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._on_stop)
         self._previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, self._on_save)
         return self
@@ -58,6 +61,9 @@ class StopRequests:
         self.stop_signal, self.requeue, self.save_now = None, False, False
 
     def _on_stop(self, signum, frame) -> None:
+        if (signum == signal.SIGINT and self.stop_signal == signal.SIGINT
+                and "TORCHELASTIC_RUN_ID" not in os.environ):
+            raise KeyboardInterrupt         # the second Ctrl-C: stop now
         self.stop_signal = signum
         # The last signal wins: SIGTERM after SIGUSR1 is scancel overriding a requeue.
         self.requeue = signum == signal.SIGUSR1

@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from trainer import distributed
-from trainer.checkpoint import CheckpointManager, read_manifest, verify
+from trainer.checkpoint import CheckpointManager, read_inside, read_manifest, verify
+from trainer.config import parse_yaml
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ LAYOUT_FILE = "layout.json"
 # Model keys that shape no parameter: a resumed run may change them (the run's value applies).
 REGULARISATION_KEYS = ("dropout", "body_dropout", "kl_weight")
 _LAYOUT_KEYS = ("bodies", "targets", "feature_names", "body_columns")
+_MAX_TEXT_BYTES = 1 << 20      # config.yaml and layout.json hold a few KB
 
 
 @dataclass
@@ -49,8 +51,9 @@ def checkpoint_files(config, spec) -> dict[str, str]:
 
 
 def saved_config(folder: Path) -> dict:
-    """The config a checkpoint was saved with (safe YAML: plain data only)."""
-    data = yaml.safe_load((folder / "config.yaml").read_text())
+    """The config a checkpoint was saved with (safe YAML: plain data only, bounded)."""
+    data = parse_yaml(read_inside(folder, "config.yaml", _MAX_TEXT_BYTES).decode(),
+                      str(folder / "config.yaml"))
     if not isinstance(data, dict):
         raise TypeError("config.yaml is not a mapping")
     return data
@@ -58,8 +61,10 @@ def saved_config(folder: Path) -> dict:
 
 def saved_identity(folder: Path) -> RunIdentity:
     config = saved_config(folder)
-    layout_path = folder / LAYOUT_FILE
-    layout = json.loads(layout_path.read_text()) if layout_path.is_file() else {}
+    try:
+        layout = json.loads(read_inside(folder, LAYOUT_FILE, _MAX_TEXT_BYTES))
+    except FileNotFoundError:
+        layout = {}
     if not layout:     # saved before layout.json existed: the targets at least are known
         layout = {"targets": config.get("data", {}).get("targets")}
     return RunIdentity(str(config.get("train", {}).get("experiment_name")),

@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_request(args: argparse.Namespace) -> ExperimentSpec:
     if args.report is not None:
+        if not (args.report / SPEC_FILE).is_file():
+            raise UserError(f"--report {args.report}: not an experiment folder (no {SPEC_FILE})")
         return load_spec(args.report / SPEC_FILE)
     if args.from_analysis is not None:
         spec, notes = spec_from_analysis(args.from_analysis, args.seeds, args.name)

@@ -128,6 +128,12 @@ def test_a_trial_command_sets_exactly_the_trial_config(tmp_path):
                   "progress_bar": False, "experiment_name": trial.name}}
 
 
+def test_report_of_a_folder_that_is_no_experiment_is_one_line(tmp_path, capsys):
+    assert cli.run(["--report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"error: --report {tmp_path}: not an experiment folder (no experiment.yaml)"
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert cli.run([str(write_experiment(tmp_path)), "--dry-run", "--parallel", "1"]) == 0
     out = capsys.readouterr().out

@@ -13,10 +13,12 @@ from tests.conftest import REPO
 
 # package -> the project packages it may import (besides itself)
 ALLOWED = {"model": set(), "stats": set(), "trainer": {"model", "stats"},
-           "diagnostics": {"model", "trainer", "stats"}}
+           "diagnostics": {"model", "trainer", "stats"},
+           "experiments": {"trainer", "stats", "diagnostics"}}
 DISTRIBUTED_OWNERS = {"trainer/distributed.py",   # process groups and collectives
                       "trainer/checkpoint.py"}    # DCP, the sharded checkpoint format
-PROJECT = {"model", "stats", "trainer", "diagnostics", "launch", "benchmarks", "tests"}
+PROJECT = {"model", "stats", "trainer", "diagnostics", "experiments", "launch", "benchmarks",
+           "tests"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -39,6 +41,23 @@ def test_packages_depend_one_way(package):
     wrong = {f"{path.relative_to(REPO)} imports {name}"
              for path in sources(package) for name in imported_modules(path)
              if name.split(".")[0] in PROJECT - ALLOWED[package] - {package}}
+    assert not wrong, sorted(wrong)
+
+
+def test_experiments_use_only_the_offline_analysis_of_diagnostics():
+    """Trials run as processes of launch/train.py: the observers are not experiments' to build."""
+    wrong = {f"{path.relative_to(REPO)} imports {name}"
+             for path in sources("experiments") for name in imported_modules(path)
+             if name.split(".")[0] == "diagnostics" and not name.startswith("diagnostics.analysis")}
+    assert not wrong, sorted(wrong)
+
+
+def test_nothing_imports_experiments():
+    wrong = {f"{path.relative_to(REPO)} imports {name}"
+             for package in PROJECT - {"experiments", "tests"} if (REPO / package).is_dir()
+             for path in sources(package) for name in imported_modules(path)
+             if name.split(".")[0] == "experiments"
+             and str(path.relative_to(REPO)) != "launch/experiment.py"}
     assert not wrong, sorted(wrong)
 
 

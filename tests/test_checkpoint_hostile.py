@@ -264,12 +264,12 @@ def test_trainer_refuses_a_checkpoint_that_covers_a_parameter_in_part(short_csv,
     name = next(k for k in keys if k.endswith("wave_patching_composer.position"))
     rewrite_metadata(folder, lambda m: move_chunk(
         m, name, (-4,) + (0,) * (len(keys[name].size) - 1)))
-    trainer = build_trainer(small_config(short_csv, tmp_path, "q"), env)
+    resuming = small_config(short_csv, tmp_path, "q", train__resume=str(folder))
     with pytest.raises(UserError, match=f"tensor '{name}'.*not within its shape"):
-        trainer.resume(folder)
+        build_trainer(resuming, env)
     monkeypatch.setattr(checkpoint, "check_metadata_entries", lambda metadata, sizes: None)
     with pytest.raises(UserError, match=f"does not cover {name} whole"):
-        trainer.resume(folder)
+        build_trainer(resuming, env)
 
 
 @pytest.mark.parametrize("length", [0, 100])

@@ -20,6 +20,7 @@ from trainer.data import (
     DataConfig,
     ResumableDistributedSampler,
     WindowDataset,
+    ablate_bodies,
     build_loader,
     group_bodies,
     parse_date,
@@ -225,3 +226,55 @@ def test_validation_sampler_covers_each_sample_once():
         shards += list(sampler)
         assert len(sampler) == len(list(sampler))
     assert sorted(shards) == list(range(n))
+
+
+def _driver_correlation(data, split: str) -> float:
+    """Correlation of Asset_D's daily change with its planted driver, Mercury's speed a day
+    earlier (trainer/builtin_data.py), on one split's rows."""
+    start, end = data.borders[split]
+    column = data.spec.feature_names.index("Mercury_speed")
+    change = np.diff(data.targets_RT[start:end, 3].numpy())
+    driver = data.features_RF[start:end - 1, column].numpy()
+    return float(np.corrcoef(driver, change)[0, 1])
+
+
+@pytest.mark.parametrize("ablation", ["block_shuffle", "time_shift"])
+def test_ablation_keeps_each_splits_rows_and_removes_the_planted_driver(short_csv, ablation):
+    plain = prepare(config_for(short_csv), S, P)
+    ablated = prepare(config_for(short_csv, celestial_ablation=ablation), S, P)
+    assert torch.equal(plain.targets_RT, ablated.targets_RT)
+    for split, (start, end) in plain.borders.items():
+        before, after = plain.features_RF[start:end], ablated.features_RF[start:end]
+        assert torch.equal(torch.sort(before, 0).values, torch.sort(after, 0).values), split
+        assert (before == after).all(1).float().mean() < 0.05, split
+        assert abs(_driver_correlation(plain, split)) > 0.25, split
+        # One ablation may align a periodic driver by chance; over ablation seeds it averages out.
+        correlations = [_driver_correlation(dataclasses.replace(plain, features_RF=torch.tensor(
+            ablate_bodies(plain.features_RF.numpy(), plain.borders, config_for(
+                short_csv, celestial_ablation=ablation, ablation_seed=seed)))), split)
+            for seed in range(40)]
+        assert abs(np.mean(correlations)) < 0.05, (split, np.mean(correlations))
+
+
+def test_ablation_depends_on_its_own_seed_only(short_csv):
+    def features(**kw):
+        return prepare(config_for(short_csv, celestial_ablation="block_shuffle", **kw),
+                       S, P).features_RF
+    assert torch.equal(features(), features())
+    assert not torch.equal(features(), features(ablation_seed=1))
+
+
+def test_no_bodies_blanks_every_celestial_column_and_keeps_the_layout(short_csv):
+    plain = prepare(config_for(short_csv), S, P)
+    ablated = prepare(config_for(short_csv, celestial_ablation="no_bodies"), S, P)
+    assert ablated.features_RF.shape == plain.features_RF.shape
+    assert not ablated.features_RF.any() and ablated.spec == plain.spec
+    assert torch.equal(plain.targets_RT, ablated.targets_RT)
+
+
+def test_block_shuffle_of_a_split_shorter_than_a_block_still_moves_it():
+    features_RF = np.arange(40, dtype=np.float64)[:, None]
+    config = DataConfig(celestial_ablation="block_shuffle", ablation_block_rows=397)
+    ablated = ablate_bodies(features_RF, {"test": (0, 40)}, config)
+    assert sorted(ablated[:, 0]) == list(range(40))
+    assert (ablated[:, 0] != features_RF[:, 0]).mean() > 0.5

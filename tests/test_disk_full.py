@@ -184,3 +184,40 @@ def test_rank_0_failing_to_write_the_manifest_stops_both_ranks_at_once(short_csv
     assert lines[0] == lines[1] and len(lines[0]) == 1
     assert "rank 0: No space left on device" in lines[0][0] and "manifest.json" in lines[0][0]
     assert not list((tmp_path / "checkpoints" / "manifest").iterdir())   # no .tmp left
+
+
+# --- a read-only file system: said so, not "make room" ------------------------------------------
+
+@contextlib.contextmanager
+def read_only_filesystem(where: Path):
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a read-only tmpfs needs root and mount")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(where)],
+                          check=False, capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_read_only_checkpoint_folder_is_refused_before_anything_is_written(short_csv, tmp_path):
+    """It was found only at the first save, after training, as a full disk ("make room")."""
+    from tests.test_fuzz_inputs import run_refused
+    with read_only_filesystem(tmp_path / "ro") as ro:
+        overrides = small_overrides(short_csv, tmp_path, "ro") + [
+            ("checkpoint.root", str(ro / "checkpoints")), ("train.max_steps", 2)]
+        error = run_refused(as_cli_args(overrides), tmp_path)
+    assert "read-only file system" in error and str(ro / "checkpoints" / "ro") in error, error
+
+
+def test_a_save_on_a_read_only_file_system_says_read_only_not_make_room(tmp_path):
+    from tests.test_checkpoint_hostile import empty_state
+    from trainer.checkpoint import CheckpointConfig, CheckpointManager
+    with read_only_filesystem(tmp_path / "ro") as ro:
+        manager = CheckpointManager(CheckpointConfig(), ro / "exp")
+        with pytest.raises(WriteFailed) as err:
+            manager.save(1, empty_state(), {"config.yaml": "a: 1\n"})
+    assert "read-only" in str(err.value) and "make room" not in str(err.value), err.value

@@ -104,6 +104,29 @@ def agree_on_user_error(work):
     return result
 
 
+def check_writable(folders: list[Path]) -> None:
+    """Refuse, on every rank with one line, a log or checkpoint folder that cannot be written
+    (a read-only file system, no permission), before anything is written: otherwise the first
+    checkpoint save, after the training it was meant to keep, would find it."""
+    problem = next(filter(None, map(_unwritable, folders)), None)
+    problems = [p for p in distributed.all_gather_object(problem) if p]
+    if problems:
+        raise UserError(problems[0])
+
+
+def _unwritable(folder: Path) -> str | None:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return None       # a file in the way: creating the folder says so, naming it
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"{folder}: {existing} is on a read-only file system: choose a writable folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{folder}: no permission to write in {existing}: choose a writable folder"
+    return None
+
+
 def open_run_folder(log_dir: Path, config: Config, env: DistEnv, progress: Progress) -> RunLog:
     """Create logs/<exp>/ (training_full.log with what was logged so far, config.yaml,
     metrics.jsonl, tensorboard/): only once every input has been checked and the checkpoint to
@@ -182,14 +205,15 @@ def build_parts(config: Config, env: DistEnv, config_path: str | None = None, *,
     setup_logging(None, env.rank, config.train.progress_bar)   # the file once the folder exists
     checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name)
     check_experiment_folder(checkpoints, resume_request(config)[0], name)
-    data = build_data(config, env)
+    log_dir = Path(config.train.log_root) / name
+    check_writable([log_dir, checkpoints.folder])
+    data = build_data(config, env)        # every input check, before anything is written
     plugged_in = ObserverGroup(plug_in(observers, config))
     progress = Progress(total_steps=total_steps(config, data),
                         length_setting=length_setting(config))
     step = build_train_step(config, data.prepared.spec, env, progress.total_steps)
     resumed_from = start_from_checkpoint(config, env, step, progress, checkpoints,
                                          data.prepared.spec)
-    log_dir = Path(config.train.log_root) / name
     run_log = open_run_folder(log_dir, config, env, progress)
     checkpoints.remove_stale_writes()
     context = RunContext(config=config, model=step.model, train_model=step.train_model,

@@ -11,8 +11,10 @@ killed save left and are removed at the next start.
 
 Untrusted files: everything this project writes loads without unpickling code (RNG states are
 tensors, model files load with weights_only=True); a file that would need more is refused.
-DCP's `.metadata` is a pickle that DCP unpickles unrestricted, so it is first read with an
-unpickler that resolves only DCP's metadata records.
+DCP's `.metadata` is a pickle that DCP would unpickle unrestricted, so the trainer reads it with
+an unpickler that resolves only DCP's metadata records, checks every entry, and hands it to DCP
+itself (`ConfinedReader`). A checkpoint reads only the regular files inside its folder that its
+manifest lists, within the sizes listed: no link, pipe or device, nothing outside.
 """
 from __future__ import annotations
 
@@ -648,7 +650,7 @@ class CheckpointManager:
             if _interrupted(err):
                 raise KeyboardInterrupt from None     # a second Ctrl-C, not a write failure
             # torch.save reports a short write (a full disk) as a RuntimeError
-            failure = _failure_text(err) + _free_space(self.folder)
+            failure = (_failure_text(err) + _free_space(self.folder), _remedy(err))
         if not distributed.agree_any([failure is not None])[0]:
             return
         failures = [f for f in distributed.all_gather_object(failure) if f is not None]
@@ -657,8 +659,9 @@ class CheckpointManager:
         newest = self.complete_checkpoints()
         kept = f"the newest complete checkpoint {newest[0]} is intact" if newest else \
             "no complete checkpoint yet"
-        raise WriteFailed(f"cannot write checkpoint {tmp}: {failures[0]}; removed the partial "
-                          f"folder, {kept}: make room, then continue with --resume auto")
+        text, remedy = failures[0]
+        raise WriteFailed(f"cannot write checkpoint {tmp}: {text}; removed the partial folder, "
+                          f"{kept}: {remedy}, then continue with --resume auto")
 
     def _finalize_after(self, future: Future, tmp: Path, final: Path, step: int) -> None:
         future.result()
@@ -861,9 +864,27 @@ def _free_space(folder: Path) -> str:
     return f" ({free / 2**20:.1f} MiB free on the filesystem of {folder})"
 
 
-def _root_cause(err: BaseException) -> str:
+def _remedy(err: BaseException) -> str:
+    """What to do about a failed write: a full disk is the common case, but not the only one."""
+    code = getattr(_root_error(err), "errno", None)
+    if code == errno.EROFS:
+        return "the file system is read-only: make it writable or choose another checkpoint.root"
+    if code in (errno.EACCES, errno.EPERM):
+        return "no permission to write there: fix it or choose another checkpoint.root"
+    return "make room"
+
+
+def _root_error(err: BaseException) -> BaseException:
+    """The OSError behind `err` (inside DCP's CheckpointException too), else `err` itself."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
     while not isinstance(err, OSError) and (err.__cause__ or err.__context__):
         err = err.__cause__ or err.__context__
+    return err
+
+
+def _root_cause(err: BaseException) -> str:
+    err = _root_error(err)
     if isinstance(err, OSError):
         return f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
     return " ".join(str(err).split())[:300]

@@ -7,6 +7,10 @@ generated on first use from `data.builtin`.
 
 Splits are contiguous in time (train, validation, test); scaling statistics come from the
 training rows only; a window (look-back S, horizon P) never crosses a split border.
+
+`data.celestial_ablation` removes the celestial information and keeps everything else (the
+architecture, the inputs' distribution), so that a run with it against one without measures
+what the information is worth, not what capacity the inputs add (see `ablate_bodies`).
 """
 from __future__ import annotations
 
@@ -50,6 +54,10 @@ class DataConfig:
     batch_size: int = 12              # per rank
     eval_batch_size: int = 256        # per rank
     num_workers: int = 0
+    # none | block_shuffle | time_shift | no_bodies (see ablate_bodies)
+    celestial_ablation: Literal["none", "block_shuffle", "time_shift", "no_bodies"] = "none"
+    ablation_block_rows: int = 397    # block_shuffle: rows per block (about a year of days)
+    ablation_seed: int = 0            # fixed: every run of an experiment sees the same ablation
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
     def __post_init__(self) -> None:
@@ -59,7 +67,7 @@ class DataConfig:
                 and self.train_fraction + self.val_fraction < 1):
             raise ValueError("data.train_fraction and data.val_fraction must be in (0, 1) and "
                              "leave rows for the test split")
-        for name in ("window_stride", "batch_size", "eval_batch_size"):
+        for name in ("window_stride", "batch_size", "eval_batch_size", "ablation_block_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
@@ -299,7 +307,7 @@ def prepare(config: DataConfig, seq_len: int, pred_len: int) -> PreparedData:
     train = slice(*borders["train"])
     f_mean, f_std = _column_stats(features_RF[train], feature_names)
     t_mean, t_std = _column_stats(targets_RT[train], targets)
-    features_RF = (features_RF - f_mean) / f_std
+    features_RF = ablate_bodies((features_RF - f_mean) / f_std, borders, config)
     targets_RT = (targets_RT - t_mean) / t_std
     spec = InputSpec(
         bodies=list(groups), targets=targets, feature_names=feature_names,
@@ -322,6 +330,67 @@ def split_borders(num_rows: int, config: DataConfig, window: int,
                             f"{end - start} rows, a window needs seq_len + pred_len = {window} "
                             f"({num_rows} rows in all)")
     return borders
+
+
+MIN_SHIFT_ROWS = 730      # time_shift: at least two years of daily rows, where the split allows
+
+
+def ablate_bodies(features_RF: np.ndarray, borders: dict[str, tuple[int, int]],
+                  config: DataConfig) -> np.ndarray:
+    """The celestial rows with their information about the targets removed, per split.
+
+    - `block_shuffle`: each split's rows cut into blocks of about `ablation_block_rows` and the
+      blocks permuted (one permutation for all bodies): every split keeps exactly its rows, so each
+      body's distribution and the bodies' joint distribution, and the rows keep their day-to-day
+      motion inside a block, but a row no longer sits next to the targets of its date.
+    - `time_shift`: each split's rows rotated by its own random offset of several years (one
+      discontinuity per split): the same rows, dates moved away from their targets.
+    For a periodic body a given shuffle or shift leaves a chance alignment of its phase with the
+    targets, different in each split: what a model learns from it on the training rows does not
+    carry over, and over ablation seeds the relation averages to zero (tests/test_data.py).
+    - `no_bodies`: every celestial column at its training mean (0 after scaling).
+    Targets are untouched; the random choices come from `ablation_seed` alone, so every run of
+    an experiment (any `train.seed`) sees the same ablated data.
+    """
+    kind = config.celestial_ablation
+    if kind == "none":
+        return features_RF
+    if kind == "no_bodies":
+        return np.zeros_like(features_RF)
+    rng = np.random.default_rng(config.ablation_seed)
+    ablated = features_RF.copy()
+    for start, end in borders.values():
+        rows = np.arange(start, end)
+        if kind == "block_shuffle":
+            order = _shuffled_blocks(rows, config.ablation_block_rows, rng)
+        else:
+            order = np.roll(rows, _shift_rows(len(rows), rng))
+        ablated[start:end] = features_RF[order]
+    log.info("data.celestial_ablation %s (ablation_seed %d): the celestial rows no longer match "
+             "their dates", kind, config.ablation_seed)
+    return ablated
+
+
+def _shuffled_blocks(rows: np.ndarray, block_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Blocks of random length (0.5 to 1.5 times `block_rows`) in an order where none stays in
+    place. Random lengths keep the displacements from being multiples of one length, which for
+    a body whose period is near that length would keep its phase. A split shorter than four
+    blocks is cut into about four (a single block could not move)."""
+    block_rows = max(2, min(block_rows, len(rows) // 4))
+    lengths = rng.integers(block_rows // 2, block_rows + block_rows // 2 + 1, size=len(rows))
+    cuts = np.cumsum(lengths)
+    blocks = np.split(rows, cuts[cuts < len(rows)])
+    order = rng.permutation(len(blocks))
+    while len(blocks) > 1 and (order == np.arange(len(blocks))).any():
+        order = rng.permutation(len(blocks))
+    return np.concatenate([blocks[i] for i in order])
+
+
+def _shift_rows(num_rows: int, rng: np.random.Generator) -> int:
+    """An offset at least MIN_SHIFT_ROWS from zero both ways; in a split too short for that,
+    between a quarter and three quarters of it."""
+    margin = MIN_SHIFT_ROWS if num_rows > 4 * MIN_SHIFT_ROWS else num_rows // 4
+    return int(rng.integers(margin, num_rows - margin + 1))
 
 
 def _column_stats(x_RC: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray]:

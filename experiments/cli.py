@@ -1,0 +1,210 @@
+"""`celestial-experiment` (launch/experiment.py): run an experiment, or report on one.
+
+    celestial-experiment experiment.yaml [--parallel N] [--ranks-per-trial K] [--dry-run]
+    celestial-experiment --from-analysis logs/<run> [--seeds 1 2 3 4 5] [--name NAME] ...
+    celestial-experiment experiment.yaml --slurm [--sbatch "OPTIONS"] [--wait]
+    celestial-experiment --report logs/experiments/<name>
+
+Writes `<log root>/experiments/<name>/` (experiment.yaml, experiment.json, results.csv,
+report.html, trials/) and prints the verdict first. Exit status: 0 every trial finished, 1 some
+trial failed or is missing (the report says which), 2 bad input (one line, nothing started).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from experiments.compare import compare_variants, load_trial_scores, select_on_validation
+from experiments.from_analysis import spec_from_analysis
+from experiments.plan import Trial, build_trials, experiment_dir, train_command
+from experiments.report import ExperimentResult, per_target_lines, verdict_lines, write_outputs
+from experiments.runner import (
+    failure_reason,
+    make_slots,
+    read_record,
+    run_trials,
+    visible_gpus,
+)
+from experiments.slurm import submit_array, wait_for_array
+from experiments.spec import ExperimentSpec, load_spec
+from trainer.errors import UserError
+
+SPEC_FILE = "experiment.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="celestial-experiment", description=(
+        "Answer a question with many training runs compared on the same test windows."))
+    parser.add_argument("experiment", nargs="?", type=Path, help="experiment YAML file")
+    parser.add_argument("--from-analysis", type=Path, metavar="RUN",
+                        help="test the advice of this run's analysis (logs/<run>)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                        help="seeds for --from-analysis (default 1 2 3 4 5: with fewer the "
+                             "interval can be too narrow, see docs/experiments.md)")
+    parser.add_argument("--name", help="experiment name for --from-analysis")
+    parser.add_argument("--report", type=Path, metavar="FOLDER",
+                        help="re-render the report of an experiment folder from its trials")
+    parser.add_argument("--parallel", type=int, default=1, help="trials at a time (default 1)")
+    parser.add_argument("--ranks-per-trial", type=int, default=1,
+                        help="run each trial as a torchrun of K ranks (default 1)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument("--slurm", action="store_true",
+                        help="submit the unfinished trials as one Slurm job array")
+    parser.add_argument("--sbatch", default="", metavar="ARGS",
+                        help="more sbatch options for --slurm, e.g. \"--partition=gpu "
+                             "--cpus-per-task=4 --time=2:00:00\"")
+    parser.add_argument("--wait", action="store_true",
+                        help="with --slurm: wait for the array, then report")
+    args = parser.parse_args(argv)
+    if sum(x is not None for x in (args.experiment, args.from_analysis, args.report)) != 1:
+        parser.error("give one of: an experiment file, --from-analysis logs/<run>, "
+                     "--report logs/experiments/<name>")
+    return args
+
+
+def load_request(args: argparse.Namespace) -> ExperimentSpec:
+    if args.report is not None:
+        if not (args.report / SPEC_FILE).is_file():
+            raise UserError(f"--report {args.report}: not an experiment folder (no {SPEC_FILE})")
+        return load_spec(args.report / SPEC_FILE)
+    if args.from_analysis is not None:
+        spec, notes = spec_from_analysis(args.from_analysis, args.seeds, args.name)
+        for note in notes:
+            print(f"note: {note}")
+        return spec
+    return load_spec(args.experiment)
+
+
+def check_resources(args: argparse.Namespace) -> list:
+    cores = sorted(os.sched_getaffinity(0))
+    if args.parallel < 1 or args.ranks_per_trial < 1:
+        raise UserError("--parallel and --ranks-per-trial must be >= 1")
+    if args.parallel * args.ranks_per_trial > len(cores):
+        raise UserError(f"--parallel {args.parallel} x --ranks-per-trial {args.ranks_per_trial}"
+                        f" needs {args.parallel * args.ranks_per_trial} cores, this process may "
+                        f"use {len(cores)}")
+    return make_slots(args.parallel, cores, visible_gpus())
+
+
+def claim_folder(spec: ExperimentSpec, folder: Path) -> None:
+    """Write experiment.yaml; an existing folder must hold the same experiment (then it
+    continues), never another one under the same name."""
+    path = folder / SPEC_FILE
+    if path.is_file():
+        existing = load_spec(path)
+        if existing.to_dict() != spec.to_dict():
+            raise UserError(f"{folder} holds another experiment named {spec.name!r} (its "
+                            f"{SPEC_FILE} differs): choose another name")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(spec.to_yaml())
+
+
+def collect(spec: ExperimentSpec, trials: list[Trial], folder: Path,
+            records: dict[str, dict] | None = None) -> ExperimentResult:
+    records = {t.name: (records or {}).get(t.name) or read_record(folder, t) for t in trials}
+    for trial in trials:
+        if not trial.is_finished() and not records[trial.name].get("reason"):
+            records[trial.name] = {**records[trial.name], "status": "not finished",
+                                   "reason": unfinished_reason(folder, trial)}
+    scores = []
+    for trial in trials:
+        if not trial.is_finished():
+            continue
+        try:
+            scores.append(load_trial_scores(trial))
+        except UserError as err:
+            records[trial.name] = {"status": "unreadable", "reason": str(err)}
+    comparisons = compare_variants(scores, spec.control, list(spec.variants), spec.score)
+    return ExperimentResult(spec, trials, records, scores, comparisons,
+                            select_on_validation(scores, spec.score))
+
+
+def unfinished_reason(folder: Path, trial: Trial) -> str:
+    if (folder / "trials" / f"{trial.name}.log").is_file():
+        reason = failure_reason(folder, trial, None)
+        return reason if reason.startswith("error:") else "not finished"
+    return "not run"
+
+
+def print_plan(spec: ExperimentSpec, trials: list[Trial], folder: Path, commands: dict) -> None:
+    print(f"experiment {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = "
+          f"{len(trials)} trials, control {spec.control}, score test {spec.score}")
+    print(f"folder: {folder}")
+    for trial in trials:
+        state = "finished" if trial.is_finished() else (
+            "resume" if trial.run_dir.exists() else "new")
+        print(f"  {trial.name} [{state}]: {' '.join(commands[trial.name])}")
+
+
+def report(result: ExperimentResult, folder: Path) -> int:
+    for line in verdict_lines(result):
+        print(line)
+    details = per_target_lines(result)
+    if details:
+        print("per target (test):")
+        for line in details:
+            print(f"  {line}")
+    paths = write_outputs(result, folder)
+    print(f"wrote {folder}/: {', '.join(p.name for p in paths)}")
+    return 1 if result.missing() else 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = load_request(args)
+        slots = check_resources(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    trials = build_trials(spec)
+    folder = args.report or experiment_dir(spec)
+    if args.report is not None:
+        return report(collect(spec, trials, folder), folder)
+    commands = {t.name: train_command(spec, t, args.ranks_per_trial) for t in trials}
+    if args.dry_run:
+        print_plan(spec, trials, folder, commands)
+        return 0
+    try:
+        claim_folder(spec, folder)
+        if args.slurm:
+            return run_on_slurm(spec, trials, folder, args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run_locally(spec, trials, folder, commands, slots, args.ranks_per_trial)
+
+
+def run_locally(spec: ExperimentSpec, trials: list[Trial], folder: Path, commands: dict,
+                slots: list, ranks: int) -> int:
+    print(f"experiment {spec.name}: {len(trials)} trials, {len(slots)} at a time, in {folder}")
+    try:
+        records = run_trials(trials, commands, folder, slots, ranks)
+    except KeyboardInterrupt:
+        print("interrupted: the running trials saved checkpoints; run the same command again "
+              "to resume", file=sys.stderr)
+        report(collect(spec, trials, folder), folder)
+        return 130
+    return report(collect(spec, trials, folder, records), folder)
+
+
+def run_on_slurm(spec: ExperimentSpec, trials: list[Trial], folder: Path,
+                 args: argparse.Namespace) -> int:
+    """Submit the unfinished trials as one array; with --wait, report when it has finished."""
+    pending = [t for t in trials if not t.is_finished()]
+    if pending:
+        job_id = submit_array(spec, pending, folder, args.sbatch)
+        print(f"experiment {spec.name}: {len(pending)} trial(s) submitted as Slurm job array "
+              f"{job_id} ({len(trials) - len(pending)} finished before), in {folder}")
+        if not args.wait:
+            print(f"collect with: celestial-experiment --report {folder}")
+            return 0
+        wait_for_array(job_id)
+    return report(collect(spec, trials, folder), folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))

@@ -72,3 +72,16 @@ def test_per_horizon_lists_stay_out_of_tensorboard(run_folder):
     events = EventAccumulator(str(run_folder / "tensorboard"))
     events.Reload()
     assert not [tag for tag in events.Tags()["scalars"] if "horizon" in tag or "pit" in tag]
+
+
+def test_experiments_read_the_real_windows_file(run_folder):
+    """The reader of tests/test_experiments.py's fabricated files reads a real run's file."""
+    from experiments.compare import load_trial_scores
+    from experiments.plan import Trial
+    test = lines(run_folder, "test")[-1]
+    scores = load_trial_scores(Trial("w", "control", 0, run_folder, ()))
+    assert (scores.pred_len, scores.stride) == (PRED_LEN, 2)
+    assert len(scores.origins["all"]) == test["num_windows"]
+    assert scores.test_mean("nll") == pytest.approx(test["nll"], rel=1e-6)
+    assert scores.test_mean("crps", "Asset_A") == pytest.approx(test["crps_per_target"][0],
+                                                                rel=1e-6)

@@ -1,13 +1,15 @@
 """`python launch/evaluate.py --checkpoint checkpoints/<exp>/best_model.pth [--split test|val]
-[--out file.json]` (also the `celestial-evaluate` console script).
+[--out file.json] [--windows windows.csv]` (also the `celestial-evaluate` console script).
 
 Rebuilds the split from the data the model was trained on (the config saved in the model file;
-`--data` if the file moved), checks that its training rows give the scaling statistics saved
-with the model (else the data changed since training), and scores the model and the naive
-baselines on the same windows in one process: NLL, CRPS, MAE of the median and coverage, overall,
-per target and per horizon step; skill against each baseline with its 95% interval and
-Diebold-Mariano p-value (stats/intervals.py); and the NLL rise with every body blanked. Prints a
-table and writes JSON (default: `<model file stem>_<split>_evaluation.json` beside the model file).
+`--data` if the file moved; it must exist), checks that its training rows give the scaling
+statistics saved with the model (else the data changed since training), and scores the model and
+the naive baselines on the same windows in one process: every score of trainer/scoring.py with
+the quantile scores, overall, per target and per horizon step; skill against each baseline with
+its 95% interval and Diebold-Mariano p-value (stats/intervals.py); the same for NLL and CRPS per
+target, Holm-adjusted; calibration per horizon step; and the NLL rise with every body blanked.
+Prints a table and writes JSON (default: `<model file stem>_<split>_evaluation.json` beside the
+model file), and with `--windows` the per-window scores (trainer/test_windows.py).
 """
 from __future__ import annotations
 

@@ -243,6 +243,7 @@ class Trainer:
         self.requeue_requested = False
         self.last_checkpoint_step = self.progress.step if parts.resumed_from else -1
         self.last_validation_step, self.last_validation = -1, {}
+        self.last_series: dict = {}     # per-window scores of the last `scored` split
         self.weights_step = -1        # at the end: the step of the weights the run kept
         self.samples_per_step = (self.config.data.batch_size * self.config.train.grad_accum_steps
                                  * self.env.world_size)

@@ -233,7 +233,10 @@ def two_rank_series(rank, world_size, port, csv, out):
     join_group(rank, world_size, port)
     metrics = evaluate_on(Path(csv), rank, world_size)
     if rank == 0:
-        np.savez(Path(out) / "series.npz", **metrics["series"], nll=metrics["nll"])
+        calibration = metrics["calibration_by_horizon"]
+        np.savez(Path(out) / "series.npz", **metrics["series"], nll=metrics["nll"],
+                 pit_counts=calibration["pit_counts"],
+                 coverage_90_low=calibration["coverage_90_low"])
     distributed.destroy()
 
 
@@ -242,6 +245,9 @@ def test_series_gathered_from_two_ranks_equal_one_process(short_csv, tmp_path):
     one = evaluate_on(short_csv)
     spawn(two_rank_series, 2, str(short_csv), str(tmp_path), timeout_s=240)
     two = np.load(tmp_path / "series.npz")
-    for k in ("model", "rw", "ewma"):
-        np.testing.assert_allclose(two[k], one["series"][k], rtol=1e-5, atol=1e-6)
+    for k, values in one["series"].items():       # per-window scores, per target and step too
+        np.testing.assert_allclose(two[k], values, rtol=1e-5, atol=1e-6)
     assert float(two["nll"]) == pytest.approx(one["nll"], rel=1e-6)
+    calibration = one["calibration_by_horizon"]
+    assert two["pit_counts"].tolist() == calibration["pit_counts"]
+    np.testing.assert_allclose(two["coverage_90_low"], calibration["coverage_90_low"], rtol=1e-9)

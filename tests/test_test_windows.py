@@ -57,6 +57,8 @@ def test_every_val_and_test_line_has_calibration_by_horizon(run_folder):
     assert len(scored) >= 3
     for row in scored:
         jsonschema.validate(row, EVAL_LINE)
+        assert {"rmse", "mase", "crps_units", "ewma_rmse"} <= set(row)
+        assert not [k for k in row if k.endswith("squared_error")]     # only its root, rmse
         cal = row["calibration_by_horizon"]
         assert cal["steps"] == list(range(1, PRED_LEN + 1))
         assert all(len(cal[k]) == PRED_LEN for k in cal)

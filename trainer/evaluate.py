@@ -22,6 +22,7 @@ from trainer import distributed
 from trainer.calibration import NUM_PIT_BINS, calibration_by_horizon, pit_counts
 from trainer.scoring import (
     BASELINES,
+    PART_SCORES,
     QUANTILE_SCORES,
     SCORES,
     baseline_forecasts,
@@ -180,7 +181,8 @@ def _as_metrics(keys: tuple[str, ...], sums_MPT, per_horizon: bool) -> dict:
             means["_by_horizon"][k] = (row_PT / count_PT).numpy()
     for suffix, found in means.items():
         for k, value in found.items():
-            metrics[f"{k}{suffix}"] = value if suffix == "" else value.tolist()
+            if not k.endswith(PART_SCORES):
+                metrics[f"{k}{suffix}"] = value if suffix == "" else value.tolist()
         for prefix in _PREFIXES if found else ():
             parts = {k[len(prefix):]: v for k, v in found.items()
                      if k.startswith(prefix) and k[len(prefix):] in (*SCORES, *QUANTILE_SCORES)}

@@ -33,6 +33,7 @@ from trainer.scoring import (
     BASELINE_NAMES,
     BASELINES,
     DERIVED_SCORES,
+    PART_SCORES,
     QUANTILE_SCORES,
     SCORES,
     skill_metrics,
@@ -41,7 +42,7 @@ from trainer.test_windows import window_origins, window_rows, write_windows_csv
 
 FORECASTER_NAMES = {"model": "model", **BASELINE_NAMES}
 REPORT_SCORES = tuple(s for s in (*SCORES, *QUANTILE_SCORES, *DERIVED_SCORES)
-                      if s not in ("squared_error", "abs_outcome"))
+                      if s not in PART_SCORES)
 UNITS = ("nll, crps: scaled target units (target / training std); crps_units, mae, rmse, "
          "pinball_*, interval_score_*: target units; mase, msis_*: over the naive one-step MAE "
          "of each window's look-back; wql: over the mean |outcome| in target units")

@@ -52,6 +52,7 @@ PINBALL_SCORES = tuple(f"pinball_q{round(100 * q):02d}" for q in QUANTILE_LEVELS
 QUANTILE_SCORES = (*PINBALL_SCORES, "abs_outcome", "interval_score_50", "interval_score_90",
                    "msis_50", "msis_90")
 DERIVED_SCORES = ("rmse", "wql")
+PART_SCORES = ("squared_error", "abs_outcome")     # summed only to derive DERIVED_SCORES
 EWMA_LAMBDA = 0.94
 
 

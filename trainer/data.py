@@ -108,6 +108,16 @@ def ensure_dataset(config: DataConfig) -> Path:
     return path
 
 
+def given_data_file(path: Path) -> Path:
+    """A data file to read as it is (`--data`, or a csv run's data.path): it must exist. Unlike
+    data.path of a built-in-data run, it is never a cache to generate: a typo is refused."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory (expected a CSV file)")
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    return path
+
+
 def _generate_builtin(config: DataConfig, path: Path) -> None:
     """With data.source builtin, data.path is a cache: a missing file is generated there."""
     try:
@@ -170,11 +180,25 @@ def _read_rows(path: Path) -> list[list[str]]:
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
+def parse_date(text: str) -> np.datetime64:
+    """A full YYYY-MM-DD calendar date, else ValueError saying why. numpy alone also takes '',
+    'NaT', '2020-12' (as its first day) and '2020-01-01T05:00': every date a user gives, in a
+    CSV or on the command line, goes through here."""
+    if not _DATE.fullmatch(text):
+        raise ValueError(f"{text[:40]!r} is not a full YYYY-MM-DD date")
+    try:
+        return np.datetime64(text, "D")
+    except ValueError:
+        raise ValueError(f"{text!r} is not a calendar date") from None
+
+
 def _parse_dates(path: Path, values) -> np.ndarray:
-    # numpy alone also takes '', 'NaT', '2020' and '2020-01-01T05:00': insist on the format.
     for line, value in enumerate(values, start=2):
-        if not (_DATE.fullmatch(value) and _is_date(value)):
-            raise UserError(f"{path}: date {value[:40]!r} at line {line} is not YYYY-MM-DD")
+        try:
+            parse_date(value)
+        except ValueError:
+            raise UserError(f"{path}: date {value[:40]!r} at line {line} is not YYYY-MM-DD") \
+                from None
     dates = np.array(values, dtype="datetime64[D]")
     steps = np.diff(dates).astype(np.int64)
     if (steps <= 0).any():
@@ -183,14 +207,6 @@ def _parse_dates(path: Path, values) -> np.ndarray:
         raise UserError(f"{path}: {kind} dates: {dates[i]} then {dates[i + 1]} "
                         f"(lines {i + 2} and {i + 3}); dates must strictly increase")
     return dates
-
-
-def _is_date(value: str) -> bool:
-    try:
-        np.datetime64(value, "D")
-        return True
-    except ValueError:
-        return False
 
 
 def _parse_numbers(path: Path, name: str, values) -> np.ndarray:
@@ -406,7 +422,7 @@ class WindowDataset(Dataset):
     def __init__(self, data: PreparedData, split: str, seq_len: int, pred_len: int, stride: int):
         start, end = data.borders[split]
         self.features, self.targets = data.features_RF, data.targets_RT
-        self.seq_len, self.pred_len = seq_len, pred_len
+        self.seq_len, self.pred_len, self.stride = seq_len, pred_len, stride
         self.starts = torch.arange(start, end - seq_len - pred_len + 1, stride)
 
     def __len__(self) -> int:

@@ -60,8 +60,6 @@ class ForecastInput:
 
 def read_forecast_csv(path: Path, date_column: str, targets: list[str]) -> CsvRows:
     """Read a CSV whose trailing rows may leave every target cell empty (future rows)."""
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows or not rows[0]:

@@ -42,6 +42,7 @@ from trainer.run_log import (
     write_failure,
 )
 from trainer.scoring import describe_skill, skill_metrics
+from trainer.test_windows import write_test_windows
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +422,7 @@ class Trainer:
                                                 self.config.model.pred_len,
                                                 self.config.data.window_stride, base=metrics,
                                                 on_batch=bar.update))
-        series = metrics.pop("series")
+        series = self.last_series = metrics.pop("series")
         metrics.update(skill_metrics(series, self.config.model.pred_len,
                                      self.config.data.window_stride))
         return metrics
@@ -455,6 +456,8 @@ class Trainer:
         """The test split scored, and how much the NLL rises with every body blanked."""
         metrics = self.scored("test", with_effect=True,
                               what=f"test with the weights of step {self.weights_step}")
+        metrics.update(write_test_windows(self.run_log, self.data.test_loader,
+                                          self.data.prepared, self.last_series))
         log.info("test: nll %.4f, %s; all bodies blanked: nll %+.4f [%+.4f, %+.4f]",
                  metrics["nll"], describe_skill(metrics), metrics["blank_all_rise"],
                  metrics["blank_all_rise_low"], metrics["blank_all_rise_high"])

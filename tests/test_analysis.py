@@ -279,10 +279,15 @@ def test_healthy_run_outputs_and_console(tmp_path, capsys):
     assert_self_contained(html)
     assert html.count("data:image/png;base64,") == 5
     assert "Summary" in html and "throughput" in html and "memory per rank" in html
+    assert "<td>world size</td><td>2</td>" in html and "<td>device</td><td>cpu (x86_64)" in html
     # The verdict comes first, on the console and in the report.
     assert out.index("Verdict:") < out.index("Gradient flow")
-    assert "skill vs random walk (EWMA volatility) (test): the model beats" in out
-    assert "celestial inputs: the celestial inputs help" in out
+    assert "Verdict: good: the model beats the naive baselines on test, weights of step 200" in out
+    assert ("skill vs random walk (EWMA volatility): the model beats the random walk (EWMA "
+            "volatility): its NLL is 0.2000 nats lower on test, weights of step 200 (95% interval: "
+            "0.1700 to 0.2300 nats lower;") in out
+    assert "celestial inputs: the model relies on the celestial inputs" in out
+    assert "a retrained ablation (see README, Experiments)" in out
     assert "overfitting: not seen" in out
     assert html.index("<h2>Verdict</h2>") < html.index("<h2>Summary</h2>")
 
@@ -360,13 +365,25 @@ def test_history_ahead_of_step_files_is_used(tmp_path):
     assert run.gradients.global_batch == 128
 
 
-def test_young_run_with_only_a_config(tmp_path, capsys):
+@pytest.mark.parametrize("empty_metrics", [False, True])
+def test_run_without_steps_is_refused_and_nothing_written(tmp_path, capsys, empty_metrics):
+    """What a refused start leaves (a config, an empty metrics.jsonl) is not a healthy run."""
     folder = tmp_path / "young"
     folder.mkdir()
     (folder / "config.yaml").write_text("optim:\n  lr: 0.001\n")
-    assert cli(["--log_dir", str(folder)]) == 0
-    out = capsys.readouterr().out
-    assert "no training lines yet" in out and HEALTHY_LINE in out
+    if empty_metrics:
+        (folder / "metrics.jsonl").write_text("")
+    err = _error_of(capsys, [str(folder)])
+    assert "no steps logged yet" in err and str(folder) in err
+    assert not (folder / "analysis").exists()
+    assert HEALTHY_LINE not in capsys.readouterr().out
+
+
+def test_log_dir_is_accepted_as_a_positional_argument(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run", gradients=False, attention=False, profiles=False)
+    assert cli([str(folder)]) == 0
+    assert f"Analysis of {folder}" in capsys.readouterr().out
+    assert (folder / "analysis" / "report.html").is_file()
 
 
 def test_metrics_without_config_is_analysed(tmp_path):
@@ -499,7 +516,10 @@ def test_no_skill_is_an_error_and_reads_the_test_line_first(tmp_path, capsys):
     assert finding.evidence["per_baseline"]["ewma"]["interval_95"] == [0.02, 0.08]
     assert cli(["--log_dir", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "the model loses to the random walk (EWMA volatility)" in out
+    assert ("the model loses to the random walk (EWMA volatility): its NLL is 0.0500 nats "
+            "higher") in out
+    assert ("Verdict: not better than a naive baseline: on test, weights of step 200 the model "
+            "loses to the random walk (EWMA volatility)") in out
     assert "[!] 1 critical/error finding(s): no_skill_over_baseline" in out
 
 
@@ -538,3 +558,124 @@ def test_restored_best_line_does_not_hide_the_last_validation(tmp_path):
     assert run.val[-1]["nll"] > run.val[0]["nll"] and run.restored[0]["nll"] == run.val[0]["nll"]
     overfit = [f for f in findings_of(folder) if f.issue == "overfitting"][0]
     assert overfit.evidence["steps"] == [50, 100, 150, 200]
+
+
+# --- overfitting, or early stopping that worked -----------------------------------------------
+
+QUICKSTART_LIKE = {"num_steps": 700, "overfit": True, "overfit_best": 6, "gradients": False,
+                   "attention": False, "profiles": False}
+
+
+def test_early_stopping_that_kept_the_best_weights_is_not_overfitting(tmp_path, capsys):
+    """Best at step 300 of 700, best weights restored before the test: the rise after the best is
+    the stop working, an info finding, not an overfitting warning."""
+    folder = build_run_folder(tmp_path / "run", early_stopped=True, **QUICKSTART_LIKE)
+    by_issue = {f.issue: f for f in findings_of(folder)}
+    assert "overfitting" not in by_issue
+    worked = by_issue["early_stopping_worked"]
+    assert worked.severity == "info" and worked.config_change == {}
+    assert worked.evidence["best_step"] == 300 and worked.evidence["kept_weights_step"] == 300
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "overfitting: no: early stopping kept the weights of step 300" in out
+    assert HEALTHY_LINE in out
+
+
+def test_early_stopping_worked_also_for_runs_before_weights_step(tmp_path):
+    """Older runs: no weights_step; the restored-best line says the best weights were kept."""
+    folder = build_run_folder(tmp_path / "run", early_stopped=True, weights_step=False,
+                              **QUICKSTART_LIKE)
+    assert "weights_step" not in load_run(folder).test[-1]
+    assert {"early_stopping_worked"} <= issues_of(folder) and "overfitting" not in issues_of(folder)
+
+
+@pytest.mark.parametrize("knobs,reason", [
+    ({"early_stopped": True, "num_steps": 250, "overfit_best": 1},
+     "the best validation is validation 1 (step 50): the model overfits almost at once"),
+    ({"early_stopped": False}, "the kept weights (step 700) are past the best (step 300)"),
+    ({"early_stopped": True, "test_skill_shift": 0.3},
+     "the test skill over the best baseline is 0.3000 nats worse than the best validation's"),
+])
+def test_overfitting_warns_where_it_matters(tmp_path, knobs, reason):
+    folder = build_run_folder(tmp_path / "run", **{**QUICKSTART_LIKE, **knobs})
+    by_issue = {f.issue: f for f in findings_of(folder)}
+    assert "early_stopping_worked" not in by_issue
+    assert by_issue["overfitting"].severity == "warning"
+    assert reason in by_issue["overfitting"].message
+
+
+def test_thresholds_of_early_overfitting_and_the_test_gap_are_used(tmp_path):
+    folder = build_run_folder(tmp_path / "run", early_stopped=True, test_skill_shift=0.3,
+                              **QUICKSTART_LIKE)
+    assert "overfitting" in issues_of(folder)
+    assert "early_stopping_worked" in issues_of(folder, [("overfit_test_gap", 0.5)])
+    assert "overfitting" in issues_of(folder, [("overfit_test_gap", 0.5),
+                                               ("overfit_early_best", 6)])
+
+
+# --- one source of calibration: the kept weights -------------------------------------------------
+
+@pytest.mark.parametrize("tested", [True, False])
+def test_calibration_judges_the_kept_weights_not_the_last_validation(tmp_path, capsys, tested):
+    """The last validation (weights discarded by early stopping) covers 80%, the kept weights
+    88%: no miscalibration finding, and every part of the report says 88%."""
+    folder = build_run_folder(tmp_path / "run", early_stopped=True, coverage_90=0.88,
+                              last_val_coverage_90=0.80, **QUICKSTART_LIKE)
+    if not tested:      # a run not tested yet: judged on its best validation
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        kept = [line for line in lines if '"kind": "test"' not in line and "restored" not in line]
+        (folder / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    assert load_run(folder).val[-1]["coverage_90"] == 0.80
+    assert "miscalibration" not in issues_of(folder)
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    source = "test, weights of step 300" if tested else "best validation, weights of step 300"
+    assert f"calibration ({source}): calibrated: the 90% interval covers 88.0%" in out
+    assert "80.0%" not in out and "overconfident" not in out
+    html = (folder / "analysis" / "report.html").read_text()
+    assert f"90% coverage ({source})" in html and "0.880" in html
+
+
+def test_miscalibration_of_the_kept_weights_is_found(tmp_path):
+    """The other way round: the last validation looked fine, the kept weights do not."""
+    folder = build_run_folder(tmp_path / "run", early_stopped=True, coverage_90=0.80,
+                              last_val_coverage_90=0.90, **QUICKSTART_LIKE)
+    finding = next(f for f in findings_of(folder) if f.issue == "miscalibration")
+    assert "overconfident" in finding.message and "test, weights of step 300" in finding.message
+    assert finding.evidence["weights_step"] == 300
+
+
+# --- the verdict's words ------------------------------------------------------------------------
+
+def _edit_test_line(folder: Path, **changes) -> None:
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        if line["kind"] == "test":
+            line.update(changes)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_skill_not_shown_by_the_line_is_not_called_a_win(tmp_path, capsys):
+    """The line's own `_shown`/`_reason` (too few independent blocks) wins over the interval."""
+    folder = build_run_folder(tmp_path / "run", gradients=False, attention=False, profiles=False)
+    reason = "only 5 independent blocks of windows (8 needed)"
+    _edit_test_line(folder, skill_ewma_shown=False, skill_ewma_reason=reason,
+                    skill_shown=False, skill_reason=reason)
+    assert "no_skill_over_baseline" in issues_of(folder)
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert ("Verdict: not better than a naive baseline: on test, weights of step 200 the model is "
+            "not shown to beat the random walk (EWMA volatility)") in out
+    assert f"; not shown: {reason}" in out
+
+
+def test_blanking_bodies_is_worded_as_reliance_not_help(tmp_path, capsys):
+    for name, rise in (("used", 0.3), ("unused", 0.01)):
+        folder = build_run_folder(tmp_path / name, blank_all_rise=rise, gradients=False,
+                                  profiles=False)
+        assert cli([str(folder)]) == 0
+        out = capsys.readouterr().out
+        relies = ("the model relies on the celestial inputs: blanking every body changes the NLL "
+                  f"by {rise:+.4f} nats")
+        assert (relies if name == "used" else "not shown to rely on the celestial inputs") in out
+        assert "inputs help" not in out and "a retrained ablation (see README, Experiments)" in out

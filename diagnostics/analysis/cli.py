@@ -1,4 +1,5 @@
-"""`python launch/analyze.py --log_dir logs/<exp>` (also the `celestial-analyze` console script).
+"""`python launch/analyze.py logs/<exp>` or `--log_dir logs/<exp>` (also the `celestial-analyze`
+console script).
 
 Writes <log_dir>/analysis/ (plots, gradient_norms.csv, recommendations.json, report.html) and
 prints a summary. `--compare logs/a logs/b ...` overlays runs in one report. Bad input (not a
@@ -21,6 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="launch/analyze.py",
         description="Analyse a training run folder: plots, report and recommendations.")
+    parser.add_argument("run_dir", type=Path, nargs="?", metavar="LOG_DIR",
+                        help="the run folder, e.g. logs/<experiment> (same as --log_dir)")
     parser.add_argument("--log_dir", type=Path, help="the run folder, e.g. logs/<experiment>")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="LOG_DIR",
                         help="overlay these runs (after --log_dir, if given) in one report")
@@ -31,8 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--list_thresholds", action="store_true",
                         help="print the thresholds and their defaults, then exit")
     args = parser.parse_args(argv)
+    if args.run_dir and args.log_dir and args.run_dir != args.log_dir:
+        parser.error(f"two run folders given: {args.run_dir} and --log_dir {args.log_dir}")
+    args.log_dir = args.log_dir or args.run_dir
     if not (args.log_dir or args.compare or args.list_thresholds):
-        parser.error("give --log_dir logs/<experiment> or --compare logs/a logs/b ...")
+        parser.error("give a run folder (logs/<experiment>) or --compare logs/a logs/b ...")
     return args
 
 

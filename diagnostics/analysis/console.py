@@ -4,6 +4,7 @@ from __future__ import annotations
 from diagnostics.analysis.findings import Finding
 from diagnostics.analysis.load import RunData
 from diagnostics.analysis.summary import ComponentStats, top_bodies
+from diagnostics.analysis.verdict import Verdict
 
 HEALTHY_LINE = "[ok] No major issues detected. Training appears healthy!"
 
@@ -49,10 +50,11 @@ def recommendation_lines(findings: list[Finding]) -> list[str]:
     return lines
 
 
-def verdict_lines(verdict: list[tuple[str, str]], findings: list[Finding]) -> list[str]:
-    """The verdict first: skill, calibration, inputs, overfitting, and how many problems."""
-    lines = ["Verdict:"]
-    lines += [f"  {question}: {answer}" for question, answer in verdict]
+def verdict_lines(verdict: Verdict, findings: list[Finding]) -> list[str]:
+    """The verdict first: the headline, then skill, calibration, inputs, overfitting, and how
+    many problems."""
+    lines = [f"Verdict: {verdict.headline}"]
+    lines += [f"  {question}: {answer}" for question, answer in verdict.rows]
     problems = [f for f in findings if f.severity in ("critical", "error")]
     if problems:
         lines.append(f"  [!] {len(problems)} critical/error finding(s): "
@@ -60,7 +62,7 @@ def verdict_lines(verdict: list[tuple[str, str]], findings: list[Finding]) -> li
     return lines
 
 
-def console_summary(run: RunData, verdict: list[tuple[str, str]], stats: list[ComponentStats],
+def console_summary(run: RunData, verdict: Verdict, stats: list[ComponentStats],
                     findings: list[Finding]) -> str:
     lines = [f"Analysis of {run.log_dir}", "", *verdict_lines(verdict, findings), ""]
     if run.notes:

@@ -11,6 +11,9 @@ from diagnostics.analysis.console import HEALTHY_LINE
 from diagnostics.analysis.findings import Finding
 from diagnostics.analysis.load import RunData
 from diagnostics.analysis.summary import ComponentStats, top_bodies
+from diagnostics.analysis.verdict import Verdict
+
+VERDICT_IMAGES = ("Skill and celestial inputs", "Calibration per horizon step")
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -20,6 +23,7 @@ th { background: #f3f3f3; }
 .critical { background: #fdd; } .error { background: #fdd; }
 .warning { background: #ffe9c6; } .info { background: #e8f0ff; }
 .ok { color: #176f2c; font-weight: bold; }
+.headline { font-size: 1.2em; font-weight: bold; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 12px; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 """
@@ -105,20 +109,19 @@ def _page(title: str, sections: list[str]) -> str:
             + "".join(sections) + "</body></html>")
 
 
-def _verdict_section(verdict: list[tuple[str, str]], images: dict[str, Path]) -> str:
-    skill_plot = {k: v for k, v in images.items() if k == "Skill and celestial inputs"}
-    return ("<h2>Verdict</h2>" + _table(["question", "answer"],
-                                        [[escape(q), escape(a)] for q, a in verdict])
-            + _images(skill_plot))
+def _verdict_section(verdict: Verdict, images: dict[str, Path]) -> str:
+    shown = {k: v for k, v in images.items() if k in VERDICT_IMAGES}
+    return (f"<h2>Verdict</h2><p class=\"headline\">{escape(verdict.headline)}</p>"
+            + _table(["question", "answer"], [[escape(q), escape(a)] for q, a in verdict.rows])
+            + _images(shown))
 
 
-def render_report(run: RunData, verdict: list[tuple[str, str]], summary: list[tuple[str, str]],
+def render_report(run: RunData, verdict: Verdict, summary: list[tuple[str, str]],
                   stats: list[ComponentStats], findings: list[Finding],
                   images: dict[str, Path]) -> str:
     notes = "".join(f"<li>{escape(n)}</li>" for n in run.notes)
-    images = dict(images)
     verdict_html = _verdict_section(verdict, images)
-    images.pop("Skill and celestial inputs", None)
+    images = {k: v for k, v in images.items() if k not in VERDICT_IMAGES}
     sections = [
         verdict_html,
         "<h2>Summary</h2>", _table(["", ""], [[escape(k), escape(v)] for k, v in summary]),

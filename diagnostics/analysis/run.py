@@ -19,7 +19,7 @@ from diagnostics.analysis.summary import (
     write_gradient_csv,
 )
 from diagnostics.analysis.thresholds import Thresholds, build_thresholds
-from diagnostics.analysis.verdict import verdict_rows
+from diagnostics.analysis.verdict import Verdict, verdict
 
 
 @dataclass
@@ -28,16 +28,19 @@ class RunAnalysis:
     thresholds: Thresholds
     findings: list[Finding]
     stats: list[ComponentStats]
-    verdict: list[tuple[str, str]]
+    verdict: Verdict
 
 
 def analyze(log_dir: Path, overrides: list[tuple[str, float]]) -> RunAnalysis:
-    """Load a run and apply every rule (writes nothing)."""
+    """Load a run and apply every rule (writes nothing); a run without steps is an error."""
     run = load_run(log_dir)
+    if not run.has_steps:
+        raise AnalysisError(f"{log_dir}: no steps logged yet (no metrics.jsonl lines, no "
+                            "diagnostics records): nothing to analyse")
     thresholds = build_thresholds(run.config, overrides)
     stats = component_stats(run.gradients, thresholds) if run.gradients is not None else []
-    return RunAnalysis(run, thresholds, run_rules(run, thresholds), stats,
-                       verdict_rows(run, thresholds))
+    findings = run_rules(run, thresholds)
+    return RunAnalysis(run, thresholds, findings, stats, verdict(run, thresholds, findings))
 
 
 def _output_folder(path: Path) -> Path:

@@ -679,3 +679,50 @@ def test_blanking_bodies_is_worded_as_reliance_not_help(tmp_path, capsys):
                   f"by {rise:+.4f} nats")
         assert (relies if name == "used" else "not shown to rely on the celestial inputs") in out
         assert "inputs help" not in out and "a retrained ablation (see README, Experiments)" in out
+
+
+# --- calibration per horizon step -------------------------------------------------------------
+
+HORIZON = (0.848, 0.87, 0.88, 0.89, 0.90, 0.90, 0.91, 0.92)   # pooled 0.8898: inside the band
+
+
+def test_calibration_per_horizon_names_the_worst_steps(tmp_path, capsys):
+    """Pooled coverage passes while step 1 covers 84.8% [84.1%, 85.5%]: the verdict and the
+    finding name step 1 with its interval, and pit_histogram.png is drawn."""
+    folder = build_run_folder(tmp_path / "run", coverage_90=float(np.mean(HORIZON)),
+                              horizon_coverage_90=HORIZON, gradients=False, profiles=False)
+    finding = next(f for f in findings_of(folder) if f.issue == "miscalibration")
+    assert "step 1 (90% interval covers 84.8% [84.1%, 85.5%])" in finding.message
+    assert finding.evidence["steps"] == list(range(1, 9))
+    assert finding.config_change["model.dropout"] > 0.2
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert ("calibration (test, weights of step 200): overconfident (intervals too narrow) at "
+            "horizon step 1 (90% interval covers 84.8% [84.1%, 85.5%])") in out
+    assert "pooled over the 8 horizon steps" in out and "step 2 (" not in out
+    assert_valid_png(folder / "analysis" / "pit_histogram.png")
+    html = (folder / "analysis" / "report.html").read_text()
+    assert html.index("Calibration per horizon step") < html.index("<h2>Summary</h2>")
+
+
+def test_calibrated_steps_name_the_farthest_one_and_no_finding(tmp_path, capsys):
+    steps = (0.88, 0.89, 0.90, 0.91)
+    folder = build_run_folder(tmp_path / "run", horizon_coverage_90=steps, gradients=False,
+                              attention=False, profiles=False)
+    assert "miscalibration" not in issues_of(folder)
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated: the 90% interval covers 90.0%" in out
+    assert "farthest from 90%: step 1 (90% interval covers 88.0% [87.3%, 88.7%])" in out
+
+
+def test_runs_without_per_step_coverage_fall_back_to_pooled_with_a_note(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run", coverage_90=0.80, gradients=False,
+                              attention=False, profiles=False)
+    assert "miscalibration" in issues_of(folder)
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert ("overconfident (intervals too narrow): the 90% interval covers 80.0% and the 50% "
+            "interval 50.0% of outcomes, pooled over the horizon (this run has no per-step "
+            "coverage)") in out
+    assert not (folder / "analysis" / "pit_histogram.png").exists()

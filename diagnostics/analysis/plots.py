@@ -9,6 +9,7 @@ matplotlib.use("Agg")   # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
+from diagnostics.analysis.calibration import NOMINAL_90, Calibration, pit_counts
 from diagnostics.analysis.load import GradientSeries, RunData, column
 from diagnostics.analysis.thresholds import Thresholds
 
@@ -17,7 +18,7 @@ DPI = 100
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")   # keeps legends below the axes
     plt.close(fig)
     return path
 
@@ -27,9 +28,12 @@ def _float(value) -> float:
 
 
 def _legend(axis) -> None:
-    """A legend only where something is labelled (a run without validation has no curve)."""
-    if axis.get_legend_handles_labels()[0]:
-        axis.legend(fontsize=8)
+    """A legend below the axes, where it hides no data; only where something is labelled (a run
+    without validation has no curve)."""
+    handles = axis.get_legend_handles_labels()[0]
+    if handles:
+        axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15),
+                    ncol=min(3, len(handles)), frameon=False)
 
 
 def _colors(n: int):
@@ -216,4 +220,55 @@ def compare_gradient_norms(runs: list[RunData], t: Thresholds, path: Path) -> Pa
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="upper right", fontsize=8)
+    return _save(fig, path)
+
+
+def _coverage_per_step(ax, c: Calibration) -> None:
+    steps = [s.step for s in c.steps]
+    coverage = np.array([s.coverage_90 for s in c.steps])
+    low = np.array([_float(s.low) for s in c.steps])
+    high = np.array([_float(s.high) for s in c.steps])
+    ax.axhspan(c.low, c.high, color="tab:green", alpha=0.12, label="wanted 90% coverage")
+    ax.axhline(NOMINAL_90, color="tab:green", ls=":", lw=1)
+    errors = [np.nan_to_num(coverage - low), np.nan_to_num(high - coverage)]
+    ax.errorbar(steps, coverage, yerr=errors, fmt="o-", ms=4, capsize=2, color="tab:blue",
+                label="90% interval (95% CI)")
+    fifty = [_float(s.coverage_50) for s in c.steps]
+    ax.plot(steps, fifty, "s-", ms=3, color="tab:orange", label="50% interval")
+    ax.axhline(0.5, color="tab:orange", ls=":", lw=1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("horizon step (1 = first forecast step)")
+    ax.set_ylabel("fraction of outcomes inside the interval")
+    ax.set_title(f"Coverage per horizon step ({c.kept.label})")
+    _legend(ax)
+
+
+def _pit_histograms(ax, c: Calibration) -> None:
+    counts = pit_counts(c.kept.line)
+    if counts is None:
+        ax.set_axis_off()
+        return
+    num_bins = counts.shape[1]
+    edges = np.linspace(0, 1, num_bins + 1)
+    pooled = counts.sum(0)
+    ax.bar(edges[:-1], pooled / pooled.sum() * num_bins, width=1 / num_bins, align="edge",
+           color="tab:gray", alpha=0.6, edgecolor="white", label="all horizon steps")
+    worst = max(c.steps, key=lambda s: abs(s.coverage_90 - NOMINAL_90))
+    row = counts[c.steps.index(worst)]
+    ax.stairs(row / max(row.sum(), 1) * num_bins, edges, color="tab:red", lw=2,
+              label=f"horizon step {worst.step} (farthest from 90%)")
+    ax.axhline(1, color="black", ls=":", lw=1, label="calibrated (uniform)")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("PIT value (forecast CDF at the outcome)")
+    ax.set_ylabel("density (1 = calibrated)")
+    ax.set_title("PIT histogram (U shape: overconfident; hump: underconfident)")
+    _legend(ax)
+
+
+def pit_histogram(c: Calibration, path: Path) -> Path:
+    """Coverage per horizon step with intervals, and the PIT histogram pooled and at the step
+    farthest from nominal coverage (from the kept weights' calibration_by_horizon)."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
+    _coverage_per_step(ax, c)
+    _pit_histograms(bx, c)
     return _save(fig, path)

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diagnostics.analysis import plots
+from diagnostics.analysis.calibration import calibration
 from diagnostics.analysis.errors import AnalysisError
 from diagnostics.analysis.findings import SEVERITIES, Finding
+from diagnostics.analysis.kept import kept_line
 from diagnostics.analysis.load import RunData, column, load_run
 from diagnostics.analysis.report import render_compare, render_report
 from diagnostics.analysis.rules import run_rules
@@ -60,6 +62,10 @@ def _plots(a: RunAnalysis, out: Path) -> dict[str, Path]:
         images["Loss and validation"] = plots.training_curves(run, t, out / "training_curves.png")
     if any(v.get("skill") is not None for v in run.val + run.test):
         images["Skill and celestial inputs"] = plots.skill_curve(run, out / "skill.png")
+    calibrated = calibration(kept_line(run), t)
+    if calibrated is not None and calibrated.steps:
+        images["Calibration per horizon step"] = plots.pit_histogram(
+            calibrated, out / "pit_histogram.png")
     if run.gradients is not None:
         images["Gradient flow"] = plots.gradient_flow(run.gradients, t, out / "gradient_flow.png")
     if run.attention:

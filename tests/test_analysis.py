@@ -265,6 +265,9 @@ def test_healthy_run_outputs_and_console(tmp_path, capsys):
     assert "fusion_cross_attention:\n  Mean norm:" in out and "[ok] Healthy gradient flow" in out
     assert "[ok] No exploding gradients" in out
     assert "Top celestial (Asset_A): Moon (0.300)" in out
+    occlusion = out.index("Celestial bodies by occlusion: validation NLL rise in nats")
+    assert occlusion < out.index("by C->T attention weight")
+    assert re.search(r"\n  target +#1 +#2 .*\n  Asset_A +Moon \+0\.0300 +Sun \+0\.0058", out)
     analysis = folder / "analysis"
     with open(analysis / "gradient_norms.csv") as f:
         rows = list(csv.reader(f))
@@ -272,12 +275,12 @@ def test_healthy_run_outputs_and_console(tmp_path, capsys):
     assert [int(r[0]) for r in rows[1:]] == list(range(20, 201, 20))
     assert all(float(v) > 0 for r in rows[1:] for v in r[1:])
     for png in ("gradient_flow.png", "fusion_attention_entropy.png", "c2t_attention_heatmap.png",
-                "training_curves.png", "skill.png"):
+                "training_curves.png", "skill.png", "occlusion_ranking.png"):
         assert_valid_png(analysis / png)
     assert assert_valid_findings(analysis / "recommendations.json") == []
     html = (analysis / "report.html").read_text()
     assert_self_contained(html)
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 6
     assert "Summary" in html and "throughput" in html and "memory per rank" in html
     assert "<td>world size</td><td>2</td>" in html and "<td>device</td><td>cpu (x86_64)" in html
     # The verdict comes first, on the console and in the report.

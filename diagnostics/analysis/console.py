@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from diagnostics.analysis.findings import Finding
 from diagnostics.analysis.load import RunData
-from diagnostics.analysis.summary import ComponentStats, top_bodies
+from diagnostics.analysis.summary import ComponentStats, occlusion_ranking, top_bodies
 from diagnostics.analysis.verdict import Verdict
 
 HEALTHY_LINE = "[ok] No major issues detected. Training appears healthy!"
@@ -18,12 +18,26 @@ def gradient_lines(stats: list[ComponentStats]) -> list[str]:
     return lines
 
 
+def occlusion_lines(run: RunData) -> list[str]:
+    """The occlusion ranking as an aligned table."""
+    ranking = occlusion_ranking(run)
+    if ranking is None:
+        return []
+    header, rows = ranking.table()
+    widths = [max(len(row[i]) if i < len(row) else 0 for row in [header, *rows])
+              for i in range(len(header))]
+    return [f"{ranking.title}:", *("  " + "  ".join(cell.ljust(w) for cell, w in
+                                                    zip(row, widths)).rstrip()
+                                   for row in [header, *rows])]
+
+
 def top_body_lines(run: RunData) -> list[str]:
     top = top_bodies(run)
     if top is None:
         return []
     step, per_target = top
-    lines = [f"Top celestial bodies per target (C->T attention, step {step}):"]
+    lines = [f"Top celestial bodies per target by C->T attention weight (step {step}; what the "
+             "network attends to, not what it uses: see the occlusion ranking):"]
     for target, bodies in per_target.items():
         names = ", ".join(f"{body} ({weight:.3f})" if weight is not None else body
                           for body, weight in bodies)
@@ -71,7 +85,7 @@ def console_summary(run: RunData, verdict: Verdict, stats: list[ComponentStats],
         steps = run.gradients.steps
         header = f"Gradient flow ({len(steps)} records, steps {steps[0]}-{steps[-1]}):"
         lines += ["", header, *gradient_lines(stats)]
-    body_lines = top_body_lines(run)
-    if body_lines:
-        lines += ["", *body_lines]
+    for body_lines in (occlusion_lines(run), top_body_lines(run)):
+        if body_lines:
+            lines += ["", *body_lines]
     return "\n".join(lines + ["", *recommendation_lines(findings)])

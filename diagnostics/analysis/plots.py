@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from diagnostics.analysis.calibration import NOMINAL_90, Calibration, pit_counts
+from diagnostics.analysis.kept import kept_line
 from diagnostics.analysis.load import GradientSeries, RunData, column
 from diagnostics.analysis.thresholds import Thresholds
 
@@ -117,28 +118,40 @@ _BASELINE_CURVES = (("rw_nll", "random walk", "gray"),
                     ("ewma_nll", "EWMA random walk", "tab:orange"))
 
 
-def skill_curve(run: RunData, path: Path) -> Path:
-    """Skill against the best baseline (model NLL - baseline NLL, below 0 = better) with its 95%
-    interval at each validation and at test; the all-bodies-blanked NLL rise beside it."""
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4))
+def _test_point(run: RunData) -> tuple[int, str] | None:
+    """(x, label) of the test: drawn at the step of the weights it scored."""
+    kept = kept_line(run)
+    if kept is None or kept.split != "test":
+        return None
+    return kept.weights_step, f"test, weights of step {kept.weights_step}"
+
+
+def _skill_panel(ax, run: RunData) -> None:
+    test = _test_point(run)
     for lines, label, style in ((run.val, "validation", "o"), (run.test[-1:], "test", "*")):
         lines = [v for v in lines if v.get("skill") is not None and v.get("skill_low") is not None]
-        if lines:
-            steps = [v["step"] for v in lines]
-            skill = np.array([v["skill"] for v in lines])
-            err = [skill - [v["skill_low"] for v in lines],
-                   [v["skill_high"] for v in lines] - skill]
-            ax.errorbar(steps, skill, yerr=err, fmt=style, ms=9 if style == "*" else 5,
-                        capsize=3, label=f"{label} (vs {lines[-1].get('best_baseline')})")
+        if not lines:
+            continue
+        steps = [v["step"] for v in lines] if style == "o" else [test[0]]
+        skill = np.array([v["skill"] for v in lines])
+        err = [skill - [v["skill_low"] for v in lines], [v["skill_high"] for v in lines] - skill]
+        name = label if style == "o" else test[1]
+        ax.errorbar(steps, skill, yerr=err, fmt=style, ms=9 if style == "*" else 5, capsize=3,
+                    label=f"{name} (vs {lines[-1].get('best_baseline')})")
     ax.axhline(0, color="black", lw=1)
     ax.set_title("Skill over the best baseline, 95% interval (below 0: model better)")
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("optimizer step (of the weights scored)")
+    ax.set_ylabel("model NLL - baseline NLL (nats)")
     _legend(ax)
+
+
+def _blank_all_panel(bx, run: RunData) -> None:
     rises = [(f"val {r['step']}", r["blank_all"]) for r in run.attribution if r.get("blank_all")]
-    if run.test and run.test[-1].get("blank_all_rise") is not None:
+    test = _test_point(run)
+    if test and run.test[-1].get("blank_all_rise") is not None:
         t = run.test[-1]
-        rises.append(("test", {"rise": t["blank_all_rise"], "low": t.get("blank_all_rise_low"),
-                               "high": t.get("blank_all_rise_high")}))
+        rises.append((test[1], {"rise": t["blank_all_rise"], "low": t.get("blank_all_rise_low"),
+                                "high": t.get("blank_all_rise_high")}))
     if rises:
         rise = np.array([_float(r["rise"]) for _, r in rises])
         err = [rise - [_float(r["low"]) for _, r in rises],
@@ -146,34 +159,54 @@ def skill_curve(run: RunData, path: Path) -> Path:
         bx.errorbar(range(len(rises)), rise, yerr=err, fmt="o", capsize=3)
         bx.set_xticks(range(len(rises)), [name for name, _ in rises], rotation=45, fontsize=7)
     bx.axhline(0, color="black", lw=1)
-    bx.set_title("NLL rise with all bodies blanked (above 0: inputs used)")
+    bx.set_xlabel("split and step of the weights scored")
+    bx.set_ylabel("NLL rise, all bodies blanked (nats)")
+    bx.set_title("Reliance on the celestial inputs (above 0: the model relies on them)")
+
+
+def skill_curve(run: RunData, path: Path) -> Path:
+    """Skill against the best baseline (model NLL - baseline NLL, below 0 = better) with its 95%
+    interval at each validation and at test; the all-bodies-blanked NLL rise beside it."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
+    _skill_panel(ax, run)
+    _blank_all_panel(bx, run)
     return _save(fig, path)
 
 
-def training_curves(run: RunData, t: Thresholds, path: Path) -> Path:
-    """Training loss, validation NLL against the random walk, and 90%/50% coverage."""
-    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(16, 4.5))
-    if run.train:
-        ax.plot(*column(run.train, "loss"), color="tab:blue", label="train loss")
-    ax.set_title("Training loss (NLL)")
+def _nll_panel(bx, run: RunData) -> None:
     if run.val:
         bx.plot(*column(run.val, "nll"), marker="o", color="tab:blue", label="model (validation)")
-        cx.plot(*column(run.val, "coverage_90"), marker="o", label="90% interval")
-        cx.plot(*column(run.val, "coverage_50"), marker="s", label="50% interval")
     for key, label, color in _BASELINE_CURVES:
         if run.val and any(line.get(key) is not None for line in run.val):
             bx.plot(*column(run.val, key), ls="--", color=color, label=f"{label} (validation)")
-    if run.test:
+    test = _test_point(run)
+    if test:
         for key, label, color in (("nll", "model", "tab:blue"), *_BASELINE_CURVES):
             if run.test[-1].get(key) is not None:
-                bx.plot(*column(run.test[-1:], key), marker="*", ms=13, ls="", color=color,
-                        markeredgecolor="black", label=f"{label} (test)")
+                bx.plot([test[0]], [run.test[-1][key]], marker="*", ms=13, ls="", color=color,
+                        markeredgecolor="black", label=f"{label} ({test[1]})")
     bx.set_title("NLL: model and baselines (lower is better)")
+    bx.set_ylabel("NLL (nats, scaled targets)")
+
+
+def training_curves(run: RunData, t: Thresholds, path: Path) -> Path:
+    """Training loss, validation NLL against the baselines (test drawn at the step of the weights
+    it scored), and 90%/50% coverage."""
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(16, 4.8))
+    if run.train:
+        ax.plot(*column(run.train, "loss"), color="tab:blue", label="train loss")
+    ax.set_title("Training loss")
+    ax.set_ylabel("NLL (nats, scaled targets)")
+    _nll_panel(bx, run)
+    if run.val:
+        cx.plot(*column(run.val, "coverage_90"), marker="o", label="90% interval")
+        cx.plot(*column(run.val, "coverage_50"), marker="s", label="50% interval")
     cx.axhspan(t.coverage_90_low, t.coverage_90_high, color="tab:green", alpha=0.12,
                label="wanted 90% coverage")
     cx.axhline(0.5, color="gray", ls=":", lw=1)
     cx.set_ylim(0, 1)
     cx.set_title("Interval coverage (validation)")
+    cx.set_ylabel("fraction of outcomes inside the interval")
     for axis in (ax, bx, cx):
         axis.set_xlabel("optimizer step")
         _legend(axis)
@@ -192,9 +225,12 @@ def compare_curves(runs: list[RunData], path: Path) -> Path:
             axes[2].plot(run.gradients.steps, run.gradients.total_norm, marker=".", color=color,
                          label=run.name)
     axes[2].set_yscale("log")
-    for axis, title in zip(axes, ("Training loss", "Validation NLL", "Total gradient norm")):
+    for axis, title, unit in zip(axes, ("Training loss", "Validation NLL", "Total gradient norm"),
+                                 ("NLL (nats, scaled targets)", "NLL (nats, scaled targets)",
+                                  "gradient L2 norm")):
         axis.set_title(title)
         axis.set_xlabel("optimizer step")
+        axis.set_ylabel(unit)
         _legend(axis)
     return _save(fig, path)
 
@@ -215,6 +251,8 @@ def compare_gradient_norms(runs: list[RunData], t: Thresholds, path: Path) -> Pa
                           label=run.name)
         axis.set_yscale("log")
         axis.set_title(name, fontsize=9)
+        axis.set_xlabel("optimizer step", fontsize=8)
+        axis.set_ylabel("gradient L2 norm", fontsize=8)
     for axis in list(axes.flat)[len(names):]:
         axis.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -271,4 +309,28 @@ def pit_histogram(c: Calibration, path: Path) -> Path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
     _coverage_per_step(ax, c)
     _pit_histograms(bx, c)
+    return _save(fig, path)
+
+
+def occlusion_plot(ranking, path: Path) -> Path:
+    """One panel per target: bodies by the validation NLL rise when blanked, largest on top."""
+    targets = list(ranking.per_target)
+    cols = min(4, len(targets))
+    rows = -(-len(targets) // cols)
+    num_bodies = max(len(b) for b in ranking.per_target.values())
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 0.8 + 0.3 * num_bodies * rows),
+                             squeeze=False)
+    for ax, target in zip(axes.flat, targets):
+        bodies = ranking.per_target[target][::-1]      # barh draws bottom-up
+        rises = [rise for _, rise in bodies]
+        ax.barh(range(len(bodies)), rises, color=["tab:blue" if r > 0 else "tab:gray"
+                                                  for r in rises])
+        ax.set_yticks(range(len(bodies)), [body for body, _ in bodies], fontsize=8)
+        ax.axvline(0, color="black", lw=1)
+        ax.set_xlabel("NLL rise when blanked (nats)")
+        ax.set_title(target, fontsize=9)
+    for ax in list(axes.flat)[len(targets):]:
+        ax.axis("off")
+    fig.suptitle(f"Occlusion ranking (validation, weights of step {ranking.step}, "
+                 f"{ranking.num_windows} windows): higher = the model uses the body more")
     return _save(fig, path)

@@ -10,7 +10,7 @@ import yaml
 from diagnostics.analysis.console import HEALTHY_LINE
 from diagnostics.analysis.findings import Finding
 from diagnostics.analysis.load import RunData
-from diagnostics.analysis.summary import ComponentStats, top_bodies
+from diagnostics.analysis.summary import ComponentStats, occlusion_ranking, top_bodies
 from diagnostics.analysis.verdict import Verdict
 
 VERDICT_IMAGES = ("Skill and celestial inputs", "Calibration per horizon step")
@@ -93,8 +93,18 @@ def _bodies_section(run: RunData) -> str:
     rows = [[escape(target), escape(", ".join(f"{b} ({w:.3f})" if w is not None else b
                                               for b, w in bodies))]
             for target, bodies in per_target.items()]
-    return f"<h3>Top celestial bodies per target (step {step})</h3>" + \
-        _table(["target", "bodies by C->T weight"], rows)
+    return (f"<h3>Top celestial bodies per target by C->T attention weight (step {step}; what "
+            "the network attends to, not what it uses)</h3>"
+            + _table(["target", "bodies by C->T weight"], rows))
+
+
+def _occlusion_section(run: RunData) -> str:
+    ranking = occlusion_ranking(run)
+    if ranking is None:
+        return ""
+    header, rows = ranking.table()
+    return f"<h3>{escape(ranking.title)}</h3>" + _table(header, [[escape(c) for c in row]
+                                                                 for row in rows])
 
 
 def _images(images: dict[str, Path]) -> str:
@@ -129,6 +139,7 @@ def render_report(run: RunData, verdict: Verdict, summary: list[tuple[str, str]]
         f"<h2>Not analysed / tolerated</h2><ul>{notes}</ul>" if notes else "",
         "<h2>Plots</h2>", _images(images),
         "<h2>Gradient flow per component</h2>" + _gradient_section(stats) if stats else "",
+        _occlusion_section(run),
         _bodies_section(run),
         "<h2>Config</h2><pre>" + escape(yaml.safe_dump(run.config, sort_keys=False)) + "</pre>",
     ]

@@ -17,6 +17,7 @@ from diagnostics.analysis.rules import run_rules
 from diagnostics.analysis.summary import (
     ComponentStats,
     component_stats,
+    occlusion_ranking,
     run_summary,
     write_gradient_csv,
 )
@@ -73,6 +74,10 @@ def _plots(a: RunAnalysis, out: Path) -> dict[str, Path]:
             run.attention, t, out / "fusion_attention_entropy.png")
         images["C->T attention (targets x bodies)"] = plots.c2t_heatmap(
             run.attention[-1], out / "c2t_attention_heatmap.png")
+    ranking = occlusion_ranking(run)
+    if ranking is not None:
+        images["Occlusion ranking (bodies per target)"] = plots.occlusion_plot(
+            ranking, out / "occlusion_ranking.png")
     return images
 
 

@@ -68,6 +68,37 @@ def top_bodies(run: RunData) -> tuple[int, dict[str, list[tuple[str, float]]]] |
                           for target, entries in last["c2t"]["top_k"].items()}
 
 
+@dataclass
+class OcclusionRanking:
+    """Bodies per target by the validation NLL rise when each is blanked (what the model uses),
+    from the newest attribution record."""
+    step: int
+    num_windows: int
+    per_target: dict[str, list[tuple[str, float]]]   # target -> [(body, rise in nats)], by rise
+
+    @property
+    def title(self) -> str:
+        return (f"Celestial bodies by occlusion: validation NLL rise in nats when the body is "
+                f"blanked (weights of step {self.step}, {self.num_windows} windows)")
+
+    def table(self, top: int = 5) -> tuple[list[str], list[list[str]]]:
+        """(header, rows): one row per target, its `top` bodies with their rise."""
+        header = ["target", *(f"#{i + 1}" for i in range(top))]
+        rows = [[target, *(f"{body} {rise:+.4f}" for body, rise in bodies[:top])]
+                for target, bodies in self.per_target.items()]
+        return header, rows
+
+
+def occlusion_ranking(run: RunData) -> OcclusionRanking | None:
+    if not run.attribution:
+        return None
+    last = run.attribution[-1]
+    per_target = {target: sorted(((body, float(rise)) for body, rise in scores.items()
+                                  if rise is not None), key=lambda br: -br[1])
+                  for target, scores in last["occlusion"].items()}
+    return OcclusionRanking(last["step"], last["num_windows"], per_target)
+
+
 def _fmt(value, spec: str = ".4g") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"

@@ -66,6 +66,9 @@ class RunSpec:
     test_skill_shift: float = 0.0                # the test's skill minus the kept validation's
     last_val_coverage_90: float | None = None    # the last validation's (weights discarded)
     horizon_coverage_90: tuple[float, ...] = ()  # calibration_by_horizon's 90% coverage per step
+    test_windows: int = 0                        # rows of test_windows.csv (0: no file)
+    window_seed: int = 0                         # the run's own per-window noise
+    first_window_day: int = 1                    # the first window's origin (day of 2020-01)
     blank_all_rise: float = 0.3                  # NLL rise with every body blanked
     blank_all_halfwidth: float = 0.05
     agreement: float = 0.5
@@ -197,6 +200,8 @@ def eval_line(spec: RunSpec, kind: str, step: int, best: bool, weights_step: int
         line["calibration_by_horizon"] = calibration_by_horizon(spec)
     if weights_step is not None and spec.weights_step:
         line["weights_step"] = weights_step
+    if kind == "test" and spec.test_windows:
+        line.update(pred_len=4, window_stride=1, windows_file="test_windows.csv")
     if kind == "val":
         line["best"] = best
     else:
@@ -418,12 +423,36 @@ def write_profiles(folder: Path, spec: RunSpec) -> None:
                profile_record(spec, step), schemas.PROFILE_RECORD)
 
 
+WINDOW_COLUMNS = ("window", "origin", "target", "model_nll", "random_walk_nll", "ewma_nll",
+                  "model_crps", "random_walk_crps", "ewma_crps")
+
+
+def write_test_windows(folder: Path, spec: RunSpec) -> None:
+    """test_windows.csv: the test NLL per window, noise shared by every run (the windows' own
+    difficulty, autocorrelated) plus the run's own noise (window_seed)."""
+    shared = np.convolve(np.random.default_rng(0).standard_normal(spec.test_windows + 3),
+                         np.ones(4) / 2, mode="valid")[: spec.test_windows]
+    own = 0.05 * np.random.default_rng(100 + spec.window_seed).standard_normal(spec.test_windows)
+    test = eval_line(spec, "test", spec.num_steps, False, kept_step(spec))
+    nll = test["nll"] + 0.3 * shared + own
+    start = np.datetime64("2020-01-01") + np.timedelta64(spec.first_window_day - 1, "D")
+    rows = [",".join(WINDOW_COLUMNS)]
+    for i, value in enumerate(nll.tolist()):
+        origin = str(start + np.timedelta64(i, "D"))
+        for target in (*TARGETS, "all"):
+            rows.append(f"{i},{origin},{target},{value!r},{value + 0.2!r},{value + 0.1!r},"
+                        "0.3,0.32,0.31")
+    (folder / "test_windows.csv").write_text("\n".join(rows) + "\n")
+
+
 def build_run_folder(folder: Path, spec: RunSpec | None = None, **knobs) -> Path:
     """Write a run folder; `knobs` are RunSpec fields (e.g. dead_component="decoder")."""
     spec = spec or RunSpec(**knobs)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config_of(spec), sort_keys=False))
     write_metrics(folder, spec)
+    if spec.test_windows:
+        write_test_windows(folder, spec)
     if spec.gradients:
         write_gradients(folder, spec)
     if spec.attention:

@@ -477,7 +477,7 @@ def test_list_thresholds(capsys):
 
 # --- compare ------------------------------------------------------------------------------------
 
-def test_compare_overlays_runs_in_one_report(tmp_path, capsys):
+def test_compare_overlays_runs_and_shows_every_runs_panels(tmp_path, capsys):
     a = build_run_folder(tmp_path / "a")
     b = build_run_folder(tmp_path / "b", exploding_component="decoder", lr=3e-3)
     c = build_run_folder(tmp_path / "c", gradients=False, attention=False, profiles=False)
@@ -485,11 +485,56 @@ def test_compare_overlays_runs_in_one_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert str(a) in out and str(b) in out and str(c) in out
     compare = a / "analysis" / "compare"
-    for png in ("compare_curves.png", "compare_gradient_norms.png"):
+    for png in ("compare_curves.png", "compare_gradient_norms.png", "a/training_curves.png",
+                "b/gradient_flow.png", "c/skill.png"):
         assert_valid_png(compare / png)
     html = (compare / "report.html").read_text()
     assert_self_contained(html)
-    assert html.count("data:image/png;base64,") == 2 and str(b) in html
+    per_run = {"a": 6, "b": 6, "c": 2}      # each run's own panels, not only the first's
+    assert html.count("data:image/png;base64,") == 2 + sum(per_run.values())
+    assert all(f"<h2>{name}</h2>" in html for name in per_run)
+    # config differences: the learning rate and the diagnostics switches, nothing else
+    assert re.search(r"\n  optim\.lr +0\.001 +0\.003 +0\.001\n", out)
+    assert "diagnostics.enable_gradient_diagnostics" in out and "model.dropout" not in out
+    assert "<td>optim.lr</td><td>0.001</td><td>0.003</td>" in html
+
+
+def test_compare_says_which_run_is_better_on_shared_test_windows(tmp_path, capsys):
+    """Both runs wrote test_windows.csv for the same windows: the paired interval decides."""
+    a = build_run_folder(tmp_path / "a", test_windows=400, gradients=False, attention=False,
+                         profiles=False)
+    b = build_run_folder(tmp_path / "b", test_windows=400, window_seed=1, test_skill_shift=-0.1,
+                         gradients=False, attention=False, profiles=False, lr=3e-3)
+    near = build_run_folder(tmp_path / "near", test_windows=400, window_seed=2,
+                            test_skill_shift=-0.002, gradients=False, attention=False,
+                            profiles=False)
+    assert cli(["--compare", str(a), str(b), str(near)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "is better on test" in x).strip()
+    assert line.startswith("b is better on test: b's NLL (test, weights of step 200) is 0.1000 "
+                           "nats lower than a's (test, weights of step 200); paired 95% interval "
+                           "of b - a on the shared windows [-")
+    assert line.endswith(", shown")
+    low, high = map(float, re.search(r"windows \[(\S+), (\S+)\]", line).groups())
+    assert low < -0.1 < high < 0     # b's test NLL is 0.1 lower by construction
+    assert "neither near nor a is shown to be better on test" in out
+    html = (a / "analysis" / "compare" / "report.html").read_text()
+    assert "Which run is better on test" in html and "b is better on test" in html
+
+
+def test_compare_without_shared_windows_says_why_no_interval(tmp_path, capsys):
+    a = build_run_folder(tmp_path / "a", test_windows=100, gradients=False, attention=False,
+                         profiles=False)
+    b = build_run_folder(tmp_path / "b", test_windows=100, first_window_day=5, gradients=False,
+                         attention=False, profiles=False)
+    c = build_run_folder(tmp_path / "c", gradients=False, attention=False, profiles=False)
+    assert cli(["--compare", str(a), str(b), str(c)]) == 0
+    out = capsys.readouterr().out
+    assert ("no paired interval: the runs' test windows differ (100 and 100 windows, 0 "
+            "shared)") in out
+    assert "no paired interval: c has no test_windows.csv" in out
+    assert "has the lower test NLL, not shown to be better" in out
+    assert "none: the configs are identical" in out
 
 
 def test_overfitting_advice_never_says_train_longer(tmp_path):

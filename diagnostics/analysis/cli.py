@@ -14,7 +14,13 @@ from pathlib import Path
 
 from diagnostics.analysis.console import console_summary
 from diagnostics.analysis.errors import AnalysisError
-from diagnostics.analysis.run import COMPARE_HEADER, analyze_run, compare_row, compare_runs
+from diagnostics.analysis.run import (
+    COMPARE_HEADER,
+    RunComparison,
+    analyze_run,
+    compare_row,
+    compare_runs,
+)
 from diagnostics.analysis.thresholds import Thresholds, parse_threshold
 
 
@@ -42,16 +48,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _print_compare(analyses) -> None:
-    rows = [COMPARE_HEADER, *(compare_row(a) for a in analyses)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COMPARE_HEADER))]
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _print_compare(c: RunComparison) -> None:
+    _print_table([COMPARE_HEADER, *(compare_row(a) for a in c.analyses)])
+    print("\nOn test:")
+    for comparison in c.on_test:
+        print(f"  {comparison.sentence()}")
+    if not c.on_test:
+        print("  not compared: fewer than two runs have a scored test line")
+    print("\nConfig differences:")
+    if c.config_rows:
+        _print_table([["  key", *c.names], *(["  " + row[0], *row[1:]] for row in c.config_rows)])
+    else:
+        print("  none: the configs are identical")
 
 
 def _print_written(paths: list[Path]) -> None:
     folder = paths[-1].parent
-    print(f"\nWrote {folder}/: {', '.join(p.name for p in paths)}")
+    names = ", ".join(str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p)
+                      for p in paths)
+    print(f"\nWrote {folder}/: {names}")
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -65,8 +86,8 @@ def run(argv: list[str] | None = None) -> int:
         overrides = [parse_threshold(text) for text in args.threshold]
         if args.compare:
             log_dirs = ([args.log_dir] if args.log_dir else []) + args.compare
-            analyses, paths = compare_runs(log_dirs, args.out, overrides)
-            _print_compare(analyses)
+            comparison, paths = compare_runs(log_dirs, args.out, overrides)
+            _print_compare(comparison)
         else:
             analysis, paths = analyze_run(args.log_dir, args.out, overrides)
             print(console_summary(analysis.run, analysis.verdict, analysis.stats,

@@ -146,7 +146,23 @@ def render_report(run: RunData, verdict: Verdict, summary: list[tuple[str, str]]
     return _page(f"Training analysis: {run.name}", sections)
 
 
-def render_compare(rows: list[list[str]], header: list[str], images: dict[str, Path]) -> str:
+def _run_panels(name: str, verdict: Verdict, images: dict[str, Path]) -> str:
+    rows = [[escape(q), escape(a)] for q, a in verdict.rows]
+    return (f"<h2>{escape(name)}</h2><p class=\"headline\">{escape(verdict.headline)}</p>"
+            + _table(["question", "answer"], rows) + _images(images))
+
+
+def render_compare(rows: list[list[str]], header: list[str], images: dict[str, Path],
+                   on_test: list[str], config_header: list[str], config_rows: list[list[str]],
+                   per_run: dict[str, tuple[Verdict, dict[str, Path]]]) -> str:
+    """The runs' table, which is better on test, config differences, overlays, each run."""
+    tested = "".join(f"<li>{escape(line)}</li>" for line in on_test) or \
+        "<li>not compared: fewer than two runs have a scored test line</li>"
+    config = (_table(config_header, [[escape(c) for c in row] for row in config_rows])
+              if config_rows else "<p>The configs are identical.</p>")
     sections = ["<h2>Runs</h2>", _table(header, [[escape(c) for c in row] for row in rows]),
-                "<h2>Overlays</h2>", _images(images)]
+                f"<h2>Which run is better on test</h2><ul>{tested}</ul>",
+                "<h2>Config differences</h2>", config,
+                "<h2>Overlays</h2>", _images(images),
+                *(_run_panels(name, v, imgs) for name, (v, imgs) in per_run.items())]
     return _page("Training comparison", sections)

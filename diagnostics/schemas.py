@@ -94,7 +94,12 @@ EVAL_LINE = _obj({"nll": _NUM, "mae": _NUM, "coverage_50": _NUM, "coverage_90": 
                  {"crps": _NUM, "ewma_nll": _NUM, "rw_crps": _NUM, "ewma_crps": _NUM,
                   "skill": _NUM, "skill_low": _NUM, "skill_high": _NUM,
                   "best_baseline": {"enum": ["rw", "ewma"]}, "skill_block_length": _INT,
-                  "blank_all_rise": _NUM, "blank_all_rise_low": _NUM, "blank_all_rise_high": _NUM})
+                  "blank_all_rise": _NUM, "blank_all_rise_low": _NUM, "blank_all_rise_high": _NUM,
+                  **{f"{name}_{key}": schema
+                     for name in ("skill", "skill_rw", "skill_ewma", "blank_all_rise")
+                     for key, schema in (("shown", {"type": "boolean"}),
+                                         ("reason", {"type": ["string", "null"]}),
+                                         ("dm_pvalue", _NUM))}})
 
 SCHEMAS = {"gradients_step": GRADIENT_RECORD, "history": GRADIENT_HISTORY,
            "attention_step": ATTENTION_RECORD, "attribution_step": ATTRIBUTION_RECORD,

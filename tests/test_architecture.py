@@ -12,10 +12,11 @@ import pytest
 from tests.conftest import REPO
 
 # package -> the project packages it may import (besides itself)
-ALLOWED = {"model": set(), "trainer": {"model"}, "diagnostics": {"model", "trainer"}}
+ALLOWED = {"model": set(), "stats": set(), "trainer": {"model", "stats"},
+           "diagnostics": {"model", "trainer", "stats"}}
 DISTRIBUTED_OWNERS = {"trainer/distributed.py",   # process groups and collectives
                       "trainer/checkpoint.py"}    # DCP, the sharded checkpoint format
-PROJECT = {"model", "trainer", "diagnostics", "launch", "benchmarks", "tests"}
+PROJECT = {"model", "stats", "trainer", "diagnostics", "launch", "benchmarks", "tests"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -41,14 +42,23 @@ def test_packages_depend_one_way(package):
     assert not wrong, sorted(wrong)
 
 
-def test_the_offline_analysis_imports_only_itself_and_the_record_schemas():
+def test_the_offline_analysis_imports_only_itself_the_record_schemas_and_stats():
     """It reads files: neither the trainer nor the observers (nor torch) are below it."""
     wrong = {f"{path.relative_to(REPO)} imports {name}"
              for path in sources("diagnostics/analysis") for name in imported_modules(path)
              if name.split(".")[0] in PROJECT | {"torch"}
-             and not name.startswith(("diagnostics.analysis", "diagnostics.schemas"))
+             and not name.startswith(("diagnostics.analysis", "diagnostics.schemas", "stats"))
              and name != "diagnostics"}
     assert not wrong, sorted(wrong)
+
+
+def test_stats_needs_only_numpy_and_scipy():
+    """The verdict reads it without torch: the shared statistics stand on numpy and scipy."""
+    allowed = sys.stdlib_module_names | {"numpy", "scipy", "stats"}
+    third_party = {f"{path.relative_to(REPO)} imports {name}"
+                   for path in sources("stats") for name in imported_modules(path)
+                   if name.split(".")[0] not in allowed}
+    assert not third_party, sorted(third_party)
 
 
 def test_torch_distributed_is_imported_only_where_it_is_owned():

@@ -49,6 +49,8 @@ def test_scores_equal_the_trainers_own_test_scores(trainer, test_report):
         assert [skill["mean"], skill["low"], skill["high"]] == pytest.approx(
             [expected[f"skill_{baseline}"], expected[f"skill_{baseline}_low"],
              expected[f"skill_{baseline}_high"]], abs=1e-9)
+        assert (skill["shown"], skill["reason"]) == (expected[f"skill_{baseline}_shown"],
+                                                     expected[f"skill_{baseline}_reason"])
     effect = test_report["celestial_effect"]
     assert [effect["mean"], effect["low"], effect["high"]] == pytest.approx(
         [expected["blank_all_rise"], expected["blank_all_rise_low"],

@@ -13,8 +13,7 @@ from model.decoder import mixture_cdf, mixture_crps, mixture_quantiles
 from tests.dist_workers import join_group, spawn
 from trainer import distributed
 from trainer.scoring import (
-    block_bootstrap_interval,
-    block_length,
+    describe_skill,
     ewma_scale,
     gaussian,
     random_walk,
@@ -88,43 +87,41 @@ def test_ewma_adapts_where_the_training_spread_cannot():
     assert scores(calm, y, torch.ones(1))["nll"].mean() < scores(rw, y, torch.ones(1))["nll"].mean()
 
 
-def test_block_length_covers_overlapping_horizons_and_leaves_blocks():
-    assert block_length(4000, pred_len=24) == 48
-    assert block_length(4000, pred_len=24, stride=24) == 16      # n^(1/3) floor
-    assert block_length(100, pred_len=24) == 20                  # at least five blocks
-
-
-def ar1(n, phi, seed):
+def nll_series(num_windows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per-window NLLs with independent noise: the model 0.1 below ewma, 0.2 below rw."""
     rng = np.random.default_rng(seed)
-    x = np.zeros(n)
-    for t in range(1, n):
-        x[t] = phi * x[t - 1] + rng.normal()
-    return x
-
-
-def test_block_bootstrap_widens_the_interval_for_correlated_series():
-    """An i.i.d. resample (block 1) of a strongly autocorrelated series is far too narrow; the
-    block interval is wider and covers the true mean (0) in most of 20 series."""
-    widths, covered = [], 0
-    for seed in range(20):
-        x = ar1(2000, 0.9, seed)
-        low1, high1 = block_bootstrap_interval(x, 1, num_resamples=400)
-        low, high = block_bootstrap_interval(x, 50, num_resamples=400)
-        widths.append((high - low) / (high1 - low1))
-        covered += low <= 0 <= high
-    assert np.median(widths) > 2.5
-    assert covered >= 16
+    noise = lambda: rng.normal(0, 0.01, num_windows)     # noqa: E731
+    return {"model": 1.0 + noise(), "rw": 1.2 + noise(), "ewma": 1.1 + noise()}
 
 
 def test_skill_is_against_the_best_baseline():
-    rng = np.random.default_rng(0)
-    noise = rng.normal(0, 0.01, 500)
-    series = {"model": 1.0 + noise, "rw": 1.2 + noise, "ewma": 1.1 + noise}
-    skill = skill_metrics(series, pred_len=5, stride=1)
+    skill = skill_metrics(nll_series(500), pred_len=5, stride=1)
     assert skill["best_baseline"] == "ewma"
-    assert skill["skill"] == pytest.approx(-0.1)
-    assert skill["skill_rw"] == pytest.approx(-0.2)
+    assert skill["skill"] == pytest.approx(-0.1, abs=2e-3)
+    assert skill["skill_rw"] == pytest.approx(-0.2, abs=2e-3)
     assert skill["skill_low"] <= skill["skill"] <= skill["skill_high"] < 0
+    assert skill["skill_shown"] and skill["skill_reason"] is None
+    assert skill["skill_dm_pvalue"] < 1e-6
+    assert skill["skill_block_length"] == 5 + 16       # the overlap + ceil(2 * 500^(1/3))
+
+
+def test_every_skill_says_whether_it_is_shown_why_not_and_its_dm_pvalue():
+    skill = skill_metrics(nll_series(500), pred_len=5, stride=1)
+    for name in ("skill", "skill_rw", "skill_ewma"):
+        assert {f"{name}{k}" for k in ("", "_low", "_high", "_shown", "_reason", "_dm_pvalue")
+                } <= set(skill)
+
+
+def test_a_short_split_shows_no_skill_and_says_why():
+    """120 overlapping 24-step windows hold only 3 independent blocks: even a clear difference
+    is not called shown (the bootstrap's block length fell to 1 below 10 windows and to n/5 at
+    120, giving 0.70 coverage)."""
+    skill = skill_metrics(nll_series(120), pred_len=24, stride=1)
+    assert skill["skill_high"] < 0
+    assert not skill["skill_shown"]
+    assert skill["skill_reason"] == "only 3 independent blocks of windows (8 needed)"
+    line = describe_skill({**skill, "rw_nll": 1.2, "ewma_nll": 1.1})
+    assert "not shown: only 3 independent blocks of windows (8 needed)" in line
 
 
 # --- evaluation on real windows, one process and two -------------------------------------------

@@ -16,15 +16,9 @@ from contextlib import AbstractContextManager, nullcontext
 import numpy as np
 import torch
 
+from stats.intervals import paired_difference
 from trainer import distributed
-from trainer.scoring import (
-    BASELINES,
-    SCORES,
-    baseline_forecasts,
-    block_length,
-    mean_difference,
-    scores,
-)
+from trainer.scoring import BASELINES, SCORES, baseline_forecasts, difference_metrics, scores
 
 FORECASTERS = ("model", *BASELINES)
 _MODEL_ONLY = ("effective_components", "sigma_at_floor")
@@ -130,13 +124,11 @@ def _as_metrics(sums_MPT, per_horizon: bool) -> dict:
 def celestial_effect(evaluate_fn, split: str, spec, pred_len: int, stride: int,
                      base: dict | None = None, **kwargs) -> dict:
     """Do the celestial inputs help at all? The model's NLL rise when every body's columns are
-    blanked together, per window, with its 95% block-bootstrap interval (`blank_all_rise*`)."""
+    blanked together, per window, with its 95% interval (`blank_all_rise*`, the keys of
+    `difference_metrics`)."""
     base = base or evaluate_fn(split, with_series=True, **kwargs)
     every_column = sorted(c for columns in spec.body_columns for c in columns)
     blanked = evaluate_fn(split, blank_columns=every_column, with_series=True, **kwargs)
-    model_nll = base["series"]["model"]
-    block = block_length(len(model_nll), pred_len, stride)
-    rise = mean_difference(blanked["series"]["model"], model_nll, block)
+    rise = paired_difference(blanked["series"]["model"], base["series"]["model"], pred_len, stride)
     per_target = [b - a for a, b in zip(base["nll_per_target"], blanked["nll_per_target"])]
-    return {"blank_all_rise": rise["mean"], "blank_all_rise_low": rise["low"],
-            "blank_all_rise_high": rise["high"], "blank_all_rise_per_target": per_target}
+    return {**difference_metrics("blank_all_rise", rise), "blank_all_rise_per_target": per_target}

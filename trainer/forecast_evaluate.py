@@ -5,9 +5,9 @@ Rebuilds the split from the data the model was trained on (the config saved in t
 `--data` if the file moved), checks that its training rows give the scaling statistics saved
 with the model (else the data changed since training), and scores the model and the naive
 baselines on the same windows in one process: NLL, CRPS, MAE of the median and coverage, overall,
-per target and per horizon step; skill against each baseline with its 95% block-bootstrap
-interval; and the NLL rise with every body blanked. Prints a table and writes JSON
-(default: `<model file stem>_<split>_evaluation.json` beside the model file).
+per target and per horizon step; skill against each baseline with its 95% interval and
+Diebold-Mariano p-value (stats/intervals.py); and the NLL rise with every body blanked. Prints a
+table and writes JSON (default: `<model file stem>_<split>_evaluation.json` beside the model file).
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from trainer.run_log import json_safe
 from trainer.scoring import BASELINE_NAMES, SCORES, skill_metrics
 
 FORECASTER_NAMES = {"model": "model", **BASELINE_NAMES}
+INTERVAL = ("95% studentised interval, HAC (Bartlett) variance over overlapping windows, t with "
+            "df from the independent blocks; shown only if it excludes 0 on at least 8 blocks")
 
 
 def rebuild_data(loaded: LoadedModel, data_file: Path | None) -> PreparedData:
@@ -97,12 +99,17 @@ def _forecaster_scores(flat: dict, name: str, targets: list[str]) -> dict:
                                for s in SCORES} for i, t in enumerate(targets)}}
 
 
+def difference_entry(flat: dict, name: str) -> dict:
+    """One paired difference of the flat metrics (trainer.scoring.difference_metrics) as a dict."""
+    return {"mean": flat[name], **{k: flat[f"{name}_{k}"]
+                                   for k in ("low", "high", "shown", "reason", "dm_pvalue")}}
+
+
 def report(loaded: LoadedModel, data_file: Path, split: str, flat: dict) -> dict:
     """The JSON document: per forecaster, per target and per horizon step, keyed by name."""
     targets = loaded.spec.targets
     forecasters = {name: _forecaster_scores(flat, name, targets) for name in FORECASTERS}
-    skill = {b: {"mean": flat[f"skill_{b}"], "low": flat[f"skill_{b}_low"],
-                 "high": flat[f"skill_{b}_high"]} for b in FORECASTERS[1:]}
+    skill = {b: difference_entry(flat, f"skill_{b}") for b in FORECASTERS[1:]}
     return {
         "checkpoint": str(loaded.path), "step": loaded.step, "data": str(data_file),
         "split": split, "first_date": flat["first_date"], "last_date": flat["last_date"],
@@ -110,14 +117,13 @@ def report(loaded: LoadedModel, data_file: Path, split: str, flat: dict) -> dict
         "units": "nll and crps in scaled target units (training std), mae in target units",
         "forecasters": forecasters,
         "skill": {"definition": "model NLL minus baseline NLL on the same windows (negative: "
-                                "the model is better), 95% moving-block bootstrap interval",
+                                f"the model is better), {INTERVAL}",
                   "block_length_windows": flat["skill_block_length"],
                   "best_baseline": flat["best_baseline"], **skill},
         "celestial_effect": {
             "definition": "model NLL with every body's columns blanked minus without (positive: "
-                          "the celestial inputs help), 95% moving-block bootstrap interval",
-            "mean": flat["blank_all_rise"], "low": flat["blank_all_rise_low"],
-            "high": flat["blank_all_rise_high"],
+                          f"the celestial inputs help), {INTERVAL}",
+            **difference_entry(flat, "blank_all_rise"),
             "per_target": dict(zip(targets, flat["blank_all_rise_per_target"]))},
         "model_mixture": {k: flat[k] for k in ("effective_components", "sigma_at_floor")},
     }
@@ -139,15 +145,17 @@ def table_lines(doc: dict) -> list[str]:
                                           for f in doc["forecasters"].values()))
     skill = doc["skill"]
     lines += ["", (f"skill = model NLL - baseline NLL (negative: the model is better), 95% "
-                   f"interval by moving-block bootstrap, blocks of "
-                   f"{skill['block_length_windows']} windows:")]
+                   f"studentised HAC interval, blocks of {skill['block_length_windows']} windows, "
+                   f"Diebold-Mariano p:")]
     for b in FORECASTERS[1:]:
-        verdict = ("better" if skill[b]["high"] < 0 else "worse" if skill[b]["low"] > 0
-                   else "no clear difference")
+        verdict = (skill[b]["reason"] if not skill[b]["shown"]
+                   else "better" if skill[b]["high"] < 0 else "worse")
         lines.append(f"  vs {FORECASTER_NAMES[b]:<32}{skill[b]['mean']:+.4f} "
-                     f"[{skill[b]['low']:+.4f}, {skill[b]['high']:+.4f}]  {verdict}")
+                     f"[{skill[b]['low']:+.4f}, {skill[b]['high']:+.4f}]  "
+                     f"p {skill[b]['dm_pvalue']:.3g}  {verdict}")
     e = doc["celestial_effect"]
-    helps = "the celestial inputs help" if e["low"] > 0 else "no proof the celestial inputs help"
+    helps = ("the celestial inputs help" if e["shown"] and e["low"] > 0
+             else "no proof the celestial inputs help")
     lines.append(f"all bodies blanked: NLL rise {e['mean']:+.4f} [{e['low']:+.4f}, "
                  f"{e['high']:+.4f}]  ({helps})")
     return lines

@@ -1,4 +1,4 @@
-"""Forecasts scored honestly: naive baselines, proper scores, skill with a block-bootstrap interval.
+"""Forecasts scored honestly: naive baselines, proper scores, skill with an interval.
 
 Every forecaster (the model and each baseline) is a Gaussian mixture per (window, horizon step,
 target) in scaled target units, scored on the same windows with the same functions:
@@ -14,22 +14,22 @@ Baselines (no parameters learned from the validation or test rows):
   calm and turbulent periods, which a fixed training spread cannot.
 
 Skill is the model's mean NLL minus a baseline's on the same windows (negative = the model is
-better), with a 95% interval from a moving-block bootstrap over windows in time order.
+better), with a 95% studentised interval whose HAC variance allows for the overlap of the windows
+and a Diebold-Mariano p-value (stats/intervals.py). A skill is `shown` only when its interval
+excludes 0 and rests on enough independent blocks of windows; `_reason` says why not otherwise.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 
 from model.decoder import mixture_cdf, mixture_crps, mixture_log_likelihood, mixture_quantiles
+from stats.intervals import PairedDifference, paired_difference
 
 BASELINES = ("rw", "ewma")
 BASELINE_NAMES = {"rw": "random walk (training spread)", "ewma": "random walk (EWMA volatility)"}
 SCORES = ("nll", "crps", "mae", "coverage_50", "coverage_90")
 EWMA_LAMBDA = 0.94
-NUM_RESAMPLES = 1000
 
 
 def gaussian(mean_BPT: torch.Tensor, scale_BPT: torch.Tensor):
@@ -84,63 +84,34 @@ def scores(mixture, y_BPT: torch.Tensor, target_std_T: torch.Tensor) -> dict[str
 
 # --- skill and its interval ----------------------------------------------------------------------
 
-def block_length(num_windows: int, pred_len: int, stride: int = 1) -> int:
-    """Moving-block length, in windows. Windows `pred_len / stride` apart share forecast targets
-    (their horizons overlap), so their score differences are correlated at least that far; twice
-    that also spans the volatility clustering of daily returns over a few weeks. Never less than
-    the n^(1/3) rate of the block-bootstrap literature, and at most a fifth of the series so that
-    there are at least five blocks to resample."""
-    length = max(math.ceil(2 * pred_len / stride), math.ceil(num_windows ** (1 / 3)))
-    return max(1, min(length, num_windows // 5))
-
-
-def block_bootstrap_interval(values: np.ndarray, block: int, level: float = 0.95,
-                             num_resamples: int = NUM_RESAMPLES, seed: int = 0
-                             ) -> tuple[float, float]:
-    """Percentile interval of the mean of a time series by the moving-block bootstrap (Kunsch
-    1989): resample overlapping blocks of `block` consecutive values, joined to the series
-    length."""
-    values = np.asarray(values, dtype=np.float64)
-    n = len(values)
-    if n < 2:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    num_blocks = math.ceil(n / block)
-    starts = rng.integers(0, n - block + 1, size=(num_resamples, num_blocks))
-    index = (starts[:, :, None] + np.arange(block)).reshape(num_resamples, -1)[:, :n]
-    means = values[index].mean(1)
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low), float(high)
-
-
-def mean_difference(a: np.ndarray, b: np.ndarray, block: int) -> dict:
-    """mean(a - b) over paired windows, with its 95% block-bootstrap interval."""
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    low, high = block_bootstrap_interval(diff, block)
-    return {"mean": float(diff.mean()) if len(diff) else math.nan, "low": low, "high": high}
+def difference_metrics(name: str, difference: PairedDifference) -> dict:
+    """Flat metrics of one paired difference: `<name>` (the mean), `<name>_low`, `<name>_high`,
+    `<name>_shown`, `<name>_reason` (None when shown) and `<name>_dm_pvalue`."""
+    return {name: difference.mean, f"{name}_low": difference.low,
+            f"{name}_high": difference.high, f"{name}_shown": difference.shown,
+            f"{name}_reason": difference.reason, f"{name}_dm_pvalue": difference.dm_pvalue}
 
 
 def skill_metrics(nll_series: dict[str, np.ndarray], pred_len: int, stride: int) -> dict:
-    """Flat metrics: `skill_<baseline>` (model NLL - baseline NLL) with `_low`/`_high`, and the same
-    against the best baseline on these windows as `skill`, `skill_low`, `skill_high`."""
+    """Flat metrics: `skill_<baseline>` (model NLL - baseline NLL) with `difference_metrics`'s
+    keys, the same against the best baseline on these windows as `skill*`, and the windows per
+    independent block (`skill_block_length`)."""
     model = nll_series["model"]
-    block = block_length(len(model), pred_len, stride)
-    metrics: dict = {"skill_block_length": block}
-    for name in BASELINES:
-        diff = mean_difference(model, nll_series[name], block)
-        metrics.update({f"skill_{name}": diff["mean"], f"skill_{name}_low": diff["low"],
-                        f"skill_{name}_high": diff["high"]})
+    differences = {name: paired_difference(model, nll_series[name], pred_len, stride)
+                   for name in BASELINES}
     best = min(BASELINES, key=lambda name: float(np.mean(nll_series[name])))
-    metrics.update({"best_baseline": best, "skill": metrics[f"skill_{best}"],
-                    "skill_low": metrics[f"skill_{best}_low"],
-                    "skill_high": metrics[f"skill_{best}_high"]})
+    metrics: dict = {"skill_block_length": differences[best].block_length, "best_baseline": best}
+    for name, difference in differences.items():
+        metrics.update(difference_metrics(f"skill_{name}", difference))
+    metrics.update(difference_metrics("skill", differences[best]))
     return metrics
 
 
 def describe_skill(metrics: dict) -> str:
-    """One phrase for a log line: skill against the best baseline with its interval."""
+    """One phrase for a log line: skill against the best baseline with its interval, and why it is
+    not shown when it is not."""
     best = metrics["best_baseline"]
+    why_not = "" if metrics["skill_shown"] else f", not shown: {metrics['skill_reason']}"
     return (f"skill vs {best} {metrics['skill']:+.4f} [{metrics['skill_low']:+.4f}, "
-            f"{metrics['skill_high']:+.4f}] (nll rw {metrics['rw_nll']:.4f}, "
+            f"{metrics['skill_high']:+.4f}]{why_not} (nll rw {metrics['rw_nll']:.4f}, "
             f"ewma {metrics['ewma_nll']:.4f})")

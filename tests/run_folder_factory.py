@@ -66,6 +66,7 @@ class RunSpec:
     test_skill_shift: float = 0.0                # the test's skill minus the kept validation's
     last_val_coverage_90: float | None = None    # the last validation's (weights discarded)
     horizon_coverage_90: tuple[float, ...] = ()  # calibration_by_horizon's 90% coverage per step
+    judged: bool = True                          # intervals carry _shown/_reason (newer runs)
     test_windows: int = 0                        # rows of test_windows.csv (0: no file)
     window_seed: int = 0                         # the run's own per-window noise
     first_window_day: int = 1                    # the first window's origin (day of 2020-01)
@@ -176,6 +177,13 @@ def calibration_by_horizon(spec: RunSpec) -> dict:
             "coverage_90_high": [c + 0.007 for c in coverage], "pit_counts": pit}
 
 
+def _judgement(name: str, low: float, high: float) -> dict:
+    """`<name>_shown` and `<name>_reason` as stats.paired_difference words them (enough blocks)."""
+    shown = not low <= 0 <= high
+    return {f"{name}_shown": shown, f"{name}_reason": None if shown else "the interval includes 0",
+            f"{name}_dm_pvalue": 0.001 if shown else 0.5}
+
+
 def _coverage_90(spec: RunSpec, kind: str, step: int, weights_step: int | None) -> float:
     last = step == spec.num_steps // spec.val_interval * spec.val_interval
     if kind == "val" and last and weights_step is None and spec.last_val_coverage_90 is not None:
@@ -208,6 +216,10 @@ def eval_line(spec: RunSpec, kind: str, step: int, best: bool, weights_step: int
         line.update({"blank_all_rise": spec.blank_all_rise,
                      "blank_all_rise_low": spec.blank_all_rise - spec.blank_all_halfwidth,
                      "blank_all_rise_high": spec.blank_all_rise + spec.blank_all_halfwidth})
+    if spec.judged:
+        for name in ("skill", "skill_rw", "skill_ewma", "blank_all_rise"):
+            if f"{name}_low" in line:
+                line.update(_judgement(name, line[f"{name}_low"], line[f"{name}_high"]))
     return line
 
 

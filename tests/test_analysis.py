@@ -717,15 +717,18 @@ def test_skill_not_shown_by_the_line_is_not_called_a_win(tmp_path, capsys):
     assert f"; not shown: {reason}" in out
 
 
-def test_blanking_bodies_is_worded_as_reliance_not_help(tmp_path, capsys):
+@pytest.mark.parametrize("judged", [True, False])
+def test_blanking_bodies_is_worded_as_reliance_not_help(tmp_path, capsys, judged):
+    """With the line's own _shown/_reason, and without (runs before they were written)."""
     for name, rise in (("used", 0.3), ("unused", 0.01)):
         folder = build_run_folder(tmp_path / name, blank_all_rise=rise, gradients=False,
-                                  profiles=False)
+                                  profiles=False, judged=judged)
         assert cli([str(folder)]) == 0
         out = capsys.readouterr().out
         relies = ("the model relies on the celestial inputs: blanking every body changes the NLL "
                   f"by {rise:+.4f} nats")
         assert (relies if name == "used" else "not shown to rely on the celestial inputs") in out
+        assert ("not shown: the interval includes 0" in out) == (judged and name == "unused")
         assert "inputs help" not in out and "a retrained ablation (see README, Experiments)" in out
 
 

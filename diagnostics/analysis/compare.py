@@ -11,7 +11,7 @@ import numpy as np
 from diagnostics.analysis.errors import AnalysisError
 from diagnostics.analysis.kept import KeptLine, finite, kept_line
 from diagnostics.analysis.load import RunData
-from diagnostics.analysis.paired import paired_difference
+from stats.intervals import PairedDifference, paired_difference
 
 WINDOWS_FILE = "test_windows.csv"
 
@@ -47,7 +47,7 @@ class Comparison:
     kept: KeptLine
     reference_kept: KeptLine
     difference: float        # test NLL of the run - the reference's: negative = the run is better
-    interval: object | None  # stats PairedDifference on the shared windows, or None
+    interval: PairedDifference | None   # on the shared windows
     why_unpaired: str | None
 
     def sentence(self) -> str:
@@ -69,7 +69,7 @@ class Comparison:
                 f"{numbers}; {interval}, not shown: {i.reason}")
 
 
-def _paired(run: RunData, reference: RunData) -> tuple[object | None, str | None]:
+def _paired(run: RunData, reference: RunData) -> tuple[PairedDifference | None, str | None]:
     mine, theirs = read_window_nll(run), read_window_nll(reference)
     if mine is None or theirs is None:
         missing = run.name if mine is None else reference.name

@@ -99,16 +99,21 @@ class InputsEffect:
     rise: float
     low: float
     high: float
+    shown: bool | None = None    # the line's own judgement, when it carries one
+    reason: str | None = None
 
     @property
     def used(self) -> bool:
+        if self.shown is not None:
+            return self.shown and self.rise > 0
         return self.low > 0
 
     def sentence(self) -> str:
         verdict = ("the model relies on the celestial inputs" if self.used else
                    "the model is not shown to rely on the celestial inputs")
+        why = f", not shown: {self.reason}" if self.reason and not self.used else ""
         return (f"{verdict}: blanking every body changes the NLL by {self.rise:+.4f} nats "
-                f"[{self.low:+.4f}, {self.high:+.4f}] ({self.source}); {ABLATION_POINTER}")
+                f"[{self.low:+.4f}, {self.high:+.4f}] ({self.source}{why}); {ABLATION_POINTER}")
 
 
 def inputs_effect(run: RunData) -> InputsEffect | None:
@@ -118,7 +123,8 @@ def inputs_effect(run: RunData) -> InputsEffect | None:
             kept.line, "blank_all_rise", "blank_all_rise_low", "blank_all_rise_high"):
         t = kept.line
         return InputsEffect(kept.label, kept.weights_step, t["blank_all_rise"],
-                            t["blank_all_rise_low"], t["blank_all_rise_high"])
+                            t["blank_all_rise_low"], t["blank_all_rise_high"],
+                            *_judgement(t, "blank_all_rise"))
     for record in reversed(run.attribution):
         blank = record.get("blank_all") or {}
         if finite(blank, "rise", "low", "high"):

@@ -302,6 +302,7 @@ def test_sick_run_console_and_recommendations(tmp_path, capsys):
     out = capsys.readouterr().out
     assert HEALTHY_LINE not in out
     assert "[!] CRITICAL decoder: exploding_gradients" in out
+    assert "Verdict: broken: training itself went wrong (exploding_gradients)" in out
     assert "[!] Exploding gradients (above 100)" in out
     assert "config: optim.lr: 0.0005" in out
     findings = assert_valid_findings(out_dir / "recommendations.json")
@@ -589,6 +590,7 @@ def test_runs_without_baseline_scores_say_so(tmp_path, capsys):
     assert cli(["--log_dir", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "skill: not scored" in out and "celestial inputs: not measured" in out
+    assert "Verdict: not judged: no baseline skill was scored for this run" in out
 
 
 def test_restored_best_line_does_not_hide_the_last_validation(tmp_path):

@@ -86,7 +86,7 @@ METRICS_LINE = {"type": "object", "required": ["kind", "step", "time"], "propert
 TRAIN_LINE = _obj({"loss": _NUM, "lr": _NUM, "grad_norm": _NUM, "clip_fraction": _NUM,
                    "skipped_steps": _INT, "samples_per_s": _NUM, "step_time_s": _NUM,
                    "data_time_s": _NUM, "memory_mb": _NUM, "epoch": _INT},
-                  {"world_size": _INT})
+                  {"world_size": _INT, "device": {"type": "string"}})
 CALIBRATION_BY_HORIZON = _obj({
     "steps": {"type": "array", "items": _INT}, "coverage_50": _NUM_LIST,
     "coverage_90": _NUM_LIST, "coverage_90_low": _NUM_LIST, "coverage_90_high": _NUM_LIST,

@@ -365,7 +365,8 @@ class Trainer:
                   "clip_fraction": m.clipped.item() / len(flags), "skipped_steps": len(skipped),
                   "samples_per_s": len(flags) * self.samples_per_step / elapsed,
                   "step_time_s": elapsed / len(flags), "data_time_s": m.data_time / len(flags),
-                  "memory_mb": memory_mb(self.env.device), "world_size": self.env.world_size}
+                  "memory_mb": memory_mb(self.env.device), "world_size": self.env.world_size,
+                  "device": self.env.device.type}
         self.run_log.record("train", step, values)
         self.run_log.advance(1, loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         log.info("step %d/%d epoch %d: loss %.4f, lr %.2e, grad norm %.3g, %.1f samples/s",

@@ -13,12 +13,13 @@ import psutil
 import torch
 
 from model import CelestialPGAT
-from trainer import distributed, faults, precision
+from trainer import distributed, experiment_lock, faults, precision
 from trainer.checkpoint import CheckpointManager
 from trainer.config import Config
 from trainer.data import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
+from trainer.experiment_lock import ExperimentLock
 from trainer.loop import (
     Progress,
     SplitEvaluator,
@@ -204,9 +205,27 @@ def build_parts(config: Config, env: DistEnv, config_path: str | None = None, *,
     config.train.experiment_name = name
     setup_logging(None, env.rank, config.train.progress_bar)   # the file once the folder exists
     checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name)
-    check_experiment_folder(checkpoints, resume_request(config)[0], name)
     log_dir = Path(config.train.log_root) / name
     check_writable([log_dir, checkpoints.folder])
+    lock = agree_on_user_error(lambda: take_lock(checkpoints.folder, env))
+    try:
+        return build_locked_parts(config, env, checkpoints, log_dir, lock, observers)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def take_lock(folder: Path, env: DistEnv) -> ExperimentLock | None:
+    """The experiment's one-writer lock, held by rank 0 (trainer/experiment_lock.py)."""
+    return experiment_lock.acquire(folder) if env.rank == 0 else None
+
+
+def build_locked_parts(config: Config, env: DistEnv, checkpoints: CheckpointManager,
+                       log_dir: Path, lock: ExperimentLock | None,
+                       observers: ObserverFactory | None) -> TrainerParts:
+    name = config.train.experiment_name
+    check_experiment_folder(checkpoints, resume_request(config)[0], name)
     data = build_data(config, env)        # every input check, before anything is written
     plugged_in = ObserverGroup(plug_in(observers, config))
     progress = Progress(total_steps=total_steps(config, data),
@@ -224,7 +243,7 @@ def build_parts(config: Config, env: DistEnv, config_path: str | None = None, *,
     return TrainerParts(config=config, env=env, data=data, train_step=step,
                         evaluate=SplitEvaluator(step, data), observers=plugged_in,
                         checkpoints=checkpoints, run_log=run_log, run_context=context,
-                        progress=progress, resumed_from=resumed_from)
+                        progress=progress, resumed_from=resumed_from, lock=lock)
 
 
 def build_train_step(config: Config, spec, env: DistEnv, total: int) -> TrainStep:

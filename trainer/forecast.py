@@ -31,7 +31,7 @@ from trainer.data import ensure_dataset
 from trainer.distributed import pick_device
 from trainer.errors import UserError
 from trainer.forecast_input import ForecastInput, prepare_forecast_input, typical_step
-from trainer.forecast_model import LoadedModel, load_model_file
+from trainer.forecast_model import LoadedModel, input_data, load_model_file
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 COLUMNS = ("origin_date", "target", "horizon", "target_date", "mean",
@@ -191,11 +191,9 @@ def summary_lines(forecast: Forecast, inputs: ForecastInput) -> list[str]:
 
 def data_path(loaded: LoadedModel, given: Path | None) -> tuple[Path, bool]:
     """The CSV to forecast from, and whether missing future rows may be computed (built-in)."""
-    data = loaded.config.data
+    data = input_data(loaded, given)
     builtin = data.source == "builtin"
-    if given is not None:
-        return given, builtin
-    return (ensure_dataset(data) if builtin else Path(data.path)), builtin
+    return (ensure_dataset(data) if builtin and given is None else Path(data.path)), builtin
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -12,7 +12,6 @@ table and writes JSON (default: `<model file stem>_<split>_evaluation.json` besi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from trainer.distributed import pick_device
 from trainer.errors import UserError
 from trainer.evaluate import FORECASTERS, celestial_effect, evaluate
 from trainer.forecast import run_command
-from trainer.forecast_model import SCALING_KEYS, LoadedModel, load_model_file
+from trainer.forecast_model import SCALING_KEYS, LoadedModel, input_data, load_model_file
 from trainer.run_log import json_safe
 from trainer.scoring import BASELINE_NAMES, SCORES, skill_metrics
 
@@ -35,9 +34,7 @@ INTERVAL = ("95% studentised interval, HAC (Bartlett) variance over overlapping 
 
 def rebuild_data(loaded: LoadedModel, data_file: Path | None) -> PreparedData:
     """The training-time data, checked to be what the model was trained on."""
-    data_config = loaded.config.data
-    if data_file is not None:
-        data_config = dataclasses.replace(data_config, path=str(data_file))
+    data_config = input_data(loaded, data_file)
     prepared = prepare(data_config, loaded.seq_len, loaded.pred_len)
     path = data_config.resolved_path()
     if prepared.spec.feature_names != loaded.spec.feature_names or \

@@ -3,17 +3,26 @@ one line, exit 2, in bounded time and memory, and nothing is created."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import csv
 import io
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.bounded import run_bounded
 from tests.conftest import small_overrides
-from tests.test_forecast import model_path, read_rows, train_tiny, write_rows
+from tests.test_forecast import SEQ_LEN, model_path, read_rows, train_tiny, write_rows
+from tests.test_fuzz_inputs import broken_csvs
 from tests.test_refused_start import refused
 from trainer import forecast
+from trainer.errors import UserError
+from trainer.forecast_input import prepare_forecast_input
+from trainer.forecast_model import LoadedModel, load_model_file
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +129,9 @@ HOSTILE_MODEL_FILES = {
     "spec not a mapping": (_top("spec", [1, 2]), "input spec is damaged"),
     "step text": (_top("step", "abc"), "the saved step is damaged"),
     "step negative": (_top("step", -4), "the saved step is damaged"),
-    "weights not tensors": (_top("model", {"a": 1}), "the saved weights do not fit"),
+    "weights not tensors": (_top("model", {"a": 1}), "more than its weights hold (0 tensors)"),
+    "a billion graph rounds": (_config("model", "graph_rounds", 10**9),
+                               "model.graph_rounds = 1000000000, more than its weights hold"),
 }
 
 
@@ -152,3 +163,119 @@ def test_builtin_data_named_by_a_model_file_is_computed_in_the_users_cache(model
     cached = list((tmp_path / "cache" / "celestial-pgat").glob("builtin_2001-01-01_*.csv"))
     assert len(cached) == 1 and f"computing the dataset into {cached[0]}" in err
     assert (tmp_path / "out" / "forecast.csv").is_file()
+
+
+# --- fuzzing (hypothesis), each example within bounds ------------------------------------------
+
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def loaded(model_file) -> LoadedModel:
+    return load_model_file(model_file)
+
+
+@pytest.fixture(scope="module")
+def forecast_rows(short_csv) -> list[list[str]]:
+    header, rows = read_rows(short_csv)
+    return [header, *rows[:SEQ_LEN + 100]]
+
+
+def _as_bytes(rows: list[list[str]]) -> bytes:
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue().encode()
+
+
+@st.composite
+def fuzzed_forecast_csvs(draw, base: list[list[str]]) -> bytes:
+    """A broken table (as the training reader's fuzzing makes them), or the intact one with
+    bytes inserted, overwritten or cut off anywhere."""
+    if draw(st.booleans()):
+        content, _ = draw(broken_csvs(base))
+        return content if isinstance(content, bytes) else _as_bytes(content)
+    data = bytearray(_as_bytes(base))
+    at = draw(st.integers(0, len(data)))
+    kind = draw(st.sampled_from(["insert", "overwrite", "truncate"]))
+    if kind == "truncate":
+        return bytes(data[:at])
+    junk = draw(st.binary(min_size=1, max_size=64) | st.sampled_from(
+        [b"\xe9", b"\x00", b'"', b"\r", b"\n\n", b",,,", b"1" * 200_000, b"nan", b"1e999"]))
+    end = at + (len(junk) if kind == "overwrite" else 0)
+    return bytes(data[:at] + junk + data[end:])
+
+
+def forecast_verdict(loaded_model: LoadedModel, path: Path) -> str:
+    try:
+        prepare_forecast_input(loaded_model, path, allow_builtin=False)
+        return "read"
+    except UserError as err:
+        return str(err)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_forecast_csv_is_read_or_one_line_within_bounds(loaded, forecast_rows, data):
+    content = data.draw(fuzzed_forecast_csvs(forecast_rows))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "input.csv"
+        path.write_bytes(content)
+        verdict = run_bounded(forecast_verdict, loaded, path, seconds=20, memory_mb=300)
+    assert verdict == "read" or (str(path) in verdict and "\n" not in verdict), verdict
+
+
+_ODD_VALUES = (st.none() | st.booleans() | st.integers(-2**70, 2**70)
+               | st.sampled_from([0, -1, 10**6, 2**31, 2**63, 65536])
+               | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
+               | st.lists(st.integers(-3, 10**6), max_size=4)
+               | st.dictionaries(st.text(max_size=5), st.integers(), max_size=3))
+
+
+@st.composite
+def model_file_edits(draw, saved: dict):
+    """One value of a model file replaced: a config or spec entry, a scaling list, the step,
+    or a weight by a tensor of another shape."""
+    where = draw(st.sampled_from(["config", "spec", "scaling", "step", "weight"]))
+    if where == "step":
+        return ("step",), draw(_ODD_VALUES)
+    if where == "weight":
+        name = draw(st.sampled_from(sorted(saved["model"])))
+        shape = draw(st.lists(st.integers(0, 5), max_size=3))
+        return ("model", name), torch.zeros(shape)
+    if where == "config":
+        section = draw(st.sampled_from(sorted(saved["config"])))
+        key = draw(st.sampled_from(sorted(saved["config"][section])))
+        return ("config", section, key), draw(_ODD_VALUES)
+    key = draw(st.sampled_from(sorted(saved[where])))
+    return (where, key), draw(_ODD_VALUES)
+
+
+def model_verdict(path: Path) -> str:
+    try:
+        load_model_file(path)
+        return "loaded"
+    except UserError as err:
+        return str(err)
+
+
+@pytest.fixture(scope="module")
+def saved_model(model_file) -> dict:
+    return torch.load(model_file, weights_only=True)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_model_file_loads_or_is_one_line_within_bounds(saved_model, data):
+    keys, value = data.draw(model_file_edits(saved_model))
+    edited = copy.deepcopy(saved_model)
+    target = edited
+    for key in keys[:-1]:
+        target = target[key]
+    target[keys[-1]] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pth"
+        torch.save(edited, path)
+        verdict = run_bounded(model_verdict, path, seconds=20, memory_mb=400)
+    assert verdict == "loaded" or (str(path) in verdict and "\n" not in verdict), verdict

@@ -65,6 +65,7 @@ def load_model_file(path: Path, device: torch.device | None = None) -> LoadedMod
     spec = _saved_spec(path, saved["spec"], config.model.pred_len)
     scaling = _saved_scaling(path, saved["scaling"], spec)
     step = _saved_step(path, saved.get("step", 0))
+    _check_sizes_against_weights(path, config, saved["model"])
     _check_weights(path, _parameter_shapes(path, config, spec), saved["model"])
     model = CelestialPGAT(config.model, spec)
     try:
@@ -75,6 +76,29 @@ def load_model_file(path: Path, device: torch.device | None = None) -> LoadedMod
                         f"({first})") from None
     model.to(device or torch.device("cpu")).eval()
     return LoadedModel(path, model, config, spec, *scaling, step=step)
+
+
+_LAYER_COUNTS = ("graph_rounds", "patch_scales")     # each makes layers, so saved tensors
+_SIZES = ("seq_len", "pred_len", "d_model", "num_heads", "fusion_heads", "num_mixtures",
+          "num_time_summaries", "ffn_multiplier")
+
+
+def _check_sizes_against_weights(path: Path, config: Config, weights) -> None:
+    """A size the config asks for cannot exceed what the weights in the file hold: a layer
+    count their number of tensors, any other size their number of values. This bounds the
+    work of laying the model out before its shapes can be compared."""
+    if not isinstance(weights, dict):
+        raise UserError(f"{path}: the saved weights are not a mapping of tensors")
+    tensors = [v for v in weights.values() if isinstance(v, torch.Tensor)]
+    num_values = sum(t.numel() for t in tensors)
+    m = config.model
+    asked = [(name, len(getattr(m, name)) if name == "patch_scales" else getattr(m, name),
+              len(tensors), "tensors") for name in _LAYER_COUNTS]
+    asked += [(name, getattr(m, name), num_values, "values") for name in _SIZES]
+    for name, value, held, unit in asked:
+        if value > held:
+            raise UserError(f"{path}: the saved config asks for model.{name} = "
+                            f"{short_repr(value)}, more than its weights hold ({held} {unit})")
 
 
 def _parameter_shapes(path: Path, config: Config, spec: InputSpec) -> dict[str, torch.Size]:
@@ -190,8 +214,17 @@ def _saved_scaling(path: Path, scaling, spec: InputSpec) -> tuple[np.ndarray, ..
     arrays = []
     for key in SCALING_KEYS:
         found = scaling.get(key, []) if isinstance(scaling, dict) else []
-        values = np.asarray(found, dtype=np.float64)
-        if values.shape != (sizes[key],) or not np.isfinite(values).all():
+        values = _as_float_array(found)
+        if values is None or values.shape != (sizes[key],) or not np.isfinite(values).all():
             raise UserError(f"{path}: the saved scaling statistics are damaged ({key})")
         arrays.append(values)
     return tuple(arrays)
+
+
+def _as_float_array(values) -> np.ndarray | None:
+    if not isinstance(values, (list, tuple, torch.Tensor)) or len(values) > 1_000_000:
+        return None
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        return None

@@ -279,3 +279,10 @@ def test_fuzzed_model_file_loads_or_is_one_line_within_bounds(saved_model, data)
         torch.save(edited, path)
         verdict = run_bounded(model_verdict, path, seconds=20, memory_mb=400)
     assert verdict == "loaded" or (str(path) in verdict and "\n" not in verdict), verdict
+
+
+def test_a_model_too_large_for_the_memory_is_refused_before_allocating(short_csv, tmp_path):
+    overrides = small_overrides(short_csv, tmp_path, "huge") + [("model.d_model", 65536)]
+    line = run_bounded(refused, overrides, tmp_path, seconds=60, memory_mb=600)
+    assert "parameters (model.d_model=65536" in line and "lower model.d_model" in line, line
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()

@@ -230,6 +230,7 @@ def build_locked_parts(config: Config, env: DistEnv, checkpoints: CheckpointMana
     plugged_in = ObserverGroup(plug_in(observers, config))
     progress = Progress(total_steps=total_steps(config, data),
                         length_setting=length_setting(config))
+    agree_on_user_error(lambda: check_model_fits(config, data.prepared.spec, env.device))
     step = build_train_step(config, data.prepared.spec, env, progress.total_steps)
     resumed_from = start_from_checkpoint(config, env, step, progress, checkpoints,
                                          data.prepared.spec)
@@ -244,6 +245,30 @@ def build_locked_parts(config: Config, env: DistEnv, checkpoints: CheckpointMana
                         evaluate=SplitEvaluator(step, data), observers=plugged_in,
                         checkpoints=checkpoints, run_log=run_log, run_context=context,
                         progress=progress, resumed_from=resumed_from, lock=lock)
+
+
+BYTES_PER_PARAMETER = 16      # fp32 weights, gradients and AdamW's two moments
+
+
+def check_model_fits(config: Config, spec, device: torch.device) -> None:
+    """Refuse, before allocating any of it, a model whose weights, gradients and optimizer state
+    would not fit the memory available now (a mistyped model.d_model would otherwise end in an
+    allocation traceback). The model is laid out on the meta device, which takes no memory."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in CelestialPGAT(config.model, spec).parameters())
+    need, available = BYTES_PER_PARAMETER * count, available_memory(device)
+    if need > available:
+        m = config.model
+        raise UserError(f"the model has {count:,} parameters (model.d_model={m.d_model}, "
+                        f"{spec.num_features} feature columns): its weights, gradients and "
+                        f"optimizer state need {need / 2**30:.1f} GiB, and {device} has "
+                        f"{available / 2**30:.1f} GiB available: lower model.d_model")
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
 
 
 def build_train_step(config: Config, spec, env: DistEnv, total: int) -> TrainStep:

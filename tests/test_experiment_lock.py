@@ -13,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import REPO, as_cli_args, small_overrides
+from tests.test_distributed import finish, launch, train_args, wait_for
 from tests.test_refused_start import snapshot
 from trainer import experiment_lock
 from trainer.errors import UserError
@@ -104,3 +106,22 @@ def test_a_lock_taken_for_a_refused_start_leaves_no_folder_behind(tmp_path):
     assert (tmp_path / "checkpoints" / "new" / "writer.lock").is_file()
     lock.release()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_worker_group_restarted_by_torchrun_takes_over_its_own_lock(short_csv, tmp_path):
+    """Rank 0 (the lock's holder) is SIGKILLed: torchrun restarts the group, whose rank 0 takes
+    the lock over (logged, naming the dead holder) and finishes the run, which releases it."""
+    args = train_args(short_csv, tmp_path, "elastic", train__max_steps=30,
+                      checkpoint__interval=10, train__log_interval=5)
+    proc = launch(args, ranks=2, max_restarts=1)
+    lock = tmp_path / "checkpoints" / "elastic" / "writer.lock"
+    wait_for(tmp_path / "checkpoints" / "elastic" / "checkpoint_step_000010", proc)
+    holder = json.loads(lock.read_text())["pid"]
+    psutil.Process(holder).send_signal(signal.SIGKILL)
+    code, out = finish(proc, timeout=300)
+    assert code == 0, out[-4000:]
+    log = (tmp_path / "logs" / "elastic" / "training_full.log").read_text()
+    assert f'taking over the lock left by {{"host": "{socket.gethostname()}", "pid": {holder}' \
+        in log and "finished at step 30" in log, log[-3000:]
+    assert not lock.exists()

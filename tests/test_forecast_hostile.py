@@ -19,7 +19,7 @@ from tests.conftest import small_overrides
 from tests.test_forecast import SEQ_LEN, model_path, read_rows, train_tiny, write_rows
 from tests.test_fuzz_inputs import broken_csvs
 from tests.test_refused_start import refused
-from trainer import forecast
+from trainer import forecast, forecast_evaluate
 from trainer.errors import UserError
 from trainer.forecast_input import prepare_forecast_input
 from trainer.forecast_model import LoadedModel, load_model_file
@@ -286,3 +286,26 @@ def test_a_model_too_large_for_the_memory_is_refused_before_allocating(short_csv
     line = run_bounded(refused, overrides, tmp_path, seconds=60, memory_mb=600)
     assert "parameters (model.d_model=65536" in line and "lower model.d_model" in line, line
     assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluate_never_writes_the_dataset_at_a_path_from_the_model_file(model_file, tmp_path,
+                                                                        monkeypatch):
+    chosen = tmp_path / "chosen_by_the_file" / "data.csv"
+
+    def edit(saved):
+        saved["config"]["data"].update(
+            source="builtin", path=str(chosen),
+            builtin={"start_date": "2001-01-01", "end_date": "2003-12-31"})
+    crafted = _saved_with(model_file, tmp_path / "crafted.pth", edit)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def go():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            status = forecast_evaluate.run(["--checkpoint", str(crafted),
+                                            "--out", str(tmp_path / "out" / "e.json")])
+        return status, err.getvalue()
+    status, err = run_bounded(go, seconds=120, memory_mb=1500)
+    assert status in (0, 2) and "Traceback" not in err, err[-2000:]
+    assert not chosen.parent.exists()
+    assert list((tmp_path / "cache" / "celestial-pgat").glob("builtin_2001-01-01_*.csv"))

@@ -142,32 +142,31 @@ def _generate_builtin(config: DataConfig, path: Path) -> None:
 
 
 def read_table(path: Path, date_column: str) -> RawTable:
-    rows = _read_rows(path)
-    if not rows or not rows[0]:
-        raise UserError(f"{path}: empty file (expected a header row)")
-    header, body = rows[0], rows[1:]
+    header, body = read_csv_rows(path)
     if date_column not in header:
         raise UserError(f"{path}: no {date_column!r} column (header: {header[:6]}...)")
-    duplicated = sorted({h for h in header if header.count(h) > 1})
-    if duplicated:
-        raise UserError(f"{path}: duplicate column names {duplicated}")
-    for line, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise UserError(f"{path}: line {line} has {len(row)} fields, "
-                            f"the header has {len(header)}")
     by_column = dict(zip(header, zip(*body))) if body else dict.fromkeys(header, ())
     dates = _parse_dates(path, by_column.pop(date_column))
     columns = {name: _parse_numbers(path, name, values) for name, values in by_column.items()}
     return RawTable(dates, columns, path)
 
 
-def _read_rows(path: Path) -> list[list[str]]:
-    """All CSV rows; a binary, non-UTF-8 or unreadable file is a UserError naming it."""
+# What a CSV may make the process hold: each column is a model input (the memory of a training
+# step grows with their number), and the text is held as Python strings (about 60 bytes a cell).
+MAX_COLUMNS = 1_000
+MAX_CELLS = 10_000_000
+MAX_LINE_CHARS = 1 << 20
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of a CSV (training and forecast data), every row as long as the
+    header, within the limits above; a binary, non-UTF-8, unreadable or oversized file is a
+    UserError naming it (and the line), found before the rest of the file is read."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
+            reader = csv.reader(_bounded_lines(path, f))
             try:
-                return list(reader)
+                return _header_and_rows(path, reader)
             except csv.Error as err:     # a NUL byte, a field past the size limit
                 raise UserError(f"{path}: line {reader.line_num + 1} is not CSV text "
                                 f"({err})") from None
@@ -175,6 +174,38 @@ def _read_rows(path: Path) -> list[list[str]]:
         raise UserError(f"{path}: not a UTF-8 text CSV (a binary file?)") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _header_and_rows(path: Path, reader) -> tuple[list[str], list[list[str]]]:
+    header = next(reader, None)
+    if not header:
+        raise UserError(f"{path}: empty file (expected a header row)")
+    if len(header) > MAX_COLUMNS:
+        raise UserError(f"{path}: {len(header)} columns, more than the {MAX_COLUMNS} a data file "
+                        f"may have (every column is a model input)")
+    duplicated = sorted({h for h in header if header.count(h) > 1})
+    if duplicated:
+        raise UserError(f"{path}: duplicate column names {duplicated}")
+    body, max_rows = [], MAX_CELLS // len(header)
+    for row in reader:
+        if len(row) != len(header):
+            raise UserError(f"{path}: line {reader.line_num} has {len(row)} fields, "
+                            f"the header has {len(header)}")
+        if len(body) == max_rows:
+            raise UserError(f"{path}: more than {max_rows} rows of {len(header)} columns (at most "
+                            f"{MAX_CELLS:,} cells): split the file or drop columns")
+        body.append(row)
+    return header, body
+
+
+def _bounded_lines(path: Path, f):
+    number = 0
+    while line := f.readline(MAX_LINE_CHARS + 1):
+        number += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise UserError(f"{path}: line {number} is over {MAX_LINE_CHARS:,} characters (not "
+                            f"a data file?)")
+        yield line
 
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")

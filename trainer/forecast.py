@@ -33,7 +33,7 @@ from trainer.data import ensure_dataset, given_data_file, parse_date
 from trainer.distributed import pick_device
 from trainer.errors import UserError
 from trainer.forecast_input import ForecastInput, prepare_forecast_input, typical_step
-from trainer.forecast_model import LoadedModel, load_model_file
+from trainer.forecast_model import LoadedModel, input_data, load_model_file
 from trainer.scoring import BASELINES, baseline_forecasts
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -214,10 +214,10 @@ def summary_lines(forecast: Forecast, inputs: ForecastInput) -> list[str]:
 
 def data_path(loaded: LoadedModel, given: Path | None) -> tuple[Path, bool]:
     """The CSV to forecast from, and whether missing future rows may be computed (built-in)."""
-    data = loaded.config.data
+    data = input_data(loaded, given)
     builtin = data.source == "builtin"
     if given is not None:
-        return given_data_file(given), builtin
+        return Path(data.path), builtin
     return (ensure_dataset(data) if builtin else given_data_file(Path(data.path))), builtin
 
 

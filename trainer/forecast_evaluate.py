@@ -14,7 +14,6 @@ model file), and with `--windows` the per-window scores (trainer/test_windows.py
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from stats.intervals import holm, paired_difference
-from trainer.data import PreparedData, WindowDataset, build_loader, given_data_file, prepare
+from trainer.data import PreparedData, WindowDataset, build_loader, prepare
 from trainer.distributed import pick_device
 from trainer.errors import UserError
 from trainer.evaluate import FORECASTERS, celestial_effect, evaluate
 from trainer.forecast import run_command
-from trainer.forecast_model import SCALING_KEYS, LoadedModel, load_model_file
+from trainer.forecast_model import SCALING_KEYS, LoadedModel, input_data, load_model_file
 from trainer.run_log import json_safe
 from trainer.scoring import (
     BASELINE_NAMES,
@@ -52,9 +51,7 @@ INTERVAL = ("95% studentised interval, HAC (Bartlett) variance over overlapping 
 
 def rebuild_data(loaded: LoadedModel, data_file: Path | None) -> PreparedData:
     """The training-time data, checked to be what the model was trained on."""
-    data_config = loaded.config.data
-    if data_file is not None:
-        data_config = dataclasses.replace(data_config, path=str(given_data_file(data_file)))
+    data_config = input_data(loaded, data_file)
     prepared = prepare(data_config, loaded.seq_len, loaded.pred_len)
     path = data_config.resolved_path()
     if prepared.spec.feature_names != loaded.spec.feature_names or \

@@ -225,6 +225,7 @@ class TrainerParts:
     run_context: RunContext
     progress: Progress                # its total_steps and length_setting: this run's plan
     resumed_from: Path | None = None  # the checkpoint loaded into the parts, if any
+    lock: Any = None                  # trainer.experiment_lock.ExperimentLock, on rank 0
 
 
 class Trainer:
@@ -234,7 +235,7 @@ class Trainer:
         self.model, self.train_model = self.train_step.model, self.train_step.train_model
         self.optimizer, self.scheduler = self.train_step.optimizer, self.train_step.scheduler
         self.observers, self.checkpoints = parts.observers, parts.checkpoints
-        self.run_log = parts.run_log
+        self.run_log, self.lock = parts.run_log, parts.lock
         self.run_context, self.progress = parts.run_context, parts.progress
         self.app_state = checkpointed_state(self.train_step, self.progress, self.config)
         self.requests = process_requests()
@@ -271,6 +272,8 @@ class Trainer:
                 self.requests.uninstall()
             self.checkpoints.wait()
             self.run_log.close()
+            if self.lock is not None:
+                self.lock.release()
 
     def stopped_before_training(self, phase: str) -> bool:
         """A stop signal during `phase` (before the first step of this process): nothing new to

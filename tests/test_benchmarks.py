@@ -166,4 +166,4 @@ def test_interval_coverage_reports_both_methods_at_every_size():
     for row in result["single_series"]:
         for method in ("bootstrap", "studentised_hac"):
             assert 0 <= row[method]["coverage"] <= 1
-    assert [row["seeds"] for row in result["over_seeds"]] == [3, 10]
+    assert [row["seeds"] for row in result["over_seeds"]] == [2, 3, 5, 10]

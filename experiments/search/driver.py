@@ -1,0 +1,142 @@
+"""Run a search's trials on this machine, N at a time, each an ordinary training run on its own
+cores (and GPU), as experiments' runner runs the trials of an experiment.
+
+The loop asks the study for a trial whenever a slot is free and budget is left, starts it
+(`launch/search_trial.py`, which reports each validation to the trial and exits 76 when pruned),
+and tells the study how it ended: its validation score (of the weights it kept), PRUNED or FAIL.
+Every worker of a study (other processes, Slurm tasks) does the same against the same storage;
+the budget is `n_trials` distinct training runs in the study, so running the search again
+continues it and runs only the trials that are left. A trial interrupted here (Ctrl-C) is marked
+failed and queued again with the same parameters and run folder: the next run resumes it from
+its checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from experiments.compare import tested_val_line
+from experiments.plan import REPO, Trial, read_metrics, train_command, trial_name
+from experiments.runner import (
+    POLL_S,
+    Running,
+    Slot,
+    finish_trial,
+    start_trial,
+    stop_trial,
+)
+from experiments.search.spec import SearchSpec
+from experiments.search.study import TRIAL_ENV, StudyAddress, suggest
+
+SEARCH_TRIAL_SCRIPT = REPO / "launch" / "search_trial.py"
+RUN_ATTR = "run"                 # user attribute: the trial's run name (kept by a retry)
+INTERRUPTED_ATTR = "interrupted"
+
+
+@dataclass
+class Job:
+    running: Running
+    optuna_trial: optuna.trial.Trial
+
+
+def search_trial(spec: SearchSpec, log_root: Path, number: int, params: dict,
+                 run: str | None = None) -> Trial:
+    """The training run of study trial `number` (a retry keeps the run of the trial it repeats)."""
+    name = run or trial_name(spec.name, f"t{number:03d}", spec.search_seed)
+    return Trial(name, f"t{number:03d}", spec.search_seed, log_root / name,
+                 (*spec.overrides.items(), *params.items(), ("train.seed", spec.search_seed),
+                  ("train.experiment_name", name)))
+
+
+def runs_counted(study: optuna.Study) -> tuple[int, bool]:
+    """(distinct training runs the study has started, whether a trial waits to be retried)."""
+    trials = study.get_trials(deepcopy=False)
+    runs = {t.user_attrs.get(RUN_ATTR, f"#{t.number}") for t in trials
+            if t.state != TrialState.WAITING}
+    return len(runs), any(t.state == TrialState.WAITING for t in trials)
+
+
+def may_ask(study: optuna.Study, n_trials: int) -> bool:
+    started, waiting = runs_counted(study)
+    return waiting or started < n_trials
+
+
+def run_search(spec: SearchSpec, study: optuna.Study, where: StudyAddress, folder: Path,
+               log_root: Path, slots: list[Slot], ranks: int = 1, announce=print) -> None:
+    """Run trials until the study holds `n_trials` runs (or Ctrl-C, re-raised after the running
+    trials were stopped and queued again)."""
+    (folder / "trials").mkdir(parents=True, exist_ok=True)
+    free, jobs = list(slots), []
+    try:
+        while True:
+            while free and may_ask(study, spec.n_trials):
+                jobs.append(start_next(spec, study, where, folder, log_root, free.pop(0), ranks,
+                                       announce))
+            if not jobs:
+                return
+            time.sleep(POLL_S)
+            for job in [j for j in jobs if j.running.process.poll() is not None]:
+                jobs.remove(job)
+                free.append(job.running.slot)
+                tell(study, job, finish_trial(job.running, folder, announce), spec.val_score)
+    except KeyboardInterrupt:
+        for job in jobs:
+            stop_trial(job.running, folder)
+            requeue(study, job.optuna_trial)
+        raise
+
+
+def start_next(spec: SearchSpec, study: optuna.Study, where: StudyAddress, folder: Path,
+               log_root: Path, slot: Slot, ranks: int, announce) -> Job:
+    optuna_trial = study.ask()
+    params = {p.key: suggest(optuna_trial, p) for p in spec.parameters}
+    trial = search_trial(spec, log_root, optuna_trial.number, params,
+                         optuna_trial.user_attrs.get(RUN_ATTR))
+    optuna_trial.set_user_attr(RUN_ATTR, trial.name)
+    announce(f"  trial {optuna_trial.number}: "
+             + ", ".join(f"{k}={_short(v)}" for k, v in params.items()))
+    command = train_command(spec, trial, ranks, script=SEARCH_TRIAL_SCRIPT)
+    env = {TRIAL_ENV: where.for_trial(optuna_trial.number).to_env()}
+    return Job(start_trial(trial, slot, command, folder, ranks, announce, env), optuna_trial)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def tell(study: optuna.Study, job: Job, record: dict, score: str) -> None:
+    """The study learns how the trial ended: its validation score, PRUNED, or FAIL."""
+    trial = job.optuna_trial
+    if record["status"] == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+        return
+    value, step = validation_score(job.running.trial, score)
+    if record["status"] != "finished" or value is None:
+        trial.set_user_attr("reason", record.get("reason") or "no validation score")
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    trial.set_user_attr("val_step", step)
+    study.tell(trial, value)
+
+
+def validation_score(trial: Trial, score: str) -> tuple[float | None, int | None]:
+    """The validation score of the weights the run kept (restored best, else last), and the
+    step of those weights; the test line of the run is never read here."""
+    line = tested_val_line([x for x in read_metrics(trial.run_dir) if x.get("kind") == "val"])
+    value = line.get(score)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, None
+    return float(value), line.get("weights_step", line.get("step"))
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.Trial) -> None:
+    """An interrupted trial: failed, and queued again with its parameters and run folder."""
+    trial.set_user_attr(INTERRUPTED_ATTR, True)
+    study.tell(trial, state=TrialState.FAIL)
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    study.enqueue_trial(frozen.params, user_attrs={RUN_ATTR: frozen.user_attrs[RUN_ATTR]})

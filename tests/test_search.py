@@ -1,0 +1,247 @@
+"""Search (experiments/search): the search file's checks, the study's workers with stand-in
+trial processes (parallel, pinned, pruned, failed, resumed, re-queued), the report. The runs
+with real trainings are in tests/test_search_e2e.py."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from experiments import cli
+from experiments.runner import make_slots
+from experiments.search import driver
+from experiments.search.command import claim_search_folder, search_folder
+from experiments.search.spec import load_search
+from experiments.search.study import address, open_study
+from tests.test_experiments import write_base_config
+from trainer.errors import UserError
+
+
+def search_data(tmp_path: Path, **changes) -> dict:
+    search = {"parameters": {
+        "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        "model.d_model": {"type": "int", "low": 16, "high": 64, "step": 16},
+        "optim.weight_decay": {"type": "categorical", "choices": [0.0, 0.01]}},
+        "n_trials": 4, "sampler": "random", "sampler_seed": 0}
+    search.update(changes.pop("search", {}))
+    data = {"name": "s", "base_config": str(write_base_config(tmp_path)),
+            "overrides": {"train.log_root": str(tmp_path / "logs"),
+                          "checkpoint.root": str(tmp_path / "checkpoints")},
+            "search": search, "seeds": [1, 2]}
+    data.update(changes)
+    return data
+
+
+def write_search(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(search_data(tmp_path, **changes)))
+    return path
+
+
+def parameters(**entries) -> dict:
+    return {"search": {"parameters": entries}}
+
+
+FLOAT = {"type": "float", "low": 0.0, "high": 0.3}
+BAD = [
+    ({"variants": {}}, "unknown search file key variants"),
+    ({"search": {"budget": 3}}, "unknown search key search.budget"),
+    ({"search": {"n_trials": 0}}, "search.n_trials: expected at least 1"),
+    ({"search": {"n_trials": "many"}}, "search.n_trials: expected int"),
+    ({"search": {"sampler": "grid"}}, "search.sampler: 'grid' is not one of"),
+    ({"search": {"pruner": "hyperband"}}, "search.pruner: 'hyperband' is not one of"),
+    ({"search": {"score": "mse"}}, "search.score: 'mse' is not one of"),
+    ({"search": {"storage": "study.db"}}, "search.storage: 'study.db' is not a database URL"),
+    (parameters(), "search.parameters: name at least one config key"),
+    (parameters(**{"optim.nope": FLOAT}), "search.parameters.optim.nope: unknown config key"),
+    (parameters(**{"train.seed": FLOAT}), "search.parameters.train.seed: not searchable, set "
+                                          "by the search"),
+    (parameters(**{"model.seq_len": {"type": "int", "low": 8, "high": 64}}),
+     "search.parameters.model.seq_len: not searchable, it would change the validation and test"),
+    (parameters(**{"data.batch_size": {"type": "int", "low": 8.5, "high": 64}}),
+     "search.parameters.data.batch_size.low: expected an integer, got 8.5"),
+    (parameters(**{"model.dropout": {"type": "float", "low": 0.3, "high": 0.1}}),
+     "search.parameters.model.dropout: low (0.3) must be below high (0.1)"),
+    (parameters(**{"optim.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}),
+     "search.parameters.optim.lr: a log range needs low > 0"),
+    (parameters(**{"model.dropout": {"type": "float", "low": 0.0, "high": 3.0}}),
+     "search.parameters.model.dropout: 3.0 is refused by the config"),
+    (parameters(**{"model.dropout": {"type": "uniform", "low": 0.0, "high": 0.3}}),
+     "search.parameters.model.dropout.type: 'uniform' is not one of"),
+    (parameters(**{"model.dropout": {"type": "float", "low": 0.0, "high": 0.3, "q": 1}}),
+     "search.parameters.model.dropout: unknown key q for type float"),
+    (parameters(**{"model.d_model": FLOAT}),
+     "search.parameters.model.d_model: not searchable as float: model.d_model is a int"),
+    (parameters(**{"train.precision": FLOAT}), "not searchable as float: train.precision is a "
+                                               "str setting (use type: categorical)"),
+    (parameters(**{"train.precision": {"type": "categorical", "choices": ["fp32", "fp99"]}}),
+     "search.parameters.train.precision: 'fp99' is refused by the config"),
+    (parameters(**{"model.dropout": {"type": "categorical", "choices": []}}),
+     "search.parameters.model.dropout.choices: expected a non-empty list"),
+    ({"overrides": {"model.dropout": 0.1}, **parameters(**{"model.dropout": FLOAT})},
+     "search.parameters.model.dropout: also set in overrides"),
+    ({"seeds": [1, 1]}, "seeds: a seed is listed twice"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD, ids=[m[:40] for _, m in BAD])
+def test_a_bad_search_file_is_one_line_naming_the_key(tmp_path, changes, message):
+    data = search_data(tmp_path, **changes)
+    if "search" in changes and "parameters" in changes["search"]:
+        data["search"]["parameters"] = changes["search"]["parameters"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError) as err:
+        load_search(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_command_refuses_a_bad_search_with_exit_2_and_starts_nothing(tmp_path, capsys):
+    path = write_search(tmp_path, **parameters(**{"model.seq_len": FLOAT}))
+    assert cli.run(["--search", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: search.parameters.model.seq_len")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_dry_run_describes_the_search_and_writes_nothing(tmp_path, capsys):
+    assert cli.run(["--search", str(write_search(tmp_path)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "search s: 4 trials, sampler random, pruner median, minimising validation nll" in out
+    assert "optim.lr float in [0.0001, 0.1] (log)" in out
+    assert "model.d_model int in [16, 64] (linear, step 16)" in out
+    assert "the test split is not used for choosing" in out
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_folder_with_another_search_is_refused_a_larger_budget_continues(tmp_path):
+    spec = load_search(write_search(tmp_path))
+    claim_search_folder(spec, search_folder(spec))
+    more = load_search(write_search(tmp_path, search={"n_trials": 8}))
+    claim_search_folder(more, search_folder(more))
+    other = load_search(write_search(tmp_path, search={"sampler": "tpe"}))
+    with pytest.raises(UserError, match="holds another search named 's'"):
+        claim_search_folder(other, search_folder(other))
+
+
+# --- the workers, with stand-in trial processes ------------------------------------------------
+
+FAKE_TRIAL = """
+import json, math, os, sys, pathlib
+from experiments.search.study import StudyAddress, load_trial
+sets = dict(a.split("=", 1) for a in sys.argv if "=" in a and not a.startswith("-"))
+run = pathlib.Path(sets["train.log_root"]) / sets["train.experiment_name"]
+run.mkdir(parents=True, exist_ok=True)
+where = StudyAddress.from_env()
+lr = float(sets["optim.lr"])
+(run / "where.json").write_text(json.dumps({"cores": sorted(os.sched_getaffinity(0)),
+                                            "trial": where.trial_number, "lr": lr}))
+trial = load_trial(where)
+nll = (math.log10(lr) + 2.5) ** 2
+trial.report(nll + 1.0, 3)
+if lr > 0.05:
+    sys.exit(76)
+if lr < 2e-4:
+    print("error: this stand-in refuses tiny learning rates"); sys.exit(2)
+lines = [{"kind": "val", "step": 3, "nll": nll + 1.0}, {"kind": "val", "step": 6, "nll": nll},
+         {"kind": "test", "step": 6, "nll": 0.0}]
+(run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\\n" for x in lines))
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch) -> Path:
+    script = tmp_path / "fake_search_trial.py"
+    script.write_text(FAKE_TRIAL)
+    monkeypatch.setattr(driver, "SEARCH_TRIAL_SCRIPT", script)
+    return script
+
+
+def run_study(path: Path, parallel: int = 2):
+    spec = load_search(path)
+    folder = search_folder(spec)
+    claim_search_folder(spec, folder)
+    where = address(spec, folder)
+    study = open_study(spec, where)
+    cores = sorted(os.sched_getaffinity(0))
+    slots = make_slots(min(parallel, len(cores)), cores, [])
+    seen: list[str] = []
+    driver.run_search(spec, study, where, folder, Path(spec.overrides["train.log_root"]),
+                      slots, announce=seen.append)
+    return spec, study, seen
+
+
+def test_workers_share_one_study_pinned_and_record_pruned_and_failed_trials(tmp_path, stand_in):
+    path = write_search(tmp_path, search={"n_trials": 6})
+    spec, study, seen = run_study(path)
+    trials = study.get_trials()
+    assert len(trials) == 6 and sorted(t.number for t in trials) == list(range(6))
+    states = {t.number: t.state for t in trials}
+    for t in trials:
+        lr = t.params["optim.lr"]
+        expected = (optuna.trial.TrialState.PRUNED if lr > 0.05 else
+                    optuna.trial.TrialState.FAIL if lr < 2e-4 else
+                    optuna.trial.TrialState.COMPLETE)
+        assert states[t.number] == expected, (t.number, lr)
+        assert t.intermediate_values == {3: pytest.approx((_log10(lr) + 2.5) ** 2 + 1.0)}
+        run = tmp_path / "logs" / f"s__t{t.number:03d}__s1"
+        assert t.user_attrs["run"] == run.name
+        where = json.loads((run / "where.json").read_text())
+        assert where["trial"] == t.number and where["lr"] == pytest.approx(lr)
+        record = json.loads((search_folder(spec) / "trials" / f"{run.name}.json").read_text())
+        assert record["status"] == {"PRUNED": "pruned", "FAIL": "failed",
+                                    "COMPLETE": "finished"}[states[t.number].name]
+        if states[t.number] == optuna.trial.TrialState.COMPLETE:
+            assert t.value == pytest.approx((_log10(lr) + 2.5) ** 2)   # the kept weights' val
+            assert t.user_attrs["val_step"] == 6
+    assert (search_folder(spec) / "study.journal").is_file()
+
+
+def _log10(x: float) -> float:
+    import math
+    return math.log10(x)
+
+
+def test_running_the_search_again_runs_only_the_trials_left(tmp_path, stand_in):
+    path = write_search(tmp_path, search={"n_trials": 2})
+    _, study, _ = run_study(path, parallel=1)
+    assert len(study.get_trials()) == 2
+    _, study, seen = run_study(path, parallel=1)
+    assert len(study.get_trials()) == 2 and not any("trial" in s for s in seen)
+    _, study, seen = run_study(write_search(tmp_path, search={"n_trials": 3}), parallel=1)
+    assert [t.number for t in study.get_trials()] == [0, 1, 2]
+    assert sum(s.startswith("  trial 2:") for s in seen) == 1
+
+
+def test_an_interrupted_trial_is_queued_again_with_its_parameters_and_run(tmp_path):
+    spec = load_search(write_search(tmp_path, search={"n_trials": 2}))
+    folder = search_folder(spec)
+    claim_search_folder(spec, folder)
+    study = open_study(spec, address(spec, folder))
+    first = study.ask()
+    params = {p.key: driver.suggest(first, p) for p in spec.parameters}
+    first.set_user_attr(driver.RUN_ATTR, "s__t000__s1")
+    driver.requeue(study, first)
+    assert driver.runs_counted(study) == (1, True)
+    again = study.ask()
+    assert {p.key: driver.suggest(again, p) for p in spec.parameters} == params
+    assert again.user_attrs[driver.RUN_ATTR] == "s__t000__s1"
+    trial = driver.search_trial(spec, tmp_path / "logs", again.number, params,
+                                again.user_attrs[driver.RUN_ATTR])
+    assert trial.name == "s__t000__s1"
+    assert driver.may_ask(study, spec.n_trials)      # one run of two started
+
+
+def test_the_trial_process_gets_the_standard_training_command(tmp_path):
+    spec = load_search(write_search(tmp_path))
+    trial = driver.search_trial(spec, tmp_path / "logs", 7, {"optim.lr": 0.01,
+                                                            "model.d_model": 32})
+    command = driver.train_command(spec, trial, script=driver.SEARCH_TRIAL_SCRIPT)
+    assert command[:2] == [sys.executable, str(driver.SEARCH_TRIAL_SCRIPT)]
+    assert "optim.lr=0.01" in command and "model.d_model=32" in command
+    assert "train.seed=1" in command and "train.experiment_name=s__t007__s1" in command

@@ -8,17 +8,25 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
 
 from experiments import cli
+from experiments.plan import build_trials
 from experiments.runner import make_slots
 from experiments.search import driver
-from experiments.search.command import claim_search_folder, search_folder
+from experiments.search.command import best_trial, claim_search_folder, search_folder
 from experiments.search.spec import load_search
 from experiments.search.study import address, open_study
-from tests.test_experiments import write_base_config
+from tests.test_experiments import (
+    TARGETS,
+    assert_opens_in_a_browser,
+    fabricate_trial,
+    ma_noise,
+    write_base_config,
+)
 from trainer.errors import UserError
 
 
@@ -245,3 +253,40 @@ def test_the_trial_process_gets_the_standard_training_command(tmp_path):
     assert command[:2] == [sys.executable, str(driver.SEARCH_TRIAL_SCRIPT)]
     assert "optim.lr=0.01" in command and "model.d_model=32" in command
     assert "train.seed=1" in command and "train.experiment_name=s__t007__s1" in command
+
+
+# --- the end: the final comparison on test and the report ---------------------------------------
+
+def test_the_best_is_compared_with_the_start_on_test_and_the_report_opens(tmp_path, stand_in,
+                                                                          capsys):
+    spec, study, _ = run_study(write_search(tmp_path, seeds=[1, 2, 3, 4, 5],
+                                            search={"n_trials": 6}))
+    best = best_trial(study)
+    final = spec.final_experiment(best.params)
+    rng = np.random.default_rng(0)
+    difficulty_N = ma_noise(rng, 300, 1.0)
+    for trial in build_trials(final):        # the retrained runs, finished: best is better
+        effect = -0.08 if trial.variant == "best" else 0.0
+        noise_NT = np.stack([ma_noise(rng, 300, 0.05) for _ in TARGETS], 1)
+        fabricate_trial(trial, difficulty_N[:, None] + noise_NT + effect, val_nll=-2 + effect)
+    slots = make_slots(1, sorted(os.sched_getaffinity(0)), [])
+    assert cli.finish_search(spec, study, slots, 1) == 0
+    out = capsys.readouterr().out.splitlines()
+    summary = out[out.index(next(x for x in out if x.startswith("searched "))):]
+    assert summary[0].startswith("searched model.d_model, optim.lr, optim.weight_decay over 6 "
+                                 "trials")
+    assert summary[1].startswith(f"won (lowest validation nll of the kept weights, step 6): "
+                                 f"trial {best.number}, {best.value:.4f}")
+    assert summary[2].startswith("on test, best vs start: best is better than start by 0.0")
+    assert "nats on test (test nll, 5 seed(s) x 300 windows" in summary[2]
+    assert summary[3].startswith("The test split was not used for choosing")
+    folder = search_folder(spec)
+    chosen = yaml.safe_load((folder / "best_config.yaml").read_text())
+    assert chosen["optim"]["lr"] == pytest.approx(best.params["optim.lr"])
+    assert chosen["model"]["d_model"] == best.params["model.d_model"]
+    data = json.loads((folder / "search.json").read_text())
+    assert data["test_used_for_choosing"] is False and data["splits"]["trials"] == "validation"
+    assert set(data["importances"]) == {p.key for p in spec.parameters}
+    html = (folder / "report.html").read_text()
+    assert html.count("data:image/png") == 3 and "https://" not in html
+    assert_opens_in_a_browser(folder / "report.html", tmp_path, "The test split was not used")

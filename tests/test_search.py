@@ -20,6 +20,7 @@ from experiments.search import driver
 from experiments.search.command import best_trial, claim_search_folder, search_folder
 from experiments.search.spec import load_search
 from experiments.search.study import address, open_study
+from tests.postgres import postgres_database
 from tests.test_experiments import (
     TARGETS,
     assert_opens_in_a_browser,
@@ -290,3 +291,17 @@ def test_the_best_is_compared_with_the_start_on_test_and_the_report_opens(tmp_pa
     html = (folder / "report.html").read_text()
     assert html.count("data:image/png") == 3 and "https://" not in html
     assert_opens_in_a_browser(folder / "report.html", tmp_path, "The test split was not used")
+
+
+def test_workers_share_a_study_in_a_postgresql_database(tmp_path, stand_in):
+    with postgres_database("search") as url:
+        path = write_search(tmp_path, search={"n_trials": 4, "storage": url})
+        spec, study, _ = run_study(path, parallel=2)
+        trials = study.get_trials()
+        assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+        runs = [t.user_attrs["run"] for t in trials]
+        assert len(set(runs)) == 4           # no trial run twice
+        seen = [json.loads((tmp_path / "logs" / run / "where.json").read_text())["trial"]
+                for run in runs]
+        assert sorted(seen) == [0, 1, 2, 3]
+        assert not (search_folder(spec) / "study.journal").exists()

@@ -10,6 +10,7 @@ import sys
 
 import optuna
 import pytest
+import yaml
 
 from experiments.search.study import TRIAL_ENV, StudyAddress, make_pruner, make_storage
 from tests.conftest import REPO, as_cli_args, small_overrides
@@ -51,3 +52,58 @@ def test_a_pruned_trial_stops_at_its_validation_without_checkpoint_or_test(short
     checkpoints = tmp_path / "checkpoints" / "pruned"
     assert not list(checkpoints.glob("checkpoint_step_*"))
     assert not (checkpoints / "final_model.pth").exists()
+
+
+def test_a_search_with_two_workers_chooses_on_validation_and_compares_on_test(short_csv,
+                                                                               tmp_path):
+    overrides = dict(tiny_overrides(short_csv, tmp_path, "unused"))
+    for key in ("train.experiment_name", "train.progress_bar"):
+        overrides.pop(key)
+    search = tmp_path / "search.yaml"
+    search.write_text(yaml.safe_dump({
+        "name": "tiny", "base_config": str(REPO / "configs/quickstart_cpu.yaml"),
+        "overrides": overrides, "seeds": [1, 2],
+        "search": {"parameters": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2,
+                                               "log": True},
+                                  "model.dropout": {"type": "categorical",
+                                                    "choices": [0.0, 0.2]}},
+                   "n_trials": 3, "sampler": "random", "sampler_seed": 0}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "launch/experiment.py"), "--search",
+                           str(search), "--parallel", "2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    out = done.stdout
+    assert "search tiny: 3 trials, sampler random" in out, out + done.stderr[-3000:]
+    folder = tmp_path / "logs" / "experiments" / "tiny"
+    study = optuna.load_study(study_name="tiny",
+                              storage=make_storage(str(folder / "study.journal")))
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    best = min(trials, key=lambda t: t.value)
+    for t in trials:     # each value: the validation NLL of the weights the run kept
+        lines = [json.loads(x) for x in (tmp_path / "logs" / t.user_attrs["run"] /
+                                         "metrics.jsonl").read_text().splitlines()]
+        assert t.value == pytest.approx([x for x in lines if x["kind"] == "val"][-1]["nll"])
+    assert f"won (lowest validation nll of the kept weights, step 6): trial {best.number}" in out
+    assert "on test, best vs start: " in out and "not used for choosing" in out
+    chosen = yaml.safe_load((folder / "best_config.yaml").read_text())
+    assert chosen["optim"]["lr"] == pytest.approx(best.params["optim.lr"])
+    assert chosen["model"]["dropout"] == best.params["model.dropout"]
+    final = tmp_path / "logs" / "experiments" / "tiny-final"
+    assert yaml.safe_load((final / "experiment.yaml").read_text())["variants"] == {
+        "start": {}, "best": best.params}
+    for variant in ("start", "best"):
+        for seed in (1, 2):
+            config = yaml.safe_load((tmp_path / "logs" / f"tiny-final__{variant}__s{seed}" /
+                                     "config.yaml").read_text())
+            assert config["train"]["seed"] == seed
+    summary = json.loads((folder / "search.json").read_text())
+    assert summary["test_used_for_choosing"] is False and summary["best"]["trial"] == best.number
+    assert (folder / "report.html").read_text().count("data:image/png") >= 2
+
+    again = subprocess.run([sys.executable, str(REPO / "launch/experiment.py"), "--search",
+                            str(search)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert "3 of 3 trials started before" in again.stdout, again.stdout + again.stderr[-2000:]
+    assert "  trial " not in again.stdout and len(optuna.load_study(
+        study_name="tiny", storage=make_storage(str(folder / "study.journal"))).trials) == 3

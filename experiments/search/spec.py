@@ -121,7 +121,7 @@ class SearchSpec:
     def final_experiment(self, best: dict[str, Any]) -> ExperimentSpec:
         """The best configuration against the start, retrained with every seed, compared on
         test by the experiment machinery."""
-        return ExperimentSpec(name=f"{self.name}__final", base_config=self.base_config,
+        return ExperimentSpec(name=f"{self.name}-final", base_config=self.base_config,
                               control=START, variants={START: {}, BEST: dict(best)},
                               seeds=list(self.seeds), score=self.test_score,
                               overrides=dict(self.overrides))

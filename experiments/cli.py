@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from experiments.compare import compare_variants, load_trial_scores, select_on_validation
@@ -30,6 +32,7 @@ from experiments.runner import (
 )
 from experiments.search.command import (
     best_trial,
+    claim_search_folder,
     run_trials_of_search,
     search_folder,
     write_best_config,
@@ -39,7 +42,7 @@ from experiments.search.command import (
 )
 from experiments.search.report import search_summary_lines, write_search_report
 from experiments.search.spec import SearchSpec, load_search
-from experiments.slurm import submit_array, wait_for_array
+from experiments.slurm import submit_array, submit_search_workers, wait_for_array
 from experiments.spec import ExperimentSpec, load_spec
 from trainer.errors import UserError
 
@@ -60,7 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="re-render the report of an experiment folder from its trials")
     parser.add_argument("--search", type=Path, metavar="FILE",
                         help="run (or continue) the hyperparameter search of this file")
-    parser.add_argument("--parallel", type=int, default=1, help="trials at a time (default 1)")
+    parser.add_argument("--worker", action="store_true",
+                        help="with --search: only run trials, as one worker of the study (a "
+                             "Slurm task does this); no final comparison")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="trials at a time (default 1); with --search --slurm: the number "
+                             "of worker tasks")
     parser.add_argument("--ranks-per-trial", type=int, default=1,
                         help="run each trial as a torchrun of K ranks (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
@@ -227,14 +235,16 @@ def run_search_request(args: argparse.Namespace) -> int:
     """Check the search file, run its trials, then the final test comparison and the report."""
     try:
         spec = load_search(args.search)
-        slots = check_resources(args)
         if args.slurm:
-            raise UserError("--slurm with --search: not available yet; run workers with "
-                            "--parallel N (they may share the study's storage)")
+            return search_on_slurm(spec, args)
+        slots = check_resources(args)
         if args.dry_run:
             print_search_plan(spec, search_folder(spec))
             return 0
-        study = run_trials_of_search(spec, slots, args.ranks_per_trial)
+        with sigterm_as_interrupt():
+            study = run_trials_of_search(spec, slots, args.ranks_per_trial)
+        if args.worker:
+            return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -243,6 +253,37 @@ def run_search_request(args: argparse.Namespace) -> int:
               "command to continue the search", file=sys.stderr)
         return 130
     return finish_search(spec, study, slots, args.ranks_per_trial)
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (scancel, a time limit) stops a search worker as Ctrl-C does: its running trials
+    checkpoint and are queued again for the next worker."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def search_on_slurm(spec: SearchSpec, args: argparse.Namespace) -> int:
+    """Submit `--parallel` workers of the study as one array; with --wait, then the final
+    comparison and the report here."""
+    if args.parallel < 1:
+        raise UserError("--parallel must be >= 1")
+    folder = search_folder(spec)
+    claim_search_folder(spec, folder)
+    job_id = submit_search_workers(args.search, args.parallel, folder, args.sbatch)
+    print(f"search {spec.name}: {args.parallel} worker(s) submitted as Slurm job array {job_id}"
+          f", in {folder}")
+    if not args.wait:
+        print(f"when it has finished: celestial-experiment --search {args.search}")
+        return 0
+    wait_for_array(job_id)
+    args.slurm, args.parallel = False, 1       # the final comparison, here
+    return run_search_request(args)
 
 
 def finish_search(spec: SearchSpec, study, slots: list, ranks: int) -> int:

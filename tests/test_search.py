@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from tests.test_experiments import (
     TARGETS,
     assert_opens_in_a_browser,
     fabricate_trial,
+    fake_slurm,
     ma_noise,
     write_base_config,
 )
@@ -305,3 +309,66 @@ def test_workers_share_a_study_in_a_postgresql_database(tmp_path, stand_in):
                 for run in runs]
         assert sorted(seen) == [0, 1, 2, 3]
         assert not (search_folder(spec) / "study.journal").exists()
+
+
+# --- workers on Slurm, and a worker stopped mid-trial --------------------------------------------
+
+def test_slurm_submits_workers_of_the_study_as_one_array(tmp_path, monkeypatch, capsys):
+    calls, queued = fake_slurm(tmp_path, monkeypatch)
+    path = write_search(tmp_path)
+    assert cli.run(["--search", str(path), "--slurm", "--parallel", "3",
+                    "--sbatch=--partition=cpu"]) == 0
+    assert "3 worker(s) submitted as Slurm job array 77" in capsys.readouterr().out
+    sbatch = calls.read_text().splitlines()[-1]
+    assert "--array=0-2" in sbatch and "--partition=cpu" in sbatch
+    assert f"SEARCH_FILE={path.resolve()}" in sbatch
+    assert sbatch.endswith("launch/slurm/search_array.sbatch")
+    queued.touch()
+    assert cli.run(["--search", str(path), "--slurm"]) == 2
+    assert "still in the queue" in capsys.readouterr().err
+
+
+SLOW_STAND_IN = """
+import pathlib, sys, time
+sets = dict(a.split("=", 1) for a in sys.argv if "=" in a and not a.startswith("-"))
+run = pathlib.Path(sets["train.log_root"]) / sets["train.experiment_name"]
+run.mkdir(parents=True, exist_ok=True)
+with open(run / "starts.txt", "a") as f:
+    f.write("start\\n")
+if len((run / "starts.txt").read_text().split()) == 1:
+    time.sleep(60)
+(run / "metrics.jsonl").write_text('{"kind": "val", "step": 2, "nll": 1.5}\\n'
+                                   '{"kind": "test", "step": 2, "nll": 0.0}\\n')
+"""
+WORKER = """
+import sys
+from experiments import cli
+from experiments.search import driver
+driver.SEARCH_TRIAL_SCRIPT = sys.argv[1]
+sys.exit(cli.run(["--search", sys.argv[2], "--worker"]))
+"""
+
+
+def test_a_worker_stopped_mid_trial_queues_it_again_and_the_next_worker_finishes_it(tmp_path):
+    script = tmp_path / "slow_trial.py"
+    script.write_text(SLOW_STAND_IN)
+    path = write_search(tmp_path, search={"n_trials": 1})
+    command = [sys.executable, "-c", WORKER, str(script), str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    run = tmp_path / "logs" / "s__t000__s1"
+    deadline = time.time() + 120
+    while not (run / "starts.txt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 130 and "queued again" in err, out + err
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    spec = load_search(path)
+    study = open_study(spec, address(spec, search_folder(spec)))
+    states = [(t.number, t.state.name, t.user_attrs["run"]) for t in study.get_trials()]
+    assert states == [(0, "FAIL", run.name), (1, "COMPLETE", run.name)]
+    assert (run / "starts.txt").read_text().split() == ["start", "start"]
+    assert driver.runs_counted(study) == (1, False)

@@ -239,7 +239,8 @@ def test_an_interrupted_trial_is_queued_again_with_its_parameters_and_run(tmp_pa
     first = study.ask()
     params = {p.key: driver.suggest(first, p) for p in spec.parameters}
     first.set_user_attr(driver.RUN_ATTR, "s__t000__s1")
-    driver.requeue(study, first)
+    assert driver.requeue(study, first.number)
+    assert not driver.requeue(study, first.number)      # ended already: not queued twice
     assert driver.runs_counted(study) == (1, True)
     again = study.ask()
     assert {p.key: driver.suggest(again, p) for p in spec.parameters} == params
@@ -372,3 +373,27 @@ def test_a_worker_stopped_mid_trial_queues_it_again_and_the_next_worker_finishes
     assert states == [(0, "FAIL", run.name), (1, "COMPLETE", run.name)]
     assert (run / "starts.txt").read_text().split() == ["start", "start"]
     assert driver.runs_counted(study) == (1, False)
+
+
+def test_a_trial_whose_worker_went_silent_is_queued_again_one_still_heard_of_is_not(
+        tmp_path, stand_in):
+    path = write_search(tmp_path, search={"n_trials": 2,
+                                          "parameters": {"optim.lr": {"type": "float",
+                                                                      "low": 1e-3,
+                                                                      "high": 1e-2}}})
+    spec = load_search(path)
+    folder = search_folder(spec)
+    claim_search_folder(spec, folder)
+    study = open_study(spec, address(spec, folder))
+    for number, silent_s in ((0, driver.STALE_S + 60), (1, 5.0)):   # killed; another worker's
+        trial = study.ask()
+        driver.suggest(trial, spec.parameters[0])
+        trial.set_user_attr(driver.RUN_ATTR, f"s__t{number:03d}__s1")
+        trial.set_user_attr(driver.ALIVE_ATTR, time.time() - silent_s)
+    _, study, seen = run_study(path)
+    states = [(t.number, t.state.name, t.user_attrs[driver.RUN_ATTR]) for t in study.get_trials()]
+    assert states == [(0, "FAIL", "s__t000__s1"), (1, "RUNNING", "s__t001__s1"),
+                      (2, "COMPLETE", "s__t000__s1")]
+    assert study.get_trials()[2].params == study.get_trials()[0].params
+    assert any("trial 0: its worker has been silent for" in s for s in seen)
+    assert driver.runs_counted(study) == (2, False)

@@ -6,9 +6,11 @@ The loop asks the study for a trial whenever a slot is free and budget is left, 
 and tells the study how it ended: its validation score (of the weights it kept), PRUNED or FAIL.
 Every worker of a study (other processes, Slurm tasks) does the same against the same storage;
 the budget is `n_trials` distinct training runs in the study, so running the search again
-continues it and runs only the trials that are left. A trial interrupted here (Ctrl-C) is marked
-failed and queued again with the same parameters and run folder: the next run resumes it from
-its checkpoint.
+continues it and runs only the trials that are left. A trial interrupted here (Ctrl-C, SIGTERM)
+is marked failed and queued again with the same parameters and run folder: the next run resumes
+it from its checkpoint. Each worker marks its running trials alive every HEARTBEAT_S; a RUNNING
+trial silent for STALE_S (its worker killed outright, its node lost) is queued again likewise by
+whichever worker notices first.
 """
 from __future__ import annotations
 
@@ -35,13 +37,16 @@ from experiments.search.study import TRIAL_ENV, StudyAddress, suggest
 
 SEARCH_TRIAL_SCRIPT = REPO / "launch" / "search_trial.py"
 RUN_ATTR = "run"                 # user attribute: the trial's run name (kept by a retry)
-INTERRUPTED_ATTR = "interrupted"
+ALIVE_ATTR = "alive_at"          # user attribute: when its worker last said it runs it
+HEARTBEAT_S = 60.0
+STALE_S = 600.0                  # silent this long: the worker is gone, the trial is re-queued
 
 
 @dataclass
 class Job:
     running: Running
     optuna_trial: optuna.trial.Trial
+    last_beat: float = 0.0
 
 
 def search_trial(spec: SearchSpec, log_root: Path, number: int, params: dict,
@@ -74,11 +79,13 @@ def run_search(spec: SearchSpec, study: optuna.Study, where: StudyAddress, folde
     free, jobs = list(slots), []
     try:
         while True:
+            requeue_abandoned(study, announce)
             while free and may_ask(study, spec.n_trials):
                 jobs.append(start_next(spec, study, where, folder, log_root, free.pop(0), ranks,
                                        announce))
             if not jobs:
                 return
+            beat(jobs)
             time.sleep(POLL_S)
             for job in [j for j in jobs if j.running.process.poll() is not None]:
                 jobs.remove(job)
@@ -87,7 +94,7 @@ def run_search(spec: SearchSpec, study: optuna.Study, where: StudyAddress, folde
     except KeyboardInterrupt:
         for job in jobs:
             stop_trial(job.running, folder)
-            requeue(study, job.optuna_trial)
+            requeue(study, job.optuna_trial.number)
         raise
 
 
@@ -134,9 +141,35 @@ def validation_score(trial: Trial, score: str) -> tuple[float | None, int | None
     return float(value), line.get("weights_step", line.get("step"))
 
 
-def requeue(study: optuna.Study, trial: optuna.trial.Trial) -> None:
-    """An interrupted trial: failed, and queued again with its parameters and run folder."""
-    trial.set_user_attr(INTERRUPTED_ATTR, True)
-    study.tell(trial, state=TrialState.FAIL)
-    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+def requeue(study: optuna.Study, number: int) -> bool:
+    """An interrupted or abandoned trial: failed, and queued again with its parameters and run
+    folder. False when another worker finished or re-queued it first (the study's storage
+    refuses a second end of a trial, so only one worker queues it again)."""
+    try:
+        study.tell(number, state=TrialState.FAIL)
+    except (ValueError, RuntimeError):
+        return False
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     study.enqueue_trial(frozen.params, user_attrs={RUN_ATTR: frozen.user_attrs[RUN_ATTR]})
+    return True
+
+
+def requeue_abandoned(study: optuna.Study, announce=print) -> None:
+    """RUNNING trials whose worker has not been heard of for STALE_S (killed outright, its node
+    lost) are queued again."""
+    now = time.time()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        heard = trial.user_attrs.get(ALIVE_ATTR, trial.datetime_start.timestamp())
+        if now - heard > STALE_S and RUN_ATTR in trial.user_attrs and requeue(study,
+                                                                             trial.number):
+            announce(f"  trial {trial.number}: its worker has been silent for "
+                     f"{now - heard:.0f} s; queued again")
+
+
+def beat(jobs: list[Job]) -> None:
+    """Tell the study that this worker still runs these trials (every HEARTBEAT_S)."""
+    now = time.time()
+    for job in jobs:
+        if now - job.last_beat >= HEARTBEAT_S:
+            job.optuna_trial.set_user_attr(ALIVE_ATTR, now)
+            job.last_beat = now

@@ -252,7 +252,11 @@ def run_search_request(args: argparse.Namespace) -> int:
         print("interrupted: the running trials were stopped and queued again; run the same "
               "command to continue the search", file=sys.stderr)
         return 130
-    return finish_search(spec, study, slots, args.ranks_per_trial)
+    try:
+        return finish_search(spec, study, slots, args.ranks_per_trial)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 @contextmanager
@@ -293,7 +297,7 @@ def finish_search(spec: SearchSpec, study, slots: list, ranks: int) -> int:
     result = None
     if best is not None:
         write_best_config(spec, best, folder)
-        final = spec.final_experiment(best.params)
+        final = spec.final_experiment(best.params, best.number)
         final_folder = experiment_dir(final)
         claim_folder(final, final_folder)
         trials = build_trials(final)

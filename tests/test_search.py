@@ -268,7 +268,7 @@ def test_the_best_is_compared_with_the_start_on_test_and_the_report_opens(tmp_pa
     spec, study, _ = run_study(write_search(tmp_path, seeds=[1, 2, 3, 4, 5],
                                             search={"n_trials": 6}))
     best = best_trial(study)
-    final = spec.final_experiment(best.params)
+    final = spec.final_experiment(best.params, best.number)
     rng = np.random.default_rng(0)
     difficulty_N = ma_noise(rng, 300, 1.0)
     for trial in build_trials(final):        # the retrained runs, finished: best is better

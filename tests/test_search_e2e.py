@@ -89,12 +89,13 @@ def test_a_search_with_two_workers_chooses_on_validation_and_compares_on_test(sh
     chosen = yaml.safe_load((folder / "best_config.yaml").read_text())
     assert chosen["optim"]["lr"] == pytest.approx(best.params["optim.lr"])
     assert chosen["model"]["dropout"] == best.params["model.dropout"]
-    final = tmp_path / "logs" / "experiments" / "tiny-final"
+    final_name = f"tiny-best-t{best.number:03d}"
+    final = tmp_path / "logs" / "experiments" / final_name
     assert yaml.safe_load((final / "experiment.yaml").read_text())["variants"] == {
         "start": {}, "best": best.params}
     for variant in ("start", "best"):
         for seed in (1, 2):
-            config = yaml.safe_load((tmp_path / "logs" / f"tiny-final__{variant}__s{seed}" /
+            config = yaml.safe_load((tmp_path / "logs" / f"{final_name}__{variant}__s{seed}" /
                                      "config.yaml").read_text())
             assert config["train"]["seed"] == seed
     summary = json.loads((folder / "search.json").read_text())

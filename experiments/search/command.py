@@ -1,6 +1,7 @@
 """`celestial-experiment --search FILE`: check the file, run (or continue) the study with
 `--parallel` local workers, then retrain the best configuration and the start with every seed
-and compare them on test (an ordinary experiment, `<name>-final`), and write the report.
+and compare them on test (an ordinary experiment, `<name>-best-t<trial>`), and write the
+report.
 
 The folder `<log root>/experiments/<name>/` holds `search.yaml` (the search as run),
 `study.journal` (the default storage), `trials/` (each trial's log and outcome), and at the end

@@ -118,10 +118,11 @@ class SearchSpec:
         """Every search trial trains with the first seed: trials differ in their config only."""
         return self.seeds[0]
 
-    def final_experiment(self, best: dict[str, Any]) -> ExperimentSpec:
-        """The best configuration against the start, retrained with every seed, compared on
-        test by the experiment machinery."""
-        return ExperimentSpec(name=f"{self.name}-final", base_config=self.base_config,
+    def final_experiment(self, best: dict[str, Any], number: int = 0) -> ExperimentSpec:
+        """The best configuration (trial `number`) against the start, retrained with every
+        seed, compared on test by the experiment machinery. Named after the trial: a search
+        extended later that finds a better one gets a new final experiment."""
+        return ExperimentSpec(name=f"{self.name}-best-t{number:03d}", base_config=self.base_config,
                               control=START, variants={START: {}, BEST: dict(best)},
                               seeds=list(self.seeds), score=self.test_score,
                               overrides=dict(self.overrides))

@@ -119,6 +119,14 @@ def plots(study: optuna.Study) -> list[tuple[str, str | None, str | None]]:
     return drawn
 
 
+def _final_link(result: ExperimentResult | None) -> str:
+    if result is None:
+        return ""
+    name = escape(result.spec.name)
+    return (f"<p>The final comparison on test (every seed, per target, paired intervals) is the "
+            f"experiment {name}: <a href=\"../{name}/report.html\">its report</a>.</p>")
+
+
 def render_html(spec: SearchSpec, study: optuna.Study, best, result) -> str:
     summary = "".join(f"<li>{escape(x)}</li>"
                       for x in search_summary_lines(spec, study, best, result))
@@ -140,6 +148,7 @@ img {{ max-width: 100%; }}</style></head><body>
 <h1>Search {escape(spec.name)}</h1>
 <p><b>{escape(NOT_USED)}</b></p>
 <h2>Summary</h2><ul>{summary}</ul>
+{_final_link(result)}
 <h2>Parameter importances (validation {spec.val_score})</h2>
 <ul>{weights or "<li>not computed: fewer than two completed trials</li>"}</ul>
 {figures}

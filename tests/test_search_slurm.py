@@ -43,7 +43,7 @@ def test_array_tasks_are_workers_of_one_study_on_both_nodes(short_csv, tmp_path)
                    "n_trials": 4, "sampler": "random", "pruner": "none"}}))
     with slurm_cluster(num_nodes=2) as cluster:
         out = experiment(cluster, "--search", str(search), "--slurm", "--parallel", "2",
-                         "--sbatch", "--gpus-per-node=0 --cpus-per-task=1", cwd=REPO)
+                         "--sbatch", "--gpus-per-node=0 --cpus-per-task=2", cwd=REPO)
         job_id = out.split("Slurm job array ")[1].split(",")[0]
         cluster.wait_until(lambda: not cluster.run("squeue", "-h", "-j", job_id, check=False)
                            .stdout.strip(), TIMEOUT_S, f"array {job_id} to finish")

@@ -75,6 +75,9 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 
 
 def check_spec(data: dict, where: str) -> ExperimentSpec:
+    if "search" in data:
+        raise UserError(f"{where}: a file with a search section is a search: run it with "
+                        f"celestial-experiment --search {where}")
     _check_fields(data, where)
     spec = ExperimentSpec(name=_name(data["name"], "name"), base_config=data["base_config"],
                           control=data["control"], variants=_variants(data["variants"]),

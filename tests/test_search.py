@@ -397,3 +397,9 @@ def test_a_trial_whose_worker_went_silent_is_queued_again_one_still_heard_of_is_
     assert study.get_trials()[2].params == study.get_trials()[0].params
     assert any("trial 0: its worker has been silent for" in s for s in seen)
     assert driver.runs_counted(study) == (2, False)
+
+
+def test_a_search_file_given_as_an_experiment_says_to_use_search(tmp_path, capsys):
+    path = write_search(tmp_path)
+    assert cli.run([str(path)]) == 2
+    assert f"run it with celestial-experiment --search {path}" in capsys.readouterr().err

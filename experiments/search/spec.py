@@ -35,13 +35,13 @@ import yaml
 from experiments.spec import (
     TRIAL_KEYS,
     ExperimentSpec,
-    _check_configs,
-    _is_window_key,
-    _name,
-    _overrides,
-    _score,
-    _seeds,
-    _short,
+    check_configs,
+    check_name,
+    check_overrides,
+    check_score,
+    check_seeds,
+    is_window_key,
+    shorten,
 )
 from trainer.config import key_default_and_choices, load_config, read_yaml
 from trainer.errors import UserError
@@ -137,10 +137,10 @@ def check_search(data: dict, where: str) -> SearchSpec:
     _check_fields(data, FIELDS, REQUIRED, where, "search file")
     search = data["search"]
     _check_fields(search, SEARCH_FIELDS, ("parameters",), where, "search", prefix="search.")
-    overrides = _overrides(data.get("overrides") or {}, "overrides")
+    overrides = check_overrides(data.get("overrides") or {}, "overrides")
     spec = SearchSpec(
-        name=_name(data["name"], "name"), base_config=data["base_config"],
-        parameters=_parameters(search["parameters"], overrides), seeds=_seeds(data["seeds"]),
+        name=check_name(data["name"], "name"), base_config=data["base_config"],
+        parameters=_parameters(search["parameters"], overrides), seeds=check_seeds(data["seeds"]),
         n_trials=_positive(search.get("n_trials", 20), "search.n_trials"),
         sampler=_one_of(search.get("sampler", "tpe"), SAMPLERS, "search.sampler"),
         pruner=_one_of(search.get("pruner", "median"), PRUNERS, "search.pruner"),
@@ -148,7 +148,7 @@ def check_search(data: dict, where: str) -> SearchSpec:
         test_score=_score_at(data.get("score", "nll"), "score"),
         storage=_storage(search.get("storage")), sampler_seed=search.get("sampler_seed"),
         overrides=overrides)
-    _check_configs(spec.final_experiment({}))
+    check_configs(spec.final_experiment({}))
     for parameter in spec.parameters:
         _check_ends(spec, parameter)
     return spec
@@ -169,7 +169,7 @@ def _check_fields(data: dict, fields: dict, required: tuple, where: str, what: s
                 kind is not int and isinstance(value, kind)):
             continue
         raise UserError(f"{prefix}{key}: expected {'a mapping' if kind is dict else kind.__name__}"
-                        f", got {_short(value)}")
+                        f", got {shorten(value)}")
 
 
 def _is_int(value: Any) -> bool:
@@ -189,20 +189,20 @@ def _positive(value: int, key: str) -> int:
 
 def _one_of(value: str, allowed: tuple, key: str) -> str:
     if value not in allowed:
-        raise UserError(f"{key}: {_short(value)} is not one of {list(allowed)}")
+        raise UserError(f"{key}: {shorten(value)} is not one of {list(allowed)}")
     return value
 
 
 def _score_at(value: str, key: str) -> str:
     try:
-        return _score(value)
+        return check_score(value)
     except UserError as err:
         raise UserError(str(err).replace("score:", f"{key}:", 1)) from None
 
 
 def _storage(value: str | None) -> str | None:
     if value is not None and "://" not in value:
-        raise UserError(f"search.storage: {_short(value)} is not a database URL (e.g. "
+        raise UserError(f"search.storage: {shorten(value)} is not a database URL (e.g. "
                         f"postgresql+psycopg2://user@host:5432/db); leave it out for the "
                         f"journal file in the search folder")
     return value
@@ -219,10 +219,10 @@ def _parameter(key: Any, data: Any, overrides: dict) -> Parameter:
     _check_searchable(key, where, overrides)
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping like {{type: float, low: 0.0, high: 1.0}}"
-                        f", got {_short(data)}")
+                        f", got {shorten(data)}")
     kind = data.get("type")
     if kind not in KINDS:
-        raise UserError(f"{where}.type: {_short(kind)} is not one of {list(KINDS)}")
+        raise UserError(f"{where}.type: {shorten(kind)} is not one of {list(KINDS)}")
     unknown = sorted(str(k) for k in data if k != "type" and k not in KINDS[kind])
     if unknown:
         raise UserError(f"{where}: unknown key {unknown[0]} for type {kind} "
@@ -234,10 +234,10 @@ def _parameter(key: Any, data: Any, overrides: dict) -> Parameter:
 
 def _check_searchable(key: Any, where: str, overrides: dict) -> None:
     if not isinstance(key, str):
-        raise UserError(f"{where}: config key {_short(key)} is not a name")
+        raise UserError(f"{where}: config key {shorten(key)} is not a name")
     if key in TRIAL_KEYS:
         raise UserError(f"{where}: not searchable, set by the search for each trial")
-    if _is_window_key(key):
+    if is_window_key(key):
         raise UserError(f"{where}: not searchable, it would change the validation and test "
                         f"windows or their data, and every trial must be scored on the same "
                         f"windows (set it in the base config or `overrides`)")
@@ -252,10 +252,10 @@ def _check_searchable(key: Any, where: str, overrides: dict) -> None:
 def _categorical(key: str, data: dict, where: str) -> Parameter:
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices:
-        raise UserError(f"{where}.choices: expected a non-empty list, got {_short(choices)}")
+        raise UserError(f"{where}.choices: expected a non-empty list, got {shorten(choices)}")
     for choice in choices:
         if not (choice is None or isinstance(choice, (bool, int, float, str))):
-            raise UserError(f"{where}.choices: {_short(choice)} is not a plain value "
+            raise UserError(f"{where}.choices: {shorten(choice)} is not a plain value "
                             f"(number, string, true/false, null)")
     if len({repr(c) for c in choices}) != len(choices):
         raise UserError(f"{where}.choices: a choice is listed twice")
@@ -272,10 +272,10 @@ def _range(key: str, kind: str, data: dict, where: str) -> Parameter:
     expected = "a number" if kind == "float" else "an integer"
     for end in ("low", "high"):
         if not check(data.get(end)):
-            raise UserError(f"{where}.{end}: expected {expected}, got {_short(data.get(end))}")
+            raise UserError(f"{where}.{end}: expected {expected}, got {shorten(data.get(end))}")
     low, high, log, step = data["low"], data["high"], data.get("log", False), data.get("step")
     if not isinstance(log, bool):
-        raise UserError(f"{where}.log: expected true or false, got {_short(log)}")
+        raise UserError(f"{where}.log: expected true or false, got {shorten(log)}")
     if low >= high:
         raise UserError(f"{where}: low ({low}) must be below high ({high})")
     if log and low <= 0:
@@ -289,7 +289,7 @@ def _range(key: str, kind: str, data: dict, where: str) -> Parameter:
 def _check_step(step: Any, check, low, high, log: bool, where: str) -> None:
     if not check(step) or step <= 0:
         raise UserError(f"{where}.step: expected a positive number of the range's type, got "
-                        f"{_short(step)}")
+                        f"{shorten(step)}")
     if log:
         raise UserError(f"{where}: step and log cannot be used together")
     if step > high - low:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -403,3 +404,33 @@ def test_a_search_file_given_as_an_experiment_says_to_use_search(tmp_path, capsy
     path = write_search(tmp_path)
     assert cli.run([str(path)]) == 2
     assert f"run it with celestial-experiment --search {path}" in capsys.readouterr().err
+
+
+def test_workers_asking_at_the_same_moment_start_exactly_n_trials(tmp_path, stand_in,
+                                                                  monkeypatch):
+    counted = driver.may_ask
+
+    def slow_to_ask(study, n_trials):     # widen the moment between counting and asking
+        answer = counted(study, n_trials)
+        time.sleep(0.5)
+        return answer
+
+    monkeypatch.setattr(driver, "may_ask", slow_to_ask)
+    path = write_search(tmp_path, search={"n_trials": 2})
+    spec = load_search(path)
+    claim_search_folder(spec, search_folder(spec))
+    study = open_study(spec, address(spec, search_folder(spec)))
+    failures = []
+
+    def worker():
+        try:
+            run_study(path, 1)
+        except Exception as err:     # reported by the assertion below
+            failures.append(repr(err))
+
+    workers = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=120)
+    assert not failures and len(study.get_trials()) == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ RUN_ATTR = "run"                 # user attribute: the trial's run name (kept by
 ALIVE_ATTR = "alive_at"          # user attribute: when its worker last said it runs it
 HEARTBEAT_S = 60.0
 STALE_S = 600.0                  # silent this long: the worker is gone, the trial is re-queued
+ASK_GRACE_S = 30                 # a lock on asking held this long was left by a killed worker
 
 
 @dataclass
@@ -71,6 +73,23 @@ def may_ask(study: optuna.Study, n_trials: int) -> bool:
     return waiting or started < n_trials
 
 
+@contextmanager
+def asking_alone(where: StudyAddress):
+    """With the journal file, workers count the study's runs and ask for a trial one at a time
+    (Optuna's own lock file beside the journal), so that together they start exactly n_trials.
+    With a database, two workers asking at the same moment may start one trial too many."""
+    if "://" in where.storage:
+        yield
+        return
+    lock = optuna.storages.journal.JournalFileOpenLock(where.storage + ".ask",
+                                                       grace_period=ASK_GRACE_S)
+    lock.acquire()     # blocks until it holds the lock
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run_search(spec: SearchSpec, study: optuna.Study, where: StudyAddress, folder: Path,
                log_root: Path, slots: list[Slot], ranks: int = 1, announce=print) -> None:
     """Run trials until the study holds `n_trials` runs (or Ctrl-C, re-raised after the running
@@ -80,9 +99,12 @@ def run_search(spec: SearchSpec, study: optuna.Study, where: StudyAddress, folde
     try:
         while True:
             requeue_abandoned(study, announce)
-            while free and may_ask(study, spec.n_trials):
-                jobs.append(start_next(spec, study, where, folder, log_root, free.pop(0), ranks,
-                                       announce))
+            while free:
+                with asking_alone(where):
+                    if not may_ask(study, spec.n_trials):
+                        break
+                    jobs.append(start_next(spec, study, where, folder, log_root, free.pop(0),
+                                           ranks, announce))
             if not jobs:
                 return
             beat(jobs)

@@ -376,8 +376,10 @@ def test_a_worker_stopped_mid_trial_queues_it_again_and_the_next_worker_finishes
     assert driver.runs_counted(study) == (1, False)
 
 
-def test_a_trial_whose_worker_went_silent_is_queued_again_one_still_heard_of_is_not(
-        tmp_path, stand_in):
+def test_a_trial_whose_worker_went_silent_is_queued_again_one_still_heard_of_later(
+        tmp_path, stand_in, monkeypatch):
+    monkeypatch.setattr(driver, "STALE_S", 4.0)
+    monkeypatch.setattr(driver, "WAIT_S", 0.2)
     path = write_search(tmp_path, search={"n_trials": 2,
                                           "parameters": {"optim.lr": {"type": "float",
                                                                       "low": 1e-3,
@@ -386,17 +388,21 @@ def test_a_trial_whose_worker_went_silent_is_queued_again_one_still_heard_of_is_
     folder = search_folder(spec)
     claim_search_folder(spec, folder)
     study = open_study(spec, address(spec, folder))
-    for number, silent_s in ((0, driver.STALE_S + 60), (1, 5.0)):   # killed; another worker's
+    for number, silent_s in ((0, 60.0), (1, 0.0)):     # killed long ago; heard of just now
         trial = study.ask()
         driver.suggest(trial, spec.parameters[0])
         trial.set_user_attr(driver.RUN_ATTR, f"s__t{number:03d}__s1")
         trial.set_user_attr(driver.ALIVE_ATTR, time.time() - silent_s)
     _, study, seen = run_study(path)
     states = [(t.number, t.state.name, t.user_attrs[driver.RUN_ATTR]) for t in study.get_trials()]
-    assert states == [(0, "FAIL", "s__t000__s1"), (1, "RUNNING", "s__t001__s1"),
-                      (2, "COMPLETE", "s__t000__s1")]
-    assert study.get_trials()[2].params == study.get_trials()[0].params
-    assert any("trial 0: its worker has been silent for" in s for s in seen)
+    assert states == [(0, "FAIL", "s__t000__s1"), (1, "FAIL", "s__t001__s1"),
+                      (2, "COMPLETE", "s__t000__s1"), (3, "COMPLETE", "s__t001__s1")]
+    trials = study.get_trials()
+    assert trials[2].params == trials[0].params and trials[3].params == trials[1].params
+    silent = [s.split(":")[0].strip() for s in seen if "its worker has been silent" in s]
+    assert silent == ["trial 0", "trial 1"]       # trial 1 only once silent for STALE_S
+    assert seen.index(next(s for s in seen if s.startswith("  trial 2:"))) < seen.index(
+        next(s for s in seen if "trial 1: its worker" in s))
     assert driver.runs_counted(study) == (2, False)
 
 

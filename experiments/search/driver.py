@@ -10,7 +10,8 @@ continues it and runs only the trials that are left. A trial interrupted here (C
 is marked failed and queued again with the same parameters and run folder: the next run resumes
 it from its checkpoint. Each worker marks its running trials alive every HEARTBEAT_S; a RUNNING
 trial silent for STALE_S (its worker killed outright, its node lost) is queued again likewise by
-whichever worker notices first.
+whichever worker notices first; a worker with nothing left to ask for waits until the other
+workers' trials have ended, so that it can take such a trial over.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ RUN_ATTR = "run"                 # user attribute: the trial's run name (kept by
 ALIVE_ATTR = "alive_at"          # user attribute: when its worker last said it runs it
 HEARTBEAT_S = 60.0
 STALE_S = 600.0                  # silent this long: the worker is gone, the trial is re-queued
+WAIT_S = 5.0                     # between looks at the study while waiting for other workers
 ASK_GRACE_S = 30                 # a lock on asking held this long was left by a killed worker
 
 
@@ -105,10 +107,10 @@ def run_search(spec: SearchSpec, study: optuna.Study, where: StudyAddress, folde
                         break
                     jobs.append(start_next(spec, study, where, folder, log_root, free.pop(0),
                                            ranks, announce))
-            if not jobs:
+            if not jobs and not others_running(study):
                 return
             beat(jobs)
-            time.sleep(POLL_S)
+            time.sleep(POLL_S if jobs else WAIT_S)
             for job in [j for j in jobs if j.running.process.poll() is not None]:
                 jobs.remove(job)
                 free.append(job.running.slot)
@@ -174,6 +176,12 @@ def requeue(study: optuna.Study, number: int) -> bool:
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     study.enqueue_trial(frozen.params, user_attrs={RUN_ATTR: frozen.user_attrs[RUN_ATTR]})
     return True
+
+
+def others_running(study: optuna.Study) -> bool:
+    """Trials other workers run: a worker with nothing left to ask for waits for them, to take
+    over any whose worker goes silent, so that none is lost."""
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def requeue_abandoned(study: optuna.Study, announce=print) -> None:

@@ -440,3 +440,17 @@ def test_workers_asking_at_the_same_moment_start_exactly_n_trials(tmp_path, stan
     for thread in workers:
         thread.join(timeout=120)
     assert not failures and len(study.get_trials()) == 2
+
+
+def test_a_worker_whose_trial_was_taken_over_does_not_overwrite_the_outcome(tmp_path):
+    spec = load_search(write_search(tmp_path, search={"n_trials": 1}))
+    folder = search_folder(spec)
+    claim_search_folder(spec, folder)
+    study = open_study(spec, address(spec, folder))
+    trial = study.ask()
+    trial.set_user_attr(driver.RUN_ATTR, "s__t000__s1")
+    assert driver.requeue(study, trial.number)          # another worker took it over
+    job = driver.Job(running=None, optuna_trial=trial)
+    seen = []
+    driver.tell(study, job, {"status": "pruned"}, "nll", announce=seen.append)
+    assert study.get_trials()[0].state.name == "FAIL" and "taken it over" in seen[0]

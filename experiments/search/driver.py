@@ -114,7 +114,8 @@ def run_search(spec: SearchSpec, study: optuna.Study, where: StudyAddress, folde
             for job in [j for j in jobs if j.running.process.poll() is not None]:
                 jobs.remove(job)
                 free.append(job.running.slot)
-                tell(study, job, finish_trial(job.running, folder, announce), spec.val_score)
+                tell(study, job, finish_trial(job.running, folder, announce), spec.val_score,
+                     announce)
     except KeyboardInterrupt:
         for job in jobs:
             stop_trial(job.running, folder)
@@ -140,8 +141,18 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def tell(study: optuna.Study, job: Job, record: dict, score: str) -> None:
-    """The study learns how the trial ended: its validation score, PRUNED, or FAIL."""
+def tell(study: optuna.Study, job: Job, record: dict, score: str, announce=print) -> None:
+    """The study learns how the trial ended, unless another worker took it over meanwhile (this
+    worker went silent for too long): the study keeps only the first end of a trial."""
+    try:
+        tell_outcome(study, job, record, score)
+    except (ValueError, RuntimeError):
+        announce(f"  trial {job.optuna_trial.number}: ended here after another worker had "
+                 f"taken it over; the study keeps that worker's result")
+
+
+def tell_outcome(study: optuna.Study, job: Job, record: dict, score: str) -> None:
+    """Its validation score, PRUNED, or FAIL (with the reason)."""
     trial = job.optuna_trial
     if record["status"] == "pruned":
         study.tell(trial, state=TrialState.PRUNED)

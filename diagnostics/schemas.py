@@ -86,7 +86,11 @@ METRICS_LINE = {"type": "object", "required": ["kind", "step", "time"], "propert
 TRAIN_LINE = _obj({"loss": _NUM, "lr": _NUM, "grad_norm": _NUM, "clip_fraction": _NUM,
                    "skipped_steps": _INT, "samples_per_s": _NUM, "step_time_s": _NUM,
                    "data_time_s": _NUM, "memory_mb": _NUM, "epoch": _INT},
-                  {"world_size": _INT})
+                  {"world_size": _INT, "device": {"type": "string"}})
+CALIBRATION_BY_HORIZON = _obj({
+    "steps": {"type": "array", "items": _INT}, "coverage_50": _NUM_LIST,
+    "coverage_90": _NUM_LIST, "coverage_90_low": _NUM_LIST, "coverage_90_high": _NUM_LIST,
+    "pit_counts": {"type": "array", "items": {"type": "array", "items": _INT}}})
 # Runs before the baselines were scored lack the optional keys; the analysis says so.
 EVAL_LINE = _obj({"nll": _NUM, "mae": _NUM, "coverage_50": _NUM, "coverage_90": _NUM,
                   "rw_nll": _NUM, "effective_components": _NUM, "sigma_at_floor": _NUM,
@@ -95,6 +99,10 @@ EVAL_LINE = _obj({"nll": _NUM, "mae": _NUM, "coverage_50": _NUM, "coverage_90": 
                   "skill": _NUM, "skill_low": _NUM, "skill_high": _NUM,
                   "best_baseline": {"enum": ["rw", "ewma"]}, "skill_block_length": _INT,
                   "blank_all_rise": _NUM, "blank_all_rise_low": _NUM, "blank_all_rise_high": _NUM,
+                  **{f"{p}{k}": _NUM for p in ("", "rw_", "ewma_")
+                     for k in ("crps_units", "rmse", "mase")},
+                  "calibration_by_horizon": CALIBRATION_BY_HORIZON, "pred_len": _INT,
+                  "window_stride": _INT, "windows_file": _STR,
                   **{f"{name}_{key}": schema
                      for name in ("skill", "skill_rw", "skill_ewma", "blank_all_rise")
                      for key, schema in (("shown", {"type": "boolean"}),

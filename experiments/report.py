@@ -89,7 +89,7 @@ def verdict_lines(result: ExperimentResult) -> list[str]:
 
 
 def per_target_lines(result: ExperimentResult) -> list[str]:
-    return [comparison_line(c, result.spec.control, result.spec.score)
+    return [f"{c.target}: {comparison_line(c, result.spec.control, result.spec.score)}"
             for c in result.comparisons if c.target != OVERALL]
 
 

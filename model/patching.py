@@ -25,7 +25,8 @@ class MultiScalePatchEmbedding(nn.Module):
         self.position = nn.Parameter(torch.randn(self.num_tokens, d_model) * 0.02)
         self.scale_embedding = nn.Parameter(torch.randn(len(self.scales), d_model) * 0.02)
         scale_index = torch.repeat_interleave(torch.arange(len(self.scales)),
-                                              torch.tensor(tokens_per_scale))
+                                              torch.tensor(tokens_per_scale),
+                                              output_size=self.num_tokens)
         self.register_buffer("token_scale_index", scale_index, persistent=False)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = Dropout(dropout)

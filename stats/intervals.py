@@ -160,15 +160,14 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
     return adjusted
 
 
-def _seed_variance_component(diffs_SN: np.ndarray, block: int) -> float:
-    """Between-seed variance of the per-seed means beyond what window noise explains: the
-    variance of the seed means minus the mean HAC variance of each seed's mean around the
-    seed-average series (one-way random-effects ANOVA estimator), truncated at 0."""
-    num_seeds, n = diffs_SN.shape
-    seed_means_S = diffs_SN.mean(1)
-    residuals_SN = diffs_SN - diffs_SN.mean(0)
-    window_part = long_run_variance(residuals_SN, block).mean() / n * num_seeds / (num_seeds - 1)
-    return max(float(seed_means_S.var(ddof=1)) - window_part, 0.0)
+def _shared_window_variance(diffs_SN: np.ndarray, average_N: np.ndarray, block: int) -> float:
+    """Long-run variance of the window noise all seeds share. The seed-average series holds it
+    plus 1/S of each seed's own window noise, which the seed means' variance already counts; that
+    part is estimated from the residuals around the average (whose long-run variance is (S - 1) / S
+    of it) and taken off, at least 0."""
+    num_seeds = diffs_SN.shape[0]
+    own = float(long_run_variance(diffs_SN - average_N, block).mean()) / (num_seeds - 1)
+    return max(float(long_run_variance(average_N, block)) - own, 0.0)
 
 
 def paired_difference_over_seeds(diffs, pred_len: int, stride: int = 1, level: float = 0.95
@@ -176,14 +175,17 @@ def paired_difference_over_seeds(diffs, pred_len: int, stride: int = 1, level: f
     """Interval of the mean difference over seeds and windows, from one per-window difference
     series per seed (variant minus control, same windows, window order).
 
-    Model: d[s, t] = mu + u[s] + e[s, t], with u a seed effect (training randomness) and e window
-    noise, correlated across windows and, because the windows are shared, across seeds. The mean
-    over seeds and windows has variance Var(u) / S + LRV(mean_s e[s, .]) / n:
-    - the second term is the HAC variance of the seed-average series (df n / L - 1);
-    - Var(u) is the one-way random-effects estimate (between-seed variance of the seed means less
-      its window-noise part, at least 0), with S - 1 degrees of freedom.
+    Model: d[s, t] = mu + u[s] + c[t] + e[s, t]: u a seed effect (training randomness), c window
+    noise all seeds share (the same windows are hard for every seed), e each seed's own window
+    noise; c and e are correlated across overlapping windows. The mean over seeds and windows has
+    variance (Var(u) + Var(mean_t e)) / S + Var(mean_t c):
+    - the first term is the plain between-seed variance of the seed means over S (S - 1 degrees
+      of freedom), which needs no subtraction of one noisy estimate from another;
+    - the second is the HAC variance of the shared window noise (`_shared_window_variance`, df
+      n / L - 1).
     The t degrees of freedom combine the two by Welch-Satterthwaite, so the seed count governs
-    when seed-to-seed variation dominates. One seed reduces to `mean_interval`."""
+    when seed-to-seed variation dominates. One seed reduces to `mean_interval`. Null coverage:
+    benchmarks/RESULTS.md section 6."""
     _check_level(level)
     series = [np.asarray(d, dtype=np.float64).ravel() for d in diffs]
     if not series or len({len(d) for d in series}) > 1:
@@ -195,8 +197,8 @@ def paired_difference_over_seeds(diffs, pred_len: int, stride: int = 1, level: f
         return mean_interval(diffs_SN.mean(0), pred_len, stride, level)
     block = block_length(n, pred_len, stride)
     average_N = diffs_SN.mean(0)
-    window_variance = float(long_run_variance(average_N, block)) / n
-    seed_variance = _seed_variance_component(diffs_SN, block) / num_seeds
+    seed_variance = float(diffs_SN.mean(1).var(ddof=1)) / num_seeds
+    window_variance = _shared_window_variance(diffs_SN, average_N, block) / n
     window_df, seed_df = max(n / block - 1, 1.0), num_seeds - 1
     total = window_variance + seed_variance
     df = total ** 2 / (window_variance ** 2 / window_df + seed_variance ** 2 / seed_df) \

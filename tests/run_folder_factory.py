@@ -59,7 +59,17 @@ class RunSpec:
     coverage_90: float = 0.9
     skill: float = -0.2                          # model NLL - best baseline NLL (test and val)
     skill_halfwidth: float = 0.03                # of its 95% interval
-    overfit: bool = False                        # val NLL rises after the first validation
+    overfit: bool = False                        # val NLL rises after validation overfit_best
+    overfit_best: int = 1                        # 1-based validation with the lowest NLL
+    early_stopped: bool = False                  # best weights restored before the test
+    weights_step: bool = True                    # test (and restored) lines name their weights
+    test_skill_shift: float = 0.0                # the test's skill minus the kept validation's
+    last_val_coverage_90: float | None = None    # the last validation's (weights discarded)
+    horizon_coverage_90: tuple[float, ...] = ()  # calibration_by_horizon's 90% coverage per step
+    judged: bool = True                          # intervals carry _shown/_reason (newer runs)
+    test_windows: int = 0                        # rows of test_windows.csv (0: no file)
+    window_seed: int = 0                         # the run's own per-window noise
+    first_window_day: int = 1                    # the first window's origin (day of 2020-01)
     blank_all_rise: float = 0.3                  # NLL rise with every body blanked
     blank_all_halfwidth: float = 0.05
     agreement: float = 0.5
@@ -131,51 +141,104 @@ def _per_target(value: float) -> list[float]:
 
 
 def _val_nll(spec: RunSpec, step: int) -> float:
-    if spec.overfit:     # best at the first validation, then worse at every one
-        return -2.3 + 0.03 * (step // spec.val_interval - 1)
+    if spec.overfit:     # better up to validation overfit_best, then worse at every one
+        after = step // spec.val_interval - spec.overfit_best
+        return -2.3 + (0.03 * after if after >= 0 else -0.05 * after)
     return -2.2 - 0.1 * step / spec.num_steps
 
 
-def _skill_values(spec: RunSpec, nll: float) -> dict:
-    ewma = nll - spec.skill
-    skill = {"skill": spec.skill, "skill_low": spec.skill - spec.skill_halfwidth,
-             "skill_high": spec.skill + spec.skill_halfwidth}
+def best_step(spec: RunSpec) -> int:
+    """The step of the validation with the lowest NLL."""
+    return min(_steps(spec, spec.val_interval), key=lambda s: _val_nll(spec, s),
+               default=spec.num_steps)
+
+
+def kept_step(spec: RunSpec) -> int:
+    """The step of the weights the run keeps for its test."""
+    return best_step(spec) if spec.early_stopped else spec.num_steps
+
+
+def _skill_values(spec: RunSpec, nll: float, skill: float) -> dict:
+    ewma = nll - skill
+    skill = {"skill": skill, "skill_low": skill - spec.skill_halfwidth,
+             "skill_high": skill + spec.skill_halfwidth}
     return {"ewma_nll": ewma, "crps": 0.3, "rw_crps": 0.32, "ewma_crps": 0.31,
             **{f"skill_ewma{k[5:]}": v for k, v in skill.items()},
-            **{f"skill_rw{k[5:]}": v + nll + 2.01 - spec.skill for k, v in skill.items()
+            **{f"skill_rw{k[5:]}": v + nll + 2.01 - skill["skill"] for k, v in skill.items()
                if k != "skill"}, "skill_rw": nll + 2.01, **skill}
 
 
-def eval_line(spec: RunSpec, kind: str, step: int, best: bool) -> dict:
-    nll = _val_nll(spec, step)
-    values = {"nll": nll, "mae": 0.03, "coverage_50": 0.5, "coverage_90": spec.coverage_90,
+def calibration_by_horizon(spec: RunSpec) -> dict:
+    """Per-step coverage as the evaluation writes it, a 95% interval of +-0.007 around each."""
+    coverage = list(spec.horizon_coverage_90)
+    pit = [[100 + (30 if c < 0.9 and b in (0, 9) else 0) for b in range(10)] for c in coverage]
+    return {"steps": list(range(1, len(coverage) + 1)), "coverage_50": [0.5] * len(coverage),
+            "coverage_90": coverage, "coverage_90_low": [c - 0.007 for c in coverage],
+            "coverage_90_high": [c + 0.007 for c in coverage], "pit_counts": pit}
+
+
+def _judgement(name: str, low: float, high: float) -> dict:
+    """`<name>_shown` and `<name>_reason` as stats.paired_difference words them (enough blocks)."""
+    shown = not low <= 0 <= high
+    return {f"{name}_shown": shown, f"{name}_reason": None if shown else "the interval includes 0",
+            f"{name}_dm_pvalue": 0.001 if shown else 0.5}
+
+
+def _coverage_90(spec: RunSpec, kind: str, step: int, weights_step: int | None) -> float:
+    last = step == spec.num_steps // spec.val_interval * spec.val_interval
+    if kind == "val" and last and weights_step is None and spec.last_val_coverage_90 is not None:
+        return spec.last_val_coverage_90
+    return spec.coverage_90
+
+
+def eval_line(spec: RunSpec, kind: str, step: int, best: bool, weights_step: int | None = None
+              ) -> dict:
+    """A val or test line at `step` scoring the weights of `weights_step` (default: `step`)."""
+    shift = spec.test_skill_shift if kind == "test" else 0.0
+    nll, skill = _val_nll(spec, weights_step or step) + shift, spec.skill + shift
+    values = {"nll": nll, "mae": 0.03,
+              "coverage_50": 0.5, "coverage_90": _coverage_90(spec, kind, step, weights_step),
               "rw_nll": -2.01, "effective_components": spec.effective_components,
-              "sigma_at_floor": spec.sigma_at_floor, **_skill_values(spec, nll)}
+              "sigma_at_floor": spec.sigma_at_floor, **_skill_values(spec, nll, skill)}
     line = {"kind": kind, "step": step, "time": 1.7e9 + step + 0.5, "epoch": 0,
             "num_windows": 4044, **values,
             **{f"{k}_per_target": _per_target(v) for k, v in values.items()},
             "best_baseline": "ewma", "skill_block_length": 48}
+    if spec.horizon_coverage_90:
+        line["calibration_by_horizon"] = calibration_by_horizon(spec)
+    if weights_step is not None and spec.weights_step:
+        line["weights_step"] = weights_step
+    if kind == "test" and spec.test_windows:
+        line.update(pred_len=4, window_stride=1, windows_file="test_windows.csv")
     if kind == "val":
         line["best"] = best
     else:
         line.update({"blank_all_rise": spec.blank_all_rise,
                      "blank_all_rise_low": spec.blank_all_rise - spec.blank_all_halfwidth,
                      "blank_all_rise_high": spec.blank_all_rise + spec.blank_all_halfwidth})
+    if spec.judged:
+        for name in ("skill", "skill_rw", "skill_ewma", "blank_all_rise"):
+            if f"{name}_low" in line:
+                line.update(_judgement(name, line[f"{name}_low"], line[f"{name}_high"]))
     return line
 
 
 def metrics_lines(spec: RunSpec) -> list[dict]:
     rng = np.random.default_rng(0)
-    lines = []
+    lines, best_nll = [], math.inf
     for step in range(1, spec.num_steps + 1):
         if step % spec.log_interval == 0:
             lines.append(train_line(spec, step, rng))
         if step % spec.val_interval == 0:
-            lines.append(eval_line(spec, "val", step, best=True))
+            lines.append(eval_line(spec, "val", step, best=_val_nll(spec, step) < best_nll))
+            best_nll = min(best_nll, _val_nll(spec, step))
         if step % spec.profile_interval == 0:
             lines.append({"kind": "checkpoint", "step": step, "time": 1.7e9 + step + 0.7,
                           "blocked_s": 0.1})
-    lines.append(eval_line(spec, "test", spec.num_steps, best=False))
+    if spec.early_stopped:
+        lines.append({**eval_line(spec, "val", spec.num_steps, False, kept_step(spec)),
+                      "restored_best": True})
+    lines.append(eval_line(spec, "test", spec.num_steps, best=False, weights_step=kept_step(spec)))
     return lines
 
 
@@ -372,12 +435,36 @@ def write_profiles(folder: Path, spec: RunSpec) -> None:
                profile_record(spec, step), schemas.PROFILE_RECORD)
 
 
+WINDOW_COLUMNS = ("window", "origin", "target", "model_nll", "random_walk_nll", "ewma_nll",
+                  "model_crps", "random_walk_crps", "ewma_crps")
+
+
+def write_test_windows(folder: Path, spec: RunSpec) -> None:
+    """test_windows.csv: the test NLL per window, noise shared by every run (the windows' own
+    difficulty, autocorrelated) plus the run's own noise (window_seed)."""
+    shared = np.convolve(np.random.default_rng(0).standard_normal(spec.test_windows + 3),
+                         np.ones(4) / 2, mode="valid")[: spec.test_windows]
+    own = 0.05 * np.random.default_rng(100 + spec.window_seed).standard_normal(spec.test_windows)
+    test = eval_line(spec, "test", spec.num_steps, False, kept_step(spec))
+    nll = test["nll"] + 0.3 * shared + own
+    start = np.datetime64("2020-01-01") + np.timedelta64(spec.first_window_day - 1, "D")
+    rows = [",".join(WINDOW_COLUMNS)]
+    for i, value in enumerate(nll.tolist()):
+        origin = str(start + np.timedelta64(i, "D"))
+        for target in (*TARGETS, "all"):
+            rows.append(f"{i},{origin},{target},{value!r},{value + 0.2!r},{value + 0.1!r},"
+                        "0.3,0.32,0.31")
+    (folder / "test_windows.csv").write_text("\n".join(rows) + "\n")
+
+
 def build_run_folder(folder: Path, spec: RunSpec | None = None, **knobs) -> Path:
     """Write a run folder; `knobs` are RunSpec fields (e.g. dead_component="decoder")."""
     spec = spec or RunSpec(**knobs)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config_of(spec), sort_keys=False))
     write_metrics(folder, spec)
+    if spec.test_windows:
+        write_test_windows(folder, spec)
     if spec.gradients:
         write_gradients(folder, spec)
     if spec.attention:

@@ -265,6 +265,9 @@ def test_healthy_run_outputs_and_console(tmp_path, capsys):
     assert "fusion_cross_attention:\n  Mean norm:" in out and "[ok] Healthy gradient flow" in out
     assert "[ok] No exploding gradients" in out
     assert "Top celestial (Asset_A): Moon (0.300)" in out
+    occlusion = out.index("Celestial bodies by occlusion: validation NLL rise in nats")
+    assert occlusion < out.index("by C->T attention weight")
+    assert re.search(r"\n  target +#1 +#2 .*\n  Asset_A +Moon \+0\.0300 +Sun \+0\.0058", out)
     analysis = folder / "analysis"
     with open(analysis / "gradient_norms.csv") as f:
         rows = list(csv.reader(f))
@@ -272,17 +275,22 @@ def test_healthy_run_outputs_and_console(tmp_path, capsys):
     assert [int(r[0]) for r in rows[1:]] == list(range(20, 201, 20))
     assert all(float(v) > 0 for r in rows[1:] for v in r[1:])
     for png in ("gradient_flow.png", "fusion_attention_entropy.png", "c2t_attention_heatmap.png",
-                "training_curves.png", "skill.png"):
+                "training_curves.png", "skill.png", "occlusion_ranking.png"):
         assert_valid_png(analysis / png)
     assert assert_valid_findings(analysis / "recommendations.json") == []
     html = (analysis / "report.html").read_text()
     assert_self_contained(html)
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 6
     assert "Summary" in html and "throughput" in html and "memory per rank" in html
+    assert "<td>world size</td><td>2</td>" in html and "<td>device</td><td>cpu (x86_64)" in html
     # The verdict comes first, on the console and in the report.
     assert out.index("Verdict:") < out.index("Gradient flow")
-    assert "skill vs random walk (EWMA volatility) (test): the model beats" in out
-    assert "celestial inputs: the celestial inputs help" in out
+    assert "Verdict: good: the model beats the naive baselines on test, weights of step 200" in out
+    assert ("skill vs random walk (EWMA volatility): the model beats the random walk (EWMA "
+            "volatility): its NLL is 0.2000 nats lower on test, weights of step 200 (95% interval: "
+            "0.1700 to 0.2300 nats lower;") in out
+    assert "celestial inputs: the model relies on the celestial inputs" in out
+    assert "a retrained ablation (see README, Experiments)" in out
     assert "overfitting: not seen" in out
     assert html.index("<h2>Verdict</h2>") < html.index("<h2>Summary</h2>")
 
@@ -294,6 +302,7 @@ def test_sick_run_console_and_recommendations(tmp_path, capsys):
     out = capsys.readouterr().out
     assert HEALTHY_LINE not in out
     assert "[!] CRITICAL decoder: exploding_gradients" in out
+    assert "Verdict: broken: training itself went wrong (exploding_gradients)" in out
     assert "[!] Exploding gradients (above 100)" in out
     assert "config: optim.lr: 0.0005" in out
     findings = assert_valid_findings(out_dir / "recommendations.json")
@@ -360,13 +369,25 @@ def test_history_ahead_of_step_files_is_used(tmp_path):
     assert run.gradients.global_batch == 128
 
 
-def test_young_run_with_only_a_config(tmp_path, capsys):
+@pytest.mark.parametrize("empty_metrics", [False, True])
+def test_run_without_steps_is_refused_and_nothing_written(tmp_path, capsys, empty_metrics):
+    """What a refused start leaves (a config, an empty metrics.jsonl) is not a healthy run."""
     folder = tmp_path / "young"
     folder.mkdir()
     (folder / "config.yaml").write_text("optim:\n  lr: 0.001\n")
-    assert cli(["--log_dir", str(folder)]) == 0
-    out = capsys.readouterr().out
-    assert "no training lines yet" in out and HEALTHY_LINE in out
+    if empty_metrics:
+        (folder / "metrics.jsonl").write_text("")
+    err = _error_of(capsys, [str(folder)])
+    assert "no steps logged yet" in err and str(folder) in err
+    assert not (folder / "analysis").exists()
+    assert HEALTHY_LINE not in capsys.readouterr().out
+
+
+def test_log_dir_is_accepted_as_a_positional_argument(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run", gradients=False, attention=False, profiles=False)
+    assert cli([str(folder)]) == 0
+    assert f"Analysis of {folder}" in capsys.readouterr().out
+    assert (folder / "analysis" / "report.html").is_file()
 
 
 def test_metrics_without_config_is_analysed(tmp_path):
@@ -457,7 +478,7 @@ def test_list_thresholds(capsys):
 
 # --- compare ------------------------------------------------------------------------------------
 
-def test_compare_overlays_runs_in_one_report(tmp_path, capsys):
+def test_compare_overlays_runs_and_shows_every_runs_panels(tmp_path, capsys):
     a = build_run_folder(tmp_path / "a")
     b = build_run_folder(tmp_path / "b", exploding_component="decoder", lr=3e-3)
     c = build_run_folder(tmp_path / "c", gradients=False, attention=False, profiles=False)
@@ -465,11 +486,56 @@ def test_compare_overlays_runs_in_one_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert str(a) in out and str(b) in out and str(c) in out
     compare = a / "analysis" / "compare"
-    for png in ("compare_curves.png", "compare_gradient_norms.png"):
+    for png in ("compare_curves.png", "compare_gradient_norms.png", "a/training_curves.png",
+                "b/gradient_flow.png", "c/skill.png"):
         assert_valid_png(compare / png)
     html = (compare / "report.html").read_text()
     assert_self_contained(html)
-    assert html.count("data:image/png;base64,") == 2 and str(b) in html
+    per_run = {"a": 6, "b": 6, "c": 2}      # each run's own panels, not only the first's
+    assert html.count("data:image/png;base64,") == 2 + sum(per_run.values())
+    assert all(f"<h2>{name}</h2>" in html for name in per_run)
+    # config differences: the learning rate and the diagnostics switches, nothing else
+    assert re.search(r"\n  optim\.lr +0\.001 +0\.003 +0\.001\n", out)
+    assert "diagnostics.enable_gradient_diagnostics" in out and "model.dropout" not in out
+    assert "<td>optim.lr</td><td>0.001</td><td>0.003</td>" in html
+
+
+def test_compare_says_which_run_is_better_on_shared_test_windows(tmp_path, capsys):
+    """Both runs wrote test_windows.csv for the same windows: the paired interval decides."""
+    a = build_run_folder(tmp_path / "a", test_windows=400, gradients=False, attention=False,
+                         profiles=False)
+    b = build_run_folder(tmp_path / "b", test_windows=400, window_seed=1, test_skill_shift=-0.1,
+                         gradients=False, attention=False, profiles=False, lr=3e-3)
+    near = build_run_folder(tmp_path / "near", test_windows=400, window_seed=2,
+                            test_skill_shift=-0.002, gradients=False, attention=False,
+                            profiles=False)
+    assert cli(["--compare", str(a), str(b), str(near)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "is better on test" in x).strip()
+    assert line.startswith("b is better on test: b's NLL (test, weights of step 200) is 0.1000 "
+                           "nats lower than a's (test, weights of step 200); paired 95% interval "
+                           "of b - a on the shared windows [-")
+    assert line.endswith(", shown")
+    low, high = map(float, re.search(r"windows \[(\S+), (\S+)\]", line).groups())
+    assert low < -0.1 < high < 0     # b's test NLL is 0.1 lower by construction
+    assert "neither near nor a is shown to be better on test" in out
+    html = (a / "analysis" / "compare" / "report.html").read_text()
+    assert "Which run is better on test" in html and "b is better on test" in html
+
+
+def test_compare_without_shared_windows_says_why_no_interval(tmp_path, capsys):
+    a = build_run_folder(tmp_path / "a", test_windows=100, gradients=False, attention=False,
+                         profiles=False)
+    b = build_run_folder(tmp_path / "b", test_windows=100, first_window_day=5, gradients=False,
+                         attention=False, profiles=False)
+    c = build_run_folder(tmp_path / "c", gradients=False, attention=False, profiles=False)
+    assert cli(["--compare", str(a), str(b), str(c)]) == 0
+    out = capsys.readouterr().out
+    assert ("no paired interval: the runs' test windows differ (100 and 100 windows, 0 "
+            "shared)") in out
+    assert "no paired interval: c has no test_windows.csv" in out
+    assert "has the lower test NLL, not shown to be better" in out
+    assert "none: the configs are identical" in out
 
 
 def test_overfitting_advice_never_says_train_longer(tmp_path):
@@ -499,7 +565,10 @@ def test_no_skill_is_an_error_and_reads_the_test_line_first(tmp_path, capsys):
     assert finding.evidence["per_baseline"]["ewma"]["interval_95"] == [0.02, 0.08]
     assert cli(["--log_dir", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "the model loses to the random walk (EWMA volatility)" in out
+    assert ("the model loses to the random walk (EWMA volatility): its NLL is 0.0500 nats "
+            "higher") in out
+    assert ("Verdict: not better than a naive baseline: on test, weights of step 200 the model "
+            "loses to the random walk (EWMA volatility)") in out
     assert "[!] 1 critical/error finding(s): no_skill_over_baseline" in out
 
 
@@ -521,6 +590,7 @@ def test_runs_without_baseline_scores_say_so(tmp_path, capsys):
     assert cli(["--log_dir", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "skill: not scored" in out and "celestial inputs: not measured" in out
+    assert "Verdict: not judged: no baseline skill was scored for this run" in out
 
 
 def test_restored_best_line_does_not_hide_the_last_validation(tmp_path):
@@ -538,3 +608,174 @@ def test_restored_best_line_does_not_hide_the_last_validation(tmp_path):
     assert run.val[-1]["nll"] > run.val[0]["nll"] and run.restored[0]["nll"] == run.val[0]["nll"]
     overfit = [f for f in findings_of(folder) if f.issue == "overfitting"][0]
     assert overfit.evidence["steps"] == [50, 100, 150, 200]
+
+
+# --- overfitting, or early stopping that worked -----------------------------------------------
+
+QUICKSTART_LIKE = {"num_steps": 700, "overfit": True, "overfit_best": 6, "gradients": False,
+                   "attention": False, "profiles": False}
+
+
+def test_early_stopping_that_kept_the_best_weights_is_not_overfitting(tmp_path, capsys):
+    """Best at step 300 of 700, best weights restored before the test: the rise after the best is
+    the stop working, an info finding, not an overfitting warning."""
+    folder = build_run_folder(tmp_path / "run", early_stopped=True, **QUICKSTART_LIKE)
+    by_issue = {f.issue: f for f in findings_of(folder)}
+    assert "overfitting" not in by_issue
+    worked = by_issue["early_stopping_worked"]
+    assert worked.severity == "info" and worked.config_change == {}
+    assert worked.evidence["best_step"] == 300 and worked.evidence["kept_weights_step"] == 300
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "overfitting: no: early stopping kept the weights of step 300" in out
+    assert HEALTHY_LINE in out
+
+
+def test_early_stopping_worked_also_for_runs_before_weights_step(tmp_path):
+    """Older runs: no weights_step; the restored-best line says the best weights were kept."""
+    folder = build_run_folder(tmp_path / "run", early_stopped=True, weights_step=False,
+                              **QUICKSTART_LIKE)
+    assert "weights_step" not in load_run(folder).test[-1]
+    assert {"early_stopping_worked"} <= issues_of(folder) and "overfitting" not in issues_of(folder)
+
+
+@pytest.mark.parametrize("knobs,reason", [
+    ({"early_stopped": True, "num_steps": 250, "overfit_best": 1},
+     "the best validation is validation 1 (step 50): the model overfits almost at once"),
+    ({"early_stopped": False}, "the kept weights (step 700) are past the best (step 300)"),
+    ({"early_stopped": True, "test_skill_shift": 0.3},
+     "the test skill over the best baseline is 0.3000 nats worse than the best validation's"),
+])
+def test_overfitting_warns_where_it_matters(tmp_path, knobs, reason):
+    folder = build_run_folder(tmp_path / "run", **{**QUICKSTART_LIKE, **knobs})
+    by_issue = {f.issue: f for f in findings_of(folder)}
+    assert "early_stopping_worked" not in by_issue
+    assert by_issue["overfitting"].severity == "warning"
+    assert reason in by_issue["overfitting"].message
+
+
+def test_thresholds_of_early_overfitting_and_the_test_gap_are_used(tmp_path):
+    folder = build_run_folder(tmp_path / "run", early_stopped=True, test_skill_shift=0.3,
+                              **QUICKSTART_LIKE)
+    assert "overfitting" in issues_of(folder)
+    assert "early_stopping_worked" in issues_of(folder, [("overfit_test_gap", 0.5)])
+    assert "overfitting" in issues_of(folder, [("overfit_test_gap", 0.5),
+                                               ("overfit_early_best", 6)])
+
+
+# --- one source of calibration: the kept weights -------------------------------------------------
+
+@pytest.mark.parametrize("tested", [True, False])
+def test_calibration_judges_the_kept_weights_not_the_last_validation(tmp_path, capsys, tested):
+    """The last validation (weights discarded by early stopping) covers 80%, the kept weights
+    88%: no miscalibration finding, and every part of the report says 88%."""
+    folder = build_run_folder(tmp_path / "run", early_stopped=True, coverage_90=0.88,
+                              last_val_coverage_90=0.80, **QUICKSTART_LIKE)
+    if not tested:      # a run not tested yet: judged on its best validation
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        kept = [line for line in lines if '"kind": "test"' not in line and "restored" not in line]
+        (folder / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    assert load_run(folder).val[-1]["coverage_90"] == 0.80
+    assert "miscalibration" not in issues_of(folder)
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    source = "test, weights of step 300" if tested else "best validation, weights of step 300"
+    assert f"calibration ({source}): calibrated: the 90% interval covers 88.0%" in out
+    assert "80.0%" not in out and "overconfident" not in out
+    html = (folder / "analysis" / "report.html").read_text()
+    assert f"90% coverage ({source})" in html and "0.880" in html
+
+
+def test_miscalibration_of_the_kept_weights_is_found(tmp_path):
+    """The other way round: the last validation looked fine, the kept weights do not."""
+    folder = build_run_folder(tmp_path / "run", early_stopped=True, coverage_90=0.80,
+                              last_val_coverage_90=0.90, **QUICKSTART_LIKE)
+    finding = next(f for f in findings_of(folder) if f.issue == "miscalibration")
+    assert "overconfident" in finding.message and "test, weights of step 300" in finding.message
+    assert finding.evidence["weights_step"] == 300
+
+
+# --- the verdict's words ------------------------------------------------------------------------
+
+def _edit_test_line(folder: Path, **changes) -> None:
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        if line["kind"] == "test":
+            line.update(changes)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_skill_not_shown_by_the_line_is_not_called_a_win(tmp_path, capsys):
+    """The line's own `_shown`/`_reason` (too few independent blocks) wins over the interval."""
+    folder = build_run_folder(tmp_path / "run", gradients=False, attention=False, profiles=False)
+    reason = "only 5 independent blocks of windows (8 needed)"
+    _edit_test_line(folder, skill_ewma_shown=False, skill_ewma_reason=reason,
+                    skill_shown=False, skill_reason=reason)
+    assert "no_skill_over_baseline" in issues_of(folder)
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert ("Verdict: not better than a naive baseline: on test, weights of step 200 the model is "
+            "not shown to beat the random walk (EWMA volatility)") in out
+    assert f"; not shown: {reason}" in out
+
+
+@pytest.mark.parametrize("judged", [True, False])
+def test_blanking_bodies_is_worded_as_reliance_not_help(tmp_path, capsys, judged):
+    """With the line's own _shown/_reason, and without (runs before they were written)."""
+    for name, rise in (("used", 0.3), ("unused", 0.01)):
+        folder = build_run_folder(tmp_path / name, blank_all_rise=rise, gradients=False,
+                                  profiles=False, judged=judged)
+        assert cli([str(folder)]) == 0
+        out = capsys.readouterr().out
+        relies = ("the model relies on the celestial inputs: blanking every body changes the NLL "
+                  f"by {rise:+.4f} nats")
+        assert (relies if name == "used" else "not shown to rely on the celestial inputs") in out
+        assert ("not shown: the interval includes 0" in out) == (judged and name == "unused")
+        assert "inputs help" not in out and "a retrained ablation (see README, Experiments)" in out
+
+
+# --- calibration per horizon step -------------------------------------------------------------
+
+HORIZON = (0.848, 0.87, 0.88, 0.89, 0.90, 0.90, 0.91, 0.92)   # pooled 0.8898: inside the band
+
+
+def test_calibration_per_horizon_names_the_worst_steps(tmp_path, capsys):
+    """Pooled coverage passes while step 1 covers 84.8% [84.1%, 85.5%]: the verdict and the
+    finding name step 1 with its interval, and pit_histogram.png is drawn."""
+    folder = build_run_folder(tmp_path / "run", coverage_90=float(np.mean(HORIZON)),
+                              horizon_coverage_90=HORIZON, gradients=False, profiles=False)
+    finding = next(f for f in findings_of(folder) if f.issue == "miscalibration")
+    assert "step 1 (90% interval covers 84.8% [84.1%, 85.5%])" in finding.message
+    assert finding.evidence["steps"] == list(range(1, 9))
+    assert finding.config_change["model.dropout"] > 0.2
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert ("calibration (test, weights of step 200): overconfident (intervals too narrow) at "
+            "horizon step 1 (90% interval covers 84.8% [84.1%, 85.5%])") in out
+    assert "pooled over the 8 horizon steps" in out and "step 2 (" not in out
+    assert_valid_png(folder / "analysis" / "pit_histogram.png")
+    html = (folder / "analysis" / "report.html").read_text()
+    assert html.index("Calibration per horizon step") < html.index("<h2>Summary</h2>")
+
+
+def test_calibrated_steps_name_the_farthest_one_and_no_finding(tmp_path, capsys):
+    steps = (0.88, 0.89, 0.90, 0.91)
+    folder = build_run_folder(tmp_path / "run", horizon_coverage_90=steps, gradients=False,
+                              attention=False, profiles=False)
+    assert "miscalibration" not in issues_of(folder)
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated: the 90% interval covers 90.0%" in out
+    assert "farthest from 90%: step 1 (90% interval covers 88.0% [87.3%, 88.7%])" in out
+
+
+def test_runs_without_per_step_coverage_fall_back_to_pooled_with_a_note(tmp_path, capsys):
+    folder = build_run_folder(tmp_path / "run", coverage_90=0.80, gradients=False,
+                              attention=False, profiles=False)
+    assert "miscalibration" in issues_of(folder)
+    assert cli([str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert ("overconfident (intervals too narrow): the 90% interval covers 80.0% and the 50% "
+            "interval 50.0% of outcomes, pooled over the horizon (this run has no per-step "
+            "coverage)") in out
+    assert not (folder / "analysis" / "pit_histogram.png").exists()

@@ -23,6 +23,7 @@ from trainer.data import (
     ablate_bodies,
     build_loader,
     group_bodies,
+    parse_date,
     prepare,
 )
 from trainer.errors import UserError
@@ -150,12 +151,21 @@ def test_user_csv_with_ohlc_targets(short_csv, tmp_path):
     (lambda rows: rows.__setitem__(slice(5, 7), [rows[6], rows[5]]), "unsorted dates"),
     (lambda rows: rows.__setitem__(slice(1, None), rows[1:80]), "too few rows for one window"),
     (lambda rows: rows[3].__setitem__(0, "03/01/1996"), "is not YYYY-MM-DD"),
+    (lambda rows: rows[3].__setitem__(0, "1996-01"), "date '1996-01' at line 4 is not YYYY-MM-DD"),
     (lambda rows: rows[3].pop(), "line 4 has"),
 ])
 def test_bad_data_fails_clearly(short_csv, tmp_path, edit, message):
     with pytest.raises(UserError) as err:
         prepare(config_for(edited(short_csv, tmp_path, edit)), S, P)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["2025-12", "2025", "", "NaT", "2025-12-01T05:00", "2025-02-30",
+                                  " 2025-12-01"])
+def test_parse_date_takes_only_full_calendar_dates(text):
+    assert parse_date("2025-12-01") == np.datetime64("2025-12-01")
+    with pytest.raises(ValueError, match="is not a"):
+        parse_date(text)
 
 
 def test_missing_file_and_bodies_without_columns(short_csv, tmp_path):

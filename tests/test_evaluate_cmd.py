@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import REPO
 from tests.test_forecast import model_path, read_rows, saved_with, train_tiny, write_rows
 from trainer import distributed
-from trainer.forecast_evaluate import run
+from trainer.forecast_evaluate import REPORT_SCORES, VAL_WARNING, run
+from trainer.test_windows import COLUMNS as WINDOW_COLUMNS
 
 PRED_LEN = 12
 TARGETS = ["Asset_A", "Asset_B", "Asset_C", "Asset_D"]
@@ -64,7 +65,9 @@ def test_report_has_every_forecaster_per_target_and_horizon(test_report, short_c
         assert set(forecaster["per_target"]) == set(TARGETS)
         for target in TARGETS:
             by_horizon = forecaster["by_horizon"][target]
-            assert set(by_horizon) == {"nll", "crps", "mae", "coverage_50", "coverage_90"}
+            assert set(by_horizon) == set(REPORT_SCORES)
+            assert {"pinball_q05", "wql", "msis_90", "mase", "rmse", "crps_units"} <= \
+                set(by_horizon)
             assert all(len(v) == PRED_LEN for v in by_horizon.values())
             # Spread grows with the horizon: the baselines' 12-step CRPS exceeds their 1-step.
             assert by_horizon["crps"][-1] > by_horizon["crps"][0]
@@ -80,8 +83,44 @@ def test_validation_split_and_default_output(trainer, capsys):
     default_out = model_path(trainer).with_name("best_model_val_evaluation.json")
     assert status == 0 and f"wrote {default_out}" in printed
     assert "skill = model NLL - baseline NLL" in printed and "all bodies blanked" in printed
+    assert printed.startswith(VAL_WARNING) and printed.count(VAL_WARNING) == 2
     report = json.loads(default_out.read_text())
     assert report["split"] == "val" and report["last_date"] < "2002-10-19"
+
+
+def test_calibration_and_paired_tests_in_report_and_table(trainer, test_report, tmp_path, capsys):
+    cal = test_report["calibration_by_horizon"]
+    model = test_report["forecasters"]["model"]
+    assert cal["steps"] == list(range(1, PRED_LEN + 1))
+    for p in (0, PRED_LEN - 1):
+        assert cal["coverage_90"][p] == pytest.approx(
+            sum(model["by_horizon"][t]["coverage_90"][p] for t in TARGETS) / len(TARGETS))
+    tests = test_report["paired_tests"]
+    assert set(tests["per_target"]) == set(TARGETS)
+    for row in tests["per_target"].values():
+        for key, d in row.items():
+            assert key in {"rw_nll", "ewma_nll", "rw_crps", "ewma_crps"}
+            assert d["dm_pvalue"] <= d["holm_pvalue"] <= 1
+    overall = tests["overall"]["rw_nll"]
+    assert overall["mean"] == pytest.approx(test_report["skill"]["rw"]["mean"], abs=1e-9)
+    best = test_report["skill"]["best_baseline"]
+    assert test_report["crps_skill"]["baseline"] == best
+    assert test_report["crps_skill"]["mean"] == pytest.approx(
+        model["crps"] - test_report["forecasters"][best]["crps"], abs=1e-9)
+    status, printed, _ = evaluate(capsys, "--checkpoint", model_path(trainer), "--out",
+                                  tmp_path / "r.json", "--windows", tmp_path / "w" / "win.csv")
+    assert status == 0 and "DM p=" in printed and "Holm p=" in printed
+    assert "per horizon step" in printed and VAL_WARNING not in printed
+    header, rows = read_rows(tmp_path / "w" / "win.csv")
+    assert tuple(header) == WINDOW_COLUMNS
+    assert len(rows) == test_report["num_windows"] * (len(TARGETS) + 1)
+
+
+def test_help_shows_defaults_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{test,val}" in text and "(default: test)" in text and "(default: cpu)" in text
 
 
 def test_changed_data_is_refused(trainer, short_csv, tmp_path, capsys):
@@ -106,6 +145,17 @@ def test_missing_data_and_bad_checkpoint(trainer, tmp_path, capsys):
     status, _, err = evaluate(capsys, "--checkpoint", junk, "--out", tmp_path / "o" / "r.json")
     assert status == 2 and "not a consolidated model file" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_file_is_refused_not_generated(trainer, tmp_path, capsys):
+    """The model's data is built-in (a cache generated where data.path says); a `--data` typo
+    must not become a new dataset at that path."""
+    assert trainer.config.data.source == "builtin"
+    typo = tmp_path / "nope.csv"
+    status, _, err = evaluate(capsys, "--checkpoint", model_path(trainer), "--data", typo,
+                              "--out", tmp_path / "o" / "r.json")
+    assert status == 2 and err == f"error: data file not found: {typo}\n"
+    assert not typo.exists() and not (tmp_path / "o").exists()
 
 
 def test_json_has_no_nan_tokens():

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,35 +71,62 @@ def _fake_slurm(tmp_path: Path) -> dict:
     return {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
 
+class _Console:
+    """A process's console output, read as it comes (with the time each line arrived): the log
+    file gets the lines of data preparation, model build and resume only once the run folder
+    is opened, after those phases, so a wait on the file would signal too late."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.lines = proc, []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def wait_for(self, text: str, timeout: float = 120) -> float:
+        """When the first line holding `text` arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = [at for at, line in list(self.lines) if text in line]
+            if seen:
+                return seen[0]
+            assert self.proc.poll() is None or self.reader.is_alive(), self.text()[-3000:]
+            assert time.monotonic() < deadline, f"{text!r} not on the console"
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        return "".join(line for _, line in list(self.lines))
+
+
 def _start(args, fault: str = "", ranks: int = 0, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
     if ranks:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={ranks}", *cmd[1:]]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1",
                                             "CELESTIAL_FAULT": fault, **(env or {})})
-
-
-def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not (path.is_file() and text in path.read_text()):
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, f"{text!r} not in {path}"
-        time.sleep(0.1)
+    proc.console = _Console(proc)
+    return proc
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
+    proc.wait(timeout=timeout)
+    proc.console.reader.join(timeout=30)
+    return proc.returncode, proc.console.text()
 
 
-def _signal_during(proc, log: Path, phase: str, *signals, target=None) -> tuple[int, str]:
-    """Send `signals` (to `target`, default the process) once `phase` is being delayed."""
-    _wait_for_text(log, f"fault injection: delaying {phase}", proc)
+def _signal_during(proc, phase: str, *signals, target=None, delay_s: float = 4
+                   ) -> tuple[int, str]:
+    """Send `signals` (to `target`, default the process) while `phase` is being delayed by
+    `delay_s` seconds: on its console line, and checked to be inside the delay."""
+    began = proc.console.wait_for(f"fault injection: delaying {phase}")
     for sig in signals:
         (target or proc).send_signal(sig)
         time.sleep(0.2)
+    assert time.monotonic() - began < delay_s, f"the signals reached {phase} after its delay"
     return _finish(proc)
 
 
@@ -116,7 +144,7 @@ def test_signal_before_training_exits_75_without_checkpoint(short_csv, tmp_path,
     name = f"early_{phase}"
     proc = _start(_args(short_csv, tmp_path, name, train__max_steps=50), f"delay:{phase}:4",
                   env=_fake_slurm(tmp_path))
-    code, out = _signal_during(proc, tmp_path / "logs" / name / "training_full.log", phase, sig)
+    code, out = _signal_during(proc, phase, sig)
     assert code == 75, out[-3000:]
     assert "before any training step: exiting without a new checkpoint" in out
     assert _checkpoints(tmp_path, name) == [] and "Traceback" not in out
@@ -133,17 +161,17 @@ def test_signals_at_awkward_moments_leave_one_checkpoint_each_and_resume(short_c
     common = {"train__max_steps": 7, "train__eval_interval": 3,
               "train__validate_at_start": False, "checkpoint__interval": 5}
     proc = _start(_args(short_csv, tmp_path, "awk", **common), "delay:validation:4")
-    code, out = _signal_during(proc, log, "validation", signal.SIGTERM)
+    code, out = _signal_during(proc, "validation", signal.SIGTERM)
     assert code == 75 and _checkpoints(tmp_path, "awk") == ["checkpoint_step_000003"], out[-3000:]
 
     resume = _args(short_csv, tmp_path, "awk", **common) + ["--resume", "auto"]
-    code, out = _signal_during(_start(resume, "delay:resume:4"), log, "resume", signal.SIGTERM)
+    code, out = _signal_during(_start(resume, "delay:resume:4"), "resume", signal.SIGTERM)
     assert code == 75 and "before any training step" in out, out[-3000:]
     assert _checkpoints(tmp_path, "awk") == ["checkpoint_step_000003"]
 
     slurm = _fake_slurm(tmp_path)
     proc = _start(resume, "delay:checkpoint_save:4", env=slurm)
-    code, out = _signal_during(proc, log, "checkpoint_save", signal.SIGUSR1, signal.SIGTERM)
+    code, out = _signal_during(proc, "checkpoint_save", signal.SIGUSR1, signal.SIGTERM)
     assert code == 75 and "stop requested (signal) at step 5" in out, out[-3000:]
     assert _checkpoints(tmp_path, "awk") == ["checkpoint_step_000003", "checkpoint_step_000005"]
     assert not (tmp_path / "scontrol_calls").exists() and "stopped on SIGTERM" in out
@@ -157,19 +185,17 @@ def test_signals_at_awkward_moments_leave_one_checkpoint_each_and_resume(short_c
 def test_ctrl_c_checkpoints_and_exits_75_and_a_second_one_stops_at_once(short_csv, tmp_path):
     """Ctrl-C during a save was reported as a write failure ("make room", exit 74), and
     elsewhere as a KeyboardInterrupt traceback with no checkpoint."""
-    log = tmp_path / "logs" / "ctrl_c" / "training_full.log"
     args = _args(short_csv, tmp_path, "ctrl_c", train__max_steps=50, checkpoint__interval=4,
                  train__validate_at_start=False)
-    code, out = _signal_during(_start(args, "delay:checkpoint_save:4"), log, "checkpoint_save",
+    code, out = _signal_during(_start(args, "delay:checkpoint_save:4"), "checkpoint_save",
                                signal.SIGINT)
     assert code == 75 and "stopped on SIGINT" in out, out[-3000:]
     assert "make room" not in out and "Traceback" not in out
     assert _checkpoints(tmp_path, "ctrl_c") == ["checkpoint_step_000004"]
 
-    log.rename(log.with_suffix(".first"))     # so that the wait below sees the new run's line
     resume = args + ["--resume", "auto"]
     proc = _start(resume, "delay:checkpoint_save:4")
-    code, out = _signal_during(proc, log, "checkpoint_save", signal.SIGINT, signal.SIGINT)
+    code, out = _signal_during(proc, "checkpoint_save", signal.SIGINT, signal.SIGINT)
     assert code == 130 and out.strip().splitlines()[-1].startswith("error: interrupted twice")
     assert "Traceback" not in out and "make room" not in out, out[-3000:]
     assert _checkpoints(tmp_path, "ctrl_c")[0] == "checkpoint_step_000004"
@@ -183,10 +209,10 @@ def test_two_signals_to_one_rank_during_a_save_on_two_ranks(short_csv, tmp_path)
                  train__validate_at_start=False, train__log_interval=2)
     proc = _start(args, "delay:checkpoint_save:4", ranks=2, env=_fake_slurm(tmp_path))
     log = tmp_path / "logs" / "pair" / "training_full.log"
-    _wait_for_text(log, "fault injection: delaying checkpoint_save", proc)
+    proc.console.wait_for("fault injection: delaying checkpoint_save")
     workers = [c for c in psutil.Process(proc.pid).children()
                if "train.py" in " ".join(c.cmdline())]
-    code, out = _signal_during(proc, log, "checkpoint_save", signal.SIGUSR1, signal.SIGTERM,
+    code, out = _signal_during(proc, "checkpoint_save", signal.SIGUSR1, signal.SIGTERM,
                                target=workers[-1])
     assert code != 0 and out.count("exitcode  : 75") >= 1, out[-3000:]
     assert "stop requested (signal) at step 4" in log.read_text()
@@ -207,15 +233,13 @@ def test_a_hung_rank_fails_the_others_within_the_timeout(short_csv, tmp_path):
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
             "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}))
     try:
-        _wait_for_text(tmp_path / "logs" / "hang" / "training_full.log",
-                       "this rank hangs before step 3", procs[0])
-        hung_at = time.monotonic()
+        hung_at = procs[1].console.wait_for("this rank hangs before step 3")
         code, out = _finish(procs[0], timeout=120)
         waited = time.monotonic() - hung_at
         assert procs[1].poll() is None          # the hung rank is still hanging
     finally:
         procs[1].kill()
-        procs[1].communicate()
+        _finish(procs[1])
     assert code == 1, out[-3000:]
     assert 9 <= waited <= 10 + 20, waited      # the timeout, plus slack for a loaded machine
     error = [line for line in out.splitlines() if line.startswith("error: ")]

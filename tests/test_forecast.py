@@ -109,6 +109,24 @@ def test_forecast_csv_columns_units_and_builtin_future_rows(model_file, short_cs
             assert abs(q[2] - level) < 0.05 and 0.005 < q[4] - q[0] < 0.2
 
 
+def test_baseline_quantiles_beside_the_models(model_file, short_csv, tmp_path, capsys):
+    """Both baselines are random walks: their median is the origin's value, in target units,
+    and their bands widen with the horizon."""
+    status, _, _ = forecast(capsys, "--checkpoint", model_file, "--data", short_csv,
+                            "--out", tmp_path / "out")
+    header, rows = read_rows(tmp_path / "out" / "forecast.csv")
+    _, data_rows = read_rows(short_csv)
+    last = dict(zip(["Asset_A", "Asset_B", "Asset_C", "Asset_D"], map(float, data_rows[-1][1:5])))
+    for baseline in ("rw", "ewma"):
+        columns = [header.index(f"{baseline}_{q}") for q in ("q05", "q25", "q50", "q75", "q95")]
+        for r in rows:
+            q = [float(r[c]) for c in columns]
+            assert q == sorted(q) and q[2] == pytest.approx(last[r[1]], rel=1e-6)
+        width = {int(r[2]): float(r[columns[4]]) - float(r[columns[0]])
+                 for r in rows if r[1] == "Asset_A"}
+        assert width[PRED_LEN] > width[1] > 0
+
+
 def test_builtin_future_rows_equal_the_datasets_own(model_file, short_csv, tmp_path):
     from trainer.forecast_input import builtin_future_rows
     from trainer.forecast_model import load_model_file
@@ -237,11 +255,15 @@ def test_origins_backtest(model_file, short_csv, tmp_path, capsys):
 @pytest.mark.parametrize("origins, message", [
     ("1000", "history for at most"), ("0", "at least 1 origin"),
     ("1996-01-10", "the model looks back"),
-    ("2099-01-01", "is not a row with targets"), ("soon", "neither a count nor")])
+    ("2099-01-01", "is not a row with targets"),
+    ("soon", "--origins: 'soon' is not a full YYYY-MM-DD date (give a count or full dates)"),
+    ("2003-06", "--origins: '2003-06' is not a full YYYY-MM-DD date"),
+    ("2003-06-30T12:00", "is not a full YYYY-MM-DD date")])
 def test_bad_origins(model_file, short_csv, tmp_path, capsys, origins, message):
     status, _, err = forecast(capsys, "--checkpoint", model_file, "--data", short_csv,
                               "--out", tmp_path / "out", "--origins", origins)
-    assert status == 2 and message in err and not (tmp_path / "out").exists()
+    assert status == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -108,7 +108,8 @@ def test_real_sp500_span_converts_and_prepares(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--series", "ftse"], "--series: unknown series 'ftse'"),
     (["--start", "2020-01-01"], "--start/--end: no trading day from 2020-01-01"),
-    (["--end", "1999-13-01"], "--end: not a YYYY-MM-DD date"),
+    (["--end", "1999-13-01"], "--end: '1999-13-01' is not a calendar date"),
+    (["--end", "1999-12"], "--end: '1999-12' is not a full YYYY-MM-DD date"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
     out = tmp_path / "m.csv"

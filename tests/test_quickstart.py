@@ -80,11 +80,14 @@ def test_the_analysis_reads_the_run(quickstart_run):
                             cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Mean norm:" in result.stdout and "Top celestial (" in result.stdout
+    assert "Celestial bodies by occlusion" in result.stdout
     assert "Verdict:" in result.stdout and "skill vs random walk" in result.stdout
     analysis = quickstart_run / "analysis"
     for png in ("gradient_flow.png", "fusion_attention_entropy.png", "c2t_attention_heatmap.png",
-                "training_curves.png", "skill.png"):
+                "training_curves.png", "skill.png", "occlusion_ranking.png"):
         assert_valid_png(analysis / png)
+    if "calibration_by_horizon" in lines(quickstart_run, "test")[-1]:
+        assert_valid_png(analysis / "pit_histogram.png")
     with open(analysis / "gradient_norms.csv") as f:
         rows = list(csv.DictReader(f))
     recorded = sorted(int(p.stem.rsplit("_", 1)[1])
@@ -94,7 +97,7 @@ def test_the_analysis_reads_the_run(quickstart_run):
     assert_valid_findings(analysis / "recommendations.json")
     html = (analysis / "report.html").read_text()
     assert_self_contained(html)
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == len(list(analysis.glob("*.png")))
     assert list((quickstart_run / "components").glob("profile_step_*.json"))
     for path in quickstart_run.glob("*/*_step_*.json"):   # what was analysed: valid records
         jsonschema.validate(json.loads(path.read_text()), schemas.schema_for(path.name))

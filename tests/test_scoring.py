@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import properscoring
 import pytest
 import torch
 
@@ -13,9 +14,14 @@ from model.decoder import mixture_cdf, mixture_crps, mixture_quantiles
 from tests.dist_workers import join_group, spawn
 from trainer import distributed
 from trainer.scoring import (
+    PINBALL_SCORES,
+    QUANTILE_LEVELS,
+    derived_scores,
     describe_skill,
     ewma_scale,
     gaussian,
+    naive_scale,
+    quantile_scores,
     random_walk,
     scores,
     skill_metrics,
@@ -54,6 +60,66 @@ def test_crps_of_a_standard_normal_at_its_mean():
     assert crps == pytest.approx(expected, rel=1e-5)
 
 
+def test_crps_agrees_with_properscoring_where_they_overlap():
+    g = torch.Generator().manual_seed(3)
+    mu, sigma, y = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.1, torch.randn(5)
+    one = mixture_crps(torch.zeros(5, 1), mu[:, None], sigma[:, None], y)
+    np.testing.assert_allclose(one.numpy(), properscoring.crps_gaussian(y, mu, sigma), rtol=1e-5)
+    mixture = random_mixture(shape=(4,), K=3)
+    y = torch.tensor([-1.0, 0.0, 0.5, 2.0])
+    draws_NT = sample(mixture, 4000).numpy()      # properscoring's ensemble CRPS is O(n^2)
+    closed = mixture_crps(*mixture, y).numpy()
+    for t in range(4):
+        ensemble = properscoring.crps_ensemble(y[t].item(), draws_NT[:, t])
+        standard_error = np.abs(draws_NT[:, t] - y[t].item()).std() / math.sqrt(len(draws_NT))
+        assert abs(closed[t] - ensemble) < 4 * standard_error
+
+
+def test_quantile_scores_by_hand():
+    """A standard normal forecast (one component) and outcomes in and outside its intervals."""
+    y_BPT = torch.tensor([[[0.0], [2.0]]])                       # (B=1, P=2, T=1)
+    mixture = gaussian(torch.zeros(1, 2, 1), torch.ones(1, 2, 1))
+    std_T, mean_T, naive_BT = torch.tensor([2.0]), torch.tensor([10.0]), torch.tensor([[0.5]])
+    found = quantile_scores(mixture, y_BPT, std_T, mean_T, naive_BT)
+    z95, z75 = 1.6448536, 0.6744898
+    # y = 0: the median is exact; the 95% quantile is above y by z95: loss (1 - 0.95) z95.
+    assert found["pinball_q50"][0, 0, 0] == pytest.approx(0.0, abs=1e-6)
+    assert found["pinball_q95"][0, 0, 0] == pytest.approx(0.05 * z95 * 2, rel=1e-5)
+    # y = 2 is above the 90% interval [-z95, z95]: width + 2 / 0.1 * (2 - z95).
+    is90 = 2 * z95 + 20 * (2 - z95)
+    assert found["interval_score_90"][0, 1, 0] == pytest.approx(is90 * 2, rel=1e-5)
+    assert found["msis_90"][0, 1, 0] == pytest.approx(is90 / 0.5, rel=1e-5)
+    assert found["interval_score_50"][0, 0, 0] == pytest.approx(2 * z75 * 2, rel=1e-5)
+    assert found["abs_outcome"][0, 1, 0] == pytest.approx(2 * 2 + 10)
+    base = scores(mixture, y_BPT, std_T, naive_BT)
+    assert base["mase"][0, 1, 0] == pytest.approx(2 / 0.5)
+    assert base["squared_error"][0, 1, 0] == pytest.approx((2 * 2) ** 2)
+    assert base["crps_units"][0, 1, 0] == pytest.approx(2 * base["crps"][0, 1, 0])
+
+
+def test_mixture_quantile_scores_match_its_bisection_quantiles():
+    mixture = random_mixture(shape=(1, 2, 3), K=3)
+    y = torch.zeros(1, 2, 3)
+    q = mixture_quantiles(*mixture, QUANTILE_LEVELS, iterations=30)
+    found = quantile_scores(mixture, y, torch.ones(3), torch.zeros(3), torch.ones(1, 3))
+    for i, level in enumerate(QUANTILE_LEVELS):
+        expected = torch.maximum(level * (y - q[..., i]), (level - 1) * (y - q[..., i]))
+        torch.testing.assert_close(found[PINBALL_SCORES[i]], expected)
+
+
+def test_derived_scores_are_not_means_of_elements():
+    means = {"squared_error": np.array([4.0, 9.0]), "abs_outcome": np.array([10.0, 10.0]),
+             **{k: np.array([1.0, 2.0]) for k in PINBALL_SCORES}}
+    derived = derived_scores(means)
+    np.testing.assert_allclose(derived["rmse"], [2.0, 3.0])
+    np.testing.assert_allclose(derived["wql"], [0.2, 0.4])
+
+
+def test_naive_scale_is_the_lookback_mean_absolute_change():
+    target_BST = torch.tensor([[[0.0], [1.0], [3.0], [2.0]]])
+    assert naive_scale(target_BST).tolist() == [[pytest.approx(4 / 3)]]
+
+
 def test_mixture_quantiles_are_exact_and_match_sampling():
     mixture = random_mixture()
     probs = [0.05, 0.25, 0.5, 0.75, 0.95]
@@ -84,7 +150,9 @@ def test_ewma_adapts_where_the_training_spread_cannot():
     y = torch.zeros(1, 3, 1)
     rw = random_walk(steps.cumsum(1), torch.ones(3, 1), 3)
     calm = gaussian(torch.zeros(1, 3, 1), 0.1 * torch.ones(1, 3, 1))
-    assert scores(calm, y, torch.ones(1))["nll"].mean() < scores(rw, y, torch.ones(1))["nll"].mean()
+    naive = torch.ones(1, 1)
+    assert scores(calm, y, torch.ones(1), naive)["nll"].mean() < \
+        scores(rw, y, torch.ones(1), naive)["nll"].mean()
 
 
 def nll_series(num_windows: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -165,7 +233,10 @@ def two_rank_series(rank, world_size, port, csv, out):
     join_group(rank, world_size, port)
     metrics = evaluate_on(Path(csv), rank, world_size)
     if rank == 0:
-        np.savez(Path(out) / "series.npz", **metrics["series"], nll=metrics["nll"])
+        calibration = metrics["calibration_by_horizon"]
+        np.savez(Path(out) / "series.npz", **metrics["series"], nll=metrics["nll"],
+                 pit_counts=calibration["pit_counts"],
+                 coverage_90_low=calibration["coverage_90_low"])
     distributed.destroy()
 
 
@@ -174,6 +245,9 @@ def test_series_gathered_from_two_ranks_equal_one_process(short_csv, tmp_path):
     one = evaluate_on(short_csv)
     spawn(two_rank_series, 2, str(short_csv), str(tmp_path), timeout_s=240)
     two = np.load(tmp_path / "series.npz")
-    for k in ("model", "rw", "ewma"):
-        np.testing.assert_allclose(two[k], one["series"][k], rtol=1e-5, atol=1e-6)
+    for k, values in one["series"].items():       # per-window scores, per target and step too
+        np.testing.assert_allclose(two[k], values, rtol=1e-5, atol=1e-6)
     assert float(two["nll"]) == pytest.approx(one["nll"], rel=1e-6)
+    calibration = one["calibration_by_horizon"]
+    assert two["pit_counts"].tolist() == calibration["pit_counts"]
+    np.testing.assert_allclose(two["coverage_90_low"], calibration["coverage_90_low"], rtol=1e-9)

@@ -23,6 +23,15 @@ VAL_NLL = [1.0, 0.5, 0.7, 0.8]     # at steps 0, 2, 4, 6: best at step 2, stop a
 KEPT_NLL, TEST_NLL = 0.5, 0.6
 
 
+def window_series(nll: float, num_windows: int) -> dict[str, np.ndarray]:
+    """Per-window scores in the layout of trainer/evaluate.py's `series`."""
+    wiggle = 0.01 * np.sin(np.arange(num_windows))
+    return {**{name: np.full(num_windows, v) + wiggle
+               for name, v in (("model", nll), ("rw", 1.0), ("ewma", 1.0))},
+            **{f"{name}_{score}_T": np.ones((num_windows, 4))
+               for name in ("model", "rw", "ewma") for score in ("nll", "crps")}}
+
+
 def scripted(real_evaluate):
     """Validation NLLs from VAL_NLL in turn (then the best's, for the restored weights)."""
     calls = {"val": 0}
@@ -33,8 +42,7 @@ def scripted(real_evaluate):
         nll = TEST_NLL if split == "test" else (VAL_NLL + [KEPT_NLL])[min(calls["val"], 5) - 1]
         return {"nll": nll, "rw_nll": 1.0, "ewma_nll": 1.0, "mae": 0.1, "coverage_50": 0.5,
                 "coverage_90": 0.9, "nll_per_target": [nll] * 4,
-                "series": {name: np.full(50, v) + 0.01 * np.sin(np.arange(50))
-                           for name, v in (("model", nll), ("rw", 1.0), ("ewma", 1.0))}}
+                "series": window_series(nll, len(real_evaluate.data.test_loader.dataset))}
     return evaluate
 
 

@@ -13,12 +13,13 @@ import psutil
 import torch
 
 from model import CelestialPGAT
-from trainer import distributed, faults, precision
+from trainer import distributed, experiment_lock, faults, precision
 from trainer.checkpoint import CheckpointManager
 from trainer.config import Config
 from trainer.data import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
+from trainer.experiment_lock import ExperimentLock
 from trainer.loop import (
     Progress,
     SplitEvaluator,
@@ -204,13 +205,32 @@ def build_parts(config: Config, env: DistEnv, config_path: str | None = None, *,
     config.train.experiment_name = name
     setup_logging(None, env.rank, config.train.progress_bar)   # the file once the folder exists
     checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name)
-    check_experiment_folder(checkpoints, resume_request(config)[0], name)
     log_dir = Path(config.train.log_root) / name
     check_writable([log_dir, checkpoints.folder])
+    lock = agree_on_user_error(lambda: take_lock(checkpoints.folder, env))
+    try:
+        return build_locked_parts(config, env, checkpoints, log_dir, lock, observers)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def take_lock(folder: Path, env: DistEnv) -> ExperimentLock | None:
+    """The experiment's one-writer lock, held by rank 0 (trainer/experiment_lock.py)."""
+    return experiment_lock.acquire(folder) if env.rank == 0 else None
+
+
+def build_locked_parts(config: Config, env: DistEnv, checkpoints: CheckpointManager,
+                       log_dir: Path, lock: ExperimentLock | None,
+                       observers: ObserverFactory | None) -> TrainerParts:
+    name = config.train.experiment_name
+    check_experiment_folder(checkpoints, resume_request(config)[0], name)
     data = build_data(config, env)        # every input check, before anything is written
     plugged_in = ObserverGroup(plug_in(observers, config))
     progress = Progress(total_steps=total_steps(config, data),
                         length_setting=length_setting(config))
+    agree_on_user_error(lambda: check_model_fits(config, data.prepared.spec, env.device))
     step = build_train_step(config, data.prepared.spec, env, progress.total_steps)
     resumed_from = start_from_checkpoint(config, env, step, progress, checkpoints,
                                          data.prepared.spec)
@@ -224,7 +244,31 @@ def build_parts(config: Config, env: DistEnv, config_path: str | None = None, *,
     return TrainerParts(config=config, env=env, data=data, train_step=step,
                         evaluate=SplitEvaluator(step, data), observers=plugged_in,
                         checkpoints=checkpoints, run_log=run_log, run_context=context,
-                        progress=progress, resumed_from=resumed_from)
+                        progress=progress, resumed_from=resumed_from, lock=lock)
+
+
+BYTES_PER_PARAMETER = 16      # fp32 weights, gradients and AdamW's two moments
+
+
+def check_model_fits(config: Config, spec, device: torch.device) -> None:
+    """Refuse, before allocating any of it, a model whose weights, gradients and optimizer state
+    would not fit the memory available now (a mistyped model.d_model would otherwise end in an
+    allocation traceback). The model is laid out on the meta device, which takes no memory."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in CelestialPGAT(config.model, spec).parameters())
+    need, available = BYTES_PER_PARAMETER * count, available_memory(device)
+    if need > available:
+        m = config.model
+        raise UserError(f"the model has {count:,} parameters (model.d_model={m.d_model}, "
+                        f"{spec.num_features} feature columns): its weights, gradients and "
+                        f"optimizer state need {need / 2**30:.1f} GiB, and {device} has "
+                        f"{available / 2**30:.1f} GiB available: lower model.d_model")
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
 
 
 def build_train_step(config: Config, spec, env: DistEnv, total: int) -> TrainStep:

@@ -108,6 +108,16 @@ def ensure_dataset(config: DataConfig) -> Path:
     return path
 
 
+def given_data_file(path: Path) -> Path:
+    """A data file to read as it is (`--data`, or a csv run's data.path): it must exist. Unlike
+    data.path of a built-in-data run, it is never a cache to generate: a typo is refused."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory (expected a CSV file)")
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    return path
+
+
 def _generate_builtin(config: DataConfig, path: Path) -> None:
     """With data.source builtin, data.path is a cache: a missing file is generated there."""
     try:
@@ -132,32 +142,31 @@ def _generate_builtin(config: DataConfig, path: Path) -> None:
 
 
 def read_table(path: Path, date_column: str) -> RawTable:
-    rows = _read_rows(path)
-    if not rows or not rows[0]:
-        raise UserError(f"{path}: empty file (expected a header row)")
-    header, body = rows[0], rows[1:]
+    header, body = read_csv_rows(path)
     if date_column not in header:
         raise UserError(f"{path}: no {date_column!r} column (header: {header[:6]}...)")
-    duplicated = sorted({h for h in header if header.count(h) > 1})
-    if duplicated:
-        raise UserError(f"{path}: duplicate column names {duplicated}")
-    for line, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise UserError(f"{path}: line {line} has {len(row)} fields, "
-                            f"the header has {len(header)}")
     by_column = dict(zip(header, zip(*body))) if body else dict.fromkeys(header, ())
     dates = _parse_dates(path, by_column.pop(date_column))
     columns = {name: _parse_numbers(path, name, values) for name, values in by_column.items()}
     return RawTable(dates, columns, path)
 
 
-def _read_rows(path: Path) -> list[list[str]]:
-    """All CSV rows; a binary, non-UTF-8 or unreadable file is a UserError naming it."""
+# What a CSV may make the process hold: each column is a model input (the memory of a training
+# step grows with their number), and the text is held as Python strings (about 60 bytes a cell).
+MAX_COLUMNS = 1_000
+MAX_CELLS = 10_000_000
+MAX_LINE_CHARS = 1 << 20
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of a CSV (training and forecast data), every row as long as the
+    header, within the limits above; a binary, non-UTF-8, unreadable or oversized file is a
+    UserError naming it (and the line), found before the rest of the file is read."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
+            reader = csv.reader(_bounded_lines(path, f))
             try:
-                return list(reader)
+                return _header_and_rows(path, reader)
             except csv.Error as err:     # a NUL byte, a field past the size limit
                 raise UserError(f"{path}: line {reader.line_num + 1} is not CSV text "
                                 f"({err})") from None
@@ -167,14 +176,60 @@ def _read_rows(path: Path) -> list[list[str]]:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
+def _header_and_rows(path: Path, reader) -> tuple[list[str], list[list[str]]]:
+    header = next(reader, None)
+    if not header:
+        raise UserError(f"{path}: empty file (expected a header row)")
+    if len(header) > MAX_COLUMNS:
+        raise UserError(f"{path}: {len(header)} columns, more than the {MAX_COLUMNS} a data file "
+                        f"may have (every column is a model input)")
+    duplicated = sorted({h for h in header if header.count(h) > 1})
+    if duplicated:
+        raise UserError(f"{path}: duplicate column names {duplicated}")
+    body, max_rows = [], MAX_CELLS // len(header)
+    for row in reader:
+        if len(row) != len(header):
+            raise UserError(f"{path}: line {reader.line_num} has {len(row)} fields, "
+                            f"the header has {len(header)}")
+        if len(body) == max_rows:
+            raise UserError(f"{path}: more than {max_rows} rows of {len(header)} columns (at most "
+                            f"{MAX_CELLS:,} cells): split the file or drop columns")
+        body.append(row)
+    return header, body
+
+
+def _bounded_lines(path: Path, f):
+    number = 0
+    while line := f.readline(MAX_LINE_CHARS + 1):
+        number += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise UserError(f"{path}: line {number} is over {MAX_LINE_CHARS:,} characters (not "
+                            f"a data file?)")
+        yield line
+
+
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
+def parse_date(text: str) -> np.datetime64:
+    """A full YYYY-MM-DD calendar date, else ValueError saying why. numpy alone also takes '',
+    'NaT', '2020-12' (as its first day) and '2020-01-01T05:00': every date a user gives, in a
+    CSV or on the command line, goes through here."""
+    if not _DATE.fullmatch(text):
+        raise ValueError(f"{text[:40]!r} is not a full YYYY-MM-DD date")
+    try:
+        return np.datetime64(text, "D")
+    except ValueError:
+        raise ValueError(f"{text!r} is not a calendar date") from None
+
+
 def _parse_dates(path: Path, values) -> np.ndarray:
-    # numpy alone also takes '', 'NaT', '2020' and '2020-01-01T05:00': insist on the format.
     for line, value in enumerate(values, start=2):
-        if not (_DATE.fullmatch(value) and _is_date(value)):
-            raise UserError(f"{path}: date {value[:40]!r} at line {line} is not YYYY-MM-DD")
+        try:
+            parse_date(value)
+        except ValueError:
+            raise UserError(f"{path}: date {value[:40]!r} at line {line} is not YYYY-MM-DD") \
+                from None
     dates = np.array(values, dtype="datetime64[D]")
     steps = np.diff(dates).astype(np.int64)
     if (steps <= 0).any():
@@ -183,14 +238,6 @@ def _parse_dates(path: Path, values) -> np.ndarray:
         raise UserError(f"{path}: {kind} dates: {dates[i]} then {dates[i + 1]} "
                         f"(lines {i + 2} and {i + 3}); dates must strictly increase")
     return dates
-
-
-def _is_date(value: str) -> bool:
-    try:
-        np.datetime64(value, "D")
-        return True
-    except ValueError:
-        return False
 
 
 def _parse_numbers(path: Path, name: str, values) -> np.ndarray:
@@ -406,7 +453,7 @@ class WindowDataset(Dataset):
     def __init__(self, data: PreparedData, split: str, seq_len: int, pred_len: int, stride: int):
         start, end = data.borders[split]
         self.features, self.targets = data.features_RF, data.targets_RT
-        self.seq_len, self.pred_len = seq_len, pred_len
+        self.seq_len, self.pred_len, self.stride = seq_len, pred_len, stride
         self.starts = torch.arange(start, end - seq_len - pred_len + 1, stride)
 
     def __len__(self) -> int:

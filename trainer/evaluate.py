@@ -5,9 +5,9 @@ Per forecaster (the model, `rw_*` and `ewma_*` baselines, see trainer/scoring.py
 intervals; overall and `<metric>_per_target` (and `_by_horizon`, [P][T], on request). For the
 model also the effective number of mixture components (exp of the entropy of pi) and the
 pi-weighted fraction of components whose sigma sits at its floor (sigma collapse).
-Sums are taken on every rank's shard and reduced over all ranks. With `with_series`, the
-per-window mean NLL of every forecaster, in time order and gathered from all ranks, is returned
-too (`series`), for skill intervals and occlusion.
+Sums are taken on every rank's shard and reduced over all ranks. With `with_series`, per-window
+scores in time order, gathered from all ranks, are returned too (`series`, for skill intervals,
+occlusion and the per-window test file), with `calibration_by_horizon` (trainer/calibration.py).
 """
 from __future__ import annotations
 
@@ -19,12 +19,31 @@ import torch
 
 from stats.intervals import paired_difference
 from trainer import distributed
-from trainer.scoring import BASELINES, SCORES, baseline_forecasts, difference_metrics, scores
+from trainer.calibration import NUM_PIT_BINS, calibration_by_horizon, pit_counts
+from trainer.scoring import (
+    BASELINES,
+    PART_SCORES,
+    QUANTILE_SCORES,
+    SCORES,
+    baseline_forecasts,
+    derived_scores,
+    difference_metrics,
+    naive_scale,
+    quantile_scores,
+    scores,
+)
 
 FORECASTERS = ("model", *BASELINES)
 _MODEL_ONLY = ("effective_components", "sigma_at_floor")
-_SUM_KEYS = ("count", *[f"{p}{s}" for p in ("", *(f"{b}_" for b in BASELINES)) for s in SCORES],
-             *_MODEL_ONLY)
+_SERIES_KEYS = ("window", *FORECASTERS, *(f"{name}_{score}_T" for name in FORECASTERS
+                                            for score in ("nll", "crps")), "coverage_90_P")
+_PREFIXES = ("", *(f"{b}_" for b in BASELINES))
+
+
+def sum_keys(with_quantiles: bool) -> tuple[str, ...]:
+    """The per-element scores summed over an evaluation, in order; `count` first."""
+    names = (*SCORES, *(QUANTILE_SCORES if with_quantiles else ()))
+    return ("count", *[f"{p}{s}" for p in _PREFIXES for s in names], *_MODEL_ONLY)
 
 
 def _model_extras(out, change_scale_PT, sigma_min) -> dict[str, torch.Tensor]:
@@ -34,14 +53,21 @@ def _model_extras(out, change_scale_PT, sigma_min) -> dict[str, torch.Tensor]:
             "sigma_at_floor": (pi * (out.sigma <= floor)).sum(-1)}
 
 
-def _batch_scores(out, batch, change_scale_PT, target_std_T, sigma_min) -> dict[str, torch.Tensor]:
-    """Every (forecaster, score) per (B, P, T) for one batch; keys as in _SUM_KEYS."""
+def _batch_scores(out, batch, change_scale_PT, target_std_T, sigma_min,
+                  target_mean_T=None) -> dict[str, torch.Tensor]:
+    """Every (forecaster, score) per (B, P, T) for one batch; keys as in sum_keys (with the
+    quantile scores when `target_mean_T` is given)."""
     y = batch.future_target
+    naive_BT = naive_scale(batch.target)
     per_elem = {"count": torch.ones_like(y)}
-    model = (out.log_pi.float(), out.mu.float(), out.sigma.float())
-    per_elem.update(scores(model, y, target_std_T))
-    for name, mixture in baseline_forecasts(batch.target, change_scale_PT).items():
-        per_elem.update({f"{name}_{k}": v for k, v in scores(mixture, y, target_std_T).items()})
+    forecasts = {"": (out.log_pi.float(), out.mu.float(), out.sigma.float()),
+                 **{f"{name}_": mixture for name, mixture
+                    in baseline_forecasts(batch.target, change_scale_PT).items()}}
+    for prefix, mixture in forecasts.items():
+        found = scores(mixture, y, target_std_T, naive_BT)
+        if target_mean_T is not None:
+            found.update(quantile_scores(mixture, y, target_std_T, target_mean_T, naive_BT))
+        per_elem.update({f"{prefix}{k}": v for k, v in found.items()})
     per_elem.update(_model_extras(out, change_scale_PT, sigma_min))
     return per_elem
 
@@ -60,12 +86,13 @@ def evaluate(model, loader, device: torch.device, target_std_T, *,
              autocast: AbstractContextManager | None = None,
              blank_columns: list[int] | None = None, max_batches: int | None = None,
              with_c2t: bool = False, with_series: bool = False, per_horizon: bool = False,
-             on_batch: Callable[[], object] | None = None) -> dict:
+             on_batch: Callable[[], object] | None = None, target_mean_T=None) -> dict:
     """Metrics over the loader's shard on this rank, reduced over all ranks.
 
     `blank_columns` zeroes those feature columns (occlusion); `max_batches` caps the batches
     per rank; `with_c2t` adds `c2t_map`, the (targets x bodies) C->T weights averaged over
-    samples, horizon and heads; `with_series` adds `series` (see the module docstring).
+    samples, horizon and heads; `with_series` adds `series` (see the module docstring);
+    `target_mean_T` (the training means) adds the quantile scores (trainer/scoring.py).
     `on_batch` is called after each batch (a progress bar's `update`).
     """
     was_training = model.training
@@ -73,10 +100,14 @@ def evaluate(model, loader, device: torch.device, target_std_T, *,
     change_scale_PT = model.decoder.change_scale_PT
     std_T = torch.as_tensor(target_std_T, dtype=torch.float32, device=device)
     P, T = change_scale_PT.shape
-    sums = torch.zeros(len(_SUM_KEYS), P, T, dtype=torch.float64, device=device)
+    keys = sum_keys(with_quantiles=target_mean_T is not None)
+    mean_T = None if target_mean_T is None else torch.as_tensor(
+        target_mean_T, dtype=torch.float32, device=device)
+    sums = torch.zeros(len(keys), P, T, dtype=torch.float64, device=device)
     c2t_sum = torch.zeros(T, len(model.spec.bodies), dtype=torch.float64, device=device)
+    pit_PB = torch.zeros(P, NUM_PIT_BINS, dtype=torch.int64, device=device)
     window_ids = iter(loader.sampler)
-    series = {"window": [], **{name: [] for name in FORECASTERS}}
+    series = {key: [] for key in _SERIES_KEYS}
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -86,43 +117,77 @@ def evaluate(model, loader, device: torch.device, target_std_T, *,
             out = model(wave, batch.target, future, return_attention=with_c2t)
         if with_c2t:
             c2t_sum += out.attention["c2t"].double().mean((1, 3)).sum(0)
-        per_elem = _batch_scores(out, batch, change_scale_PT, std_T, model.config.sigma_min)
-        sums += torch.stack([per_elem[k].double().sum(0) for k in _SUM_KEYS])
+        per_elem = _batch_scores(out, batch, change_scale_PT, std_T, model.config.sigma_min,
+                                 mean_T)
+        sums += torch.stack([per_elem[k].double().sum(0) for k in keys])
+        pit_PB += pit_counts(per_elem["pit"])
         if with_series:
             series["window"] += [next(window_ids) for _ in range(len(batch.target))]
-            for name in FORECASTERS:
-                key = "nll" if name == "model" else f"{name}_nll"
-                series[name] += per_elem[key].double().mean((1, 2)).tolist()
+            _add_window_series(series, per_elem)
         if on_batch is not None:
             on_batch()
     model.train(was_training)
     distributed.all_reduce_sum(sums)
-    metrics = _as_metrics(sums.cpu(), per_horizon)
+    distributed.all_reduce_sum(pit_PB)
+    metrics = _as_metrics(keys, sums.cpu(), per_horizon)
     if with_c2t:
         distributed.all_reduce_sum(c2t_sum)
         metrics["c2t_map"] = (c2t_sum / max(1, metrics["num_windows"])).tolist()
     if with_series:
         metrics["series"] = _gathered_in_time_order(series)
+        metrics["calibration_by_horizon"] = calibration_by_horizon(
+            _per_step(sums[keys.index("coverage_50")], sums[0]),
+            metrics["series"]["coverage_90_P"], pit_PB.cpu().tolist(), loader.dataset.stride)
     return metrics
+
+
+def _per_step(sums_PT: torch.Tensor, count_PT: torch.Tensor) -> list[float]:
+    return (sums_PT.sum(1) / count_PT.sum(1).clamp_min(1)).tolist()
+
+
+def _add_window_series(series: dict[str, list], per_elem: dict[str, torch.Tensor]) -> None:
+    """Per window of the batch: every forecaster's mean NLL (`<name>`), its NLL and CRPS per
+    target over the horizon (`<name>_nll_T`, `<name>_crps_T`), and the model's share of targets
+    inside its 90% interval per step (`coverage_90_P`)."""
+    for name in FORECASTERS:
+        prefix = "" if name == "model" else f"{name}_"
+        series[name] += per_elem[f"{prefix}nll"].double().mean((1, 2)).tolist()
+        for score in ("nll", "crps"):
+            series[f"{name}_{score}_T"] += per_elem[f"{prefix}{score}"].double().mean(1).tolist()
+    series["coverage_90_P"] += per_elem["coverage_90"].double().mean(2).tolist()
 
 
 def _gathered_in_time_order(series: dict[str, list]) -> dict[str, np.ndarray]:
     """Every rank's per-window values, joined and sorted by window index (= time order)."""
     parts = distributed.all_gather_object(series)
-    joined = {k: np.concatenate([np.asarray(p[k], dtype=np.float64) for p in parts])
-              for k in series}
+    joined = {k: _joined([p[k] for p in parts]) for k in series}
     order = np.argsort(joined.pop("window"), kind="stable")
     return {k: v[order] for k, v in joined.items()}
 
 
-def _as_metrics(sums_MPT, per_horizon: bool) -> dict:
+def _joined(parts: list[list]) -> np.ndarray:
+    filled = [np.asarray(p, dtype=np.float64) for p in parts if len(p)]
+    return np.concatenate(filled) if filled else np.empty(0)
+
+
+def _as_metrics(keys: tuple[str, ...], sums_MPT, per_horizon: bool) -> dict:
     count_PT = sums_MPT[0].clamp_min(1)
     metrics = {"num_windows": int(sums_MPT[0, 0, 0].item())}
-    for k, row_PT in zip(_SUM_KEYS[1:], sums_MPT[1:]):
-        metrics[k] = float(row_PT.sum() / count_PT.sum())
-        metrics[f"{k}_per_target"] = (row_PT.sum(0) / count_PT.sum(0)).tolist()
+    means = {"": {}, "_per_target": {}, "_by_horizon": {}}
+    for k, row_PT in zip(keys[1:], sums_MPT[1:]):
+        means[""][k] = float(row_PT.sum() / count_PT.sum())
+        means["_per_target"][k] = (row_PT.sum(0) / count_PT.sum(0)).numpy()
         if per_horizon:
-            metrics[f"{k}_by_horizon"] = (row_PT / count_PT).tolist()
+            means["_by_horizon"][k] = (row_PT / count_PT).numpy()
+    for suffix, found in means.items():
+        for k, value in found.items():
+            if not k.endswith(PART_SCORES):
+                metrics[f"{k}{suffix}"] = value if suffix == "" else value.tolist()
+        for prefix in _PREFIXES if found else ():
+            parts = {k[len(prefix):]: v for k, v in found.items()
+                     if k.startswith(prefix) and k[len(prefix):] in (*SCORES, *QUANTILE_SCORES)}
+            for k, value in derived_scores(parts).items():
+                metrics[f"{prefix}{k}{suffix}"] = float(value) if suffix == "" else value.tolist()
     return metrics
 
 

@@ -9,8 +9,10 @@ whose horizons tile the recent past without overlap; with future rows, the lates
 forecast), and `--origins 2003-06-30,2003-09-30` names the origins by date.
 
 Writes `forecast.csv` (`origin_date, target, horizon, target_date, mean, q05, q25, q50, q75,
-q95, actual`: target units; `actual` is the outcome where the CSV has it, else empty) and
-`forecast.png` (a fan chart per target with the recent history). The quantiles are exact
+q95, actual`, then the naive baselines' quantiles `rw_q05 .. rw_q95` (random walk, training
+spread) and `ewma_q05 .. ewma_q95` (random walk, EWMA volatility): target units; `actual` is the
+outcome where the CSV has it, else empty) and `forecast.png` (a fan chart per target with the
+recent history and the EWMA baseline's 5-95% band). The quantiles are exact
 quantiles of the forecast mixture (bisection on its CDF). Bad input is one line on stderr and
 exit status 2, with nothing written.
 """
@@ -27,15 +29,17 @@ import numpy as np
 import torch
 
 from model.decoder import mixture_mean, mixture_quantiles
-from trainer.data import ensure_dataset
+from trainer.data import ensure_dataset, given_data_file, parse_date
 from trainer.distributed import pick_device
 from trainer.errors import UserError
 from trainer.forecast_input import ForecastInput, prepare_forecast_input, typical_step
-from trainer.forecast_model import LoadedModel, load_model_file
+from trainer.forecast_model import LoadedModel, input_data, load_model_file
+from trainer.scoring import BASELINES, baseline_forecasts
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-COLUMNS = ("origin_date", "target", "horizon", "target_date", "mean",
-           "q05", "q25", "q50", "q75", "q95", "actual")
+_QUANTILE_NAMES = ("q05", "q25", "q50", "q75", "q95")
+COLUMNS = ("origin_date", "target", "horizon", "target_date", "mean", *_QUANTILE_NAMES,
+           "actual", *(f"{b}_{q}" for b in BASELINES for q in _QUANTILE_NAMES))
 _BATCH = 256
 
 
@@ -51,6 +55,7 @@ class Forecast:
     mean_NPT: np.ndarray
     quantiles_NPTQ: np.ndarray
     actual_NPT: np.ndarray            # NaN where the outcome is not in the CSV
+    baseline_quantiles: dict[str, np.ndarray]   # BASELINES name -> (N, P, T, Q)
 
 
 def choose_origins(inputs: ForecastInput, spec: str | None, loaded: LoadedModel) -> list[int]:
@@ -75,9 +80,9 @@ def choose_origins(inputs: ForecastInput, spec: str | None, loaded: LoadedModel)
 
 def _origin_row(inputs: ForecastInput, text: str, loaded: LoadedModel) -> int:
     try:
-        date = np.datetime64(text, "D")
-    except ValueError:
-        raise UserError(f"--origins: {text!r} is neither a count nor a YYYY-MM-DD date") from None
+        date = parse_date(text)
+    except ValueError as err:
+        raise UserError(f"--origins: {err} (give a count or full dates)") from None
     found = np.flatnonzero(inputs.dates[:inputs.num_observed] == date)
     if not len(found):
         raise UserError(f"--origins: {text} is not a row with targets in {inputs.path}")
@@ -116,6 +121,21 @@ def mixture_forecasts(loaded: LoadedModel, inputs: ForecastInput, rows: list[int
     return mean_NPT, q_NPTQ
 
 
+def baseline_quantiles(loaded: LoadedModel, inputs: ForecastInput, rows: list[int]
+                       ) -> dict[str, np.ndarray]:
+    """The naive baselines' (N, P, T, Q) quantiles, in target units (trainer/scoring.py)."""
+    S = loaded.seq_len
+    target_NST = torch.tensor(np.stack([inputs.targets_OT[r - S + 1:r + 1] for r in rows]),
+                              dtype=torch.float32)
+    change_scale_PT = loaded.model.decoder.change_scale_PT.cpu().float()
+    z_Q = torch.special.ndtri(torch.tensor(QUANTILES, dtype=torch.float64))
+    found = {}
+    for name, (_, mu, sigma) in baseline_forecasts(target_NST, change_scale_PT).items():
+        q_NPTQ = (mu.double() + sigma.double() * z_Q).numpy()
+        found[name] = q_NPTQ * loaded.target_std[:, None] + loaded.target_mean[:, None]
+    return found
+
+
 def horizon_dates(inputs: ForecastInput, row: int, pred_len: int) -> np.ndarray:
     """The dates of rows row+1 .. row+P; past the data's end, by its typical date step."""
     last = len(inputs.dates) - 1
@@ -137,7 +157,8 @@ def make_forecast(loaded: LoadedModel, inputs: ForecastInput, rows: list[int]) -
     P = loaded.pred_len
     return Forecast(list(loaded.spec.targets), rows, inputs.dates[rows],
                     np.stack([horizon_dates(inputs, r, P) for r in rows]), mean_NPT, q_NPTQ,
-                    np.stack([outcomes(inputs, r, P) for r in rows]))
+                    np.stack([outcomes(inputs, r, P) for r in rows]),
+                    baseline_quantiles(loaded, inputs, rows))
 
 
 def write_forecast_csv(forecast: Forecast, path: Path) -> int:
@@ -154,7 +175,9 @@ def write_forecast_csv(forecast: Forecast, path: Path) -> int:
                                      str(forecast.target_dates_NP[n, p]),
                                      f"{forecast.mean_NPT[n, p, t]:.8g}",
                                      *(f"{q:.8g}" for q in forecast.quantiles_NPTQ[n, p, t]),
-                                     "" if np.isnan(actual) else f"{actual:.8g}"])
+                                     "" if np.isnan(actual) else f"{actual:.8g}",
+                                     *(f"{q:.8g}" for b in BASELINES
+                                       for q in forecast.baseline_quantiles[b][n, p, t])])
                     count += 1
     return count
 
@@ -191,11 +214,11 @@ def summary_lines(forecast: Forecast, inputs: ForecastInput) -> list[str]:
 
 def data_path(loaded: LoadedModel, given: Path | None) -> tuple[Path, bool]:
     """The CSV to forecast from, and whether missing future rows may be computed (built-in)."""
-    data = loaded.config.data
+    data = input_data(loaded, given)
     builtin = data.source == "builtin"
     if given is not None:
-        return given, builtin
-    return (ensure_dataset(data) if builtin else Path(data.path)), builtin
+        return Path(data.path), builtin
+    return (ensure_dataset(data) if builtin else given_data_file(Path(data.path))), builtin
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,7 +9,6 @@ first row dropped, exactly as in training.
 """
 from __future__ import annotations
 
-import csv
 import fnmatch
 import logging
 from dataclasses import dataclass
@@ -18,7 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from trainer.builtin_data import celestial_features
-from trainer.data import _check_finite, _parse_dates, _parse_numbers, group_bodies
+from trainer.data import (
+    _check_finite,
+    _parse_dates,
+    _parse_numbers,
+    group_bodies,
+    read_csv_rows,
+)
 from trainer.errors import UserError
 from trainer.forecast_model import LoadedModel
 
@@ -62,16 +67,8 @@ def read_forecast_csv(path: Path, date_column: str, targets: list[str]) -> CsvRo
     """Read a CSV whose trailing rows may leave every target cell empty (future rows)."""
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or not rows[0]:
-        raise UserError(f"{path}: empty file (expected a header row)")
-    header, body = rows[0], rows[1:]
+    header, body = read_csv_rows(path)
     _check_header(path, header, date_column, targets)
-    for line, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise UserError(f"{path}: line {line} has {len(row)} fields, the header has "
-                            f"{len(header)}")
     by_column = dict(zip(header, zip(*body))) if body else dict.fromkeys(header, ())
     num_observed = _count_observed(path, [by_column[t] for t in targets], targets)
     dates = _parse_dates(path, by_column.pop(date_column))
@@ -85,9 +82,6 @@ def _check_header(path: Path, header: list[str], date_column: str, targets: list
     if date_column not in header:
         raise UserError(f"{path}: no {date_column!r} column (the model was trained with "
                         f"data.date_column {date_column!r}; header: {header[:6]}...)")
-    duplicated = sorted({h for h in header if header.count(h) > 1})
-    if duplicated:
-        raise UserError(f"{path}: duplicate column names {duplicated}")
     missing = [t for t in targets if t not in header]
     if missing:
         raise UserError(f"{path}: missing target column(s) {missing}: the model forecasts "

@@ -1,5 +1,6 @@
 """The forecast fan chart: per target, the recent history and each origin's 5-95% and 25-75%
-bands, median and mean (matplotlib, Agg backend: no display needed)."""
+bands, median and mean, with the EWMA random walk's 5-95% band for comparison (matplotlib, Agg
+backend: no display needed)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,6 +55,11 @@ def _draw_fan(ax, forecast: Forecast, n: int, t: int, start: float, label: bool)
                     label="5-95%" if label else None)
     ax.fill_between(dates, q[:, 1], q[:, 3], color="tab:blue", alpha=0.35, lw=0,
                     label="25-75%" if label else None)
+    ewma = np.concatenate([np.full((1, q.shape[1]), start),
+                           forecast.baseline_quantiles["ewma"][n, :, t]])
+    ax.plot(dates, ewma[:, 0], color="tab:gray", lw=0.9, ls=":",
+            label="EWMA random walk 5-95%" if label else None)
+    ax.plot(dates, ewma[:, 4], color="tab:gray", lw=0.9, ls=":")
     ax.plot(dates, q[:, 2], color="tab:blue", lw=1.2, label="median" if label else None)
     ax.plot(dates, mean, color="tab:orange", lw=1, ls="--",
             label="mean" if label else None)

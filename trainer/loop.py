@@ -42,6 +42,7 @@ from trainer.run_log import (
     write_failure,
 )
 from trainer.scoring import describe_skill, skill_metrics
+from trainer.test_windows import write_test_windows
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ class TrainerParts:
     run_context: RunContext
     progress: Progress                # its total_steps and length_setting: this run's plan
     resumed_from: Path | None = None  # the checkpoint loaded into the parts, if any
+    lock: Any = None                  # trainer.experiment_lock.ExperimentLock, on rank 0
 
 
 class Trainer:
@@ -233,7 +235,7 @@ class Trainer:
         self.model, self.train_model = self.train_step.model, self.train_step.train_model
         self.optimizer, self.scheduler = self.train_step.optimizer, self.train_step.scheduler
         self.observers, self.checkpoints = parts.observers, parts.checkpoints
-        self.run_log = parts.run_log
+        self.run_log, self.lock = parts.run_log, parts.lock
         self.run_context, self.progress = parts.run_context, parts.progress
         self.app_state = checkpointed_state(self.train_step, self.progress, self.config)
         self.requests = process_requests()
@@ -242,6 +244,7 @@ class Trainer:
         self.requeue_requested = False
         self.last_checkpoint_step = self.progress.step if parts.resumed_from else -1
         self.last_validation_step, self.last_validation = -1, {}
+        self.last_series: dict = {}     # per-window scores of the last `scored` split
         self.weights_step = -1        # at the end: the step of the weights the run kept
         self.samples_per_step = (self.config.data.batch_size * self.config.train.grad_accum_steps
                                  * self.env.world_size)
@@ -269,6 +272,8 @@ class Trainer:
                 self.requests.uninstall()
             self.checkpoints.wait()
             self.run_log.close()
+            if self.lock is not None:
+                self.lock.release()
 
     def stopped_before_training(self, phase: str) -> bool:
         """A stop signal during `phase` (before the first step of this process): nothing new to
@@ -364,7 +369,8 @@ class Trainer:
                   "clip_fraction": m.clipped.item() / len(flags), "skipped_steps": len(skipped),
                   "samples_per_s": len(flags) * self.samples_per_step / elapsed,
                   "step_time_s": elapsed / len(flags), "data_time_s": m.data_time / len(flags),
-                  "memory_mb": memory_mb(self.env.device), "world_size": self.env.world_size}
+                  "memory_mb": memory_mb(self.env.device), "world_size": self.env.world_size,
+                  "device": self.env.device.type}
         self.run_log.record("train", step, values)
         self.run_log.advance(1, loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         log.info("step %d/%d epoch %d: loss %.4f, lr %.2e, grad norm %.3g, %.1f samples/s",
@@ -422,7 +428,7 @@ class Trainer:
                                                 self.config.model.pred_len,
                                                 self.config.data.window_stride, base=metrics,
                                                 on_batch=bar.update))
-        series = metrics.pop("series")
+        series = self.last_series = metrics.pop("series")
         metrics.update(skill_metrics(series, self.config.model.pred_len,
                                      self.config.data.window_stride))
         return metrics
@@ -460,6 +466,8 @@ class Trainer:
         """The test split scored, and how much the NLL rises with every body blanked."""
         metrics = self.scored("test", with_effect=True,
                               what=f"test with the weights of step {self.weights_step}")
+        metrics.update(write_test_windows(self.run_log, self.data.test_loader,
+                                          self.data.prepared, self.last_series))
         log.info("test: nll %.4f, %s; all bodies blanked: nll %+.4f [%+.4f, %+.4f]",
                  metrics["nll"], describe_skill(metrics), metrics["blank_all_rise"],
                  metrics["blank_all_rise_low"], metrics["blank_all_rise_high"])

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.builtin_data import BuiltinDataConfig, celestial_features, write_columns_csv
+from trainer.data import parse_date
 from trainer.errors import UserError
 
 SERIES = {"sp500": "arch.data.sp500", "nasdaq": "arch.data.nasdaq"}
@@ -74,9 +75,9 @@ def select_span(table: PriceTable, start: str | None, end: str | None) -> PriceT
 
 def _parse_day(text: str, flag: str) -> np.datetime64:
     try:
-        return np.datetime64(text, "D")
-    except ValueError:
-        raise UserError(f"{flag}: not a YYYY-MM-DD date: {text!r}") from None
+        return parse_date(text)
+    except ValueError as err:
+        raise UserError(f"{flag}: {err}") from None
 
 
 def drop_bad_rows(table: PriceTable) -> tuple[PriceTable, int]:

@@ -4,8 +4,19 @@ Every forecaster (the model and each baseline) is a Gaussian mixture per (window
 target) in scaled target units, scored on the same windows with the same functions:
 - `nll`: negative log-likelihood (log score), the training objective;
 - `crps`: continuous ranked probability score, closed form for a Gaussian mixture;
+- `crps_units`: the same CRPS in target units (CRPS times the training std);
 - `mae`: absolute error of the median, in target units;
+- `rmse`: root mean squared error of the mixture mean, in target units (from `squared_error`);
+- `mase`: absolute error of the median over the naive one-step MAE of the window's own
+  look-back (GluonTS's MASE with season 1: below 1 beats an in-sample random walk);
 - `coverage_50` / `coverage_90`: how often the outcome falls in the central 50% / 90% interval.
+
+With `with_quantiles` (the evaluate command), from the mixture's quantiles at QUANTILE_LEVELS:
+- `pinball_q05` ... `pinball_q95`: quantile (pinball) loss per level, target units;
+- `wql`: weighted quantile loss, 2 sum(pinball) / sum|y| averaged over the levels (GluonTS's
+  mean_wQuantileLoss; y in target units, so it depends on the target's origin);
+- `interval_score_50` / `_90`: Gneiting-Raftery interval score of the central interval, target
+  units; `msis_50` / `msis_90`: the same over the look-back naive one-step MAE (scale-free).
 
 Baselines (no parameters learned from the validation or test rows):
 - `rw`: random walk, last observed value, Gaussian spread of the training split's h-step changes.
@@ -23,12 +34,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.decoder import mixture_cdf, mixture_crps, mixture_log_likelihood, mixture_quantiles
+from model.decoder import (
+    mixture_cdf,
+    mixture_crps,
+    mixture_log_likelihood,
+    mixture_mean,
+    mixture_quantiles,
+)
 from stats.intervals import PairedDifference, paired_difference
 
 BASELINES = ("rw", "ewma")
 BASELINE_NAMES = {"rw": "random walk (training spread)", "ewma": "random walk (EWMA volatility)"}
-SCORES = ("nll", "crps", "mae", "coverage_50", "coverage_90")
+SCORES = ("nll", "crps", "crps_units", "mae", "squared_error", "mase", "coverage_50",
+          "coverage_90")
+QUANTILE_LEVELS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+PINBALL_SCORES = tuple(f"pinball_q{round(100 * q):02d}" for q in QUANTILE_LEVELS)
+QUANTILE_SCORES = (*PINBALL_SCORES, "abs_outcome", "interval_score_50", "interval_score_90",
+                   "msis_50", "msis_90")
+DERIVED_SCORES = ("rmse", "wql")
+PART_SCORES = ("squared_error", "abs_outcome")     # summed only to derive DERIVED_SCORES
 EWMA_LAMBDA = 0.94
 
 
@@ -67,19 +91,70 @@ def baseline_forecasts(target_BST: torch.Tensor, change_scale_PT: torch.Tensor) 
             "ewma": ewma_random_walk(target_BST, pred_len)}
 
 
-def scores(mixture, y_BPT: torch.Tensor, target_std_T: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every score per (B, P, T) for a mixture (log_pi, mu, sigma) against outcomes y."""
+def naive_scale(target_BST: torch.Tensor) -> torch.Tensor:
+    """(B, T) mean absolute one-step change over each window's look-back (the in-sample naive
+    error of MASE and MSIS), scaled target units."""
+    return torch.diff(target_BST.float(), dim=1).abs().mean(1).clamp_min(1e-8)
+
+
+def _quantiles(log_pi, mu, sigma, levels) -> torch.Tensor:
+    """(B, P, T, Q): closed form for a Gaussian, bisection on the mixture CDF otherwise."""
+    if mu.shape[-1] == 1:
+        z_Q = torch.special.ndtri(torch.tensor(levels, dtype=mu.dtype, device=mu.device))
+        return mu + sigma * z_Q
+    return mixture_quantiles(log_pi, mu, sigma, levels, iterations=30)
+
+
+def scores(mixture, y_BPT: torch.Tensor, target_std_T: torch.Tensor, naive_BT: torch.Tensor
+           ) -> dict[str, torch.Tensor]:
+    """Every score in SCORES per (B, P, T) for a mixture (log_pi, mu, sigma) against outcomes y,
+    and `pit`, the forecast CDF at the outcome."""
     log_pi, mu, sigma = mixture
-    centrality_BPT = (mixture_cdf(log_pi, mu, sigma, y_BPT) - 0.5).abs()
-    if mu.shape[-1] == 1:     # a Gaussian: the median is its mean, no search needed
-        median_BPT = mu[..., 0]
-    else:
-        median_BPT = mixture_quantiles(log_pi, mu, sigma, [0.5], iterations=30)[..., 0]
+    pit_BPT = mixture_cdf(log_pi, mu, sigma, y_BPT)
+    centrality_BPT = (pit_BPT - 0.5).abs()
+    median_BPT = _quantiles(log_pi, mu, sigma, [0.5])[..., 0]
+    crps_BPT = mixture_crps(log_pi, mu, sigma, y_BPT)
+    mean_error_BPT = (mixture_mean(log_pi, mu) - y_BPT) * target_std_T
     return {"nll": -mixture_log_likelihood(log_pi, mu, sigma, y_BPT),
-            "crps": mixture_crps(log_pi, mu, sigma, y_BPT),
+            "crps": crps_BPT, "crps_units": crps_BPT * target_std_T,
             "mae": (median_BPT - y_BPT).abs() * target_std_T,
+            "squared_error": mean_error_BPT ** 2,
+            "mase": (median_BPT - y_BPT).abs() / naive_BT[:, None, :],
             "coverage_50": (centrality_BPT <= 0.25).float(),
-            "coverage_90": (centrality_BPT <= 0.45).float()}
+            "coverage_90": (centrality_BPT <= 0.45).float(), "pit": pit_BPT}
+
+
+def _interval_score(low, high, y, alpha: float):
+    """Gneiting & Raftery (2007): width plus 2/alpha times the distance outside the interval."""
+    return (high - low) + 2 / alpha * ((low - y).clamp_min(0) + (y - high).clamp_min(0))
+
+
+def quantile_scores(mixture, y_BPT: torch.Tensor, target_std_T: torch.Tensor,
+                    target_mean_T: torch.Tensor, naive_BT: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """QUANTILE_SCORES per (B, P, T), from the mixture's quantiles at QUANTILE_LEVELS."""
+    q_BPTQ = _quantiles(*mixture, QUANTILE_LEVELS)
+    error_BPTQ = y_BPT.unsqueeze(-1) - q_BPTQ
+    levels_Q = torch.tensor(QUANTILE_LEVELS, dtype=q_BPTQ.dtype, device=q_BPTQ.device)
+    pinball_BPTQ = torch.maximum(levels_Q * error_BPTQ, (levels_Q - 1) * error_BPTQ)
+    out = {name: pinball_BPTQ[..., i] * target_std_T for i, name in enumerate(PINBALL_SCORES)}
+    out["abs_outcome"] = (y_BPT * target_std_T + target_mean_T).abs()
+    at = {q: q_BPTQ[..., QUANTILE_LEVELS.index(q)] for q in (0.05, 0.25, 0.75, 0.95)}
+    for width, (low, high) in {50: (0.25, 0.75), 90: (0.05, 0.95)}.items():
+        score_BPT = _interval_score(at[low], at[high], y_BPT, 1 - width / 100)
+        out[f"interval_score_{width}"] = score_BPT * target_std_T
+        out[f"msis_{width}"] = score_BPT / naive_BT[:, None, :]
+    return out
+
+
+def derived_scores(means: dict) -> dict:
+    """Scores that are not means over the elements, from the means of their parts (plain means,
+    or arrays of them per target or per step): `rmse`, and `wql` with the quantile scores."""
+    derived = {"rmse": np.sqrt(means["squared_error"])}
+    if "abs_outcome" in means:
+        pinball_mean = np.mean([means[k] for k in PINBALL_SCORES], axis=0)
+        derived["wql"] = 2 * pinball_mean / means["abs_outcome"]
+    return derived
 
 
 # --- skill and its interval ----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`python launch/analyze.py --log_dir logs/<exp>` (also the `celestial-analyze` console script).
+"""`python launch/analyze.py logs/<exp>` or `--log_dir logs/<exp>` (also the `celestial-analyze`
+console script).
 
 Writes <log_dir>/analysis/ (plots, gradient_norms.csv, recommendations.json, report.html) and
 prints a summary. `--compare logs/a logs/b ...` overlays runs in one report. Bad input (not a
@@ -13,7 +14,13 @@ from pathlib import Path
 
 from diagnostics.analysis.console import console_summary
 from diagnostics.analysis.errors import AnalysisError
-from diagnostics.analysis.run import COMPARE_HEADER, analyze_run, compare_row, compare_runs
+from diagnostics.analysis.run import (
+    COMPARE_HEADER,
+    RunComparison,
+    analyze_run,
+    compare_row,
+    compare_runs,
+)
 from diagnostics.analysis.thresholds import Thresholds, parse_threshold
 
 
@@ -21,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="launch/analyze.py",
         description="Analyse a training run folder: plots, report and recommendations.")
+    parser.add_argument("run_dir", type=Path, nargs="?", metavar="LOG_DIR",
+                        help="the run folder, e.g. logs/<experiment> (same as --log_dir)")
     parser.add_argument("--log_dir", type=Path, help="the run folder, e.g. logs/<experiment>")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="LOG_DIR",
                         help="overlay these runs (after --log_dir, if given) in one report")
@@ -31,21 +40,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--list_thresholds", action="store_true",
                         help="print the thresholds and their defaults, then exit")
     args = parser.parse_args(argv)
+    if args.run_dir and args.log_dir and args.run_dir != args.log_dir:
+        parser.error(f"two run folders given: {args.run_dir} and --log_dir {args.log_dir}")
+    args.log_dir = args.log_dir or args.run_dir
     if not (args.log_dir or args.compare or args.list_thresholds):
-        parser.error("give --log_dir logs/<experiment> or --compare logs/a logs/b ...")
+        parser.error("give a run folder (logs/<experiment>) or --compare logs/a logs/b ...")
     return args
 
 
-def _print_compare(analyses) -> None:
-    rows = [COMPARE_HEADER, *(compare_row(a) for a in analyses)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COMPARE_HEADER))]
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _print_compare(c: RunComparison) -> None:
+    _print_table([COMPARE_HEADER, *(compare_row(a) for a in c.analyses)])
+    print("\nOn test:")
+    for comparison in c.on_test:
+        print(f"  {comparison.sentence()}")
+    if not c.on_test:
+        print("  not compared: fewer than two runs have a scored test line")
+    print("\nConfig differences:")
+    if c.config_rows:
+        _print_table([["  key", *c.names], *(["  " + row[0], *row[1:]] for row in c.config_rows)])
+    else:
+        print("  none: the configs are identical")
 
 
 def _print_written(paths: list[Path]) -> None:
     folder = paths[-1].parent
-    print(f"\nWrote {folder}/: {', '.join(p.name for p in paths)}")
+    names = ", ".join(str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p)
+                      for p in paths)
+    print(f"\nWrote {folder}/: {names}")
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -59,8 +86,8 @@ def run(argv: list[str] | None = None) -> int:
         overrides = [parse_threshold(text) for text in args.threshold]
         if args.compare:
             log_dirs = ([args.log_dir] if args.log_dir else []) + args.compare
-            analyses, paths = compare_runs(log_dirs, args.out, overrides)
-            _print_compare(analyses)
+            comparison, paths = compare_runs(log_dirs, args.out, overrides)
+            _print_compare(comparison)
         else:
             analysis, paths = analyze_run(args.log_dir, args.out, overrides)
             print(console_summary(analysis.run, analysis.verdict, analysis.stats,

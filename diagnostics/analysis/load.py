@@ -67,6 +67,12 @@ class RunData:
     def name(self) -> str:
         return self.log_dir.name
 
+    @property
+    def has_steps(self) -> bool:
+        """Whether anything was logged for a step (a refused start leaves only a config)."""
+        return bool(self.train or self.val or self.test or self.gradients is not None
+                    or self.attention or self.attribution or self.profiles)
+
     def config_number(self, dotted: str):
         """A numeric config value, or None if the config lacks it (or it is not a number)."""
         value = self.config_value(dotted)

@@ -10,7 +10,10 @@ import yaml
 from diagnostics.analysis.console import HEALTHY_LINE
 from diagnostics.analysis.findings import Finding
 from diagnostics.analysis.load import RunData
-from diagnostics.analysis.summary import ComponentStats, top_bodies
+from diagnostics.analysis.summary import ComponentStats, occlusion_ranking, top_bodies
+from diagnostics.analysis.verdict import Verdict
+
+VERDICT_IMAGES = ("Skill and celestial inputs", "Calibration per horizon step")
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -20,6 +23,7 @@ th { background: #f3f3f3; }
 .critical { background: #fdd; } .error { background: #fdd; }
 .warning { background: #ffe9c6; } .info { background: #e8f0ff; }
 .ok { color: #176f2c; font-weight: bold; }
+.headline { font-size: 1.2em; font-weight: bold; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 12px; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 """
@@ -89,8 +93,18 @@ def _bodies_section(run: RunData) -> str:
     rows = [[escape(target), escape(", ".join(f"{b} ({w:.3f})" if w is not None else b
                                               for b, w in bodies))]
             for target, bodies in per_target.items()]
-    return f"<h3>Top celestial bodies per target (step {step})</h3>" + \
-        _table(["target", "bodies by C->T weight"], rows)
+    return (f"<h3>Top celestial bodies per target by C->T attention weight (step {step}; what "
+            "the network attends to, not what it uses)</h3>"
+            + _table(["target", "bodies by C->T weight"], rows))
+
+
+def _occlusion_section(run: RunData) -> str:
+    ranking = occlusion_ranking(run)
+    if ranking is None:
+        return ""
+    header, rows = ranking.table()
+    return f"<h3>{escape(ranking.title)}</h3>" + _table(header, [[escape(c) for c in row]
+                                                                 for row in rows])
 
 
 def _images(images: dict[str, Path]) -> str:
@@ -105,20 +119,19 @@ def _page(title: str, sections: list[str]) -> str:
             + "".join(sections) + "</body></html>")
 
 
-def _verdict_section(verdict: list[tuple[str, str]], images: dict[str, Path]) -> str:
-    skill_plot = {k: v for k, v in images.items() if k == "Skill and celestial inputs"}
-    return ("<h2>Verdict</h2>" + _table(["question", "answer"],
-                                        [[escape(q), escape(a)] for q, a in verdict])
-            + _images(skill_plot))
+def _verdict_section(verdict: Verdict, images: dict[str, Path]) -> str:
+    shown = {k: v for k, v in images.items() if k in VERDICT_IMAGES}
+    return (f"<h2>Verdict</h2><p class=\"headline\">{escape(verdict.headline)}</p>"
+            + _table(["question", "answer"], [[escape(q), escape(a)] for q, a in verdict.rows])
+            + _images(shown))
 
 
-def render_report(run: RunData, verdict: list[tuple[str, str]], summary: list[tuple[str, str]],
+def render_report(run: RunData, verdict: Verdict, summary: list[tuple[str, str]],
                   stats: list[ComponentStats], findings: list[Finding],
                   images: dict[str, Path]) -> str:
     notes = "".join(f"<li>{escape(n)}</li>" for n in run.notes)
-    images = dict(images)
     verdict_html = _verdict_section(verdict, images)
-    images.pop("Skill and celestial inputs", None)
+    images = {k: v for k, v in images.items() if k not in VERDICT_IMAGES}
     sections = [
         verdict_html,
         "<h2>Summary</h2>", _table(["", ""], [[escape(k), escape(v)] for k, v in summary]),
@@ -126,13 +139,30 @@ def render_report(run: RunData, verdict: list[tuple[str, str]], summary: list[tu
         f"<h2>Not analysed / tolerated</h2><ul>{notes}</ul>" if notes else "",
         "<h2>Plots</h2>", _images(images),
         "<h2>Gradient flow per component</h2>" + _gradient_section(stats) if stats else "",
+        _occlusion_section(run),
         _bodies_section(run),
         "<h2>Config</h2><pre>" + escape(yaml.safe_dump(run.config, sort_keys=False)) + "</pre>",
     ]
     return _page(f"Training analysis: {run.name}", sections)
 
 
-def render_compare(rows: list[list[str]], header: list[str], images: dict[str, Path]) -> str:
+def _run_panels(name: str, verdict: Verdict, images: dict[str, Path]) -> str:
+    rows = [[escape(q), escape(a)] for q, a in verdict.rows]
+    return (f"<h2>{escape(name)}</h2><p class=\"headline\">{escape(verdict.headline)}</p>"
+            + _table(["question", "answer"], rows) + _images(images))
+
+
+def render_compare(rows: list[list[str]], header: list[str], images: dict[str, Path],
+                   on_test: list[str], config_header: list[str], config_rows: list[list[str]],
+                   per_run: dict[str, tuple[Verdict, dict[str, Path]]]) -> str:
+    """The runs' table, which is better on test, config differences, overlays, each run."""
+    tested = "".join(f"<li>{escape(line)}</li>" for line in on_test) or \
+        "<li>not compared: fewer than two runs have a scored test line</li>"
+    config = (_table(config_header, [[escape(c) for c in row] for row in config_rows])
+              if config_rows else "<p>The configs are identical.</p>")
     sections = ["<h2>Runs</h2>", _table(header, [[escape(c) for c in row] for row in rows]),
-                "<h2>Overlays</h2>", _images(images)]
+                f"<h2>Which run is better on test</h2><ul>{tested}</ul>",
+                "<h2>Config differences</h2>", config,
+                "<h2>Overlays</h2>", _images(images),
+                *(_run_panels(name, v, imgs) for name, (v, imgs) in per_run.items())]
     return _page("Training comparison", sections)

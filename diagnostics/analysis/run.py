@@ -2,24 +2,32 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from diagnostics.analysis import plots
+from diagnostics.analysis.calibration import calibration
+from diagnostics.analysis.compare import (
+    Comparison,
+    compare_on_test,
+    config_differences,
+    unique_names,
+)
 from diagnostics.analysis.errors import AnalysisError
 from diagnostics.analysis.findings import SEVERITIES, Finding
-from diagnostics.analysis.load import RunData, column, load_run
+from diagnostics.analysis.kept import best_validation, finite, kept_line
+from diagnostics.analysis.load import RunData, load_run
 from diagnostics.analysis.report import render_compare, render_report
 from diagnostics.analysis.rules import run_rules
 from diagnostics.analysis.summary import (
     ComponentStats,
     component_stats,
+    occlusion_ranking,
     run_summary,
     write_gradient_csv,
 )
 from diagnostics.analysis.thresholds import Thresholds, build_thresholds
-from diagnostics.analysis.verdict import verdict_rows
+from diagnostics.analysis.verdict import Verdict, verdict
 
 
 @dataclass
@@ -28,16 +36,19 @@ class RunAnalysis:
     thresholds: Thresholds
     findings: list[Finding]
     stats: list[ComponentStats]
-    verdict: list[tuple[str, str]]
+    verdict: Verdict
 
 
 def analyze(log_dir: Path, overrides: list[tuple[str, float]]) -> RunAnalysis:
-    """Load a run and apply every rule (writes nothing)."""
+    """Load a run and apply every rule (writes nothing); a run without steps is an error."""
     run = load_run(log_dir)
+    if not run.has_steps:
+        raise AnalysisError(f"{log_dir}: no steps logged yet (no metrics.jsonl lines, no "
+                            "diagnostics records): nothing to analyse")
     thresholds = build_thresholds(run.config, overrides)
     stats = component_stats(run.gradients, thresholds) if run.gradients is not None else []
-    return RunAnalysis(run, thresholds, run_rules(run, thresholds), stats,
-                       verdict_rows(run, thresholds))
+    findings = run_rules(run, thresholds)
+    return RunAnalysis(run, thresholds, findings, stats, verdict(run, thresholds, findings))
 
 
 def _output_folder(path: Path) -> Path:
@@ -57,6 +68,10 @@ def _plots(a: RunAnalysis, out: Path) -> dict[str, Path]:
         images["Loss and validation"] = plots.training_curves(run, t, out / "training_curves.png")
     if any(v.get("skill") is not None for v in run.val + run.test):
         images["Skill and celestial inputs"] = plots.skill_curve(run, out / "skill.png")
+    calibrated = calibration(kept_line(run), t)
+    if calibrated is not None and calibrated.steps:
+        images["Calibration per horizon step"] = plots.pit_histogram(
+            calibrated, out / "pit_histogram.png")
     if run.gradients is not None:
         images["Gradient flow"] = plots.gradient_flow(run.gradients, t, out / "gradient_flow.png")
     if run.attention:
@@ -64,6 +79,10 @@ def _plots(a: RunAnalysis, out: Path) -> dict[str, Path]:
             run.attention, t, out / "fusion_attention_entropy.png")
         images["C->T attention (targets x bodies)"] = plots.c2t_heatmap(
             run.attention[-1], out / "c2t_attention_heatmap.png")
+    ranking = occlusion_ranking(run)
+    if ranking is not None:
+        images["Occlusion ranking (bodies per target)"] = plots.occlusion_plot(
+            ranking, out / "occlusion_ranking.png")
     return images
 
 
@@ -93,8 +112,9 @@ def analyze_run(log_dir: Path, out: Path | None, overrides: list[tuple[str, floa
     return analysis, write_outputs(analysis, Path(out) if out else Path(log_dir) / "analysis")
 
 
-COMPARE_HEADER = ["run", "last step", "last train loss", "best val NLL (step)", "val 90% coverage",
-                  "test NLL", "test skill [95%]", "findings (critical/error/warning/info)"]
+COMPARE_HEADER = ["run", "last step", "last train loss", "best val NLL (step)",
+                  "kept weights (step)", "90% coverage (kept weights)", "test NLL",
+                  "test skill [95%]", "findings (critical/error/warning/info)"]
 
 
 def _last(lines: list[dict], key: str) -> str:
@@ -104,43 +124,61 @@ def _last(lines: list[dict], key: str) -> str:
 
 def compare_row(a: RunAnalysis) -> list[str]:
     run = a.run
-    best = "n/a"
-    if run.val:
-        steps, nll = column(run.val, "nll")
-        finite = [(v, s) for v, s in zip(nll, steps) if math.isfinite(v)]
-        if finite:
-            value, step = min(finite)
-            best = f"{value:.4f} ({step})"
-    counts = "/".join(str(sum(f.severity == s for f in a.findings))
-                      for s in SEVERITIES)
+    best = best_validation(run)
+    kept = kept_line(run)
+    test = kept.line if kept is not None and kept.split == "test" else {}
+    counts = "/".join(str(sum(f.severity == s for f in a.findings)) for s in SEVERITIES)
     return [str(run.log_dir), str(run.train[-1]["step"]) if run.train else "n/a",
-            _last(run.train, "loss"), best, _last(run.val, "coverage_90"),
-            _last(run.test, "nll"), _skill_cell(run.test), counts]
+            _last(run.train, "loss"), f"{best['nll']:.4f} ({best['step']})" if best else "n/a",
+            kept.label if kept else "n/a", _last([kept.line] if kept else [], "coverage_90"),
+            _last([test] if test else [], "nll"), _skill_cell(test), counts]
 
 
-def _skill_cell(lines: list[dict]) -> str:
-    line = lines[-1] if lines else {}
-    if not all(isinstance(line.get(k), (int, float)) for k in ("skill", "skill_low", "skill_high")):
+def _skill_cell(line: dict) -> str:
+    if not finite(line, "skill", "skill_low", "skill_high"):
         return "n/a"
     return (f"{line['skill']:+.4f} [{line['skill_low']:+.4f}, {line['skill_high']:+.4f}] vs "
             f"{line.get('best_baseline', '?')}")
 
 
+@dataclass
+class RunComparison:
+    analyses: list[RunAnalysis]
+    on_test: list[Comparison]          # every run after the first against the first
+    config_rows: list[list[str]]       # [dotted key, value per run]
+    names: list[str]
+
+
+def _overlays(c: RunComparison, out: Path) -> dict[str, Path]:
+    runs = [a.run for a in c.analyses]
+    images = {"Loss, validation NLL and gradient norm": plots.compare_curves(
+        runs, out / "compare_curves.png")}
+    if any(r.gradients is not None for r in runs):
+        images["Gradient norms per component"] = plots.compare_gradient_norms(
+            runs, c.analyses[0].thresholds, out / "compare_gradient_norms.png")
+    return images
+
+
 def compare_runs(log_dirs: list[Path], out: Path | None, overrides: list[tuple[str, float]]
-                 ) -> tuple[list[RunAnalysis], list[Path]]:
-    """Several runs overlaid in one report (default folder: <first run>/analysis/compare)."""
+                 ) -> tuple[RunComparison, list[Path]]:
+    """Several runs in one report (default folder: <first run>/analysis/compare): which is
+    better on test, how the configs differ, the overlays, and every run's own panels (in a
+    subfolder per run)."""
     analyses = [analyze(Path(d), overrides) for d in log_dirs]
     runs = [a.run for a in analyses]
+    c = RunComparison(analyses, compare_on_test(runs), config_differences(runs),
+                      unique_names(runs))
     out = _output_folder(Path(out) if out else Path(log_dirs[0]) / "analysis" / "compare")
     try:
-        images = {"Loss, validation NLL and gradient norm": plots.compare_curves(
-            runs, out / "compare_curves.png")}
-        if any(r.gradients is not None for r in runs):
-            images["Gradient norms per component"] = plots.compare_gradient_norms(
-                runs, analyses[0].thresholds, out / "compare_gradient_norms.png")
+        images = _overlays(c, out)
+        panels = {name: _plots(a, _output_folder(out / name))
+                  for name, a in zip(c.names, analyses)}
         report = out / "report.html"
-        rows = [compare_row(a) for a in analyses]
-        report.write_text(render_compare(rows, COMPARE_HEADER, images))
+        report.write_text(render_compare(
+            [compare_row(a) for a in analyses], COMPARE_HEADER, images,
+            [x.sentence() for x in c.on_test], ["key", *c.names], c.config_rows,
+            {name: (a.verdict, panels[name]) for name, a in zip(c.names, analyses)}))
     except OSError as err:
         raise AnalysisError(f"{out}: cannot write the comparison ({err.strerror or err})") from None
-    return analyses, [*images.values(), report]
+    written = [*images.values(), *(p for group in panels.values() for p in group.values())]
+    return c, [*written, report]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diagnostics.analysis.kept import best_validation, kept_line
 from diagnostics.analysis.load import GradientSeries, RunData, column, finite_median
 from diagnostics.analysis.thresholds import Thresholds
 
@@ -67,6 +68,37 @@ def top_bodies(run: RunData) -> tuple[int, dict[str, list[tuple[str, float]]]] |
                           for target, entries in last["c2t"]["top_k"].items()}
 
 
+@dataclass
+class OcclusionRanking:
+    """Bodies per target by the validation NLL rise when each is blanked (what the model uses),
+    from the newest attribution record."""
+    step: int
+    num_windows: int
+    per_target: dict[str, list[tuple[str, float]]]   # target -> [(body, rise in nats)], by rise
+
+    @property
+    def title(self) -> str:
+        return (f"Celestial bodies by occlusion: validation NLL rise in nats when the body is "
+                f"blanked (weights of step {self.step}, {self.num_windows} windows)")
+
+    def table(self, top: int = 5) -> tuple[list[str], list[list[str]]]:
+        """(header, rows): one row per target, its `top` bodies with their rise."""
+        header = ["target", *(f"#{i + 1}" for i in range(top))]
+        rows = [[target, *(f"{body} {rise:+.4f}" for body, rise in bodies[:top])]
+                for target, bodies in self.per_target.items()]
+        return header, rows
+
+
+def occlusion_ranking(run: RunData) -> OcclusionRanking | None:
+    if not run.attribution:
+        return None
+    last = run.attribution[-1]
+    per_target = {target: sorted(((body, float(rise)) for body, rise in scores.items()
+                                  if rise is not None), key=lambda br: -br[1])
+                  for target, scores in last["occlusion"].items()}
+    return OcclusionRanking(last["step"], last["num_windows"], per_target)
+
+
 def _fmt(value, spec: str = ".4g") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -74,10 +106,21 @@ def _fmt(value, spec: str = ".4g") -> str:
 
 
 def _world_size(run: RunData) -> int | None:
-    for source in (run.profiles, run.attention):
-        if source:
+    """From the train lines, else the diagnostics records."""
+    for source in (run.train, run.profiles, run.attention):
+        if source and isinstance(source[-1].get("world_size"), int):
             return source[-1]["world_size"]
     return run.gradients.world_size if run.gradients is not None else None
+
+
+def _device(run: RunData) -> str:
+    """From the train lines, else the newest profile, else a device the config names."""
+    if run.train and isinstance(run.train[-1].get("device"), str):
+        return run.train[-1]["device"]
+    if run.profiles:
+        return f"{run.profiles[-1]['device']} ({run.profiles[-1]['device_name']})"
+    configured = run.config_value("train.device")
+    return configured if configured in ("cpu", "cuda") else "unknown"
 
 
 def _progress_rows(run: RunData) -> list[tuple[str, str]]:
@@ -89,7 +132,7 @@ def _progress_rows(run: RunData) -> list[tuple[str, str]]:
     return [("steps", f"{last.get('step', 'none logged')} (planned: {planned})"),
             ("epoch", _fmt(last.get("epoch"), "d") if last else "n/a"),
             ("world size", str(world_size) if world_size else "unknown"),
-            ("device", run.profiles[-1]["device_name"] if run.profiles else "unknown"),
+            ("device", _device(run)),
             ("optim.lr / data.batch_size", settings)]
 
 
@@ -126,18 +169,18 @@ def _baselines(line: dict) -> str:
 
 
 def _result_rows(run: RunData) -> list[tuple[str, str]]:
+    """Best validation, then the kept weights' line (the one the verdict reads)."""
     rows = []
-    if run.val:
-        steps, nll = column(run.val, "nll")
-        if np.isfinite(nll).any():
-            best = int(np.nanargmin(nll))
-            rows.append(("best validation NLL",
-                         f"{nll[best]:.4f} at step {steps[best]} ({_baselines(run.val[best])})"))
-        coverage = _fmt(run.val[-1].get("coverage_90"), ".3f")
-        rows.append(("latest 90% coverage (validation)", coverage))
-    if run.test:
-        test = run.test[-1]
-        rows.append(("test NLL", f"{_fmt(test.get('nll'))} ({_baselines(test)})"))
+    best = best_validation(run)
+    if best is not None:
+        rows.append(("best validation NLL",
+                     f"{best['nll']:.4f} at step {best['step']} ({_baselines(best)})"))
+    kept = kept_line(run)
+    if kept is not None:
+        if kept.split == "test":
+            rows.append((f"test NLL ({kept.label})",
+                         f"{_fmt(kept.line.get('nll'))} ({_baselines(kept.line)})"))
+        rows.append((f"90% coverage ({kept.label})", _fmt(kept.line.get("coverage_90"), ".3f")))
     return rows
 
 

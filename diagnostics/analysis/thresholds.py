@@ -44,6 +44,11 @@ class Thresholds:
     coverage_90_high: float = 0.95
     # overfitting: validations after the best one, all worse, NLL rising while train loss falls
     overfit_validations: int = 3
+    # ... which is early stopping working when the run kept the best weights, unless the best is
+    # one of the first overfit_early_best validations or the test is worse than the best
+    # validation by more than overfit_test_gap nats (skill, else NLL)
+    overfit_early_best: int = 2
+    overfit_test_gap: float = 0.1
     # ranks (world size > 1)
     min_agreement: float = 0.05            # mean pairwise cosine of ranks' local gradients
     noise_scale_ratio: float = 10.0        # global batch vs noise scale, either way
@@ -60,7 +65,7 @@ class Thresholds:
         if not self.coverage_90_low < self.coverage_90_high:
             raise ValueError("threshold coverage_90_low must be below coverage_90_high")
         for name in ("sustained_records", "spike_window", "spike_min_window",
-                     "entropy_min_records", "overfit_validations"):
+                     "entropy_min_records", "overfit_validations", "overfit_early_best"):
             if getattr(self, name) < 1:
                 raise ValueError(f"threshold {name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.late_fraction <= 1:

@@ -1,15 +1,18 @@
-"""Rules on the Gaussian mixture head: collapsed components or spreads, miscalibrated intervals."""
+"""Rules on the Gaussian mixture head: collapsed components or spreads, and miscalibrated
+intervals of the weights the run kept."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
+from diagnostics.analysis.calibration import Calibration, calibration
 from diagnostics.analysis.findings import Finding
+from diagnostics.analysis.kept import kept_line
 from diagnostics.analysis.load import RunData, column
+from diagnostics.analysis.overfitting import overfitting
 from diagnostics.analysis.rules.common import after_training_started, evidence, nice, number
 from diagnostics.analysis.thresholds import Thresholds
-from diagnostics.analysis.verdict import overfitting
 
 
 def _latest(run: RunData, key: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -61,16 +64,30 @@ def sigma_collapse(run: RunData, t: Thresholds) -> list[Finding]:
         config_change=change)]
 
 
+def _calibration_evidence(run: RunData, c: Calibration, t: Thresholds) -> dict:
+    """Per horizon step when the line has it, else the validation series; the judged source."""
+    context = {"source": c.kept.split, "weights_step": c.kept.weights_step,
+               "coverage_90_pooled": c.coverage_90,
+               "wanted": [t.coverage_90_low, t.coverage_90_high]}
+    if c.steps:
+        return evidence("coverage_90 per horizon step (steps: horizon steps)",
+                        [s.step for s in c.steps], [s.coverage_90 for s in c.steps],
+                        interval_95=[[s.low, s.high] for s in c.steps], **context)
+    steps, values, _ = _latest(run, "coverage_90")
+    return evidence("coverage_90 (validation)", steps, values,
+                    per_target=c.kept.line.get("coverage_90_per_target"), **context)
+
+
 def miscalibration(run: RunData, t: Thresholds) -> list[Finding]:
-    """90% intervals covering outside [coverage_90_low, coverage_90_high] on validation."""
-    if not run.val:
+    """The kept weights' 90% intervals covering outside [coverage_90_low, coverage_90_high], per
+    horizon step where the run records it (calibration.py)."""
+    c = calibration(kept_line(run), t)
+    if c is None or not c.states():
         return []
-    steps, values, latest = _latest(run, "coverage_90")
-    if not math.isfinite(latest) or t.coverage_90_low <= latest <= t.coverage_90_high:
-        return []
-    over = latest < t.coverage_90_low
+    over = c.overconfident
     dropout = number(run, "model.dropout")
-    overfits = overfitting(run, t) is not None
+    found = overfitting(run, t)
+    overfits = found is not None and not found.early_stopping_worked
     if overfits and not over:
         change = {}     # the overfitting finding's remedy comes first
     elif dropout is not None:
@@ -78,15 +95,11 @@ def miscalibration(run: RunData, t: Thresholds) -> list[Finding]:
         change = {"model.dropout": nice(new)}
     else:
         change = {}
-    per_target = run.val[-1].get("coverage_90_per_target")
     return [Finding(
         component="decoder", issue="miscalibration", severity="warning",
-        message=f"90% prediction intervals cover {latest:.1%} of validation outcomes (wanted "
-                f"{t.coverage_90_low:.0%}-{t.coverage_90_high:.0%}): the model is "
-                + ("overconfident (intervals too narrow)." if over else
-                   "underconfident (intervals too wide)."),
-        evidence=evidence("coverage_90", steps, values, latest_per_target=per_target,
-                           wanted=[t.coverage_90_low, t.coverage_90_high]),
+        message=f"On {c.kept.label} the model is {c.sentence()} (wanted "
+                f"{t.coverage_90_low:.0%}-{t.coverage_90_high:.0%}).",
+        evidence=_calibration_evidence(run, c, t),
         suggestion=_calibration_advice(over, overfits),
         config_change=change)]
 

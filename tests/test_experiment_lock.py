@@ -1,0 +1,127 @@
+"""One writer per experiment (issue 25, item 4): a second start of a running experiment stops
+at once with one line naming the holder, exit 2, nothing touched; a lock left by a dead process
+is taken over."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, as_cli_args, small_overrides
+from tests.test_distributed import finish, launch, train_args, wait_for
+from tests.test_refused_start import snapshot
+from trainer import experiment_lock
+from trainer.errors import UserError
+
+
+def _start(args: list[str], fault: str = "") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "launch/train.py"), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CELESTIAL_FAULT": fault})
+
+
+def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.is_file() and text in path.read_text()):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"{text!r} not in {path}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_second_start_of_a_running_experiment_stops_at_once_naming_the_holder(short_csv,
+                                                                              tmp_path):
+    args = as_cli_args(small_overrides(short_csv, tmp_path, "busy") + [
+        ("train.max_steps", 6), ("checkpoint.interval", 2), ("train.eval_interval", 4),
+        ("train.validate_at_start", False)])
+    first = _start(args, "delay:validation:60")
+    try:
+        _wait_for_text(tmp_path / "logs" / "busy" / "training_full.log",
+                       "fault injection: delaying validation", first)
+        before = {name: snapshot(tmp_path / name) for name in ("logs", "checkpoints")}
+        assert "busy/checkpoint_step_000002" in before["checkpoints"]
+        for extra in ([], ["--resume", "auto"]):
+            started = time.monotonic()
+            second = subprocess.run([sys.executable, str(REPO / "launch/train.py"), *args,
+                                     *extra], cwd=REPO, capture_output=True, text=True,
+                                    timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            lines = second.stderr.strip().splitlines()
+            assert second.returncode == 2, second.stderr[-3000:]
+            assert lines[-1].startswith("error: experiment folder"), lines[-3:]
+            assert f"pid {first.pid} on host {socket.gethostname()} since 20" in lines[-1]
+            assert "Traceback" not in second.stderr
+            assert time.monotonic() - started < 60      # before data preparation and the model
+            assert {name: snapshot(tmp_path / name) for name in ("logs", "checkpoints")} \
+                == before, extra
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=120)
+    assert first.returncode == 75, out[-3000:]
+    assert not (tmp_path / "checkpoints" / "busy" / "writer.lock").exists()
+
+
+def _hold_and_die(folder: str, ready: str) -> None:
+    experiment_lock.acquire(Path(folder))
+    Path(ready).write_text("held")
+    time.sleep(600)
+
+
+def test_lock_of_a_killed_process_is_taken_over_and_a_live_one_is_not(tmp_path, caplog):
+    folder = tmp_path / "checkpoints" / "exp"
+    ready = tmp_path / "ready"
+    code = (f"from tests.test_experiment_lock import _hold_and_die; "
+            f"_hold_and_die({str(folder)!r}, {str(ready)!r})")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(UserError, match=f"pid {holder.pid} on host "):
+            experiment_lock.acquire(folder)
+    finally:
+        holder.kill()
+        holder.wait()
+    left = json.loads((folder / "writer.lock").read_text())
+    assert left["pid"] == holder.pid                      # SIGKILL left the file behind
+    with caplog.at_level(logging.INFO, logger="trainer.experiment_lock"):
+        lock = experiment_lock.acquire(folder)
+    assert f'"pid": {holder.pid}' in caplog.text and "no longer running" in caplog.text
+    assert json.loads((folder / "writer.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (folder / "writer.lock").exists()
+
+
+def test_a_lock_taken_for_a_refused_start_leaves_no_folder_behind(tmp_path):
+    lock = experiment_lock.acquire(tmp_path / "checkpoints" / "new")
+    assert (tmp_path / "checkpoints" / "new" / "writer.lock").is_file()
+    lock.release()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_worker_group_restarted_by_torchrun_takes_over_its_own_lock(short_csv, tmp_path):
+    """Rank 0 (the lock's holder) is SIGKILLed: torchrun restarts the group, whose rank 0 takes
+    the lock over (logged, naming the dead holder) and finishes the run, which releases it."""
+    args = train_args(short_csv, tmp_path, "elastic", train__max_steps=30,
+                      checkpoint__interval=10, train__log_interval=5)
+    proc = launch(args, ranks=2, max_restarts=1)
+    lock = tmp_path / "checkpoints" / "elastic" / "writer.lock"
+    wait_for(tmp_path / "checkpoints" / "elastic" / "checkpoint_step_000010", proc)
+    holder = json.loads(lock.read_text())["pid"]
+    psutil.Process(holder).send_signal(signal.SIGKILL)
+    code, out = finish(proc, timeout=300)
+    assert code == 0, out[-4000:]
+    log = (tmp_path / "logs" / "elastic" / "training_full.log").read_text()
+    assert f'taking over the lock left by {{"host": "{socket.gethostname()}", "pid": {holder}' \
+        in log and "finished at step 30" in log, log[-3000:]
+    assert not lock.exists()

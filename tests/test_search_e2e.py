@@ -100,6 +100,10 @@ def test_a_search_with_two_workers_chooses_on_validation_and_compares_on_test(sh
             assert config["train"]["seed"] == seed
     summary = json.loads((folder / "search.json").read_text())
     assert summary["test_used_for_choosing"] is False and summary["best"]["trial"] == best.number
+    line = summary["final_comparison"]["line"]     # paired on the test windows of 2 seeds
+    assert line.startswith(("best is better than start", "best is worse than start",
+                            "best vs start: no difference shown on test")), line
+    assert "2 seed(s) x " in line, line
     assert (folder / "report.html").read_text().count("data:image/png") >= 2
 
     again = subprocess.run([sys.executable, str(REPO / "launch/experiment.py"), "--search",

@@ -81,7 +81,7 @@ PROFILE_RECORD = _obj({
     "flops_per_sample": _NUM, "achieved_tflops": _NUM, "peak_tflops": _NUM, "mfu": _NUM,
 })
 METRICS_LINE = {"type": "object", "required": ["kind", "step", "time"], "properties": {
-    "kind": {"enum": ["train", "val", "test", "checkpoint", "skip"]}, "step": _INT,
+    "kind": {"enum": ["train", "val", "test", "checkpoint", "skip", "pruned"]}, "step": _INT,
     "time": {"type": "number"}}}
 TRAIN_LINE = _obj({"loss": _NUM, "lr": _NUM, "grad_norm": _NUM, "clip_fraction": _NUM,
                    "skipped_steps": _INT, "samples_per_s": _NUM, "step_time_s": _NUM,

@@ -4,6 +4,7 @@
     celestial-experiment --from-analysis logs/<run> [--seeds 1 2 3 4 5] [--name NAME] ...
     celestial-experiment experiment.yaml --slurm [--sbatch "OPTIONS"] [--wait]
     celestial-experiment --report logs/experiments/<name>
+    celestial-experiment --search search.yaml [--parallel N] [--dry-run]
 
 Writes `<log root>/experiments/<name>/` (experiment.yaml, experiment.json, results.csv,
 report.html, trials/) and prints the verdict first. Exit status: 0 every trial finished, 1 some
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from experiments.compare import compare_variants, load_trial_scores, select_on_validation
@@ -27,7 +30,19 @@ from experiments.runner import (
     run_trials,
     visible_gpus,
 )
-from experiments.slurm import submit_array, wait_for_array
+from experiments.search.command import (
+    best_trial,
+    claim_search_folder,
+    run_trials_of_search,
+    search_folder,
+    write_best_config,
+)
+from experiments.search.command import (
+    print_plan as print_search_plan,
+)
+from experiments.search.report import search_summary_lines, write_search_report
+from experiments.search.spec import SearchSpec, load_search
+from experiments.slurm import submit_array, submit_search_workers, wait_for_array
 from experiments.spec import ExperimentSpec, load_spec
 from trainer.errors import UserError
 
@@ -46,7 +61,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", help="experiment name for --from-analysis")
     parser.add_argument("--report", type=Path, metavar="FOLDER",
                         help="re-render the report of an experiment folder from its trials")
-    parser.add_argument("--parallel", type=int, default=1, help="trials at a time (default 1)")
+    parser.add_argument("--search", type=Path, metavar="FILE",
+                        help="run (or continue) the hyperparameter search of this file")
+    parser.add_argument("--worker", action="store_true",
+                        help="with --search: only run trials, as one worker of the study (a "
+                             "Slurm task does this); no final comparison")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="trials at a time (default 1); with --search --slurm: the number "
+                             "of worker tasks")
     parser.add_argument("--ranks-per-trial", type=int, default=1,
                         help="run each trial as a torchrun of K ranks (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
@@ -58,9 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait", action="store_true",
                         help="with --slurm: wait for the array, then report")
     args = parser.parse_args(argv)
-    if sum(x is not None for x in (args.experiment, args.from_analysis, args.report)) != 1:
+    requests = (args.experiment, args.from_analysis, args.report, args.search)
+    if sum(x is not None for x in requests) != 1:
         parser.error("give one of: an experiment file, --from-analysis logs/<run>, "
-                     "--report logs/experiments/<name>")
+                     "--report logs/experiments/<name>, --search FILE")
     return args
 
 
@@ -154,6 +177,8 @@ def report(result: ExperimentResult, folder: Path) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.search is not None:
+        return run_search_request(args)
     try:
         spec = load_request(args)
         slots = check_resources(args)
@@ -204,6 +229,86 @@ def run_on_slurm(spec: ExperimentSpec, trials: list[Trial], folder: Path,
             return 0
         wait_for_array(job_id)
     return report(collect(spec, trials, folder), folder)
+
+
+def run_search_request(args: argparse.Namespace) -> int:
+    """Check the search file, run its trials, then the final test comparison and the report."""
+    try:
+        spec = load_search(args.search)
+        if args.slurm:
+            return search_on_slurm(spec, args)
+        slots = check_resources(args)
+        if args.dry_run:
+            print_search_plan(spec, search_folder(spec))
+            return 0
+        with sigterm_as_interrupt():
+            study = run_trials_of_search(spec, slots, args.ranks_per_trial)
+        if args.worker:
+            return 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the running trials were stopped and queued again; run the same "
+              "command to continue the search", file=sys.stderr)
+        return 130
+    try:
+        return finish_search(spec, study, slots, args.ranks_per_trial)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (scancel, a time limit) stops a search worker as Ctrl-C does: its running trials
+    checkpoint and are queued again for the next worker."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def search_on_slurm(spec: SearchSpec, args: argparse.Namespace) -> int:
+    """Submit `--parallel` workers of the study as one array; with --wait, then the final
+    comparison and the report here."""
+    if args.parallel < 1:
+        raise UserError("--parallel must be >= 1")
+    folder = search_folder(spec)
+    claim_search_folder(spec, folder)
+    job_id = submit_search_workers(args.search, args.parallel, folder, args.sbatch)
+    print(f"search {spec.name}: {args.parallel} worker(s) submitted as Slurm job array {job_id}"
+          f", in {folder}")
+    if not args.wait:
+        print(f"when it has finished: celestial-experiment --search {args.search}")
+        return 0
+    wait_for_array(job_id)
+    args.slurm, args.parallel = False, 1       # the final comparison, here
+    return run_search_request(args)
+
+
+def finish_search(spec: SearchSpec, study, slots: list, ranks: int) -> int:
+    """The best trial (on validation) and the start, retrained with every seed and compared on
+    test as an experiment; the search report."""
+    folder, best = search_folder(spec), best_trial(study)
+    result = None
+    if best is not None:
+        write_best_config(spec, best, folder)
+        final = spec.final_experiment(best.params, best.number)
+        final_folder = experiment_dir(final)
+        claim_folder(final, final_folder)
+        trials = build_trials(final)
+        commands = {t.name: train_command(final, t, ranks) for t in trials}
+        run_locally(final, trials, final_folder, commands, slots, ranks)
+        result = collect(final, trials, final_folder)
+    paths = write_search_report(spec, study, best, result, folder)
+    for line in search_summary_lines(spec, study, best, result):
+        print(line)
+    print(f"wrote {folder}/: {', '.join(p.name for p in paths)}")
+    return 0 if result is not None and not result.missing() else 1
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,7 +84,7 @@ def load_trial_scores(trial: Trial) -> TrialScores:
     test_line = next((x for x in reversed(lines) if x.get("kind") == "test"), None)
     if test_line is None:
         raise UserError(f"{trial.run_dir}: no test line in metrics.jsonl (not finished)")
-    val_line = _tested_val_line(lines)
+    val_line = tested_val_line(lines)
     origins, test = _read_windows(trial.run_dir / test_line.get("windows_file", WINDOWS_FILE))
     return TrialScores(
         trial=trial, origins=origins, test=test,
@@ -100,7 +100,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _tested_val_line(lines: list[dict]) -> dict:
+def tested_val_line(lines: list[dict]) -> dict:
     """The validation of the weights the test scored: the restored best, else the last one."""
     vals = [x for x in lines if x.get("kind") == "val"]
     restored = [x for x in vals if x.get("restored_best")]

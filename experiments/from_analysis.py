@@ -9,7 +9,7 @@ from pathlib import Path
 
 from diagnostics.analysis.errors import AnalysisError
 from diagnostics.analysis.run import analyze
-from experiments.spec import ExperimentSpec, _is_window_key, check_spec
+from experiments.spec import ExperimentSpec, check_spec, is_window_key
 from trainer.errors import UserError
 
 CONTROL = "control"
@@ -40,7 +40,7 @@ def advice_variants(findings: list[dict]) -> tuple[dict[str, dict], list[str]]:
         change, issue = finding.get("config_change") or {}, str(finding.get("issue", "finding"))
         if not change:
             continue
-        moved = [k for k in change if _is_window_key(k)]
+        moved = [k for k in change if is_window_key(k)]
         if moved:
             notes.append(f"{issue}: not tested, {moved[0]} changes the test windows")
             continue

@@ -55,10 +55,12 @@ def experiment_dir(spec: ExperimentSpec) -> Path:
     return log_root / "experiments" / spec.name
 
 
-def train_command(spec: ExperimentSpec, trial: Trial, ranks: int = 1) -> list[str]:
-    """launch/train.py (under torchrun with `ranks` > 1) with the trial's overrides."""
+def train_command(spec: ExperimentSpec, trial: Trial, ranks: int = 1,
+                  script: Path = TRAIN_SCRIPT) -> list[str]:
+    """`script` (launch/train.py or its search variant; under torchrun with `ranks` > 1) with
+    the trial's overrides."""
     sets = [f"{key}={_as_text(value)}" for key, value in trial.overrides]
-    args = [str(TRAIN_SCRIPT), "--config", spec.base_config, "--resume", "auto",
+    args = [str(script), "--config", spec.base_config, "--resume", "auto",
             "--set", "train.progress_bar=false", *sets]
     if ranks > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",

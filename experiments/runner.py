@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.plan import Trial
+from trainer.observer import EXIT_PRUNED
 from trainer.preemption import EXIT_PREEMPTED
 
 POLL_S = 0.5
@@ -93,16 +94,17 @@ def run_trials(trials: list[Trial], commands: dict[str, list[str]], folder: Path
     try:
         while pending or running:
             while pending and free:
-                running.append(_start(pending.pop(0), free.pop(0), commands, folder, ranks,
-                                      announce))
+                trial = pending.pop(0)
+                running.append(start_trial(trial, free.pop(0), commands[trial.name], folder,
+                                           ranks, announce))
             time.sleep(POLL_S)
             for job in [j for j in running if j.process.poll() is not None]:
                 running.remove(job)
                 free.append(job.slot)
-                records[job.trial.name] = _finish(job, folder, announce)
+                records[job.trial.name] = finish_trial(job, folder, announce)
     except KeyboardInterrupt:
         for job in running:
-            records[job.trial.name] = _stop(job, folder)
+            records[job.trial.name] = stop_trial(job, folder)
         raise
     return records
 
@@ -111,17 +113,19 @@ def _skip_record(folder: Path, trial: Trial) -> dict:
     return {**read_record(folder, trial), "status": "finished", "reason": None}
 
 
-def _start(trial: Trial, slot: Slot, commands: dict, folder: Path, ranks: int,
-           announce) -> Running:
-    log_file = open(folder / "trials" / f"{trial.name}.log", "a")  # noqa: SIM115 - closed in _finish
+def start_trial(trial: Trial, slot: Slot, command: list[str], folder: Path, ranks: int,
+                announce, env: dict[str, str] | None = None) -> Running:
+    """Start the trial's command on the slot's cores (and GPU), with `env` added."""
+    log_file = open(folder / "trials" / f"{trial.name}.log", "a")  # noqa: SIM115 (closed on finish)
     resumed = trial.run_dir.exists()
     announce(f"  {trial.name}: {'resuming' if resumed else 'starting'} on cores "
              f"{_ranges(slot.cores)}" + (f", GPU {','.join(slot.gpus)}" if slot.gpus else ""))
     cores = set(slot.cores)
-    process = subprocess.Popen(commands[trial.name], stdout=log_file, stderr=subprocess.STDOUT,
-                               env=slot.environment(ranks), start_new_session=True,
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                               env={**slot.environment(ranks), **(env or {})},
+                               start_new_session=True,
                                preexec_fn=lambda: os.sched_setaffinity(0, cores))
-    _write_record(folder, trial, {"status": "running", "command": commands[trial.name],
+    _write_record(folder, trial, {"status": "running", "command": command,
                                   "cores": list(slot.cores), "gpus": list(slot.gpus)})
     return Running(trial, slot, process, log_file, time.time())
 
@@ -130,12 +134,14 @@ def _ranges(cores: tuple[int, ...]) -> str:
     return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
 
 
-def _finish(job: Running, folder: Path, announce) -> dict:
+def finish_trial(job: Running, folder: Path, announce) -> dict:
+    """Record how the trial ended: finished, pruned (by a search) or failed (and why)."""
     job.log_file.close()
     code = job.process.returncode
     finished = code == 0 and job.trial.is_finished()
-    record = {"status": "finished" if finished else "failed", "exit_status": code,
-              "reason": None if finished else failure_reason(folder, job.trial, code),
+    status = "finished" if finished else "pruned" if code == EXIT_PRUNED else "failed"
+    record = {"status": status, "exit_status": code,
+              "reason": None if status != "failed" else failure_reason(folder, job.trial, code),
               "seconds": round(time.time() - job.started, 1),
               "command": job.process.args, "cores": list(job.slot.cores),
               "gpus": list(job.slot.gpus)}
@@ -145,7 +151,7 @@ def _finish(job: Running, folder: Path, announce) -> dict:
     return record
 
 
-def _stop(job: Running, folder: Path) -> dict:
+def stop_trial(job: Running, folder: Path) -> dict:
     """Interrupted: the trial checkpoints on SIGTERM and resumes on the next run."""
     os.killpg(job.process.pid, signal.SIGTERM)
     try:

@@ -15,6 +15,7 @@ from experiments.spec import ExperimentSpec
 from trainer.errors import UserError
 
 ARRAY_SCRIPT = REPO / "launch" / "slurm" / "experiment_array.sbatch"
+SEARCH_ARRAY_SCRIPT = REPO / "launch" / "slurm" / "search_array.sbatch"
 TASKS_FILE = "slurm_tasks.tsv"
 POLL_S = 5.0
 
@@ -45,20 +46,37 @@ def submit_array(spec: ExperimentSpec, trials: list[Trial], folder: Path,
     tasks = folder / TASKS_FILE
     tasks.write_text("".join(task_line(spec, t) + "\n" for t in trials))
     (folder / "trials").mkdir(exist_ok=True)
-    exports = f"ALL,EXPERIMENT_TASKS={tasks},PROJECT_DIR={REPO},VENV={sys.prefix}"
-    command = ["sbatch", "--parsable", f"--array=0-{len(trials) - 1}",
+    job_id = sbatch(ARRAY_SCRIPT, len(trials), folder, f"EXPERIMENT_TASKS={tasks}", sbatch_args)
+    (folder / "slurm_job.json").write_text(json.dumps(
+        {"job_id": job_id, "tasks": {str(i): t.name for i, t in enumerate(trials)}}, indent=2))
+    return job_id
+
+
+def submit_search_workers(search_file: Path, workers: int, folder: Path,
+                          sbatch_args: str) -> str:
+    """`workers` array tasks, each a worker of the search's study (`--search FILE --worker`);
+    returns the job id."""
+    check_no_array_running(folder)
+    (folder / "trials").mkdir(parents=True, exist_ok=True)
+    job_id = sbatch(SEARCH_ARRAY_SCRIPT, workers, folder,
+                    f"SEARCH_FILE={search_file.resolve()}", sbatch_args)
+    (folder / "slurm_job.json").write_text(json.dumps({"job_id": job_id, "workers": workers}))
+    return job_id
+
+
+def sbatch(script: Path, num_tasks: int, folder: Path, export: str, sbatch_args: str) -> str:
+    """Submit `script` as an array of `num_tasks` tasks; returns the job id."""
+    exports = f"ALL,{export},PROJECT_DIR={REPO},VENV={sys.prefix}"
+    command = ["sbatch", "--parsable", f"--array=0-{num_tasks - 1}",
                f"--output={folder}/trials/slurm-%A_%a.out", f"--export={exports}",
-               *shlex.split(sbatch_args), str(ARRAY_SCRIPT)]
+               *shlex.split(sbatch_args), str(script)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
         raise UserError("--slurm: sbatch not found (is this a Slurm login node?)") from None
     if done.returncode != 0:
         raise UserError(f"--slurm: sbatch failed: {' '.join(done.stderr.split())}")
-    job_id = done.stdout.strip().split(";")[0]
-    (folder / "slurm_job.json").write_text(json.dumps(
-        {"job_id": job_id, "tasks": {str(i): t.name for i, t in enumerate(trials)}}, indent=2))
-    return job_id
+    return done.stdout.strip().split(";")[0]
 
 
 def in_queue(job_id: str) -> bool:

@@ -75,17 +75,21 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 
 
 def check_spec(data: dict, where: str) -> ExperimentSpec:
+    if "search" in data:
+        raise UserError(f"{where}: a file with a search section is a search: run it with "
+                        f"celestial-experiment --search {where}")
     _check_fields(data, where)
-    spec = ExperimentSpec(name=_name(data["name"], "name"), base_config=data["base_config"],
+    spec = ExperimentSpec(name=check_name(data["name"], "name"), base_config=data["base_config"],
                           control=data["control"], variants=_variants(data["variants"]),
-                          seeds=_seeds(data["seeds"]), score=_score(data.get("score", "nll")),
-                          overrides=_overrides(data.get("overrides") or {}, "overrides"))
+                          seeds=check_seeds(data["seeds"]),
+                          score=check_score(data.get("score", "nll")),
+                          overrides=check_overrides(data.get("overrides") or {}, "overrides"))
     if spec.control not in spec.variants:
         raise UserError(f"control: {spec.control!r} is not one of the variants "
                         f"({', '.join(spec.variants)})")
     if len(spec.variants) < 2:
         raise UserError("variants: name at least two (the control and one to compare with it)")
-    _check_configs(spec)
+    check_configs(spec)
     return spec
 
 
@@ -100,54 +104,55 @@ def _check_fields(data: dict, where: str) -> None:
     for key, kind in FIELDS.items():
         if key in data and data[key] is not None and not isinstance(data[key], kind):
             raise UserError(f"{key}: expected {'a mapping' if kind is dict else kind.__name__}"
-                            f", got {_short(data[key])}")
+                            f", got {shorten(data[key])}")
 
 
-def _short(value: Any) -> str:
+def shorten(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _name(value: str, key: str) -> str:
+def check_name(value: str, key: str) -> str:
     if not isinstance(value, str) or not NAME.fullmatch(value) or "__" in value:
-        raise UserError(f"{key}: {_short(value)} is not a plain name (letters, digits, '_', "
+        raise UserError(f"{key}: {shorten(value)} is not a plain name (letters, digits, '_', "
                         f"'-', '.'; no '__', which separates a trial's parts)")
     return value
 
 
 def _variants(data: dict) -> dict[str, dict[str, Any]]:
-    return {_name(name, f"variants.{name}"): _overrides(overrides or {}, f"variants.{name}")
+    return {check_name(name, f"variants.{name}"):
+            check_overrides(overrides or {}, f"variants.{name}")
             for name, overrides in data.items()}
 
 
-def _overrides(data: Any, key: str) -> dict[str, Any]:
+def check_overrides(data: Any, key: str) -> dict[str, Any]:
     """A mapping of dotted config keys; those the experiment sets itself are refused."""
     if not isinstance(data, dict):
-        raise UserError(f"{key}: expected a mapping of config keys, got {_short(data)}")
+        raise UserError(f"{key}: expected a mapping of config keys, got {shorten(data)}")
     for dotted in data:
         if not isinstance(dotted, str):
-            raise UserError(f"{key}: config key {_short(dotted)} is not a name")
+            raise UserError(f"{key}: config key {shorten(dotted)} is not a name")
         if dotted in TRIAL_KEYS:
             raise UserError(f"{key}.{dotted}: set by the experiment for each trial "
                             f"(seeds come from `seeds`)")
         if isinstance(data[dotted], dict):
             raise UserError(f"{key}.{dotted}: give dotted keys (e.g. {dotted}.some_key: value), "
                             f"not a mapping that would replace the whole section")
-        if key.startswith("variants.") and _is_window_key(dotted):
+        if key.startswith("variants.") and is_window_key(dotted):
             raise UserError(f"{key}.{dotted}: would change the test windows or their data, and "
                             f"every trial must be scored on the same windows (set it in the base "
                             f"config or `overrides`)")
     return dict(data)
 
 
-def _is_window_key(dotted: str) -> bool:
+def is_window_key(dotted: str) -> bool:
     return any(dotted == k or dotted.startswith(k + ".") for k in WINDOW_KEYS)
 
 
-def _seeds(values: list) -> list[int]:
+def check_seeds(values: list) -> list[int]:
     for i, seed in enumerate(values):
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
-            raise UserError(f"seeds[{i}]: expected an integer in [0, 2^31), got {_short(seed)}")
+            raise UserError(f"seeds[{i}]: expected an integer in [0, 2^31), got {shorten(seed)}")
     if not values:
         raise UserError("seeds: name at least one seed")
     if len(set(values)) != len(values):
@@ -155,13 +160,13 @@ def _seeds(values: list) -> list[int]:
     return list(values)
 
 
-def _score(value: str) -> str:
+def check_score(value: str) -> str:
     if value not in SCORES:
-        raise UserError(f"score: {_short(value)} is not one of {list(SCORES)}")
+        raise UserError(f"score: {shorten(value)} is not one of {list(SCORES)}")
     return value
 
 
-def _check_configs(spec: ExperimentSpec) -> None:
+def check_configs(spec: ExperimentSpec) -> None:
     """Every variant's config resolves (with the first seed): errors name the variant."""
     if not Path(spec.base_config).is_file():
         raise UserError(f"base_config: config file not found: {spec.base_config}")

@@ -77,3 +77,23 @@ def test_an_observer_failing_on_one_rank_is_switched_off_on_both(short_csv, tmp_
     assert [r["still_on"] for r in results] == [["Summing"], ["Summing"]]
     assert all(r["sums"] == {str(s): 2.0 for s in range(1, 6)} for r in results)
     assert [r["unaligned_sums"] for r in results] == [{}, {}]
+
+
+class Pruning(Observer):
+    def __init__(self, stop_at: int | None = None, broken: bool = False) -> None:
+        self.stop_at, self.broken, self.seen = stop_at, broken, []
+
+    def on_validation(self, step, metrics, evaluate_fn):
+        self.seen.append(step)
+
+    def asks_to_stop(self) -> bool:
+        if self.broken:
+            raise RuntimeError("cannot reach the study")
+        return self.seen[-1] == self.stop_at
+
+
+def test_an_observer_may_ask_the_run_to_stop_after_a_validation_and_a_broken_one_cannot():
+    group = ObserverGroup([Pruning(stop_at=4), Pruning(broken=True)])
+    assert [group.on_validation(step, {}, None) for step in (2, 4)] == [False, True]
+    assert not ObserverGroup([Pruning(broken=True)]).on_validation(2, {}, None)
+    assert not ObserverGroup([]).on_validation(2, {}, None)

@@ -49,7 +49,8 @@ DEFAULT_MEANING = {
 }
 EXIT_STATUSES = ("exit status: 0 done, 1 a failure (lost or hung rank, too many non-finite "
                  "steps), 2 bad input, 74 a file could not be written, 75 stopped on a signal "
-                 "after a checkpoint (continue with --resume auto)")
+                 "after a checkpoint (continue with --resume auto), 76 pruned by a search at a "
+                 "validation (no checkpoint, no test)")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -31,7 +31,7 @@ from trainer.checkpoint import (
 )
 from trainer.evaluate import celestial_effect, evaluate
 from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
-from trainer.observer import ObserverGroup, RunContext, StepContext
+from trainer.observer import EXIT_PRUNED, ObserverGroup, RunContext, StepContext
 from trainer.preemption import EXIT_PREEMPTED, process_requests, requeue_slurm_job
 from trainer.resources import memory_mb
 from trainer.resume import checkpoint_files
@@ -330,7 +330,8 @@ class Trainer:
             self.run_log.advance()
         if train.eval_interval and step % train.eval_interval == 0:
             self.validate()
-        if step % self.config.checkpoint.interval == 0 and self.stop_reason != "nonfinite":
+        if (step % self.config.checkpoint.interval == 0
+                and self.stop_reason not in ("nonfinite", "pruned")):
             self.save_checkpoint()
         # After the validation and save: a signal that came during them is acted on now, and
         # a stop right after a save needs no second checkpoint.
@@ -449,7 +450,11 @@ class Trainer:
             log.info("validation at step %d: nll %.4f, %s, mae %.4f, coverage 50%% %.3f, "
                      "90%% %.3f%s", step, metrics["nll"], describe_skill(metrics), metrics["mae"],
                      metrics["coverage_50"], metrics["coverage_90"], " (best)" if improved else "")
-            self.observers.on_validation(step, {"epoch": p.epoch, **metrics}, self.evaluate)
+            if (self.observers.on_validation(step, {"epoch": p.epoch, **metrics}, self.evaluate)
+                    and self.stop_reason is None):
+                self.stop_reason = "pruned"
+                log.info("stopping at step %d: an observer pruned the run (validation NLL %.4f)",
+                         step, metrics["nll"])
             patience = self.config.train.early_stopping_patience
             stop = patience and p.evals_without_improvement >= patience
             if distributed.agree_any([bool(stop)])[0] and self.stop_reason is None:
@@ -511,6 +516,16 @@ class Trainer:
                   newest[0] if newest else "none")
         return 1
 
+    def stop_pruned(self) -> int:
+        """End a run an observer pruned: no checkpoint, no test (it is not to be continued)."""
+        self.checkpoints.wait()
+        self.run_log.record("pruned", self.progress.step,
+                            {"epoch": self.progress.epoch, "val_nll": self.last_validation["nll"]})
+        stop_if_any_rank_failed_to_write()
+        log.info("pruned at step %d: no checkpoint saved, the test split not scored",
+                 self.progress.step)
+        return EXIT_PRUNED
+
     def restore_best_weights(self) -> dict | None:
         """After early stopping, load best_model.pth (the sharded checkpoint keeps the last
         state for resuming) and return its validation metrics, drawn in TensorBoard as
@@ -536,6 +551,8 @@ class Trainer:
             self.log_interval(self.progress.step)    # the steps since the last log line
         if self.stop_reason == "nonfinite":
             return self.stop_nonfinite()
+        if self.stop_reason == "pruned":
+            return self.stop_pruned()
         if self.last_checkpoint_step != self.progress.step:
             self.save_checkpoint()
         self.checkpoints.wait_all_ranks()

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 MID_COLLECTIVE = (" (it runs collectives: if it raised between two of them on this rank only, "
                   "the other ranks wait in the next one until the collective timeout)")
 ACTIVITY_CHECK_STEPS = 10_000   # steps over which the ranks compare the observers' schedules
+# Exit status of a run an observer stopped at a validation (a search pruned the trial): no
+# checkpoint, no test; the run is not to be resumed.
+EXIT_PRUNED = 76
 
 
 @dataclass(kw_only=True)
@@ -92,6 +95,10 @@ class Observer:
 
     def on_validation(self, step: int, metrics: dict, evaluate_fn) -> None: ...
 
+    def asks_to_stop(self) -> bool:
+        """Asked after each validation: True stops the run there, as pruned (EXIT_PRUNED)."""
+        return False
+
     def on_end(self, final_metrics: dict) -> None: ...
 
 
@@ -141,9 +148,22 @@ class ObserverGroup:
         if ran:
             self.agree_on_failures(f"step {ctx.step}")
 
-    def on_validation(self, step: int, metrics: dict, evaluate_fn) -> None:
+    def on_validation(self, step: int, metrics: dict, evaluate_fn) -> bool:
+        """Every observer sees the validation; returns whether one of them, on any rank, asks
+        the run to stop (agreed by all ranks)."""
         self._call_all(self.observers, "on_validation", step, metrics, evaluate_fn)
         self.agree_on_failures(f"the validation at step {step}")
+        if not self.observers:
+            return False
+        return distributed.agree_any([any(self._asks_to_stop(o) for o in self.observers)])[0]
+
+    def _asks_to_stop(self, observer: Observer) -> bool:
+        try:
+            return bool(observer.asks_to_stop())
+        except Exception:
+            log.warning("observer %s raised in asks_to_stop: the run goes on",
+                        type(observer).__name__, exc_info=True)
+            return False
 
     def on_end(self, final_metrics: dict) -> None:
         self._call_all(self.observers, "on_end", final_metrics)

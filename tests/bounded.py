@@ -10,6 +10,7 @@ import pickle
 import resource
 import select
 import signal
+import sys
 import time
 
 
@@ -49,6 +50,7 @@ def run_bounded(fn, *args, seconds: float = 20, memory_mb: int = 400):
 
 def _child(fn, args, limit: int, write_end: int) -> None:
     try:
+        _one_thread()
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         try:
             result = (True, fn(*args))
@@ -59,6 +61,14 @@ def _child(fn, args, limit: int, write_end: int) -> None:
             f.write(payload)
     finally:
         os._exit(0)
+
+
+def _one_thread() -> None:
+    """OpenMP's thread pool does not survive a fork: a child that enters a parallel region the
+    parent's pool served hangs. Torch ops in the child run on its own thread only."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def _read_until(fd: int, deadline: float) -> bytes | None:

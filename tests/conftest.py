@@ -64,3 +64,14 @@ def run_cli(args: list[str], *, torchrun: int = 0, env: dict | None = None, time
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`extended` tests (the experiment and search commands end to end on the two-node Slurm
+    cluster and on several hosts: minutes) run only when `-m` names them."""
+    if "extended" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="extended tests take minutes: select them with `-m extended`")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)

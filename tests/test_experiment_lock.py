@@ -43,7 +43,7 @@ def test_second_start_of_a_running_experiment_stops_at_once_naming_the_holder(sh
     args = as_cli_args(small_overrides(short_csv, tmp_path, "busy") + [
         ("train.max_steps", 6), ("checkpoint.interval", 2), ("train.eval_interval", 4),
         ("train.validate_at_start", False)])
-    first = _start(args, "delay:validation:60")
+    first = _start(args, "delay:validation:30")
     try:
         _wait_for_text(tmp_path / "logs" / "busy" / "training_full.log",
                        "fault injection: delaying validation", first)

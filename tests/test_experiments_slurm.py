@@ -14,7 +14,7 @@ import yaml
 from tests.conftest import REPO, small_overrides
 from tests.slurm_cluster import SlurmCluster, slurm_cluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.extended]
 TIMEOUT_S = 420
 
 

@@ -16,7 +16,7 @@ from tests import netns
 from tests.postgres import postgres_database
 from tests.test_search import search_data
 
-pytestmark = [pytest.mark.multihost, pytest.mark.slow]
+pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.extended]
 
 STAND_IN = """
 import os, pathlib, sys, time

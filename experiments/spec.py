@@ -78,7 +78,7 @@ def check_spec(data: dict, where: str) -> ExperimentSpec:
     if "search" in data:
         raise UserError(f"{where}: a file with a search section is a search: run it with "
                         f"celestial-experiment --search {where}")
-    _check_fields(data, where)
+    check_fields(data, FIELDS, REQUIRED, where, "experiment")
     spec = ExperimentSpec(name=check_name(data["name"], "name"), base_config=data["base_config"],
                           control=data["control"], variants=_variants(data["variants"]),
                           seeds=check_seeds(data["seeds"]),
@@ -93,18 +93,24 @@ def check_spec(data: dict, where: str) -> ExperimentSpec:
     return spec
 
 
-def _check_fields(data: dict, where: str) -> None:
-    unknown = sorted(str(k) for k in data if k not in FIELDS)
+def check_fields(data: dict, fields: dict, required: tuple, where: str, what: str,
+                 prefix: str = "") -> None:
+    """Unknown keys, missing required ones and values of the wrong type, each one line naming
+    the key (`prefix` + key) and, for unknown ones, the known keys."""
+    unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
-        raise UserError(f"{where}: unknown experiment key {unknown[0]} "
-                        f"(known: {', '.join(FIELDS)})")
-    missing = [k for k in REQUIRED if k not in data]
+        raise UserError(f"{where}: unknown {what} key {prefix}{unknown[0]} "
+                        f"(known: {', '.join(fields)})")
+    missing = [k for k in required if k not in data]
     if missing:
-        raise UserError(f"{where}: missing experiment key {missing[0]}")
-    for key, kind in FIELDS.items():
-        if key in data and data[key] is not None and not isinstance(data[key], kind):
-            raise UserError(f"{key}: expected {'a mapping' if kind is dict else kind.__name__}"
-                            f", got {shorten(data[key])}")
+        raise UserError(f"{where}: missing {what} key {prefix}{missing[0]}")
+    for key, kind in fields.items():
+        value = data.get(key)
+        is_bool = isinstance(value, bool)
+        if value is None or (isinstance(value, kind) and not (kind is int and is_bool)):
+            continue
+        raise UserError(f"{prefix}{key}: expected {'a mapping' if kind is dict else kind.__name__}"
+                        f", got {shorten(value)}")
 
 
 def shorten(value: Any) -> str:

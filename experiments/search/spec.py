@@ -36,6 +36,7 @@ from experiments.spec import (
     TRIAL_KEYS,
     ExperimentSpec,
     check_configs,
+    check_fields,
     check_name,
     check_overrides,
     check_score,
@@ -134,9 +135,9 @@ def load_search(path: str | Path) -> SearchSpec:
 
 
 def check_search(data: dict, where: str) -> SearchSpec:
-    _check_fields(data, FIELDS, REQUIRED, where, "search file")
+    check_fields(data, FIELDS, REQUIRED, where, "search file")
     search = data["search"]
-    _check_fields(search, SEARCH_FIELDS, ("parameters",), where, "search", prefix="search.")
+    check_fields(search, SEARCH_FIELDS, ("parameters",), where, "search", prefix="search.")
     overrides = check_overrides(data.get("overrides") or {}, "overrides")
     spec = SearchSpec(
         name=check_name(data["name"], "name"), base_config=data["base_config"],
@@ -152,24 +153,6 @@ def check_search(data: dict, where: str) -> SearchSpec:
     for parameter in spec.parameters:
         _check_ends(spec, parameter)
     return spec
-
-
-def _check_fields(data: dict, fields: dict, required: tuple, where: str, what: str,
-                  prefix: str = "") -> None:
-    unknown = sorted(str(k) for k in data if k not in fields)
-    if unknown:
-        raise UserError(f"{where}: unknown {what} key {prefix}{unknown[0]} "
-                        f"(known: {', '.join(fields)})")
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise UserError(f"{where}: missing {what} key {prefix}{missing[0]}")
-    for key, kind in fields.items():
-        value = data.get(key)
-        if value is None or (kind is int and _is_int(value)) or (
-                kind is not int and isinstance(value, kind)):
-            continue
-        raise UserError(f"{prefix}{key}: expected {'a mapping' if kind is dict else kind.__name__}"
-                        f", got {shorten(value)}")
 
 
 def _is_int(value: Any) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -24,14 +25,13 @@ def cluster():
         yield running
 
 
-def experiment(cluster: SlurmCluster, *args: str, cwd) -> str:
+def experiment(cluster: SlurmCluster, *args: str, cwd, timeout_s: float = TIMEOUT_S) -> str:
     """celestial-experiment where the Slurm client commands reach the cluster."""
     argv = [sys.executable, str(REPO / "launch/experiment.py"), *args]
     if cluster.client_host:
         argv = cluster.client_host.command(argv)
-    import subprocess
     done = subprocess.run(argv, cwd=cwd, env={**os.environ, **cluster.env, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+                          capture_output=True, text=True, timeout=timeout_s)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 

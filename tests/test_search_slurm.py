@@ -3,30 +3,17 @@ two array tasks are workers of one study in a journal file on the shared file sy
 they complete the study, each trial trained once, on both nodes."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import optuna
 import pytest
 import yaml
 
 from experiments.search.study import make_storage
 from tests.conftest import REPO, small_overrides
-from tests.slurm_cluster import SlurmCluster, slurm_cluster
+from tests.slurm_cluster import slurm_cluster
+from tests.test_experiments_slurm import experiment
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.extended]
 TIMEOUT_S = 600
-
-
-def experiment(cluster: SlurmCluster, *args: str, cwd) -> str:
-    argv = [sys.executable, str(REPO / "launch/experiment.py"), *args]
-    if cluster.client_host:
-        argv = cluster.client_host.command(argv)
-    done = subprocess.run(argv, cwd=cwd, env={**os.environ, **cluster.env, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 def test_array_tasks_are_workers_of_one_study_on_both_nodes(short_csv, tmp_path):
@@ -43,7 +30,8 @@ def test_array_tasks_are_workers_of_one_study_on_both_nodes(short_csv, tmp_path)
                    "n_trials": 4, "sampler": "random", "pruner": "none"}}))
     with slurm_cluster(num_nodes=2) as cluster:
         out = experiment(cluster, "--search", str(search), "--slurm", "--parallel", "2",
-                         "--sbatch", "--gpus-per-node=0 --cpus-per-task=2", cwd=REPO)
+                         "--sbatch", "--gpus-per-node=0 --cpus-per-task=2", cwd=REPO,
+                         timeout_s=TIMEOUT_S)
         job_id = out.split("Slurm job array ")[1].split(",")[0]
         cluster.wait_until(lambda: not cluster.run("squeue", "-h", "-j", job_id, check=False)
                            .stdout.strip(), TIMEOUT_S, f"array {job_id} to finish")

@@ -97,7 +97,7 @@ class BuiltinDataConfig:
 
 def _daily_dates(config: BuiltinDataConfig) -> np.ndarray:
     return np.arange(np.datetime64(config.start_date, "D"),
-                     np.datetime64(config.end_date, "D") + 1)
+                     np.datetime64(config.end_date, "D") + np.timedelta64(1, "D"))
 
 
 def _ephem_date(day: np.datetime64, hour_utc: float) -> ephem.Date:
@@ -151,7 +151,7 @@ def celestial_features(config: BuiltinDataConfig, dates: np.ndarray) -> dict[str
     on every calendar day of their span and taken at those dates, so a speed is always degrees
     per calendar day and a date's values do not depend on which other dates are asked for.
     """
-    days = np.arange(dates[0], dates[-1] + 1).astype("datetime64[D]")
+    days = np.arange(dates[0], dates[-1] + np.timedelta64(1, "D")).astype("datetime64[D]")
     rows = (np.asarray(dates, dtype="datetime64[D]") - days[0]).astype(np.int64)
     daily = _daily_features(config, days)
     return {name: values[rows] for name, values in daily.items()}

@@ -184,7 +184,7 @@ def load_benchmark_config(config_path: str | None, overrides: list[str]):
 
 def input_spec(config):
     """The real input layout of the config's dataset (generated on first use)."""
-    from trainer.data import ensure_dataset, prepare
+    from series.dataset import ensure_dataset, prepare
     ensure_dataset(config.data)
     return prepare(config.data, config.model.seq_len, config.model.pred_len).spec
 
@@ -192,7 +192,7 @@ def input_spec(config):
 def synthetic_batches(config, spec, device: torch.device, count: int = 4, seed: int = 0):
     """Batches of the real shapes: unit-variance features (as after scaling) and targets that
     walk with the data's own 1-step change scale."""
-    from trainer.data import Batch
+    from series.dataset import Batch
     g = torch.Generator().manual_seed(seed)
     B, S, P = config.data.batch_size, config.model.seq_len, config.model.pred_len
     F, T = spec.num_features, len(spec.targets)

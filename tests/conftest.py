@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.builtin_data import BuiltinDataConfig, write_builtin_csv
+from series.builtin import BuiltinDataConfig, write_builtin_csv
 from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

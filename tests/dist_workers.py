@@ -211,7 +211,7 @@ def save_checkpoints_until_killed(root: str, async_save: bool) -> None:
     import warnings
 
     from tests.test_checkpoint import identity_files
-    from trainer.checkpoint import CheckpointConfig, CheckpointManager
+    from trainer.checkpoint.manager import CheckpointConfig, CheckpointManager
     warnings.filterwarnings("ignore")          # DCP's note that no process group exists
     manager = CheckpointManager(CheckpointConfig(async_save=async_save), Path(root))
     for step in (2, 4):

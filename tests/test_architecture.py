@@ -11,14 +11,21 @@ import pytest
 
 from tests.conftest import REPO
 
-# package -> the project packages it may import (besides itself)
-ALLOWED = {"model": set(), "stats": set(), "trainer": {"model", "stats"},
+# package -> the project packages it may import (besides itself), from the bottom up
+ALLOWED = {"model": set(), "stats": set(), "series": {"model"},
+           "trainer": {"model", "stats", "series"},
+           "forecasting": {"model", "stats", "series", "trainer"},
            "diagnostics": {"model", "trainer", "stats"},
            "experiments": {"trainer", "stats", "diagnostics"}}
-DISTRIBUTED_OWNERS = {"trainer/distributed.py",   # process groups and collectives
-                      "trainer/checkpoint.py"}    # DCP, the sharded checkpoint format
-PROJECT = {"model", "stats", "trainer", "diagnostics", "experiments", "launch", "benchmarks",
-           "tests"}
+# The error vocabulary every command shares (UserError, WriteFailed, their exit statuses):
+# any package may import it, and it imports only the standard library.
+SHARED_ERRORS = "trainer.errors"
+DISTRIBUTED_OWNERS = {"trainer/distributed.py",            # process groups and collectives
+                      "trainer/checkpoint/manager.py",     # DCP saves and loads
+                      "trainer/checkpoint/safe_load.py",   # DCP's metadata and reader, checked
+                      "trainer/checkpoint/state.py"}       # the Stateful parts DCP saves
+PROJECT = {"model", "stats", "series", "trainer", "forecasting", "diagnostics", "experiments",
+           "launch", "benchmarks", "tests"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -40,8 +47,60 @@ def sources(package: str) -> list[Path]:
 def test_packages_depend_one_way(package):
     wrong = {f"{path.relative_to(REPO)} imports {name}"
              for path in sources(package) for name in imported_modules(path)
-             if name.split(".")[0] in PROJECT - ALLOWED[package] - {package}}
+             if name.split(".")[0] in PROJECT - ALLOWED[package] - {package}
+             and name != SHARED_ERRORS}
     assert not wrong, sorted(wrong)
+
+
+def test_allowed_directions_have_no_circle():
+    """No package may import one that may, directly or not, import it."""
+    def below(package: str) -> set[str]:
+        return set().union(*({p} | below(p) for p in ALLOWED[package]))
+    assert not [p for p in ALLOWED if p in below(p)]
+
+
+def test_the_shared_errors_import_only_the_standard_library():
+    path = REPO / (SHARED_ERRORS.replace(".", "/") + ".py")
+    assert {name.split(".")[0] for name in imported_modules(path)} <= sys.stdlib_module_names
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (`from a import b` names a.b when b is
+    a module), lazy and type-only imports included."""
+    paths = {module_name(path): path for package in ALLOWED for path in sources(package)}
+    graph = {}
+    for name, path in paths.items():
+        named = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                named |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                named |= {alias.name for alias in node.names}
+        graph[name] = (named & paths.keys()) - {name}
+    return graph
+
+
+def test_no_module_imports_itself_through_others():
+    graph, circles = import_graph(), []
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        for imported in sorted(graph[module]):
+            if imported in path:
+                circles.append(path[path.index(imported):] + [imported])
+            elif imported not in done:
+                visit(imported, path + [imported])
+        done.add(module)
+
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    assert not circles, circles
 
 
 def test_experiments_use_only_the_offline_analysis_of_diagnostics():
@@ -62,6 +121,18 @@ def test_nothing_imports_experiments():
              for path in sources(package) for name in imported_modules(path)
              if name.split(".")[0] == "experiments"
              and str(path.relative_to(REPO)) not in ENTRY_POINTS_OF_EXPERIMENTS}
+    assert not wrong, sorted(wrong)
+
+
+ENTRY_POINTS_OF_FORECASTING = ("launch/forecast.py", "launch/evaluate.py")
+
+
+def test_nothing_imports_forecasting_but_its_entry_points():
+    wrong = {f"{path.relative_to(REPO)} imports {name}"
+             for package in PROJECT - {"forecasting", "tests"} if (REPO / package).is_dir()
+             for path in sources(package) for name in imported_modules(path)
+             if name.split(".")[0] == "forecasting"
+             and str(path.relative_to(REPO)) not in ENTRY_POINTS_OF_FORECASTING}
     assert not wrong, sorted(wrong)
 
 

@@ -8,14 +8,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
-from trainer.checkpoint import (
-    CheckpointConfig,
-    CheckpointManager,
-    load_consolidated,
-    save_consolidated,
-    verify,
-    write_manifest,
-)
+from trainer.checkpoint.manager import CheckpointConfig, CheckpointManager, verify
+from trainer.checkpoint.manifest import write_manifest
+from trainer.checkpoint.model_file import load_consolidated, save_consolidated
 from trainer.resume import RunIdentity, find_resumable
 
 IDENTITY = RunIdentity("t", {"d_model": 32}, {"targets": ["A", "B"]})

@@ -27,7 +27,7 @@ import torch.distributed.checkpoint as dcp
 from tests.conftest import REPO
 from tests.test_checkpoint import IDENTITY
 from tests.test_distributed import finish, launch, model_file, train_args
-from trainer.checkpoint import CheckpointConfig, CheckpointManager
+from trainer.checkpoint.manager import CheckpointConfig, CheckpointManager
 from trainer.resume import find_resumable
 
 pytestmark = pytest.mark.slow
@@ -142,8 +142,8 @@ def test_foreign_checkpoint_is_refused_on_every_rank(short_csv, tmp_path, refere
         out[-3000:]
     assert code != 0 and "exitcode  : 2" in out         # torchrun reports its workers' 2
     # Only torchrun's own traceback: no frame of the project's code (the venv may live in REPO).
-    project_frames = [f'File "{REPO}/{package}/' for package in ("trainer", "model", "launch",
-                                                                  "diagnostics")]
+    project_frames = [f'File "{REPO}/{package}/' for package in ("trainer", "series", "model",
+                                                                  "launch", "diagnostics")]
     assert out.count("Traceback") == 1 and not any(frame in out for frame in project_frames)
     assert _digest(foreign) == before
     assert not (tmp_path / "checkpoints" / "other").exists()

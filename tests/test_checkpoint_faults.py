@@ -23,18 +23,11 @@ import torch.distributed.checkpoint as dcp
 
 from tests.test_checkpoint import IDENTITY, write_checkpoint
 from trainer.build import resume_request
-from trainer.checkpoint import (
-    CheckpointConfig,
-    CheckpointManager,
-    PlainDataLoadPlanner,
-    _rng_state,
-    _set_rng_state,
-    load_consolidated,
-    read_rng_file,
-    verified_sizes,
-    verify,
-    write_manifest,
-)
+from trainer.checkpoint.manager import CheckpointConfig, CheckpointManager, verify
+from trainer.checkpoint.manifest import verified_sizes, write_manifest
+from trainer.checkpoint.model_file import load_consolidated
+from trainer.checkpoint.rng import read_rng_file, rng_state, set_rng_state
+from trainer.checkpoint.safe_load import PlainDataLoadPlanner
 from trainer.config import load_config
 from trainer.errors import UserError
 from trainer.optim import OptimConfig, apply_optim_settings, build_optimizer, build_scheduler
@@ -185,11 +178,11 @@ def test_rng_states_are_tensor_only_and_restore_exactly(tmp_path):
     random.gauss(0, 1)                         # python's random caches a second gaussian
     np.random.standard_normal()                # numpy too
     path = tmp_path / "rng_rank0.pt"
-    torch.save(_rng_state(), path)
+    torch.save(rng_state(), path)
     expected = (torch.rand(3), np.random.standard_normal(3), random.gauss(0, 1), random.random())
     state = torch.load(path, weights_only=True)           # plain tensors: no unpickling needed
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    _set_rng_state(read_rng_file(path))
+    set_rng_state(read_rng_file(path))
     again = (torch.rand(3), np.random.standard_normal(3), random.gauss(0, 1), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
     assert expected[2:] == again[2:]

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from tests.bounded import run_bounded
 from tests.test_checkpoint_hostile import empty_state, write_checkpoint_with_values
-from trainer.checkpoint import CheckpointConfig, CheckpointManager, verify, write_manifest
+from trainer.checkpoint.manager import CheckpointConfig, CheckpointManager, verify
+from trainer.checkpoint.manifest import write_manifest
 from trainer.errors import UserError
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,

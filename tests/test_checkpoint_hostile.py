@@ -22,13 +22,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from tests.bounded import run_bounded
 from tests.test_checkpoint import IDENTITY, identity_files, shard
-from trainer.checkpoint import (
-    CheckpointConfig,
-    CheckpointManager,
-    PlainDataLoadPlanner,
-    verify,
-    write_manifest,
-)
+from trainer.checkpoint.manager import CheckpointConfig, CheckpointManager, verify
+from trainer.checkpoint.manifest import write_manifest
+from trainer.checkpoint.safe_load import PlainDataLoadPlanner
 from trainer.errors import UserError
 from trainer.resume import find_resumable
 
@@ -253,8 +249,9 @@ def test_trainer_refuses_a_checkpoint_that_covers_a_parameter_in_part(short_csv,
     "at step 2" with part of that parameter random. Refused by the metadata check, and by the
     count of what was loaded when that check is bypassed."""
     from tests.conftest import small_config
-    from trainer import checkpoint, distributed
+    from trainer import distributed
     from trainer.build import build_trainer
+    from trainer.checkpoint import safe_load
     config = small_config(short_csv, tmp_path, "p", train__max_steps=2, checkpoint__interval=2,
                           train__validate_at_start=False)
     env = distributed.init_distributed("cpu")
@@ -267,7 +264,7 @@ def test_trainer_refuses_a_checkpoint_that_covers_a_parameter_in_part(short_csv,
     resuming = small_config(short_csv, tmp_path, "q", train__resume=str(folder))
     with pytest.raises(UserError, match=f"tensor '{name}'.*not within its shape"):
         build_trainer(resuming, env)
-    monkeypatch.setattr(checkpoint, "check_metadata_entries", lambda metadata, sizes: None)
+    monkeypatch.setattr(safe_load, "check_metadata_entries", lambda metadata, sizes: None)
     with pytest.raises(UserError, match=f"does not cover {name} whole"):
         build_trainer(resuming, env)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from model import CelestialPGAT
+from series.dataset import WindowDataset, build_loader, prepare
 from tests.conftest import small_config
-from trainer.data import WindowDataset, build_loader, prepare
 from trainer.loop import TrainStep
 from trainer.observer import StepContext
 

@@ -32,7 +32,7 @@ from tests.containers import (
     podman_engine,
 )
 from tests.test_docker_files import WORKDIR, assert_training_command, entry_command
-from trainer.checkpoint import verify
+from trainer.checkpoint.manager import verify
 from trainer.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.container

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import small_config
-from trainer.builtin_data import (
+from series.builtin import (
     BODY_NAMES,
     BuiltinDataConfig,
     celestial_features,
     planted_log_prices,
 )
-from trainer.data import (
+from series.dataset import (
     DataConfig,
     ResumableDistributedSampler,
     WindowDataset,
@@ -26,6 +25,7 @@ from trainer.data import (
     parse_date,
     prepare,
 )
+from tests.conftest import small_config
 from trainer.errors import UserError
 
 S, P = 48, 12
@@ -230,7 +230,7 @@ def test_validation_sampler_covers_each_sample_once():
 
 def _driver_correlation(data, split: str) -> float:
     """Correlation of Asset_D's daily change with its planted driver, Mercury's speed a day
-    earlier (trainer/builtin_data.py), on one split's rows."""
+    earlier (series/builtin.py), on one split's rows."""
     start, end = data.borders[split]
     column = data.spec.feature_names.index("Mercury_speed")
     change = np.diff(data.targets_RT[start:end, 3].numpy())

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import as_cli_args, run_cli, small_overrides
 from tests.dist_workers import spawn
-from trainer.checkpoint import verify
+from trainer.checkpoint.manager import verify
 from trainer.errors import EXIT_WRITE_FAILED, WriteFailed
 from trainer.run_log import (
     RunLog,
@@ -114,11 +114,12 @@ def cli_rank(rank, world_size, port, argv, out_dir, manifest_fails=False):
 
     import torch
 
-    from trainer import checkpoint, cli
+    from trainer import cli
+    from trainer.checkpoint import manager
     if manifest_fails and rank == 0:
         def full_disk(folder, step):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "manifest.json"))
-        checkpoint.write_manifest = full_disk
+        manager.write_manifest = full_disk
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -216,7 +217,7 @@ def test_read_only_checkpoint_folder_is_refused_before_anything_is_written(short
 
 def test_a_save_on_a_read_only_file_system_says_read_only_not_make_room(tmp_path):
     from tests.test_checkpoint_hostile import empty_state
-    from trainer.checkpoint import CheckpointConfig, CheckpointManager
+    from trainer.checkpoint.manager import CheckpointConfig, CheckpointManager
     with read_only_filesystem(tmp_path / "ro") as ro:
         manager = CheckpointManager(CheckpointConfig(), ro / "exp")
         with pytest.raises(WriteFailed) as err:

@@ -233,7 +233,7 @@ def test_async_checkpoints_are_complete_and_resumable(short_csv, tmp_path, ranks
     assert code == 0, out[-3000:]
     folders = sorted(p.name for p in (tmp_path / "checkpoints" / name).glob("checkpoint_step_*"))
     assert folders == ["checkpoint_step_000009", "checkpoint_step_000010"]
-    from trainer.checkpoint import verify
+    from trainer.checkpoint.manager import verify
     assert all(verify(tmp_path / "checkpoints" / name / f) is None for f in folders)
     longer = train_args(short_csv, tmp_path, name, train__max_steps=12, checkpoint__interval=3,
                         checkpoint__async_save=True) + ["--resume", "auto"]

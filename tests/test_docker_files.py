@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, as_cli_args, small_overrides
-from trainer.checkpoint import verify
+from trainer.checkpoint.manager import verify
 from trainer.preemption import EXIT_PREEMPTED
 
 DOCKERFILES = [REPO / "docker" / "Dockerfile.cuda", REPO / "docker" / "Dockerfile.cpu"]
@@ -183,7 +183,7 @@ def test_dockerignore_keeps_what_the_images_need():
     patterns = dockerignore_patterns()
     needed = ["pyproject.toml", "launch/train.py", "launch/setup_env.sh",
               "configs/quickstart_cpu.yaml"]
-    needed += [str(p.relative_to(REPO)) for package in ("model", "trainer", "diagnostics")
+    needed += [str(p.relative_to(REPO)) for package in ("model", "series", "trainer", "diagnostics")
                for p in (REPO / package).rglob("*.py")]
     for path in needed:
         assert (REPO / path).exists(), path

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
+from forecasting.evaluate import REPORT_SCORES, VAL_WARNING, run
 from tests.conftest import REPO
 from tests.test_forecast import model_path, read_rows, saved_with, train_tiny, write_rows
 from trainer import distributed
-from trainer.forecast_evaluate import REPORT_SCORES, VAL_WARNING, run
 from trainer.test_windows import COLUMNS as WINDOW_COLUMNS
 
 PRED_LEN = 12

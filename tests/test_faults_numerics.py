@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from diagnostics.analysis.load import read_metrics
+from series.dataset import Batch
 from tests import dist_workers
 from tests.conftest import small_config
 from tests.test_model import inputs, make_model
 from trainer import distributed, faults
 from trainer.build import build_trainer
-from trainer.checkpoint import verify
-from trainer.data import Batch
+from trainer.checkpoint.manager import verify
 from trainer.nonfinite import FiniteCheck, describe_skip
 
 

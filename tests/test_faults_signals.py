@@ -23,7 +23,7 @@ from tests import dist_workers
 from tests.conftest import REPO, as_cli_args, small_overrides
 from tests.dist_workers import free_port
 from trainer import distributed, faults
-from trainer.checkpoint import verify
+from trainer.checkpoint.manager import verify
 from trainer.preemption import StopRequests
 
 

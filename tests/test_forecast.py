@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from forecasting.forecast import COLUMNS, run
 from tests.conftest import REPO, small_config
 from trainer import distributed
 from trainer.build import build_trainer
-from trainer.forecast import COLUMNS, run
 from trainer.observer import StepContext
 
 PRED_LEN, SEQ_LEN = 12, 48     # tests/conftest.py small_overrides
@@ -128,8 +128,8 @@ def test_baseline_quantiles_beside_the_models(model_file, short_csv, tmp_path, c
 
 
 def test_builtin_future_rows_equal_the_datasets_own(model_file, short_csv, tmp_path):
-    from trainer.forecast_input import builtin_future_rows
-    from trainer.forecast_model import load_model_file
+    from forecasting.inputs import builtin_future_rows
+    from forecasting.model_file import load_model_file
     loaded = load_model_file(model_file)
     header, rows = read_rows(short_csv)
     cut = len(rows) - 20
@@ -149,8 +149,8 @@ def test_data_defaults_to_the_training_file(model_file, short_csv, tmp_path, cap
 def test_console_scripts_are_declared():
     import tomllib
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["celestial-forecast"] == "trainer.forecast:main"
-    assert scripts["celestial-evaluate"] == "trainer.forecast_evaluate:main"
+    assert scripts["celestial-forecast"] == "forecasting.forecast:main"
+    assert scripts["celestial-evaluate"] == "forecasting.evaluate:main"
 
 
 def test_future_rows_give_target_dates_and_inputs(model_file, short_csv, tmp_path, capsys):
@@ -176,9 +176,9 @@ def test_future_rows_give_target_dates_and_inputs(model_file, short_csv, tmp_pat
 @pytest.mark.parametrize("difference", [[], ["*_dist", "Moon_speed"]])
 def test_forecast_inputs_equal_training_inputs(model_file, short_csv, tmp_path, difference):
     """Same file, same columns, differencing and scaling: the rows the model saw in training."""
-    from trainer.data import prepare
-    from trainer.forecast_input import prepare_forecast_input
-    from trainer.forecast_model import load_model_file
+    from forecasting.inputs import prepare_forecast_input
+    from forecasting.model_file import load_model_file
+    from series.dataset import prepare
     saved = torch.load(model_file, weights_only=True)
     saved["config"]["data"]["difference_columns"] = difference
     data_config = load_model_file(model_file).config.data

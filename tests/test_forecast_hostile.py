@@ -14,15 +14,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from forecasting import evaluate as forecast_evaluate
+from forecasting import forecast
+from forecasting.inputs import prepare_forecast_input
+from forecasting.model_file import LoadedModel, load_model_file
 from tests.bounded import run_bounded
 from tests.conftest import small_overrides
 from tests.test_forecast import SEQ_LEN, model_path, read_rows, train_tiny, write_rows
 from tests.test_fuzz_inputs import broken_csvs
 from tests.test_refused_start import refused
-from trainer import forecast, forecast_evaluate
 from trainer.errors import UserError
-from trainer.forecast_input import prepare_forecast_input
-from trainer.forecast_model import LoadedModel, load_model_file
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from series.dataset import DataConfig, ensure_dataset
 from tests.bounded import run_bounded
 from tests.conftest import REPO, as_cli_args, run_cli, small_overrides
 from trainer import cli
 from trainer.config import Config, load_config
-from trainer.data import DataConfig, ensure_dataset
 from trainer.errors import UserError
 
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True,

@@ -74,7 +74,7 @@ def _ctx(trainer):
 
 
 def test_gradient_accumulation_matches_one_large_batch(short_csv, tmp_path):
-    from trainer.data import Batch
+    from series.dataset import Batch
     big = make_trainer(short_csv, tmp_path, "big", data__batch_size=16)
     batch = next(iter(big.data.train_loader))
     halves = [Batch(*(t[:8] for t in batch)), Batch(*(t[8:] for t in batch))]

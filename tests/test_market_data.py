@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, as_cli_args, run_cli, small_overrides
-from trainer.builtin_data import BuiltinDataConfig, write_builtin_csv
-from trainer.data import DataConfig, prepare, read_table
-from trainer.errors import UserError
-from trainer.market_data import (
+from series.builtin import BuiltinDataConfig, write_builtin_csv
+from series.dataset import DataConfig, prepare, read_table
+from series.market import (
     TARGETS,
     PriceTable,
     drop_bad_rows,
@@ -23,6 +21,8 @@ from trainer.market_data import (
     run,
     write_market_csv,
 )
+from tests.conftest import REPO, as_cli_args, run_cli, small_overrides
+from trainer.errors import UserError
 
 
 def read_rows(path: Path) -> list[list[str]]:
@@ -130,7 +130,7 @@ def test_real_data_end_to_end(tmp_path):
     """Script -> CSV (2015-2018) -> a short training run through the CLI with
     configs/sp500_daily.yaml and a tiny model -> the analysis command."""
     csv_path = tmp_path / "sp500.csv"
-    made = subprocess.run([sys.executable, "-m", "trainer.market_data", "--series", "sp500",
+    made = subprocess.run([sys.executable, "-m", "series.market", "--series", "sp500",
                            "--out", str(csv_path), "--start", "2015-01-01", "--end", "2018-12-31"],
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert made.returncode == 0, made.stderr

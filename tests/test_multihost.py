@@ -23,11 +23,11 @@ import psutil
 import pytest
 import torch
 
+from series.dataset import WindowDataset, prepare
 from tests import netns
 from tests.conftest import REPO, as_cli_args, small_overrides
-from trainer.checkpoint import load_consolidated
+from trainer.checkpoint.model_file import load_consolidated
 from trainer.config import load_config
-from trainer.data import WindowDataset, prepare
 from trainer.optim import lr_multiplier
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost,
@@ -245,7 +245,7 @@ def assert_planned_course(records: dict[int, dict], change: Membership, config,
 
 def assert_data_position_kept(log_text: str, records: dict[int, dict], batch_size: int,
                               num_windows: int) -> None:
-    """The trainer's data-position rule (trainer/data.py, ResumableDistributedSampler): an epoch
+    """The trainer's data-position rule (series/dataset.py, ResumableDistributedSampler): an epoch
     is one permutation, `position` samples of it consumed by all ranks together, kept across a
     change of world size. So along the run's path, each epoch's samples add up to the position
     every resume reports, and an epoch ends only with less than one global batch left (the

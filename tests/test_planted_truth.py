@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from diagnostics.analysis.run import analyze
+from series.builtin import BuiltinDataConfig
 from tests.conftest import run_cli
-from trainer.builtin_data import BuiltinDataConfig
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ import jsonschema
 import pytest
 
 from diagnostics import schemas
+from series.builtin import BuiltinDataConfig
 from tests.conftest import REPO, run_cli
 from tests.run_folder_factory import BODIES
 from tests.test_analysis import assert_self_contained, assert_valid_findings, assert_valid_png
-from trainer.builtin_data import BuiltinDataConfig
 
 pytestmark = pytest.mark.slow
 PLANTED = {d.target: d.body for d in BuiltinDataConfig().drivers}

@@ -5,7 +5,7 @@ import json
 import logging
 
 from tests.test_checkpoint import IDENTITY, write_checkpoint
-from trainer.checkpoint import CheckpointConfig, CheckpointManager
+from trainer.checkpoint.manager import CheckpointConfig, CheckpointManager
 from trainer.resume import find_resumable, saved_world_size
 
 

@@ -195,8 +195,8 @@ def test_a_short_split_shows_no_skill_and_says_why():
 
 def evaluation_setup(csv: Path):
     from model import CelestialPGAT
+    from series.dataset import WindowDataset, prepare
     from tests.conftest import small_config
-    from trainer.data import WindowDataset, prepare
     config = small_config(csv, Path("/nonexistent"))
     m = config.model
     prepared = prepare(config.data, m.seq_len, m.pred_len)
@@ -206,7 +206,7 @@ def evaluation_setup(csv: Path):
 
 
 def evaluate_on(csv: Path, rank: int = 0, world_size: int = 1) -> dict:
-    from trainer.data import build_loader
+    from series.dataset import build_loader
     from trainer.evaluate import evaluate
     model, dataset, prepared, config = evaluation_setup(csv)
     loader = build_loader(dataset, config.data, rank, world_size, seed=0, train=False)

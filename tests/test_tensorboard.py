@@ -16,7 +16,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tests.conftest import small_config
 from trainer import distributed
 from trainer.build import build_parts
-from trainer.checkpoint import load_consolidated
+from trainer.checkpoint.model_file import load_consolidated
 from trainer.loop import Trainer
 
 VAL_NLL = [1.0, 0.5, 0.7, 0.8]     # at steps 0, 2, 4, 6: best at step 2, stop at step 6

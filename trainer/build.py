@@ -13,10 +13,10 @@ import psutil
 import torch
 
 from model import CelestialPGAT
+from series.dataset import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
 from trainer import distributed, experiment_lock, faults, precision
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint.manager import CheckpointManager
 from trainer.config import Config
-from trainer.data import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
 from trainer.experiment_lock import ExperimentLock

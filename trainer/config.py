@@ -18,8 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from model.config import ModelConfig
-from trainer.checkpoint import CheckpointConfig
-from trainer.data import DataConfig
+from series.dataset import DataConfig
+from trainer.checkpoint.manager import CheckpointConfig
 from trainer.diagnostics_config import DiagnosticsConfig
 from trainer.errors import UserError, short_repr
 from trainer.optim import OptimConfig

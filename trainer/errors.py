@@ -45,3 +45,9 @@ class WriteFailed(Exception):
     the command-line entry point prints it as one line and exits with EXIT_WRITE_FAILED. The
     newest complete checkpoint is untouched: the run resumes with `--resume auto` once the
     cause is fixed."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's text, or its type's name when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

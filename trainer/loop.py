@@ -20,15 +20,9 @@ from typing import Any
 import torch
 
 from trainer import distributed, faults
-from trainer.checkpoint import (
-    AppState,
-    CheckpointManager,
-    ModelState,
-    OptimizerState,
-    ScalerState,
-    load_consolidated,
-    save_consolidated,
-)
+from trainer.checkpoint.manager import CheckpointManager
+from trainer.checkpoint.model_file import load_consolidated, save_consolidated
+from trainer.checkpoint.state import AppState, ModelState, OptimizerState, ScalerState
 from trainer.evaluate import celestial_effect, evaluate
 from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
 from trainer.observer import EXIT_PRUNED, ObserverGroup, RunContext, StepContext

@@ -18,13 +18,8 @@ from pathlib import Path
 import yaml
 
 from trainer import distributed
-from trainer.checkpoint import (
-    CheckpointManager,
-    complete_checkpoints_in,
-    read_inside,
-    read_manifest,
-    verify,
-)
+from trainer.checkpoint.manager import CheckpointManager, verify
+from trainer.checkpoint.manifest import complete_checkpoints_in, read_inside, read_manifest
 from trainer.config import parse_yaml
 from trainer.errors import UserError
 

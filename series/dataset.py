@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from model.config import InputSpec
-from trainer.builtin_data import BODY_NAMES, BuiltinDataConfig, write_builtin_csv
+from series.builtin import BODY_NAMES, BuiltinDataConfig, write_builtin_csv
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ import torch
 
 from model import CelestialPGAT
 from model.config import InputSpec
-from trainer.checkpoint import load_tensor_file
+from series.dataset import DataConfig, given_data_file
+from trainer.checkpoint.safe_load import load_tensor_file
 from trainer.config import Config, build_dataclass
-from trainer.data import DataConfig, given_data_file
 from trainer.errors import UserError, short_repr
 
 REQUIRED_KEYS = ("model", "config", "spec", "scaling")

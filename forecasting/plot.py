@@ -4,7 +4,6 @@ backend: no display needed)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -12,9 +11,8 @@ import numpy as np
 matplotlib.use("Agg")   # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt
 
-if TYPE_CHECKING:     # trainer.forecast imports this module when it writes
-    from trainer.forecast import Forecast
-    from trainer.forecast_input import ForecastInput
+from forecasting.inputs import ForecastInput
+from forecasting.result import Forecast
 
 
 def history_span(forecast: Forecast, inputs: ForecastInput, pred_len: int) -> slice:

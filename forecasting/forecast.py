@@ -22,18 +22,18 @@ import argparse
 import csv
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from forecasting.inputs import ForecastInput, prepare_forecast_input, typical_step
+from forecasting.model_file import LoadedModel, input_data, load_model_file
+from forecasting.result import Forecast
 from model.decoder import mixture_mean, mixture_quantiles
-from trainer.data import ensure_dataset, given_data_file, parse_date
+from series.dataset import ensure_dataset, given_data_file, parse_date
 from trainer.distributed import pick_device
 from trainer.errors import UserError
-from trainer.forecast_input import ForecastInput, prepare_forecast_input, typical_step
-from trainer.forecast_model import LoadedModel, input_data, load_model_file
 from trainer.scoring import BASELINES, baseline_forecasts
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -41,21 +41,6 @@ _QUANTILE_NAMES = ("q05", "q25", "q50", "q75", "q95")
 COLUMNS = ("origin_date", "target", "horizon", "target_date", "mean", *_QUANTILE_NAMES,
            "actual", *(f"{b}_{q}" for b in BASELINES for q in _QUANTILE_NAMES))
 _BATCH = 256
-
-
-@dataclass
-class Forecast:
-    """Forecasts from N origins, in target units. Legend: N origins, P horizon, T targets,
-    Q quantiles (QUANTILES)."""
-
-    targets: list[str]
-    origin_rows: list[int]            # (N,) row index of each origin in ForecastInput
-    origin_dates: np.ndarray          # (N,)
-    target_dates_NP: np.ndarray
-    mean_NPT: np.ndarray
-    quantiles_NPTQ: np.ndarray
-    actual_NPT: np.ndarray            # NaN where the outcome is not in the CSV
-    baseline_quantiles: dict[str, np.ndarray]   # BASELINES name -> (N, P, T, Q)
 
 
 def choose_origins(inputs: ForecastInput, spec: str | None, loaded: LoadedModel) -> list[int]:
@@ -238,7 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def forecast_command(args: argparse.Namespace) -> list[str]:
     """Check every input, then write the outputs; returns the summary lines."""
-    from trainer.forecast_plot import plot_fan_chart  # matplotlib only when writing
+    from forecasting.plot import plot_fan_chart  # matplotlib only when writing
     loaded = load_model_file(args.checkpoint, pick_device(args.device, 0))
     path, builtin = data_path(loaded, args.data)
     inputs = prepare_forecast_input(loaded, path, allow_builtin=builtin)

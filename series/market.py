@@ -7,10 +7,10 @@ of them as the CSV that `data.source: csv` reads:
 - `date`: the trading days, YYYY-MM-DD, strictly increasing;
 - `log_Open, log_High, log_Low, log_Close`: natural logs of the prices (rows with a missing or
   non-positive price are dropped, and counted);
-- `<Body>_<feature>` for the 13 bodies, computed by trainer/builtin_data.py for exactly those
+- `<Body>_<feature>` for the 13 bodies, computed by series/builtin.py for exactly those
   days, for the same observer as the built-in dataset (New York, 21:00 UTC: the NYSE close).
 
-Usage: `python -m trainer.market_data --series sp500 --out data/sp500.csv [--start --end]`
+Usage: `python -m series.market --series sp500 --out data/sp500.csv [--start --end]`
 (also the `celestial-market-data` console script).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.builtin_data import BuiltinDataConfig, celestial_features, write_columns_csv
-from trainer.data import parse_date
+from series.builtin import BuiltinDataConfig, celestial_features, write_columns_csv
+from series.dataset import parse_date
 from trainer.errors import UserError
 
 SERIES = {"sp500": "arch.data.sp500", "nasdaq": "arch.data.nasdaq"}
@@ -117,7 +117,7 @@ def write_market_csv(table: PriceTable, path: Path, source: str,
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.market_data",
+        prog="python -m series.market",
         description="Write a real daily OHLC series (shipped by the 'arch' package) as a CSV "
                     "the trainer reads: log prices and the 13 bodies' ephemeris features.")
     parser.add_argument("--series", default="sp500", help=f"one of {sorted(SERIES)}")

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from forecasting.forecast import run_command
+from forecasting.model_file import SCALING_KEYS, LoadedModel, input_data, load_model_file
+from series.dataset import PreparedData, WindowDataset, build_loader, prepare
 from stats.intervals import holm, paired_difference
-from trainer.data import PreparedData, WindowDataset, build_loader, prepare
 from trainer.distributed import pick_device
 from trainer.errors import UserError
 from trainer.evaluate import FORECASTERS, celestial_effect, evaluate
-from trainer.forecast import run_command
-from trainer.forecast_model import SCALING_KEYS, LoadedModel, input_data, load_model_file
 from trainer.run_log import json_safe
 from trainer.scoring import (
     BASELINE_NAMES,

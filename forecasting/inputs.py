@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.builtin_data import celestial_features
-from trainer.data import (
+from forecasting.model_file import LoadedModel
+from series.builtin import celestial_features
+from series.dataset import (
     _check_finite,
     _parse_dates,
     _parse_numbers,
@@ -25,7 +26,6 @@ from trainer.data import (
     read_csv_rows,
 )
 from trainer.errors import UserError
-from trainer.forecast_model import LoadedModel
 
 log = logging.getLogger(__name__)
 

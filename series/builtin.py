@@ -15,7 +15,7 @@ Targets are log prices of four synthetic assets. Daily log return of asset a:
 where m is a shared market factor and e_a idiosyncratic noise, both Student-t (heavy tails)
 scaled to `market_vol` / `idio_vol`, and z_a the standardised planted driver feature of one body
 (a different body per asset). Knowing the drivers, learning and attention can be checked
-against the truth. Usage: `python -m trainer.builtin_data --out data/x.csv [--start ...]`.
+against the truth. Usage: `python -m series.builtin --out data/x.csv [--start ...]`.
 """
 from __future__ import annotations
 

@@ -1,0 +1,2 @@
+"""Time series for training and forecasting: the built-in dataset, CSV files, market data,
+splits, scaling, windows and the resumable sampler."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._dynamo.eval_frame import OptimizedModule
 
 from trainer import distributed
 
@@ -57,6 +58,12 @@ class RunContext:
     world_size: int
     local_batch_size: int            # samples per rank per optimizer step (x accumulation)
     is_main: bool
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs a torch.compile'd model: False when `train.compile` is off and
+        also when compiling failed and the run went on with the eager model."""
+        return any(isinstance(m, OptimizedModule) for m in self.train_model.modules())
 
 
 @dataclass

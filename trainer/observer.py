@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
@@ -32,6 +32,7 @@ from trainer import distributed
 if TYPE_CHECKING:
     from model import CelestialPGAT
     from model.config import InputSpec
+    from trainer.config import Config
     from trainer.run_log import RunLog
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ EXIT_PRUNED = 76
 class RunContext:
     """What observers may read about the run (fixed for its duration)."""
 
-    config: Any                      # trainer.config.Config
+    config: Config
     model: CelestialPGAT           # the unwrapped model
     train_model: torch.nn.Module     # what the step calls (DDP wrapper or the model)
     optimizer: torch.optim.Optimizer
@@ -109,7 +110,7 @@ class Observer:
     def on_end(self, final_metrics: dict) -> None: ...
 
 
-ObserverFactory = Callable[[Any], "list[Observer]"]   # the root config -> the observers it turns on
+ObserverFactory = Callable[["Config"], "list[Observer]"]   # the config -> the observers it turns on
 
 
 class ObserverGroup:

@@ -6,7 +6,7 @@ against none, interleaved in one process, and the size of one record at each mod
         --configs configs/celestial_enhanced_pgat_production.yaml
 
 The card's intervals: log 10, gradients 50, attention 100, component profile 500 (= the
-checkpoint interval). Target (issue 4): at most 3% slower; each record under 100 KB.
+checkpoint interval). Target: at most 3% slower; each record under 100 KB.
 
 Method. The parts of a run from `build_parts` (the real model, optimizer, observers and run
 folder) make two trainers, one with the observers and one with none, each driven through

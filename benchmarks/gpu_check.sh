@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path on a real GPU (issue 7). On a machine with CUDA, from the repository root:
+# The GPU path on a real GPU. On a machine with CUDA, from the repository root:
 #
 #   bash benchmarks/gpu_check.sh
 #

@@ -51,7 +51,7 @@ from trainer.precision import cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTION = REPO / "configs" / "celestial_enhanced_pgat_production.yaml"
-# Issue 14's targets on a 2-core CPU: the production config at batch 12 (aim 200 samples/s),
+# The targets on a 2-core CPU: the production config at batch 12 (aim 200 samples/s),
 # the quickstart config at batch 64.
 TARGET_SAMPLES_PER_S, TARGET_PEAK_RSS_MB = 150.0, 1000.0
 QUICKSTART_TARGET_SAMPLES_PER_S = 1500.0
@@ -452,7 +452,7 @@ def format_report(r: dict) -> str:
          "(synthetic batches, no dataset), the highest over the processes;"),
         (f"reading the dataset for its layout peaked at {r['data_preparation_peak_rss_mb']:.0f} "
          "MB RSS in the parent process (a real run pays that before training)."),
-        (f"targets (issue 14, 2 cores): production batch 12 >= {TARGET_SAMPLES_PER_S:.0f} "
+        (f"targets (2 cores): production batch 12 >= {TARGET_SAMPLES_PER_S:.0f} "
          f"samples/s in <= {TARGET_PEAK_RSS_MB / 1000:.1f} GB peak RSS; quickstart batch 64 >= "
          f"{QUICKSTART_TARGET_SAMPLES_PER_S:,.0f} samples/s"),
         describe_load(r["load"]),

@@ -1,12 +1,13 @@
 """The diagnostics plug-in: the observers the `diagnostics:` config section turns on (none: the
-loop does no extra work), and the training command with them plugged in."""
+loop does no extra work). `build_observers` is registered in the `celestial.observers`
+entry-point group (pyproject.toml), so every run of an installed project gets them
+(trainer/plugins.py)."""
 from __future__ import annotations
 
 from diagnostics.attention import AttentionObserver
 from diagnostics.attribution import AttributionObserver
 from diagnostics.gradients import GradientObserver
 from diagnostics.profiling import ProfileObserver
-from trainer import cli
 from trainer.config import Config
 from trainer.observer import Observer
 
@@ -25,7 +26,3 @@ def build_observers(config: Config) -> list[Observer]:
         observers.append(ProfileObserver(d, d.profile_interval or config.checkpoint.interval))
     return observers
 
-
-def main() -> None:
-    """`celestial-train` (as `python launch/train.py`): train with these observers."""
-    cli.main(observers=build_observers)

@@ -137,9 +137,9 @@ class ProfileObserver(Observer):
         components = {n: getattr(model, n) for n in model.component_parameters() if n != "other"}
         # Under torch.compile the components are fused into one graph: timing hooks would split
         # it (and recompile it), measuring a different program. Time the whole step only.
-        self.timer = None if run.config.train.compile else ComponentTimer(components, self.clock)
+        self.timer = None if run.compiled else ComponentTimer(components, self.clock)
         if self.timer is None:
-            log.info("component profiling under train.compile: step time, memory, throughput "
+            log.info("component profiling of a compiled model: step time, memory, throughput "
                      "and MFU are measured, per-component forward/backward times are not")
         self.flops_per_sample = count_flops_per_sample(model, model.spec.num_features,
                                                        len(model.spec.targets), run.device)

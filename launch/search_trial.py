@@ -2,13 +2,13 @@
 observer, which reports each validation to the trial's Optuna study and stops the run when the
 pruner says so (exit status 76, no checkpoint). The study and trial come from the environment
 (experiments/search/study.py, TRIAL_ENV)."""
-from diagnostics.observers import build_observers
 from experiments.search.pruning import search_observers
 from trainer.cli import main
+from trainer.plugins import installed_observers
 
 
 def observers(config):
-    return [*build_observers(config), *search_observers()]
+    return [*installed_observers(config), *search_observers()]
 
 
 if __name__ == "__main__":

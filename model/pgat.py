@@ -93,11 +93,11 @@ class CelestialPGAT(nn.Module):
         wave_BSNC = self.gather_bodies(wave_BSF)
         future_BPNC = self.gather_bodies(future_wave_BPF)
         if self.training and self.config.body_dropout > 0:
-            keep_B11N1 = (torch.rand(wave_BSF.shape[0], 1, 1, wave_BSNC.shape[2], 1,
-                                     device=wave_BSF.device) >= self.config.body_dropout)
-            wave_BSNC = wave_BSNC * keep_B11N1[:, 0]
-            future_BPNC = future_BPNC * keep_B11N1[:, 0]
-            wave_BSF = wave_BSF * self._columns_kept(keep_B11N1)
+            keep_BN = (torch.rand(wave_BSNC.shape[0], wave_BSNC.shape[2],
+                                  device=wave_BSF.device) >= self.config.body_dropout)
+            wave_BSNC = wave_BSNC * keep_BN[:, None, :, None]
+            future_BPNC = future_BPNC * keep_BN[:, None, :, None]
+            wave_BSF = wave_BSF * self._columns_kept(keep_BN)
         last_BT = target_BST[:, -1]
         relative_BST = (target_BST - last_BT[:, None]) / self.step_scale_T
 
@@ -119,14 +119,15 @@ class CelestialPGAT(nn.Module):
                          "graph_gates": gates_BG.detach(), "adjacency": adjacency_BNN.detach()}
         return ForecastOutput(log_pi, mu, sigma, self.config.kl_weight * kl, attention)
 
-    def _columns_kept(self, keep_B11N1: torch.Tensor) -> torch.Tensor:
+    def _columns_kept(self, keep_BN: torch.Tensor) -> torch.Tensor:
         """Per-sample (B, 1, F) mask of the flat feature columns of the bodies that were kept."""
-        B, N = keep_B11N1.shape[0], keep_B11N1.shape[3]
-        keep_BN = keep_B11N1.view(B, N).to(torch.float32)
-        mask_BF1 = torch.ones(B, self.spec.num_features + 1, device=keep_BN.device)
-        mask_BF1.scatter_(1, self.body_index_NC.flatten().expand(B, -1),
-                          keep_BN.repeat_interleave(self.body_index_NC.shape[1], dim=1))
-        return mask_BF1[:, None, :-1]
+        B, C = keep_BN.shape[0], self.body_index_NC.shape[1]
+        # F + 1 columns: body_index_NC points a body's padding at the appended zero column,
+        # index F (gather_bodies); it is dropped from the mask.
+        kept_columns = torch.ones(B, self.spec.num_features + 1, device=keep_BN.device)
+        kept_columns.scatter_(1, self.body_index_NC.flatten().expand(B, -1),
+                              keep_BN.to(torch.float32).repeat_interleave(C, dim=1))
+        return kept_columns[:, None, :-1]
 
     def component_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Named parameters grouped by component; anything outside the nine goes to `other`."""

@@ -339,7 +339,7 @@ def test_half_written_last_metrics_line_is_tolerated(tmp_path, capsys):
 
 def test_a_line_cut_by_a_crash_is_skipped_with_a_note(tmp_path, capsys):
     """A crash cut line 4 short and the resumed run appended line 5 to it: both are lost to
-    JSON, the rest of the run is analysed (it used to be refused as a whole)."""
+    JSON, the rest of the run is analysed rather than the whole run refused."""
     folder = build_run_folder(tmp_path / "run")
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     lines[3] = lines[3][:20] + lines.pop(4)

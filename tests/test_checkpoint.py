@@ -81,8 +81,9 @@ def test_consolidated_file_loads_with_plain_torch_load(tmp_path):
 
 
 def test_checkpoint_keys_are_those_main_wrote(short_csv, tmp_path):
-    """The Stateful parts save under the keys checkpoints had before them (fixture: the DCP
-    keys of a checkpoint written by the code before the refactor), so old checkpoints load."""
+    """The Stateful parts save under the keys of the checkpoint format already on disk
+    (fixture: the DCP keys of a checkpoint written without them), so existing checkpoints
+    load."""
     from tests.conftest import small_config
     from trainer import distributed
     from trainer.build import build_trainer

@@ -72,7 +72,8 @@ def test_rank_killed_at_a_random_step_resumes_newest_and_matches(short_csv, tmp_
 
 def test_restart_of_a_run_started_from_a_folder_resumes_newest(short_csv, tmp_path, reference):
     """Started with --resume checkpoint_step_000004 and keep_last=1: by the kill the start folder
-    is pruned; the restarted workers take checkpoint_step_000008 (they used to exit 2)."""
+    is pruned; the restarted workers take checkpoint_step_000008 instead of refusing the pruned
+    start folder (exit 2)."""
     first = launch(run_args(short_csv, tmp_path, "chain"), ranks=2,
                    env={"CELESTIAL_FAULT": "kill:step:6@1"})
     assert finish(first, timeout=300)[0] != 0

@@ -172,8 +172,9 @@ def test_full_disk_during_a_checkpoint_stops_every_rank_and_resumes(short_csv, t
 
 @pytest.mark.slow
 def test_rank_0_failing_to_write_the_manifest_stops_both_ranks_at_once(short_csv, tmp_path):
-    """Only rank 0 writes manifest.json: the other rank used to wait in the next collective
-    until the timeout. Now both stop within seconds, with the same line."""
+    """Only rank 0 writes manifest.json: unless the ranks agree on its failure, the other rank
+    waits in the next collective until the timeout. Both stop within seconds, with the same
+    line."""
     argv = as_cli_args(small_overrides(short_csv, tmp_path, "manifest") + [
         ("checkpoint.interval", 1), ("train.max_steps", 2), ("train.validate_at_start", False),
         ("train.collective_timeout_s", 120)])

@@ -242,8 +242,8 @@ def test_async_checkpoints_are_complete_and_resumable(short_csv, tmp_path, ranks
 
 
 def test_destroying_the_group_before_ddp_never_deadlocks():
-    """Regression: a DDP reducer freed after `distributed.destroy()` used to deadlock in gloo's
-    destructor (GIL held while joining a worker that needed the GIL); CI hung on it once."""
+    """A DDP reducer freed after `distributed.destroy()` can deadlock in gloo's destructor (the
+    GIL held while joining a worker that needs the GIL): the teardown order must prevent it."""
     dist_workers.spawn(dist_workers.teardown_cycles, 2, 40, timeout_s=60)
 
 

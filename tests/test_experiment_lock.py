@@ -1,4 +1,4 @@
-"""One writer per experiment (issue 25, item 4): a second start of a running experiment stops
+"""One writer per experiment: a second start of a running experiment stops
 at once with one line naming the holder, exit 2, nothing touched; a lock left by a dead process
 is taken over."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Numerical faults (issue 12, point 5): NaN/inf in the inputs, in the loss on one rank, in one
+"""Numerical faults: NaN/inf in the inputs, in the loss on one rank, in one
 component's gradients -> the step is skipped on every rank, counted, logged and recorded with the
 first non-finite part; a run of them stops the run cleanly. Faults come from trainer/faults.py."""
 from __future__ import annotations

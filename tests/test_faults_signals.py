@@ -1,4 +1,4 @@
-"""Stop signals at awkward moments and hung ranks (issue 12, points 6 and 7).
+"""Stop signals at awkward moments and hung ranks.
 
 A signal during data preparation, model build or resume exits 75 with no new checkpoint; one
 during validation or a checkpoint save finishes that and checkpoints once; two in a row still
@@ -258,7 +258,8 @@ def report_group_timeouts(rank, world_size, port, out_dir):
 
 @pytest.mark.slow
 def test_every_process_group_gets_the_collective_timeout(tmp_path):
-    """The async-checkpoint group used to get torch's 30-minute default."""
+    """The async-checkpoint group included: a group created without a timeout would get
+    torch's 30-minute default."""
     dist_workers.spawn(report_group_timeouts, 2, str(tmp_path), timeout_s=120)
     for rank in range(2):
         timeouts = json.loads((tmp_path / f"timeouts{rank}.json").read_text())

@@ -1,4 +1,4 @@
-"""Hostile data and model files for forecast/evaluate (issue 25, items 3, 5 and 8): each is
+"""Hostile data and model files for forecast/evaluate: each is
 one line, exit 2, in bounded time and memory, and nothing is created."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The GPU path (issue 7): marked `gpu`, skipped cleanly without CUDA; each runs on the CPU too
+"""The GPU path: marked `gpu`, skipped cleanly without CUDA; each runs on the CPU too
 where the same code can run there (host timers instead of CUDA events, CPU bf16 autocast).
 
 - a profiled step's per-component times add up to about the step (CUDA events / host timers),

@@ -46,32 +46,52 @@ def test_mfu_peak_table(name, peak):
     assert peak_tflops(name) == peak
 
 
-def test_compiled_runs_profile_the_whole_step_only(short_csv, tmp_path, monkeypatch):
-    """Under train.compile the component hooks would split the compiled graph (and recompile
-    it): the profile then times the step, and says the components were not timed. (Compilation
-    itself is replaced by the identity here to keep the test fast; a real compiled run with
-    profiling gave 1 graph and 0 graph breaks.)"""
+def compile_eagerly(model, enabled, mode="default"):
+    """torch.compile with the "eager" backend: a compiled module (Dynamo traces the model into
+    graphs) that runs the graphs as plain PyTorch, without Inductor's slow code generation."""
+    return torch.compile(model, backend="eager")
+
+
+def refuse_to_compile(model, mode="default"):
+    raise RuntimeError("torch.compile is not supported here")
+
+
+def profile_record(short_csv, tmp_path, name: str) -> dict:
+    """The step-2 profile of a 2-step run with `train.compile` on and component profiling."""
     import json
 
     import jsonschema
 
     import trainer.build
-    from diagnostics.observers import build_observers
     from diagnostics.schemas import PROFILE_RECORD
     from tests.conftest import small_config
     from trainer import distributed
-    monkeypatch.setattr(trainer.build, "maybe_compile",
-                        lambda model, enabled, mode="default": model)
-    config = small_config(short_csv, tmp_path, "compiled", train__compile=True,
+    config = small_config(short_csv, tmp_path, name, train__compile=True,
                           train__max_steps=2, train__log_interval=2,
                           train__validate_at_start=False,
                           diagnostics__enable_component_profiling=True,
                           diagnostics__profile_interval=2)
-    run = trainer.build.build_trainer(config, distributed.init_distributed("cpu"),
-                                      observers=build_observers)
-    assert run.train() == 0
-    profile = tmp_path / "logs" / "compiled" / "components" / "profile_step_000002.json"
+    assert trainer.build.build_trainer(config, distributed.init_distributed("cpu")).train() == 0
+    profile = tmp_path / "logs" / name / "components" / "profile_step_000002.json"
     record = json.loads(profile.read_text())
     jsonschema.validate(record, PROFILE_RECORD)
-    assert record["timing"]["components_timed"] is False and record["timing"]["components"] == {}
     assert record["timing"]["step_time_ms"] > 0 and record["timing"]["samples_per_s"] > 0
+    return record
+
+
+def test_compiled_runs_profile_the_whole_step_only(short_csv, tmp_path, monkeypatch):
+    """Under torch.compile the component hooks would split the compiled graph (and recompile
+    it): the profile then times the step, and says the components were not timed."""
+    import trainer.build
+    monkeypatch.setattr(trainer.build, "maybe_compile", compile_eagerly)
+    record = profile_record(short_csv, tmp_path, "compiled")
+    assert record["timing"]["components_timed"] is False and record["timing"]["components"] == {}
+
+
+def test_a_run_that_fell_back_to_eager_times_its_components(short_csv, tmp_path, monkeypatch):
+    """`train.compile` is on but torch.compile failed: the model runs eagerly, so the profile
+    times each component as in any eager run."""
+    monkeypatch.setattr(torch, "compile", refuse_to_compile)
+    record = profile_record(short_csv, tmp_path, "fell_back")
+    assert record["timing"]["components_timed"] is True
+    assert set(record["timing"]["components"]) >= {"decoder", "celestial_node_encoder"}

@@ -28,13 +28,14 @@ from trainer.loop import (
     TrainStep,
     checkpointed_state,
 )
-from trainer.observer import Observer, ObserverFactory, ObserverGroup, RunContext
+from trainer.observer import ObserverFactory, ObserverGroup, RunContext
 from trainer.optim import (
     apply_optim_settings,
     build_optimizer,
     build_scheduler,
     set_total_steps,
 )
+from trainer.plugins import plug_in
 from trainer.resume import REGULARISATION_KEYS, RunIdentity, find_resumable, saved_config
 from trainer.run_log import (
     RunLog,
@@ -300,19 +301,6 @@ def agreed_precision(setting: str, env: DistEnv) -> str:
     if slower:
         log.warning(slower)
     return chosen
-
-
-def plug_in(observers: ObserverFactory | None, config: Config) -> list[Observer]:
-    """The plug-ins' observers for this config. Diagnostics switched on with no factory to
-    build them would silently do nothing: that is a wiring mistake of the caller."""
-    if observers is not None:
-        return observers(config)
-    d = config.diagnostics
-    if d.enable_gradient_diagnostics or d.enable_attention_logging or d.enable_component_profiling:
-        raise RuntimeError("diagnostics are switched on but no observer factory was passed to "
-                           "build_trainer: start runs through launch/train.py, or pass "
-                           "observers=diagnostics.observers.build_observers")
-    return []
 
 
 def steps_per_epoch(config: Config, data: DataBundle) -> int:

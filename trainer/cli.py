@@ -1,5 +1,6 @@
-"""`python launch/train.py --config ...` (also the `celestial-train` console script), which
-passes the diagnostics' observer factory to `main`.
+"""`python launch/train.py --config ...` (also the `celestial-train` console script). The
+observers are those of the installed plug-ins (trainer/plugins.py) unless a caller of `main`
+passes its own factory.
 
 The reference card's flags are shortcuts for config keys; `--set key=value` sets any key.
 Precedence: defaults < YAML file < card flags < --set, in the order given.
@@ -112,9 +113,9 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 
 def run(argv: list[str] | None = None, observers: ObserverFactory | None = None) -> int:
-    """Train with the observers `observers` builds from the config (the entry point passes the
-    diagnostics'); returns the exit status (0 done, 1 failed, 2 bad input, 74 a file could not
-    be written, 75 stopped on a signal, 130 a second Ctrl-C)."""
+    """Train with the observers `observers` builds from the config (by default those of the
+    installed plug-ins, trainer/plugins.py); returns the exit status (0 done, 1 failed, 2 bad
+    input, 74 a file could not be written, 75 stopped on a signal, 130 a second Ctrl-C)."""
     args = parse_args(argv)
     # From here on SIGTERM/SIGINT/SIGUSR1 only set a flag: a stop asked for during data preparation,
     # model build or resume is acted on at the trainer's first safe point (exit 75).

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,11 @@ from trainer.run_log import (
 )
 from trainer.scoring import describe_skill, skill_metrics
 from trainer.test_windows import write_test_windows
+
+if TYPE_CHECKING:
+    from trainer.config import Config
+    from trainer.experiment_lock import ExperimentLock
+    from trainer.run_log import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -208,18 +213,18 @@ class SplitEvaluator:
 class TrainerParts:
     """What a Trainer is made of, built from the config in one place (trainer.build)."""
 
-    config: Any                       # trainer.config.Config
-    env: Any                          # trainer.distributed.DistEnv
-    data: Any                         # trainer.build.DataBundle
+    config: Config
+    env: distributed.DistEnv
+    data: Any                         # trainer.build.DataBundle (build imports this module)
     train_step: TrainStep
     evaluate: Callable[..., dict]     # SplitEvaluator, or a stand-in in tests
     observers: ObserverGroup
     checkpoints: CheckpointManager
-    run_log: Any                      # trainer.run_log.RunLog
+    run_log: RunLog
     run_context: RunContext
     progress: Progress                # its total_steps and length_setting: this run's plan
     resumed_from: Path | None = None  # the checkpoint loaded into the parts, if any
-    lock: Any = None                  # trainer.experiment_lock.ExperimentLock, on rank 0
+    lock: ExperimentLock | None = None    # the experiment's one-writer lock, on rank 0
 
 
 class Trainer:

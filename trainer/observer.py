@@ -22,15 +22,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
+from torch._dynamo.eval_frame import OptimizedModule
 
 from trainer import distributed
 
 if TYPE_CHECKING:
     from model import CelestialPGAT
     from model.config import InputSpec
+    from trainer.config import Config
     from trainer.run_log import RunLog
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ EXIT_PRUNED = 76
 class RunContext:
     """What observers may read about the run (fixed for its duration)."""
 
-    config: Any                      # trainer.config.Config
+    config: Config
     model: CelestialPGAT           # the unwrapped model
     train_model: torch.nn.Module     # what the step calls (DDP wrapper or the model)
     optimizer: torch.optim.Optimizer
@@ -57,6 +59,12 @@ class RunContext:
     world_size: int
     local_batch_size: int            # samples per rank per optimizer step (x accumulation)
     is_main: bool
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs a torch.compile'd model: False when `train.compile` is off and
+        also when compiling failed and the run went on with the eager model."""
+        return any(isinstance(m, OptimizedModule) for m in self.train_model.modules())
 
 
 @dataclass
@@ -102,7 +110,7 @@ class Observer:
     def on_end(self, final_metrics: dict) -> None: ...
 
 
-ObserverFactory = Callable[[Any], "list[Observer]"]   # the root config -> the observers it turns on
+ObserverFactory = Callable[["Config"], "list[Observer]"]   # the config -> the observers it turns on
 
 
 class ObserverGroup:

@@ -2,10 +2,10 @@
 
 bf16 autocast where bf16 is native *and* pays: CUDA GPUs that support it, and CPUs with bf16
 instructions (AVX-512 BF16 or AMX) whose bf16 matrix products, measured at start, run at least
-`MIN_CPU_SPEEDUP` times as fast as fp32's. Native is not enough on a CPU: issue 14 measured bf16
-matrix products at about 3.7x fp32's on a 2-core AMD EPYC with AVX-512 BF16, while on the 2-core
-Intel Xeon VM of 2026-12-02, with the same instruction set (oneDNN's avx512_core_bf16 kernels, no
-AMX), they ran at 0.54x and bf16 training was 25% slower than fp32. The probe takes about 0.1 s.
+`MIN_CPU_SPEEDUP` times as fast as fp32's. Native is not enough on a CPU: bf16 matrix products
+ran at about 3.7x fp32's on a 2-core AMD EPYC with AVX-512 BF16, but at 0.54x on a 2-core Intel
+Xeon VM with the same instruction set (oneDNN's avx512_core_bf16 kernels, no AMX), where bf16
+training was 25% slower than fp32. The probe takes about 0.1 s.
 Elsewhere fp32. All ranks take rank 0's choice.
 
 What stays fp32 under bf16: the weights and the optimizer state (autocast casts copies of the

@@ -1,8 +1,9 @@
 """Every number the analysis judges a run by, in one dataclass.
 
 Defaults follow the reference card (gradient norms: healthy 1e-3..1, vanishing below 1e-5,
-exploding above 100) and issue 5. The run's own `diagnostics.vanishing_threshold` and
-`diagnostics.exploding_threshold` are taken over, and `--threshold name=value` overrides any.
+exploding above 100); the others are explained beside each. The run's own
+`diagnostics.vanishing_threshold` and `diagnostics.exploding_threshold` are taken over, and
+`--threshold name=value` overrides any.
 """
 from __future__ import annotations
 

@@ -13,6 +13,19 @@ from series.builtin import BuiltinDataConfig, write_builtin_csv
 from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
+FAST_SUBSET_MARKEXPR = "not slow"
+_fast_subset = False
+
+
+def pytest_configure(config):
+    global _fast_subset
+    _fast_subset = (config.getoption("markexpr") or "").strip() == FAST_SUBSET_MARKEXPR
+
+
+def fuzz_examples(num_examples: int) -> int:
+    """A fuzz test's number of hypothesis examples: all of them in the default suite, a tenth
+    (at least 5) in the fast subset (`-m "not slow"`), which is a smoke of each area."""
+    return max(5, num_examples // 10) if _fast_subset else num_examples
 
 
 @pytest.fixture(scope="session")

@@ -19,12 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.bounded import run_bounded
+from tests.conftest import fuzz_examples
 from tests.test_checkpoint_hostile import empty_state, write_checkpoint_with_values
 from trainer.checkpoint.manager import CheckpointConfig, CheckpointManager, verify
 from trainer.checkpoint.manifest import write_manifest
 from trainer.errors import UserError
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=fuzz_examples(40), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow,
                                        HealthCheck.function_scoped_fixture])
 

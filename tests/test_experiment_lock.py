@@ -75,6 +75,7 @@ def _hold_and_die(folder: str, ready: str) -> None:
     time.sleep(600)
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_process_is_taken_over_and_a_live_one_is_not(tmp_path, caplog):
     folder = tmp_path / "checkpoints" / "exp"
     ready = tmp_path / "ready"

@@ -19,7 +19,7 @@ from forecasting import forecast
 from forecasting.inputs import prepare_forecast_input
 from forecasting.model_file import LoadedModel, load_model_file
 from tests.bounded import run_bounded
-from tests.conftest import small_overrides
+from tests.conftest import fuzz_examples, small_overrides
 from tests.test_forecast import SEQ_LEN, model_path, read_rows, train_tiny, write_rows
 from tests.test_fuzz_inputs import broken_csvs
 from tests.test_refused_start import refused
@@ -168,7 +168,7 @@ def test_builtin_data_named_by_a_model_file_is_computed_in_the_users_cache(model
 
 # --- fuzzing (hypothesis), each example within bounds ------------------------------------------
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=fuzz_examples(40), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 

@@ -22,12 +22,12 @@ from hypothesis import strategies as st
 
 from series.dataset import DataConfig, ensure_dataset
 from tests.bounded import run_bounded
-from tests.conftest import REPO, as_cli_args, run_cli, small_overrides
+from tests.conftest import REPO, as_cli_args, fuzz_examples, run_cli, small_overrides
 from trainer import cli
 from trainer.config import Config, load_config
 from trainer.errors import UserError
 
-FUZZ = settings(max_examples=80, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=fuzz_examples(80), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -178,7 +178,7 @@ def _numeric(text: str) -> bool:
     return isinstance(yaml_value, (int, float)) and not isinstance(yaml_value, bool)
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=fuzz_examples(150))
 @given(broken_configs(always_invalid=False))
 def test_fuzzed_config_loads_or_names_what_is_wrong(case):
     tree, expected = case
@@ -315,7 +315,7 @@ def config_verdict(path: Path) -> str:
         return str(err)
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=fuzz_examples(60))
 @given(yaml_structures())
 def test_fuzzed_yaml_structure_ends_in_one_line_within_bounds(case):
     text, expected = case

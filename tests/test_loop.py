@@ -119,6 +119,7 @@ def test_early_stopping_after_patience(short_csv, tmp_path):
     assert trainer.stop_reason == "early_stopping"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (["--set", "model.d_model=30"],
      "error: model.d_model (30) must be divisible by model.num_heads"),
@@ -141,6 +142,7 @@ def test_existing_experiment_needs_resume(short_csv, tmp_path, capsys):
     assert run(base + ["--resume", "auto", "--set", "train.max_steps=6"]) == 0
 
 
+@pytest.mark.slow
 def test_throughput_excludes_validation_and_checkpoints(short_csv, tmp_path, injected_faults):
     """samples/s and step time in the log are training's own: a validation at the start, in
     the middle of an interval, and a checkpoint save (each made to take 1 s here) are not

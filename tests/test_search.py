@@ -264,6 +264,7 @@ def test_the_trial_process_gets_the_standard_training_command(tmp_path):
 
 # --- the end: the final comparison on test and the report ---------------------------------------
 
+@pytest.mark.slow
 def test_the_best_is_compared_with_the_start_on_test_and_the_report_opens(tmp_path, stand_in,
                                                                           capsys):
     spec, study, _ = run_study(write_search(tmp_path, seeds=[1, 2, 3, 4, 5],
@@ -299,6 +300,7 @@ def test_the_best_is_compared_with_the_start_on_test_and_the_report_opens(tmp_pa
     assert_opens_in_a_browser(folder / "report.html", tmp_path, "The test split was not used")
 
 
+@pytest.mark.slow
 def test_workers_share_a_study_in_a_postgresql_database(tmp_path, stand_in):
     with postgres_database("search") as url:
         path = write_search(tmp_path, search={"n_trials": 4, "storage": url})
@@ -351,6 +353,7 @@ sys.exit(cli.run(["--search", sys.argv[2], "--worker"]))
 """
 
 
+@pytest.mark.slow
 def test_a_worker_stopped_mid_trial_queues_it_again_and_the_next_worker_finishes_it(tmp_path):
     script = tmp_path / "slow_trial.py"
     script.write_text(SLOW_STAND_IN)
@@ -376,6 +379,7 @@ def test_a_worker_stopped_mid_trial_queues_it_again_and_the_next_worker_finishes
     assert driver.runs_counted(study) == (1, False)
 
 
+@pytest.mark.slow
 def test_a_trial_whose_worker_went_silent_is_queued_again_one_still_heard_of_later(
         tmp_path, stand_in, monkeypatch):
     monkeypatch.setattr(driver, "STALE_S", 4.0)
@@ -412,6 +416,7 @@ def test_a_search_file_given_as_an_experiment_says_to_use_search(tmp_path, capsy
     assert f"run it with celestial-experiment --search {path}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_workers_asking_at_the_same_moment_start_exactly_n_trials(tmp_path, stand_in,
                                                                   monkeypatch):
     counted = driver.may_ask

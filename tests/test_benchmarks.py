@@ -167,3 +167,58 @@ def test_interval_coverage_reports_both_methods_at_every_size():
         for method in ("bootstrap", "studentised_hac"):
             assert 0 <= row[method]["coverage"] <= 1
     assert [row["seeds"] for row in result["over_seeds"]] == [2, 3, 5, 10]
+
+
+def test_parallel_trials_runs_every_layout_through_the_experiment_runner(short_csv, tmp_path):
+    from benchmarks.parallel_trials import LAYOUTS, format_report
+    cores = sorted(os.sched_getaffinity(0))
+    n = min(2, len(cores))
+    result = run_script("parallel_trials.py", "--parallel", str(n), "--steps", "12",
+                        "--log-interval", "2", "--warmup-intervals", "1", "--json",
+                        "--set", *tiny(short_csv, tmp_path))
+    runs = {run["layout"]: run for run in result["runs"]}
+    assert [run["layout"] for run in result["runs"]] == list(LAYOUTS)
+    assert [runs[x]["trials"] for x in LAYOUTS] == [1, n, n, n]
+    share = len(cores) // n
+    assert [runs[x]["threads_per_trial"] for x in LAYOUTS] == [share, share, share, len(cores)]
+    pinned = runs["pinned"]["cores_of_each_trial"]
+    assert sorted(c for each in pinned for c in each) == cores    # disjoint shares, all cores
+    assert runs["alone"]["cores_of_each_trial"] == [pinned[0]]
+    for layout in ("unpinned", "oversubscribed"):
+        assert runs[layout]["cores_of_each_trial"] == [cores] * n
+    for run in result["runs"]:
+        assert len(run["samples_per_s_each"]) == run["trials"]
+        assert all(rate > 0 for rate in run["samples_per_s_each"])
+    summary = result["summary"]
+    assert summary["verdict"] in ("PASS", "FAIL", "NOT MEASURED")
+    assert set(summary["vs_n_times_alone"]) == set(LAYOUTS) - {"alone"}
+    assert all(ratio > 0 for ratio in summary["vs_n_times_alone"].values())
+    report = format_report(result)
+    assert "only on an otherwise idle machine" in report and result["machine"]["cpu"] in report
+    assert report.count(f"{summary['verdict']}:") == 1 and "pinned / unpinned" in report
+
+
+def test_parallel_trials_counts_only_the_time_every_trial_was_training():
+    from benchmarks.parallel_trials import Interval, while_all_trained
+    early = [Interval(0, 1, 10), Interval(1, 2, 10), Interval(2, 3, 10)]
+    late = [Interval(1, 2, 20), Interval(2, 3, 20), Interval(3, 4, 20)]
+    assert while_all_trained([early, late]) == [early[1:], late[:2]]
+    apart = [Interval(5, 6, 20)]
+    assert while_all_trained([early, apart]) == [[], []]
+    assert while_all_trained([early, []]) == [[], []]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parallel", "999"], "--parallel 999: this process may use only"),
+    (["--steps", "10", "--log-interval", "5", "--warmup-intervals", "2"], "leaves no interval"),
+    (["--set", "model.no_such_key=1"], "model.no_such_key"),
+])
+def test_parallel_trials_refuses_bad_options_in_one_line(tmp_path, capsys, args, message):
+    from benchmarks.parallel_trials import main
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(out), *args])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == "", captured.err
+    assert captured.err.startswith("error: ") and message in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and not out.exists()

@@ -118,7 +118,8 @@ ENTRY_POINTS_OF_EXPERIMENTS = ("launch/experiment.py", "launch/search_trial.py")
 def test_nothing_imports_experiments():
     """Only its entry points, the tests and the benchmarks (which drive it as a user would)."""
     wrong = {f"{path.relative_to(REPO)} imports {name}"
-             for package in PROJECT - {"experiments", "tests", "benchmarks"} if (REPO / package).is_dir()
+             for package in PROJECT - {"experiments", "tests", "benchmarks"}
+             if (REPO / package).is_dir()
              for path in sources(package) for name in imported_modules(path)
              if name.split(".")[0] == "experiments"
              and str(path.relative_to(REPO)) not in ENTRY_POINTS_OF_EXPERIMENTS}

@@ -85,7 +85,7 @@ def test_a_search_with_two_workers_chooses_on_validation_and_compares_on_test(sh
                                          "metrics.jsonl").read_text().splitlines()]
         assert t.value == pytest.approx([x for x in lines if x["kind"] == "val"][-1]["nll"])
     assert f"won (lowest validation nll of the kept weights, step 6): trial {best.number}" in out
-    assert "on test, best vs start: " in out and "not used for choosing" in out
+    assert "retrained with seeds [1, 2]: best " in out and "not used for choosing" in out
     chosen = yaml.safe_load((folder / "best_config.yaml").read_text())
     assert chosen["optim"]["lr"] == pytest.approx(best.params["optim.lr"])
     assert chosen["model"]["dropout"] == best.params["model.dropout"]

@@ -52,7 +52,7 @@ def search_summary_lines(spec: SearchSpec, study: optuna.Study,
     lines.append(f"won (lowest validation {spec.val_score} of the kept weights, step "
                  f"{best.user_attrs.get('val_step')}): trial {best.number}, "
                  f"{best.value:.4f}: " + ", ".join(f"{k}={v}" for k, v in best.params.items()))
-    lines.append(f"on test, best vs start: {final_line(result)}")
+    lines.append(f"retrained with seeds {spec.seeds}: {final_line(result)}")
     lines.append(NOT_USED)
     return lines
 

@@ -105,8 +105,9 @@ def run_layout(args: argparse.Namespace, out: Path, layout: str, repeat: int,
     if failed:
         raise RuntimeError(f"{layout}: trial(s) failed: {'; '.join(failed)}")
     intervals = [timed_intervals(t.run_dir, args.warmup_intervals) for t in trials]
-    overlapped = len(trials) == 1 or all(while_all_trained(intervals))
-    kept = while_all_trained(intervals) if overlapped else intervals
+    together = while_all_trained(intervals)
+    overlapped = all(together)
+    kept = together if overlapped else intervals
     rates = [sum(i.samples for i in k) / sum(i.end - i.start for i in k) for k in kept]
     return {"layout": layout, "repeat": repeat, "trials": len(trials),
             "threads_per_trial": int(slots[0].environment(ranks)["OMP_NUM_THREADS"]),

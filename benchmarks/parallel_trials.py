@@ -173,13 +173,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parallel", type=int, default=len(os.sched_getaffinity(0)),
                    help="trials at a time, N (default: the cores this process may use)")
-    p.add_argument("--steps", type=int, default=300, help="training steps of each trial")
+    p.add_argument("--steps", type=int, default=300,
+                   help="training steps of each trial (default 300)")
     p.add_argument("--config", default=QUICKSTART, help=f"YAML config (default: {QUICKSTART})")
-    p.add_argument("--log-interval", type=int, default=10, help="steps per timed interval")
+    p.add_argument("--log-interval", type=int, default=10,
+                   help="steps per timed interval (default 10)")
     p.add_argument("--warmup-intervals", type=int, default=2,
                    help="first intervals of each trial left out (default 2)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="runs of every layout, taken in turn (median total reported)")
+                   help="runs of every layout, taken in turn (default 1; median total reported)")
     p.add_argument("--out", help="run folders go here (default: a temporary folder, removed)")
     add_common_options(p)
     return p.parse_args(argv)

@@ -105,8 +105,9 @@ def run_layout(args: argparse.Namespace, out: Path, layout: str, repeat: int,
     if failed:
         raise RuntimeError(f"{layout}: trial(s) failed: {'; '.join(failed)}")
     intervals = [timed_intervals(t.run_dir, args.warmup_intervals) for t in trials]
-    overlapped = len(trials) == 1 or all(while_all_trained(intervals))
-    kept = while_all_trained(intervals) if overlapped else intervals
+    together = while_all_trained(intervals)
+    overlapped = all(together)
+    kept = together if overlapped else intervals
     rates = [sum(i.samples for i in k) / sum(i.end - i.start for i in k) for k in kept]
     return {"layout": layout, "repeat": repeat, "trials": len(trials),
             "threads_per_trial": int(slots[0].environment(ranks)["OMP_NUM_THREADS"]),
@@ -172,13 +173,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parallel", type=int, default=len(os.sched_getaffinity(0)),
                    help="trials at a time, N (default: the cores this process may use)")
-    p.add_argument("--steps", type=int, default=300, help="training steps of each trial")
+    p.add_argument("--steps", type=int, default=300,
+                   help="training steps of each trial (default 300)")
     p.add_argument("--config", default=QUICKSTART, help=f"YAML config (default: {QUICKSTART})")
-    p.add_argument("--log-interval", type=int, default=10, help="steps per timed interval")
+    p.add_argument("--log-interval", type=int, default=10,
+                   help="steps per timed interval (default 10)")
     p.add_argument("--warmup-intervals", type=int, default=2,
                    help="first intervals of each trial left out (default 2)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="runs of every layout, taken in turn (median total reported)")
+                   help="runs of every layout, taken in turn (default 1; median total reported)")
     p.add_argument("--out", help="run folders go here (default: a temporary folder, removed)")
     add_common_options(p)
     return p.parse_args(argv)

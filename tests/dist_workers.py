@@ -94,15 +94,27 @@ def state_of(trainer) -> dict:
             "optim": optim, "step": trainer.progress.step}
 
 
+def plain_train_step(model, train_model, optimizer, device: torch.device, world_size: int):
+    """The loop's own `TrainStep` around `model`, in fp32 at a constant learning rate: the step
+    and its hook order as the trainer runs them, without a config."""
+    from trainer.loop import TrainStep
+    return TrainStep(model=model, train_model=train_model, optimizer=optimizer,
+                     scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                     scaler=torch.amp.GradScaler(device.type, enabled=False), device=device,
+                     world_size=world_size, autocast_dtype=None)
+
+
 def observed_step(rank, world_size, port, out_dir):
-    """One optimizer step on this rank's share of a fixed global batch of 8, observed by the
-    gradient and attention observers (eval mode: identical function on every rank)."""
+    """One optimizer step of the trainer's `TrainStep` on this rank's share of a fixed global
+    batch of 8, observed by the gradient and attention observers (eval mode: identical function
+    on every rank)."""
     from diagnostics.attention import AttentionObserver
     from diagnostics.gradients import GradientObserver
     from tests.test_model import inputs, make_model
     from trainer.config import Config
+    from trainer.data import Batch
     from trainer.diagnostics_config import DiagnosticsConfig
-    from trainer.observer import RunContext, StepContext
+    from trainer.observer import ObserverGroup, RunContext, StepContext
     from trainer.run_log import RunLog
     env = join_group(rank, world_size, port) if world_size > 1 else \
         distributed.DistEnv(0, 0, 1, torch.device("cpu"), None)
@@ -111,32 +123,22 @@ def observed_step(rank, world_size, port, out_dir):
     train_model = distributed.wrap_ddp(model, env)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     diag = DiagnosticsConfig(gradient_log_interval=1, attention_log_interval=1)
-    observers = [GradientObserver(diag), AttentionObserver(diag)]
+    observers = ObserverGroup([GradientObserver(diag), AttentionObserver(diag)])
     local = 8 // world_size
     run = RunContext(config=Config(), model=model, train_model=train_model, optimizer=optimizer,
                      spec=model.spec, log_dir=Path(out_dir) / f"w{world_size}",
                      run_log=RunLog(None, 1, 0, False, False), device=env.device,
                      world_size=world_size, local_batch_size=local, is_main=rank == 0)
-    for o in observers:
-        o.on_start(run)
+    observers.on_start(run)
     torch.manual_seed(1)
     wave, target, future, y = inputs(model, batch=8)
     part = slice(rank * local, rank * local + local)
     ctx = StepContext(step=1, epoch=0, clip_norm=1e9)
-    for o in observers:
-        o.before_forward(ctx)
-    out = train_model(wave[part], target[part], future[part], return_attention=True)
-    ctx.attention.append(out.attention)
-    out.loss(y[part]).backward()
-    for o in observers:
-        o.after_backward(ctx)
-    ctx.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
-    ctx.found_inf = torch.zeros(())
-    for o in observers:
-        o.before_optimizer_step(ctx)
-    optimizer.step()
-    for o in observers:
-        o.after_step(ctx)
+    observers.start_step(ctx.step)
+    train_step = plain_train_step(model, train_model, optimizer, env.device, world_size)
+    train_step([Batch(wave[part], target[part], future[part], y[part])], ctx, observers)
+    observers.after_step(ctx)
+    assert len(observers.observers) == 2, "an observer raised and was switched off"
     if world_size > 1:
         distributed.destroy()
 

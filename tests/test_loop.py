@@ -99,9 +99,11 @@ def test_consecutive_nonfinite_steps_stop_the_run(short_csv, tmp_path, caplog, i
                            train__max_consecutive_skips=3)
     injected_faults("nan_input:3-")     # a NaN in every step's inputs from step 3 on
     assert trainer.train() == 1
-    assert "3 optimizer steps in a row had a non-finite" in caplog.text or \
-           "4 optimizer steps in a row" in caplog.text
-    assert any(line["skipped_steps"] > 0 for line in metrics(tmp_path, kind="train"))
+    # Skips are counted at each log interval: 2 after step 4, 4 after step 6, past the limit.
+    assert ("stopping: 4 optimizer steps in a row had a non-finite loss or gradient "
+            "(limit train.max_consecutive_skips=3)") in caplog.text
+    train = metrics(tmp_path, kind="train")
+    assert [line["skipped_steps"] for line in train] == [0, 2, 2]
 
 
 def test_early_stopping_after_patience(short_csv, tmp_path):
@@ -142,23 +144,48 @@ def test_existing_experiment_needs_resume(short_csv, tmp_path, capsys):
     assert run(base + ["--resume", "auto", "--set", "train.max_steps=6"]) == 0
 
 
-@pytest.mark.slow
-def test_throughput_excludes_validation_and_checkpoints(short_csv, tmp_path, injected_faults):
+PAUSE_S = 1e4    # how long a validation or a save "takes" below: far longer than any real step
+
+
+class JumpingClock:
+    """`time.perf_counter` and `time.sleep` where a sleep of PAUSE_S or more moves the clock on at
+    once instead of waiting: a pause the loop counted as training time would add thousands of
+    seconds to the step time, whatever the machine's speed."""
+
+    def __init__(self, monkeypatch) -> None:
+        import time
+        self.jumped = 0.0
+        self.perf_counter, self.sleep = time.perf_counter, time.sleep
+        monkeypatch.setattr(time, "perf_counter", lambda: self.perf_counter() + self.jumped)
+        monkeypatch.setattr(time, "sleep", self.sleep_or_jump)
+
+    def sleep_or_jump(self, seconds: float) -> None:
+        if seconds >= PAUSE_S:
+            self.jumped += seconds
+        else:
+            self.sleep(seconds)
+
+
+def test_throughput_excludes_validation_and_checkpoints(short_csv, tmp_path, injected_faults,
+                                                        monkeypatch):
     """samples/s and step time in the log are training's own: a validation at the start, in
-    the middle of an interval, and a checkpoint save (each made to take 1 s here) are not
-    counted. Each interval of 2 small steps takes well under a second on any machine."""
+    the middle of an interval, and a checkpoint save (each made to take PAUSE_S on a clock
+    that jumps) are not counted."""
     import time
 
     def slow(evaluate):
         def slow_evaluate(split="val", **kw):
-            time.sleep(1.0)
+            time.sleep(PAUSE_S)
             return evaluate(split, **kw)
         return slow_evaluate
     trainer = trainer_evaluating_with(slow, short_csv, tmp_path, train__max_steps=4,
                                       train__log_interval=2, train__eval_interval=3,
                                       checkpoint__interval=3, train__validate_at_start=True)
-    injected_faults("delay:checkpoint_save:1")     # inside the save's pause, as a slow disk
+    clock = JumpingClock(monkeypatch)
+    injected_faults(f"delay:checkpoint_save:{PAUSE_S}")     # inside the save's pause
     assert trainer.train() == 0
+    assert clock.jumped >= 3 * PAUSE_S        # the two validations and the save, at least
     train = metrics(tmp_path, kind="train")
     assert [line["step"] for line in train] == [2, 4]
-    assert all(line["step_time_s"] < 0.5 for line in train), [line["step_time_s"] for line in train]
+    # Counted, one pause would add PAUSE_S / 2 to each of the interval's two steps.
+    assert all(line["step_time_s"] < PAUSE_S / 2 for line in train), train

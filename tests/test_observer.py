@@ -3,11 +3,14 @@ observer that raised on every rank at the same step, and keeps ranks in step."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tests import dist_workers
+from tests.dist_workers import plain_train_step
+from tests.test_model import inputs, make_model
+from trainer.data import Batch
 from trainer.observer import Observer, ObserverGroup, StepContext
 
 
@@ -30,17 +33,19 @@ class Recording(Observer):
 
 
 def take_steps(group: ObserverGroup, steps) -> list[int]:
-    """Drive the group as the loop does (one micro-batch a step); returns, per step, how many
-    attention maps were kept for the observers."""
+    """Drive the group through the trainer's `TrainStep` (one micro-batch a step), between the
+    calls the loop makes around it; returns, per step, how many attention maps were kept for
+    the observers."""
+    model = make_model()
+    train_step = plain_train_step(model, model, torch.optim.SGD(model.parameters(), lr=0.01),
+                                  torch.device("cpu"), world_size=1)
+    batch = Batch(*inputs(model, batch=2))
     kept = []
     for step in steps:
         ctx = StepContext(step=step, epoch=0)
         group.start_step(step)
-        group.before_forward(ctx)
-        group.collect(ctx, SimpleNamespace(attention={"c2t": None}))
+        train_step([batch], ctx, group)
         kept.append(len(ctx.attention))
-        group.after_backward(ctx)
-        group.before_optimizer_step(ctx)
         group.after_step(ctx)
     return kept
 

@@ -267,3 +267,15 @@ def trainer_with_failing_observer(rank, world_size, port, csv, root):
               "unaligned_sums": unaligned.sums}
     (Path(root) / f"failing{rank}.json").write_text(json.dumps(result))
     distributed.destroy()
+
+
+def failure_agreement(rank, world_size, port, out_dir):
+    """Three agreements: none fails; rank 1 fails; every rank fails (the problems in rank
+    order); then one whose failure was agreed beforehand (`known_failed`)."""
+    join_group(rank, world_size, port)
+    seen = [distributed.agree_on_failure(None),
+            distributed.agree_on_failure("disk full" if rank == 1 else None),
+            distributed.agree_on_failure(f"rank {rank}"),
+            distributed.agree_on_failure(None if rank else "known", known_failed=True)]
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(seen))
+    distributed.destroy()

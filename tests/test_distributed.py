@@ -66,6 +66,17 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
         time.sleep(0.2)
 
 
+def test_ranks_agree_on_failures_in_rank_order(tmp_path):
+    dist_workers.spawn(dist_workers.failure_agreement, 2, str(tmp_path), timeout_s=120)
+    expected = [[], ["disk full"], ["rank 0", "rank 1"], ["known"]]
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [expected] * 2
+
+
+def test_one_process_agrees_with_itself():
+    assert distributed.agree_on_failure(None) == []
+    assert distributed.agree_on_failure("full") == ["full"]
+
+
 def test_ddp_gradients_equal_single_process(tmp_path):
     from tests.test_model import inputs, make_model
     dist_workers.spawn(dist_workers.ddp_gradients, 2, str(tmp_path))

@@ -100,7 +100,7 @@ def agree_on_user_error(work):
         result = work()
     except UserError as err:
         problem = str(err)
-    problems = [p for p in distributed.all_gather_object(problem) if p is not None]
+    problems = distributed.agree_on_failure(problem)
     if problems:
         raise UserError(problems[0])
     return result
@@ -110,8 +110,7 @@ def check_writable(folders: list[Path]) -> None:
     """Refuse, on every rank with one line, a log or checkpoint folder that cannot be written
     (a read-only file system, no permission), before anything is written: otherwise the first
     checkpoint save, after the training it was meant to keep, would find it."""
-    problem = next(filter(None, map(_unwritable, folders)), None)
-    problems = [p for p in distributed.all_gather_object(problem) if p]
+    problems = distributed.agree_on_failure(next(filter(None, map(_unwritable, folders)), None))
     if problems:
         raise UserError(problems[0])
 

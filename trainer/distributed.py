@@ -169,6 +169,19 @@ def agree_any(flags: list[bool]) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def agree_on_failure(problem, *, known_failed: bool | None = None) -> list:
+    """Collective: the problems of the ranks that have one, in rank order (this rank's
+    `problem`, None when it has none); empty on every rank when no rank has one. Every place
+    where ranks must take the same branch after a failure goes through here: one small
+    all-reduce when all is well, and the problems travel only when one rank has one.
+    `known_failed`: whether a rank failed, when the caller already agreed on it in an
+    all-reduce it shares with other flags (then that all-reduce is not repeated)."""
+    failed = agree_any([problem is not None])[0] if known_failed is None else known_failed
+    if not failed:
+        return []
+    return [p for p in all_gather_object(problem) if p is not None]
+
+
 def all_gather_object(obj) -> list:
     if not is_distributed():
         return [obj]

@@ -195,9 +195,9 @@ class ObserverGroup:
         """Every rank switches off each observer that raised on any rank (one all-reduce)."""
         if not self.observers:
             return
-        failed = distributed.agree_any([i in self.failed_here for i in range(len(self.observers))])
-        if any(failed):
-            self._switch_off([o for o, f in zip(self.observers, failed) if f],
+        failed = set().union(*distributed.agree_on_failure(self.failed_here or None))
+        if failed:
+            self._switch_off([o for i, o in enumerate(self.observers) if i in failed],
                              f"raised on some rank before {when}")
         self.failed_here = set()
 

@@ -126,15 +126,19 @@ _default_thread_hook = threading.excepthook
 
 def stop_if_any_rank_failed_to_write() -> None:
     """Collective: if any rank holds a write failure, every rank raises WriteFailed with it."""
-    if distributed.agree_any([_write_failure is not None])[0]:
-        raise_agreed_write_failure()
+    _raise_write_failed(distributed.agree_on_failure(_write_failure))
 
 
 def raise_agreed_write_failure() -> None:
-    """Collective, once the ranks agreed that one holds a write failure: all raise it."""
-    failures = [f for f in distributed.all_gather_object(_write_failure) if f is not None]
-    raise WriteFailed(f"{failures[0]}; checkpoints already written are intact: make room, then "
-                      f"continue from the newest with --resume auto")
+    """Collective, once the ranks agreed (in an all-reduce shared with other flags) that one
+    holds a write failure: all raise it."""
+    _raise_write_failed(distributed.agree_on_failure(_write_failure, known_failed=True))
+
+
+def _raise_write_failed(failures: list[str]) -> None:
+    if failures:
+        raise WriteFailed(f"{failures[0]}; checkpoints already written are intact: make room, "
+                          f"then continue from the newest with --resume auto")
 
 
 @contextmanager

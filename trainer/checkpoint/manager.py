@@ -149,9 +149,9 @@ class CheckpointManager:
                 raise KeyboardInterrupt from None     # a second Ctrl-C, not a write failure
             # torch.save reports a short write (a full disk) as a RuntimeError
             failure = (_failure_text(err) + _free_space(self.folder), _remedy(err))
-        if not distributed.agree_any([failure is not None])[0]:
+        failures = distributed.agree_on_failure(failure)
+        if not failures:
             return
-        failures = [f for f in distributed.all_gather_object(failure) if f is not None]
         if distributed.is_main() and tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         newest = self.complete_checkpoints()

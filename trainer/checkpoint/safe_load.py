@@ -275,10 +275,10 @@ class ConfinedReader(FileSystemReader):
 def refuse_partial_load(not_loaded: list[str]) -> None:
     """A value the checkpoint covers only in part would keep part of its fresh values
     silently: every rank refuses, so the run stops before a step or a save."""
-    if distributed.agree_any([bool(not_loaded)])[0]:
-        first = not_loaded[0] if not_loaded else "a value on another rank"
-        raise UserError(f"refused: the checkpoint does not cover {first} whole "
-                        f"({len(not_loaded)} value(s) in all on this rank)")
+    problems = distributed.agree_on_failure(not_loaded or None)
+    if problems:
+        raise UserError(f"refused: the checkpoint does not cover {problems[0][0]} whole "
+                        f"({len(problems[0])} value(s) in all on the first rank short of one)")
 
 
 def load_failure(err: BaseException) -> str:

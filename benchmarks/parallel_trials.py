@@ -156,7 +156,7 @@ def summarize(runs: list[dict], parallel: int) -> dict:
 
 
 def run_benchmark(args: argparse.Namespace, out: Path, cores: list[int]) -> dict:
-    from trainer.data import ensure_dataset
+    from series.dataset import ensure_dataset
     config = load_benchmark_config(args.config, args.overrides)
     ensure_dataset(config.data)            # generated once here, not by every trial at once
     witness = CpuWitness()

@@ -110,9 +110,9 @@ def observed_step(rank, world_size, port, out_dir):
     on every rank)."""
     from diagnostics.attention import AttentionObserver
     from diagnostics.gradients import GradientObserver
+    from series.dataset import Batch
     from tests.test_model import inputs, make_model
     from trainer.config import Config
-    from trainer.data import Batch
     from trainer.diagnostics_config import DiagnosticsConfig
     from trainer.observer import ObserverGroup, RunContext, StepContext
     from trainer.run_log import RunLog

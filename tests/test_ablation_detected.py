@@ -18,9 +18,9 @@ import sys
 import pytest
 import yaml
 
+from series.dataset import ensure_dataset
 from tests.conftest import REPO
 from trainer.config import load_config
-from trainer.data import ensure_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from series.dataset import Batch
 from tests import dist_workers
 from tests.dist_workers import plain_train_step
 from tests.test_model import inputs, make_model
-from trainer.data import Batch
 from trainer.observer import Observer, ObserverGroup, StepContext
 
 

@@ -337,6 +337,7 @@ def test_half_written_last_metrics_line_is_tolerated(tmp_path, capsys):
     assert any("half-written last line" in n for n in analysis.run.notes)
 
 
+@pytest.mark.slow
 def test_a_line_cut_by_a_crash_is_skipped_with_a_note(tmp_path, capsys):
     """A crash cut line 4 short and the resumed run appended line 5 to it: both are lost to
     JSON, the rest of the run is analysed rather than the whole run refused."""
@@ -464,6 +465,7 @@ def test_unreadable_file_is_named(tmp_path, capsys):
     assert str(path) in _error_of(capsys, ["--log_dir", str(folder)])
 
 
+@pytest.mark.slow
 def test_entry_point_exits_2_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "launch/analyze.py", "--log_dir", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
@@ -478,6 +480,7 @@ def test_list_thresholds(capsys):
 
 # --- compare ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compare_overlays_runs_and_shows_every_runs_panels(tmp_path, capsys):
     a = build_run_folder(tmp_path / "a")
     b = build_run_folder(tmp_path / "b", exploding_component="decoder", lr=3e-3)
@@ -523,6 +526,7 @@ def test_compare_says_which_run_is_better_on_shared_test_windows(tmp_path, capsy
     assert "Which run is better on test" in html and "b is better on test" in html
 
 
+@pytest.mark.slow
 def test_compare_without_shared_windows_says_why_no_interval(tmp_path, capsys):
     a = build_run_folder(tmp_path / "a", test_windows=100, gradients=False, attention=False,
                          profiles=False)
@@ -557,6 +561,7 @@ def build_config_dropout(folder) -> float:
     return yaml.safe_load((folder / "config.yaml").read_text()).get("model", {}).get("dropout", 0.0)
 
 
+@pytest.mark.slow
 def test_no_skill_is_an_error_and_reads_the_test_line_first(tmp_path, capsys):
     folder = build_run_folder(tmp_path / "run", skill=0.05)
     finding = [f for f in findings_of(folder) if f.issue == "no_skill_over_baseline"][0]
@@ -572,6 +577,7 @@ def test_no_skill_is_an_error_and_reads_the_test_line_first(tmp_path, capsys):
     assert "[!] 1 critical/error finding(s): no_skill_over_baseline" in out
 
 
+@pytest.mark.slow
 def test_runs_without_baseline_scores_say_so(tmp_path, capsys):
     """Runs written before the baselines were scored: no guess, no skill finding."""
     folder = build_run_folder(tmp_path / "run")
@@ -616,6 +622,7 @@ QUICKSTART_LIKE = {"num_steps": 700, "overfit": True, "overfit_best": 6, "gradie
                    "attention": False, "profiles": False}
 
 
+@pytest.mark.slow
 def test_early_stopping_that_kept_the_best_weights_is_not_overfitting(tmp_path, capsys):
     """Best at step 300 of 700, best weights restored before the test: the rise after the best is
     the stop working, an info finding, not an overfitting warning."""
@@ -665,6 +672,7 @@ def test_thresholds_of_early_overfitting_and_the_test_gap_are_used(tmp_path):
 
 # --- one source of calibration: the kept weights -------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tested", [True, False])
 def test_calibration_judges_the_kept_weights_not_the_last_validation(tmp_path, capsys, tested):
     """The last validation (weights discarded by early stopping) covers 80%, the kept weights
@@ -705,6 +713,7 @@ def _edit_test_line(folder: Path, **changes) -> None:
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+@pytest.mark.slow
 def test_skill_not_shown_by_the_line_is_not_called_a_win(tmp_path, capsys):
     """The line's own `_shown`/`_reason` (too few independent blocks) wins over the interval."""
     folder = build_run_folder(tmp_path / "run", gradients=False, attention=False, profiles=False)
@@ -719,6 +728,7 @@ def test_skill_not_shown_by_the_line_is_not_called_a_win(tmp_path, capsys):
     assert f"; not shown: {reason}" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("judged", [True, False])
 def test_blanking_bodies_is_worded_as_reliance_not_help(tmp_path, capsys, judged):
     """With the line's own _shown/_reason, and without (runs before they were written)."""
@@ -739,6 +749,7 @@ def test_blanking_bodies_is_worded_as_reliance_not_help(tmp_path, capsys, judged
 HORIZON = (0.848, 0.87, 0.88, 0.89, 0.90, 0.90, 0.91, 0.92)   # pooled 0.8898: inside the band
 
 
+@pytest.mark.slow
 def test_calibration_per_horizon_names_the_worst_steps(tmp_path, capsys):
     """Pooled coverage passes while step 1 covers 84.8% [84.1%, 85.5%]: the verdict and the
     finding name step 1 with its interval, and pit_histogram.png is drawn."""
@@ -758,6 +769,7 @@ def test_calibration_per_horizon_names_the_worst_steps(tmp_path, capsys):
     assert html.index("Calibration per horizon step") < html.index("<h2>Summary</h2>")
 
 
+@pytest.mark.slow
 def test_calibrated_steps_name_the_farthest_one_and_no_finding(tmp_path, capsys):
     steps = (0.88, 0.89, 0.90, 0.91)
     folder = build_run_folder(tmp_path / "run", horizon_coverage_90=steps, gradients=False,
@@ -769,6 +781,7 @@ def test_calibrated_steps_name_the_farthest_one_and_no_finding(tmp_path, capsys)
     assert "farthest from 90%: step 1 (90% interval covers 88.0% [87.3%, 88.7%])" in out
 
 
+@pytest.mark.slow
 def test_runs_without_per_step_coverage_fall_back_to_pooled_with_a_note(tmp_path, capsys):
     folder = build_run_folder(tmp_path / "run", coverage_90=0.80, gradients=False,
                               attention=False, profiles=False)

@@ -165,6 +165,7 @@ def test_torch_distributed_is_imported_only_where_it_is_owned():
     assert users == DISTRIBUTED_OWNERS
 
 
+@pytest.mark.slow
 def test_the_offline_analysis_loads_without_torch():
     code = ("import sys, diagnostics.analysis.cli; "
             "print(sorted(m for m in sys.modules "

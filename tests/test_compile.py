@@ -31,6 +31,7 @@ def test_every_training_batch_has_the_same_shape(prepared):
         assert len(shapes) == 1, shapes
 
 
+@pytest.mark.slow
 def test_the_training_forward_and_loss_are_one_graph_without_breaks(prepared):
     config, data, train = prepared
     model = CelestialPGAT(config.model, data.spec).train()

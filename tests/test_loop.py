@@ -136,6 +136,7 @@ def test_user_errors_exit_2_with_one_line(extra, message, tmp_path):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_existing_experiment_needs_resume(short_csv, tmp_path, capsys):
     base = as_cli_args(small_overrides(short_csv, tmp_path, "again") + [("train.max_steps", 4)])
     assert run(base) == 0

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from series.builtin import BuiltinDataConfig, write_builtin_csv
+from tests.processes import REPO, train_command
 from trainer.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
 FAST_SUBSET_MARKEXPR = "not slow"
 _fast_subset = False
 
@@ -65,13 +64,8 @@ def run_cli(args: list[str], *, torchrun: int = 0, env: dict | None = None, time
             cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run launch/train.py (or torchrun with N ranks) in a subprocess, one thread per rank."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else "2", **(env or {})}
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={torchrun}", str(REPO / "launch/train.py"), *args]
-    else:
-        cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(train_command(args, torchrun), cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -20,6 +19,7 @@ import torch
 
 from tests import dist_workers
 from tests.conftest import REPO, as_cli_args, small_config, small_overrides
+from tests.processes import train_command, wait_for_path
 from trainer import distributed
 from trainer.build import build_trainer
 
@@ -33,12 +33,8 @@ def train_args(csv, root, name, **extra) -> list[str]:
 
 
 def launch(args, ranks: int, max_restarts: int = 0, env=None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={ranks}", f"--max-restarts={max_restarts}",
-           str(REPO / "launch/train.py"), *args]
-    if ranks == 0:
-        cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
-    full_env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = train_command(args, ranks, [f"--max-restarts={max_restarts}"])
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, cwd=REPO, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -56,14 +52,6 @@ def train_losses(root: Path, name: str) -> dict[int, float]:
 
 def model_file(root: Path, name: str, which: str = "final_model.pth") -> dict:
     return torch.load(root / "checkpoints" / name / which, weights_only=True)["model"]
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.2)
 
 
 def test_ranks_agree_on_failures_in_rank_order(tmp_path):
@@ -158,7 +146,7 @@ def test_elastic_restart_after_sigkill(short_csv, tmp_path):
     args = train_args(short_csv, tmp_path, "elastic", train__max_steps=60, checkpoint__interval=10,
                       train__log_interval=5)
     proc = launch(args, ranks=2, max_restarts=1)
-    wait_for(tmp_path / "checkpoints" / "elastic" / "checkpoint_step_000010", proc)
+    wait_for_path(tmp_path / "checkpoints" / "elastic" / "checkpoint_step_000010", proc)
     workers = [c for c in psutil.Process(proc.pid).children()
                if "train.py" in " ".join(c.cmdline())]
     assert len(workers) == 2
@@ -176,7 +164,7 @@ def test_signal_checkpoints_and_exits_75(short_csv, tmp_path, ranks):
     proc = launch(train_args(short_csv, tmp_path, name, train__max_steps=2000,
                              checkpoint__interval=10, train__log_interval=5), ranks=ranks)
     ckpts = tmp_path / "checkpoints" / name
-    wait_for(ckpts / "checkpoint_step_000010", proc)
+    wait_for_path(ckpts / "checkpoint_step_000010", proc)
     target = proc if ranks == 0 else [c for c in psutil.Process(proc.pid).children()
                                       if "train.py" in " ".join(c.cmdline())][-1]
     target.send_signal(signal.SIGUSR1)

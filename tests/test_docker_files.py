@@ -24,13 +24,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import REPO, as_cli_args, small_overrides
+from tests.processes import TRAIN_SCRIPT, wait_for_text
 from trainer.checkpoint.manager import verify
 from trainer.preemption import EXIT_PREEMPTED
 
@@ -220,15 +220,6 @@ def test_compose_gives_the_checkpoint_time_before_killing():
 
 
 # ------------------------------------------------------- docker/entrypoint.py
-def wait_for_train_step(log_dir: Path, step: int, proc: subprocess.Popen, timeout=120) -> None:
-    deadline = time.monotonic() + timeout
-    metrics = log_dir / "metrics.jsonl"
-    while not (metrics.exists() and f'"kind": "train", "step": {step},' in metrics.read_text()):
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, f"no train step {step} in {metrics}"
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_entrypoint_passes_sigterm_to_the_workers_and_exits_75(short_csv, tmp_path):
     """Real torchrun, 2 gloo ranks, on the host: SIGTERM to the entrypoint (what `docker stop`
@@ -238,10 +229,10 @@ def test_entrypoint_passes_sigterm_to_the_workers_and_exits_75(short_csv, tmp_pa
         ("train.early_stopping_patience", 1000), ("checkpoint.interval", 1000)])
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "docker" / "entrypoint.py"), "--standalone",
-         "--nproc_per_node=2", str(REPO / "launch" / "train.py"), *args], cwd=REPO,
+         "--nproc_per_node=2", str(TRAIN_SCRIPT), *args], cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    wait_for_train_step(tmp_path / "logs" / "ep", 4, proc)
+    wait_for_text(tmp_path / "logs" / "ep" / "metrics.jsonl", '"kind": "train", "step": 4,', proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, out[-3000:]

@@ -17,24 +17,23 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, as_cli_args, small_overrides
-from tests.test_distributed import finish, launch, train_args, wait_for
+from tests.processes import (
+    running,
+    train_command,
+    wait_for_path,
+    wait_for_text,
+    wait_until,
+)
+from tests.test_distributed import finish, launch, train_args
 from tests.test_refused_start import snapshot
 from trainer import experiment_lock
 from trainer.errors import UserError
 
 
 def _start(args: list[str], fault: str = "") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "launch/train.py"), *args], cwd=REPO,
+    return subprocess.Popen(train_command(args), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "CELESTIAL_FAULT": fault})
-
-
-def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not (path.is_file() and text in path.read_text()):
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, f"{text!r} not in {path}"
-        time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -45,15 +44,15 @@ def test_second_start_of_a_running_experiment_stops_at_once_naming_the_holder(sh
         ("train.validate_at_start", False)])
     first = _start(args, "delay:validation:30")
     try:
-        _wait_for_text(tmp_path / "logs" / "busy" / "training_full.log",
-                       "fault injection: delaying validation", first)
+        wait_for_text(tmp_path / "logs" / "busy" / "training_full.log",
+                      "fault injection: delaying validation", first)
         before = {name: snapshot(tmp_path / name) for name in ("logs", "checkpoints")}
         assert "busy/checkpoint_step_000002" in before["checkpoints"]
         for extra in ([], ["--resume", "auto"]):
             started = time.monotonic()
-            second = subprocess.run([sys.executable, str(REPO / "launch/train.py"), *args,
-                                     *extra], cwd=REPO, capture_output=True, text=True,
-                                    timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            second = subprocess.run(train_command([*args, *extra]), cwd=REPO,
+                                    capture_output=True, text=True, timeout=120,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
             lines = second.stderr.strip().splitlines()
             assert second.returncode == 2, second.stderr[-3000:]
             assert lines[-1].startswith("error: experiment folder"), lines[-3:]
@@ -83,10 +82,7 @@ def test_lock_of_a_killed_process_is_taken_over_and_a_live_one_is_not(tmp_path, 
             f"_hold_and_die({str(folder)!r}, {str(ready)!r})")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert holder.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(ready.exists, str(ready), timeout=60, alive=running(holder), interval=0.05)
         with pytest.raises(UserError, match=f"pid {holder.pid} on host "):
             experiment_lock.acquire(folder)
     finally:
@@ -117,7 +113,7 @@ def test_worker_group_restarted_by_torchrun_takes_over_its_own_lock(short_csv, t
                       checkpoint__interval=10, train__log_interval=5)
     proc = launch(args, ranks=2, max_restarts=1)
     lock = tmp_path / "checkpoints" / "elastic" / "writer.lock"
-    wait_for(tmp_path / "checkpoints" / "elastic" / "checkpoint_step_000010", proc)
+    wait_for_path(tmp_path / "checkpoints" / "elastic" / "checkpoint_step_000010", proc)
     holder = json.loads(lock.read_text())["pid"]
     psutil.Process(holder).send_signal(signal.SIGKILL)
     code, out = finish(proc, timeout=300)

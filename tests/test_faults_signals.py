@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from tests import dist_workers
 from tests.conftest import REPO, as_cli_args, small_overrides
 from tests.dist_workers import free_port
+from tests.processes import train_command, wait_until
 from trainer import distributed, faults
 from trainer.checkpoint.manager import verify
 from trainer.preemption import StopRequests
@@ -87,27 +87,25 @@ class _Console:
 
     def wait_for(self, text: str, timeout: float = 120) -> float:
         """When the first line holding `text` arrived."""
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = [at for at, line in list(self.lines) if text in line]
-            if seen:
-                return seen[0]
-            assert self.proc.poll() is None or self.reader.is_alive(), self.text()[-3000:]
-            assert time.monotonic() < deadline, f"{text!r} not on the console"
-            time.sleep(0.05)
+        return wait_until(lambda: self.arrival(text), f"{text!r} on the console",
+                          timeout=timeout, alive=self.reading, output=self.text, interval=0.05)
+
+    def arrival(self, text: str) -> float | None:
+        return next((at for at, line in list(self.lines) if text in line), None)
+
+    def reading(self) -> bool:
+        """Whether more lines may come: the process runs, or its last lines are still read."""
+        return self.proc.poll() is None or self.reader.is_alive()
 
     def text(self) -> str:
         return "".join(line for _, line in list(self.lines))
 
 
 def _start(args, fault: str = "", ranks: int = 0, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
-    if ranks:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={ranks}", *cmd[1:]]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                            "CELESTIAL_FAULT": fault, **(env or {})})
+    proc = subprocess.Popen(train_command(args, ranks), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CELESTIAL_FAULT": fault,
+                                 **(env or {})})
     proc.console = _Console(proc)
     return proc
 

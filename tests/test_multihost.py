@@ -26,6 +26,7 @@ import torch
 from series.dataset import WindowDataset, prepare
 from tests import netns
 from tests.conftest import REPO, as_cli_args, small_overrides
+from tests.processes import TRAIN_SCRIPT, running, torchrun_command, train_command, wait_until
 from trainer.checkpoint.model_file import load_consolidated
 from trainer.config import load_config
 from trainer.optim import lr_multiplier
@@ -48,9 +49,13 @@ def run_overrides(csv: Path, root: Path, max_steps: int, **extra) -> list[tuple[
     return small_overrides(csv, root, "run") + list(settings.items())
 
 
+def train_args(overrides: list[tuple[str, object]]) -> list[str]:
+    return ["--config", str(REPO / CONFIG), *as_cli_args(overrides), "--resume", "auto"]
+
+
 def train_argv(overrides: list[tuple[str, object]]) -> list[str]:
-    return [str(REPO / "launch/train.py"), "--config", str(REPO / CONFIG),
-            *as_cli_args(overrides), "--resume", "auto"]
+    """What follows an agent's node options: the training script and its arguments."""
+    return [str(TRAIN_SCRIPT), *train_args(overrides)]
 
 
 def start_agent(host: netns.Host, rendezvous_host: netns.Host, nnodes: str, argv: list[str],
@@ -58,11 +63,11 @@ def start_agent(host: netns.Host, rendezvous_host: netns.Host, nnodes: str, argv
     """One `torchrun` agent on `host`: its own address for the workers' store (--local_addr),
     `is_host` on the host that owns the rendezvous address, gloo on the host's interface."""
     is_host = int(host is rendezvous_host)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
-               "--nproc_per_node=1", "--rdzv_backend=c10d", "--rdzv_id=multihost",
-               f"--rdzv_endpoint={rendezvous_host.address}:{RDZV_PORT}",
-               f"--local_addr={host.address}", f"--rdzv_conf=is_host={is_host}"
-               + (f",{rdzv_conf}" if rdzv_conf else ""), "--monitor-interval=0.5", *argv]
+    command = torchrun_command(
+        f"--nnodes={nnodes}", "--nproc_per_node=1", "--rdzv_backend=c10d", "--rdzv_id=multihost",
+        f"--rdzv_endpoint={rendezvous_host.address}:{RDZV_PORT}", f"--local_addr={host.address}",
+        f"--rdzv_conf=is_host={is_host}" + (f",{rdzv_conf}" if rdzv_conf else ""),
+        "--monitor-interval=0.5", *argv)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": host.ifname,
                 "PYTHONPATH": str(REPO), **env}
     with open(out, "a") as log:
@@ -73,16 +78,10 @@ def wait_for(path: Path, pattern: str, after: int = 0, timeout: float = 180,
              watch: tuple[subprocess.Popen, ...] = ()) -> re.Match:
     """The first match of `pattern` in `path` past character `after`, polling; fails early when
     a watched process has exited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        match = re.compile(pattern).search(text, after)
-        if match:
-            return match
-        exited = [p.returncode for p in watch if p.poll() is not None]
-        assert not exited, f"agent exited ({exited}) before {pattern!r}: {text[-3000:]}"
-        time.sleep(0.2)
-    raise AssertionError(f"no {pattern!r} in {path} within {timeout} s")
+    def text() -> str:
+        return path.read_text(errors="replace") if path.exists() else ""
+    return wait_until(lambda: re.compile(pattern).search(text(), after), f"{pattern!r} in {path}",
+                      timeout=timeout, alive=running(*watch), output=text, interval=0.2)
 
 
 def finish(*agents: subprocess.Popen, outputs: tuple[Path, ...], timeout: float = 240) -> None:
@@ -118,8 +117,7 @@ def test_two_hosts_train_like_two_ranks_on_one_host(short_csv, tmp_path):
         agent_a = start_agent(a, a, "2", argv, tmp_path / "a.out")
         finish(agent_a, agent_b, outputs=(tmp_path / "a.out", tmp_path / "b.out"))
     standalone = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         *train_argv(run_overrides(short_csv, single, 40, **diagnostics))],
+        train_command(train_args(run_overrides(short_csv, single, 40, **diagnostics)), ranks=2),
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=240, check=False)
     assert standalone.returncode == 0, standalone.stderr[-4000:]

@@ -21,6 +21,7 @@ import pytest
 
 from tests import netns
 from tests.conftest import REPO
+from tests.processes import wait_until
 from tests.slurm_cluster import SlurmCluster, slurm_cluster
 from tests.test_docker_files import pypi_tool
 
@@ -220,10 +221,8 @@ def start_launcher(env: dict, out: Path, **extra_env) -> subprocess.Popen:
 
 
 def wait_for_files(*paths: Path, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(p.exists() for p in paths):
-        assert time.monotonic() < deadline, f"timed out waiting for {paths}"
-        time.sleep(0.05)
+    wait_until(lambda: all(p.exists() for p in paths), str(paths), timeout=timeout,
+               interval=0.05)
 
 
 def test_launcher_returns_torchrun_status_when_nothing_is_signalled(fake_torchrun):

@@ -30,10 +30,9 @@ def trainer_evaluating_with(evaluate, short_csv, tmp_path, name="t", **extra):
 
 
 @pytest.fixture
-def injected_faults():
-    """`faults.load(text)` for this test only (the CELESTIAL_FAULT injection point)."""
-    yield faults.load
-    faults.load("")
+def injected_faults(monkeypatch):
+    """CELESTIAL_FAULT for the trainers this test builds after setting it, this test only."""
+    return lambda text: monkeypatch.setenv(faults.ENV_VAR, text)
 
 
 def metrics(tmp_path, name="t", kind=None):
@@ -95,9 +94,9 @@ def test_nonfinite_step_is_skipped_exactly(short_csv, tmp_path):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(short_csv, tmp_path, caplog, injected_faults):
+    injected_faults("nan_input:3-")     # a NaN in every step's inputs from step 3 on
     trainer = make_trainer(short_csv, tmp_path, train__log_interval=2,
                            train__max_consecutive_skips=3)
-    injected_faults("nan_input:3-")     # a NaN in every step's inputs from step 3 on
     assert trainer.train() == 1
     assert "3 optimizer steps in a row had a non-finite" in caplog.text or \
            "4 optimizer steps in a row" in caplog.text
@@ -152,10 +151,10 @@ def test_throughput_excludes_validation_and_checkpoints(short_csv, tmp_path, inj
             time.sleep(1.0)
             return evaluate(split, **kw)
         return slow_evaluate
+    injected_faults("delay:checkpoint_save:1")     # inside the save's pause, as a slow disk
     trainer = trainer_evaluating_with(slow, short_csv, tmp_path, train__max_steps=4,
                                       train__log_interval=2, train__eval_interval=3,
                                       checkpoint__interval=3, train__validate_at_start=True)
-    injected_faults("delay:checkpoint_save:1")     # inside the save's pause, as a slow disk
     assert trainer.train() == 0
     train = metrics(tmp_path, kind="train")
     assert [line["step"] for line in train] == [2, 4]

@@ -14,12 +14,13 @@ import torch
 
 from model import CelestialPGAT
 from series.dataset import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
-from trainer import distributed, experiment_lock, faults, precision
+from trainer import distributed, experiment_lock, precision
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.config import Config
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
 from trainer.experiment_lock import ExperimentLock
+from trainer.faults import FaultHook, from_environment, no_faults
 from trainer.loop import (
     Progress,
     SplitEvaluator,
@@ -70,8 +71,8 @@ def resolve_experiment_name(config: Config, config_path: str | None) -> str:
     return distributed.broadcast_object(name)
 
 
-def build_data(config: Config, env: DistEnv) -> DataBundle:
-    faults.delay("data_preparation")
+def build_data(config: Config, env: DistEnv, faults: FaultHook = no_faults) -> DataBundle:
+    faults("data_preparation")
     # The built-in dataset is generated once, by rank 0; the others wait for its verdict.
     agree_on_user_error(lambda: ensure_dataset(config.data) if env.rank == 0 else None)
     return agree_on_user_error(lambda: _prepare_loaders(config, env))
@@ -203,12 +204,13 @@ def build_parts(config: Config, env: DistEnv, config_path: str | None = None, *,
     name = resolve_experiment_name(config, config_path)
     config.train.experiment_name = name
     setup_logging(None, env.rank, config.train.progress_bar)   # the file once the folder exists
-    checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name)
+    faults = from_environment()
+    checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name, faults)
     log_dir = Path(config.train.log_root) / name
     check_writable([log_dir, checkpoints.folder])
     lock = agree_on_user_error(lambda: take_lock(checkpoints.folder, env))
     try:
-        return build_locked_parts(config, env, checkpoints, log_dir, lock, observers)
+        return build_locked_parts(config, env, checkpoints, log_dir, lock, observers, faults)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -222,15 +224,15 @@ def take_lock(folder: Path, env: DistEnv) -> ExperimentLock | None:
 
 def build_locked_parts(config: Config, env: DistEnv, checkpoints: CheckpointManager,
                        log_dir: Path, lock: ExperimentLock | None,
-                       observers: ObserverFactory | None) -> TrainerParts:
+                       observers: ObserverFactory | None, faults: FaultHook) -> TrainerParts:
     name = config.train.experiment_name
     check_experiment_folder(checkpoints, resume_request(config)[0], name)
-    data = build_data(config, env)        # every input check, before anything is written
+    data = build_data(config, env, faults)    # every input check, before anything is written
     plugged_in = ObserverGroup(plug_in(observers, config))
     progress = Progress(total_steps=total_steps(config, data),
                         length_setting=length_setting(config))
     agree_on_user_error(lambda: check_model_fits(config, data.prepared.spec, env.device))
-    step = build_train_step(config, data.prepared.spec, env, progress.total_steps)
+    step = build_train_step(config, data.prepared.spec, env, progress.total_steps, faults)
     resumed_from = start_from_checkpoint(config, env, step, progress, checkpoints,
                                          data.prepared.spec)
     run_log = open_run_folder(log_dir, config, env, progress)
@@ -243,7 +245,8 @@ def build_locked_parts(config: Config, env: DistEnv, checkpoints: CheckpointMana
     return TrainerParts(config=config, env=env, data=data, train_step=step,
                         evaluate=SplitEvaluator(step, data), observers=plugged_in,
                         checkpoints=checkpoints, run_log=run_log, run_context=context,
-                        progress=progress, resumed_from=resumed_from, lock=lock)
+                        progress=progress, resumed_from=resumed_from, lock=lock,
+                        faults=faults)
 
 
 BYTES_PER_PARAMETER = 16      # fp32 weights, gradients and AdamW's two moments
@@ -270,12 +273,14 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def build_train_step(config: Config, spec, env: DistEnv, total: int) -> TrainStep:
+def build_train_step(config: Config, spec, env: DistEnv, total: int,
+                     faults: FaultHook = no_faults) -> TrainStep:
     """The model (identical initial weights on every rank), its optimizer, LR schedule and
     precision: the step every run takes, also timed on its own by the benchmarks."""
-    faults.delay("model_build")
+    faults("model_build")
     seed_everything(config.train.seed)
     model = CelestialPGAT(config.model, spec).to(env.device)
+    faults("model_built", model=model)
     train_model = distributed.wrap_ddp(
         maybe_compile(model, config.train.compile, config.train.compile_mode), env)
     optimizer = build_optimizer(model, config.optim, env.device)
@@ -352,8 +357,6 @@ def load_checkpoint(folder: Path, config: Config, step: TrainStep, progress: Pro
                     checkpoints: CheckpointManager) -> None:
     """Load the checkpoint in `folder` into the parts; what this run's config changed (the
     optimizer settings, the run length) applies over it."""
-    if faults.ACTIVE:
-        faults.delay("resume")
     planned = replace(progress)
     checkpoints.load(folder, {"app": checkpointed_state(step, progress, config)})
     log.info("resumed from %s at step %d (epoch %d, %d samples into it)", folder,

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from trainer import distributed, faults
+from trainer import distributed
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.model_file import load_consolidated, save_consolidated
 from trainer.checkpoint.state import AppState, ModelState, OptimizerState, ScalerState
 from trainer.evaluate import celestial_effect, evaluate
+from trainer.faults import FaultHook, no_faults
 from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
 from trainer.observer import EXIT_PRUNED, ObserverGroup, RunContext, StepContext
 from trainer.preemption import EXIT_PREEMPTED, process_requests, requeue_slurm_job
@@ -141,11 +142,8 @@ class TrainStep:
         """Returns the loss and the step's non-finite flags (on the device: no sync)."""
         observers.before_forward(ctx)
         loss_sum = torch.zeros((), device=self.device)
-        poisoned = faults.poison_gradients(self.model, ctx.step) if faults.ACTIVE else []
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device, non_blocking=True)
-            if faults.ACTIVE and i == 0:
-                faults.corrupt_inputs(batch, ctx.step)
             syncing = i == len(micro_batches) - 1
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -153,13 +151,9 @@ class TrainStep:
                 out = self.train_model(batch.wave, batch.target, batch.future_wave,
                                        return_attention=observers.needs_attention)
                 loss = out.loss(batch.future_target) / len(micro_batches)
-            if faults.ACTIVE:
-                loss = faults.corrupt_loss(loss, ctx.step)
             self.scaler.scale(self.finite_check.guard_loss(loss, batch)).backward()
             loss_sum += loss.detach()
             observers.collect(ctx, out)
-        for handle in poisoned:
-            handle.remove()
         self.scaler.unscale_(self.optimizer)
         observers.after_backward(ctx)
         max_norm = ctx.clip_norm if ctx.clip_norm > 0 else math.inf
@@ -220,6 +214,7 @@ class TrainerParts:
     progress: Progress                # its total_steps and length_setting: this run's plan
     resumed_from: Path | None = None  # the checkpoint loaded into the parts, if any
     lock: Any = None                  # trainer.experiment_lock.ExperimentLock, on rank 0
+    faults: FaultHook = no_faults     # called at the named points of trainer.faults
 
 
 class Trainer:
@@ -229,7 +224,7 @@ class Trainer:
         self.model, self.train_model = self.train_step.model, self.train_step.train_model
         self.optimizer, self.scheduler = self.train_step.optimizer, self.train_step.scheduler
         self.observers, self.checkpoints = parts.observers, parts.checkpoints
-        self.run_log, self.lock = parts.run_log, parts.lock
+        self.run_log, self.lock, self.faults = parts.run_log, parts.lock, parts.faults
         self.run_context, self.progress = parts.run_context, parts.progress
         self.app_state = checkpointed_state(self.train_step, self.progress, self.config)
         self.requests = process_requests()
@@ -303,8 +298,7 @@ class Trainer:
         ctx = StepContext(step=step, epoch=self.progress.epoch, lr=self.scheduler.get_last_lr()[0],
                           clip_norm=self.config.optim.grad_clip_norm, data_time_s=data_time)
         self.observers.start_step(step)
-        if faults.ACTIVE:
-            faults.hang(step)
+        self.faults("before_step", step)
         loss, part_flags = self.train_step(micro_batches, ctx, self.observers)
         self.progress.step = step
         self.progress.epoch_position += self.samples_per_step
@@ -315,8 +309,7 @@ class Trainer:
 
     # ---------------------------------------------------------- step boundary
     def after_step(self, step: int) -> None:
-        if faults.ACTIVE:
-            faults.kill("step", step)
+        self.faults("after_step", step)
         train = self.config.train
         if step % train.log_interval == 0:
             self.log_interval(step)
@@ -428,8 +421,7 @@ class Trainer:
         return metrics
 
     def validate(self) -> None:
-        if faults.ACTIVE:
-            faults.delay("validation")
+        self.faults("validation")
         with self.meter.paused():     # not training time
             p, step = self.progress, self.progress.step
             metrics = self.scored("val", what=f"validation at step {step}")
@@ -470,8 +462,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         with self.meter.paused():     # not training time; blocked_s is recorded below
-            if faults.ACTIVE:
-                faults.delay("checkpoint_save")
+            self.faults("checkpoint_save")
             blocked = self.checkpoints.save(self.progress.step, {"app": self.app_state},
                                             checkpoint_files(self.config, self.model.spec))
         self.last_checkpoint_step = self.progress.step

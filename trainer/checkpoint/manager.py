@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from trainer import distributed, faults
+from trainer import distributed
 from trainer.checkpoint.manifest import (
     PREFIX,
     checkpoint_name,
@@ -42,6 +42,7 @@ from trainer.checkpoint.safe_load import (
     refuse_partial_load,
 )
 from trainer.errors import UserError, WriteFailed, first_line
+from trainer.faults import FaultHook, no_faults
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,9 @@ def verify(folder: Path) -> str | None:
 class CheckpointManager:
     """Saves, finds, verifies and loads the sharded checkpoints of one experiment."""
 
-    def __init__(self, config: CheckpointConfig, folder: Path) -> None:
-        self.config, self.folder = config, folder
+    def __init__(self, config: CheckpointConfig, folder: Path,
+                 faults: FaultHook = no_faults) -> None:
+        self.config, self.folder, self.faults = config, folder, faults
         self._pending: list[Future] = []        # this rank's async DCP write
         self._pending_tmp: Path | None = None   # the folder it writes
         self._finalizer = ThreadPoolExecutor(max_workers=1) if config.async_save else None
@@ -116,7 +118,7 @@ class CheckpointManager:
         self._agreed(tmp, lambda: self._start_folder(tmp, files))
         rng_file = tmp / f"{RNG_PREFIX}{distributed.rank()}.pt"
         self._agreed(tmp, lambda: torch.save(rng_state(), rng_file))
-        faults.kill("dcp_write", step)
+        self.faults("dcp_write", step)
         if self.config.async_save:
             future = dcp.async_save(app_state, checkpoint_id=str(tmp),
                                     process_group=distributed.checkpoint_group())
@@ -168,9 +170,9 @@ class CheckpointManager:
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
         """Manifest, then one atomic rename: a kill at any point leaves either the finished
         folder or a `.tmp` one, which resume ignores and the next start removes."""
-        faults.kill("manifest", step)
+        self.faults("manifest", step)
         write_manifest(tmp, step)
-        faults.kill("rename", step)
+        self.faults("rename", step)
         if final.exists():
             _remove_aside(final)
         tmp.rename(final)
@@ -199,6 +201,7 @@ class CheckpointManager:
         Only files the manifest lists are read, as regular files inside the folder, and every
         value must be written whole. The folder was verified (by rank 0) before; errors here
         still name it, on one line."""
+        self.faults("resume")
         try:
             sizes = {name: entry["size"] for name, entry in listed_files(folder).items()}
             reader = ConfinedReader(folder, sizes, read_metadata(folder, sizes))

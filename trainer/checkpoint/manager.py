@@ -12,6 +12,7 @@ import errno
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from trainer.checkpoint.manifest import (
     complete_checkpoints_in,
     fsync_dir,
     listed_files,
+    read_manifest,
     verified_sizes,
     write_durably,
     write_manifest,
@@ -76,12 +78,19 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+def saved_step(folder: Path) -> int:
+    """The step a verified checkpoint's manifest names (-1 if it names none)."""
+    step = (read_manifest(folder)[0] or {}).get("step")
+    return step if type(step) is int else -1
+
+
 class CheckpointManager:
     """Saves, finds, verifies and loads the sharded checkpoints of one experiment."""
 
     def __init__(self, config: CheckpointConfig, folder: Path,
                  faults: FaultHook = no_faults) -> None:
         self.config, self.folder, self.faults = config, folder, faults
+        self.last_saved_step = -1               # saved or loaded: never saved again
         self._pending: list[Future] = []        # this rank's async DCP write
         self._pending_tmp: Path | None = None   # the folder it writes
         self._finalizer = ThreadPoolExecutor(max_workers=1) if config.async_save else None
@@ -106,11 +115,22 @@ class CheckpointManager:
             log.warning("removing %s: left by a save that did not finish", stale)
             shutil.rmtree(stale, ignore_errors=True)
 
+    def maybe_save(self, step: int, app_state: dict, files: Callable[[], dict[str, str]], *,
+                   last: bool = False, now: bool = False) -> float | None:
+        """Save checkpoint `step` if one is due: every `checkpoint.interval` steps, when asked
+        (`now`: a save-now signal) and at the run's last step (`last`), never twice for one
+        step. Returns the seconds training was blocked, None when nothing was due."""
+        due = last or now or step % self.config.interval == 0
+        if not due or step == self.last_saved_step:
+            return None
+        return self.save(step, app_state, files())
+
     def save(self, step: int, app_state: dict, files: dict[str, str]) -> float:
         """Write checkpoint `step` with the text `files` (name -> content) beside the shards.
         Returns the seconds training was blocked. A failed write (full disk) on any rank raises
         WriteFailed on every rank, with the partial folder removed and the newest complete
         checkpoint untouched."""
+        self.faults("checkpoint_save")
         started = time.perf_counter()
         self._agreed(self._pending_tmp, self.wait)
         final = self.folder / checkpoint_name(step)
@@ -131,6 +151,7 @@ class CheckpointManager:
             self._agreed(tmp, lambda: dcp.save(app_state, checkpoint_id=str(tmp)))
             self._agreed(tmp, lambda: (self._finalize(tmp, final, step)
                                        if distributed.is_main() else None))
+        self.last_saved_step = step
         return time.perf_counter() - started
 
     def _start_folder(self, tmp: Path, files: dict[str, str]) -> None:
@@ -218,6 +239,7 @@ class CheckpointManager:
                             f"({load_failure(err)})") from None
         for key, part in app_state.items():
             part.load_state_dict(state[key])
+        self.last_saved_step = saved_step(folder)
         self._restore_rng(folder, f"{RNG_PREFIX}{distributed.rank()}.pt", sizes)
 
     def _restore_rng(self, folder: Path, name: str, sizes: dict[str, int]) -> None:

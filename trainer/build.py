@@ -5,7 +5,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +27,13 @@ from trainer.loop import (
     Trainer,
     TrainerParts,
     TrainStep,
-    checkpointed_state,
 )
 from trainer.observer import Observer, ObserverFactory, ObserverGroup, RunContext
 from trainer.optim import (
-    apply_optim_settings,
     build_optimizer,
     build_scheduler,
-    set_total_steps,
 )
-from trainer.resume import REGULARISATION_KEYS, RunIdentity, find_resumable, saved_config
+from trainer.resume import check_experiment_folder, resume_if_asked, resume_request
 from trainer.run_log import (
     RunLog,
     guarded_write,
@@ -171,23 +168,6 @@ def maybe_compile(model: torch.nn.Module, enabled: bool,
         return model
 
 
-def check_experiment_folder(checkpoints: CheckpointManager, resume: str, name: str) -> None:
-    if not resume and checkpoints.complete_checkpoints():
-        raise UserError(f"experiment {name!r} already has checkpoints in {checkpoints.folder}: "
-                        f"pass --resume auto to continue it, or choose another --experiment_name")
-
-
-def resume_request(config: Config) -> tuple[str, Path | None]:
-    """(what to resume from, fallback folder). A worker restarted by torchrun continues from
-    the newest checkpoint of the experiment, even when the run was started with
-    `--resume <folder>`: that folder is only the fallback until the run has saved its own
-    (it may be pruned by then)."""
-    requested = config.train.resume
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        return requested, None
-    return "auto", Path(requested) if requested not in ("", "auto") else None
-
-
 def build_trainer(config: Config, env: DistEnv, config_path: str | None = None, *,
                   observers: ObserverFactory | None = None) -> Trainer:
     """The run's Trainer, built from its config (with the observers `observers` builds from
@@ -233,8 +213,9 @@ def build_locked_parts(config: Config, env: DistEnv, checkpoints: CheckpointMana
                         length_setting=length_setting(config))
     agree_on_user_error(lambda: check_model_fits(config, data.prepared.spec, env.device))
     step = build_train_step(config, data.prepared.spec, env, progress.total_steps, faults)
-    resumed_from = start_from_checkpoint(config, env, step, progress, checkpoints,
-                                         data.prepared.spec)
+    # Per-rank RNG streams (dropout, graph sampling) derive from the one seed.
+    seed_everything(config.train.seed + 1_000_003 * env.rank)
+    resumed_from = resume_if_asked(config, step, progress, checkpoints, data.prepared.spec)
     run_log = open_run_folder(log_dir, config, env, progress)
     checkpoints.remove_stale_writes()
     context = RunContext(config=config, model=step.model, train_model=step.train_model,
@@ -332,63 +313,6 @@ def length_setting(config: Config) -> str:
     """What the run length was derived from: a resumed run keeps its length (and LR schedule)
     unless these change, even when the number of ranks (so steps per epoch) changes."""
     return f"epochs={config.train.epochs} max_steps={config.train.max_steps}"
-
-
-def start_from_checkpoint(config: Config, env: DistEnv, step: TrainStep, progress: Progress,
-                          checkpoints: CheckpointManager, spec) -> Path | None:
-    """Seed the per-rank RNG streams and load the checkpoint `train.resume` asks for into the
-    parts; returns its folder (None: a fresh start). Refusals are one-line UserErrors on every
-    rank."""
-    # Per-rank RNG streams (dropout, graph sampling) derive from the one seed.
-    seed_everything(config.train.seed + 1_000_003 * env.rank)
-    resume, fallback = resume_request(config)
-    if not resume:
-        return None
-    folder = find_resumable(checkpoints, resume, RunIdentity.of(config, spec), fallback)
-    if folder is None:
-        log.info("--resume auto: no usable checkpoint in %s (none saved yet), starting fresh",
-                 checkpoints.folder)
-        return None
-    load_checkpoint(folder, config, step, progress, checkpoints)
-    return folder
-
-
-def load_checkpoint(folder: Path, config: Config, step: TrainStep, progress: Progress,
-                    checkpoints: CheckpointManager) -> None:
-    """Load the checkpoint in `folder` into the parts; what this run's config changed (the
-    optimizer settings, the run length) applies over it."""
-    planned = replace(progress)
-    checkpoints.load(folder, {"app": checkpointed_state(step, progress, config)})
-    log.info("resumed from %s at step %d (epoch %d, %d samples into it)", folder,
-             progress.step, progress.epoch, progress.epoch_position)
-    apply_changed_settings(step, config, saved_config(folder))
-    keep_planned_length(progress, planned, step.scheduler)
-
-
-def apply_changed_settings(step: TrainStep, config: Config, saved: dict) -> None:
-    """A checkpoint restores its own optimizer hyperparameters and LR schedule; settings the
-    resumed run changed are applied over them (and logged), never silently dropped."""
-    now = config.to_dict()
-    changed_optim = {k: (saved.get("optim", {}).get(k), v) for k, v in now["optim"].items()
-                     if saved.get("optim", {}).get(k) != v}
-    changed_model = {k: (saved.get("model", {}).get(k), now["model"][k]) for k in
-                     REGULARISATION_KEYS if saved.get("model", {}).get(k) != now["model"][k]}
-    if changed_optim:
-        apply_optim_settings(step.optimizer, step.scheduler, config.optim)
-    for key, (old, new) in [*(("optim." + k, v) for k, v in changed_optim.items()),
-                            *(("model." + k, v) for k, v in changed_model.items())]:
-        log.info("%s changed on resume (checkpoint %s, this run %s): applied", key, old, new)
-
-
-def keep_planned_length(progress: Progress, planned: Progress, scheduler) -> None:
-    """A resumed run keeps its length (and LR schedule) unless `epochs`/`max_steps` changed."""
-    if progress.length_setting == planned.length_setting:
-        return
-    log.info("run length changed on resume (%s -> %s): %d steps in all, the LR schedule "
-             "follows the new length", progress.length_setting, planned.length_setting,
-             planned.total_steps)
-    progress.total_steps, progress.length_setting = planned.total_steps, planned.length_setting
-    set_total_steps(scheduler, planned.total_steps)
 
 
 def describe_run(trainer: Trainer) -> None:

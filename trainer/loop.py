@@ -23,7 +23,7 @@ import torch
 from trainer import distributed
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.model_file import load_consolidated, save_consolidated
-from trainer.checkpoint.state import AppState, ModelState, OptimizerState, ScalerState
+from trainer.checkpoint.state import checkpointed_state
 from trainer.evaluate import celestial_effect, evaluate
 from trainer.faults import FaultHook, no_faults
 from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
@@ -131,14 +131,6 @@ class StopReason(str, Enum):
     def keeps_state(self) -> bool:
         """Whether the state is worth a checkpoint: a diverged or pruned run is not continued."""
         return self not in (StopReason.NONFINITE, StopReason.PRUNED)
-
-
-def checkpointed_state(step: TrainStep, progress: Progress, config) -> AppState:
-    """The Stateful parts a sharded checkpoint holds, under the key names it always had."""
-    return AppState({"model": ModelState(step.train_model),
-                     "optimizer": OptimizerState(step.train_model, step.optimizer),
-                     "scheduler": step.scheduler, "scaler": ScalerState(step.scaler),
-                     "progress": progress}, config_yaml=config.to_yaml())
 
 
 class TrainStep:

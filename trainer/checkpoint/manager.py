@@ -29,7 +29,7 @@ from trainer.checkpoint.manifest import (
     complete_checkpoints_in,
     fsync_dir,
     listed_files,
-    read_manifest,
+    step_of,
     verified_sizes,
     write_durably,
     write_manifest,
@@ -76,12 +76,6 @@ def verify(folder: Path) -> str | None:
     except OSError as err:
         return f"unreadable ({first_line(err)})"
     return None
-
-
-def saved_step(folder: Path) -> int:
-    """The step a verified checkpoint's manifest names (-1 if it names none)."""
-    step = (read_manifest(folder)[0] or {}).get("step")
-    return step if type(step) is int else -1
 
 
 class CheckpointManager:
@@ -239,7 +233,7 @@ class CheckpointManager:
                             f"({load_failure(err)})") from None
         for key, part in app_state.items():
             part.load_state_dict(state[key])
-        self.last_saved_step = saved_step(folder)
+        self.last_saved_step = step_of(folder)
         self._restore_rng(folder, f"{RNG_PREFIX}{distributed.rank()}.pt", sizes)
 
     def _restore_rng(self, folder: Path, name: str, sizes: dict[str, int]) -> None:

@@ -63,8 +63,8 @@ def trainer_with_poisoned_rank(rank, world_size, port, csv, root, poison_step):
     from trainer.build import build_trainer
     env = join_group(rank, world_size, port)
     config = small_config(Path(csv), Path(root), "nan", train__max_steps=6, train__log_interval=3)
+    os.environ[faults.ENV_VAR] = f"nan_input:{poison_step}@1"   # rank 1's inputs, that step
     trainer = build_trainer(config, env)
-    faults.load(f"nan_input:{poison_step}@1")     # rank 1's inputs only, at that step
     trainer.train()
     result = {"skipped": trainer.progress.skipped_steps, "step": trainer.progress.step,
               "param_sum": float(sum(p.double().sum() for p in trainer.model.parameters()))}
@@ -215,7 +215,8 @@ def save_checkpoints_until_killed(root: str, async_save: bool) -> None:
     from tests.test_checkpoint import identity_files
     from trainer.checkpoint.manager import CheckpointConfig, CheckpointManager
     warnings.filterwarnings("ignore")          # DCP's note that no process group exists
-    manager = CheckpointManager(CheckpointConfig(async_save=async_save), Path(root))
+    manager = CheckpointManager(CheckpointConfig(async_save=async_save), Path(root),
+                                faults.from_environment())
     for step in (2, 4):
         manager.save(step, {"w": torch.full((1000,), float(step))}, identity_files())
     manager.wait()

@@ -22,7 +22,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from tests.test_checkpoint import IDENTITY, write_checkpoint
-from trainer.build import resume_request
 from trainer.checkpoint.manager import CheckpointConfig, CheckpointManager, verify
 from trainer.checkpoint.manifest import verified_sizes, write_manifest
 from trainer.checkpoint.model_file import load_consolidated
@@ -31,7 +30,7 @@ from trainer.checkpoint.safe_load import PlainDataLoadPlanner
 from trainer.config import load_config
 from trainer.errors import UserError
 from trainer.optim import OptimConfig, apply_optim_settings, build_optimizer, build_scheduler
-from trainer.resume import RunIdentity, find_resumable
+from trainer.resume import RunIdentity, find_resumable, resume_request
 
 
 class CodeOnLoad:

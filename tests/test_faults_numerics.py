@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -98,10 +99,9 @@ def test_skip_names_the_first_nonfinite_part():
 
 
 @pytest.fixture
-def fault(request):
-    """Set CELESTIAL_FAULT for an in-process trainer; cleared afterwards."""
-    yield faults.load
-    faults.load("")
+def fault(monkeypatch):
+    """Set CELESTIAL_FAULT for an in-process trainer built after it; cleared afterwards."""
+    return lambda text: monkeypatch.setenv(faults.ENV_VAR, text)
 
 
 def _records(root: Path, name: str, kind: str) -> list[dict]:
@@ -149,7 +149,8 @@ def faulty_ranks(rank, world_size, port, csv, root):
     (both ranks), rank 0's inputs at step 5, rank 1's loss from step 7 on (-> stop at log step
     9 with max_consecutive_skips 2). Each rank writes what it saw."""
     env = dist_workers.join_group(rank, world_size, port)
-    faults.load("nan_loss:2@1,nan_grad:4:fusion_cross_attention,nan_input:5@0,nan_loss:7-@1")
+    os.environ[faults.ENV_VAR] = ("nan_loss:2@1,nan_grad:4:fusion_cross_attention,"
+                                  "nan_input:5@0,nan_loss:7-@1")
     config = small_config(Path(csv), Path(root), "ranks", train__max_steps=40,
                           train__log_interval=3, train__max_consecutive_skips=2,
                           train__validate_at_start=False)

@@ -45,14 +45,22 @@ def test_fault_spec_is_parsed_once_into_per_rank_entries():
     assert parsed == [faults.Fault("hang", ("5",), 1),
                       faults.Fault("delay", ("resume", "2.5"), None),
                       faults.Fault("nan_loss", ("3-",), None)]
-    try:
-        faults.load("nan_loss:3-5,hang:2@1")
-        flags = [bool(faults.at_step("nan_loss", s)) for s in (2, 3, 5, 6)]
-        assert flags == [False, True, True, False]
-        assert faults.at_step("hang", 2) is None          # rank 1 only; this process is rank 0
-    finally:
-        faults.load("")
-    assert not faults.ACTIVE
+    plan = faults.from_text("nan_loss:3-5,hang:2@1")
+    flags = [bool(plan.at_step("nan_loss", s)) for s in (2, 3, 5, 6)]
+    assert flags == [False, True, True, False]
+    assert plan.at_step("hang", 2) is None          # rank 1 only; this process is rank 0
+    assert faults.from_text("") is faults.no_faults
+
+
+def test_without_faults_the_model_gets_no_hooks():
+    """Off, the hook does nothing: no PyTorch hook on the model or its parameters."""
+    from tests.test_model import make_model
+    model = make_model()
+    faults.from_text("")("model_built", model=model)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not any(p._backward_hooks for p in model.parameters())
+    faults.from_text("nan_loss:3,nan_input:2")("model_built", model=model)
+    assert model._forward_pre_hooks and model._forward_hooks
 
 
 # ------------------------------------------------------------------ runs of the CLI

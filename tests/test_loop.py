@@ -30,10 +30,9 @@ def trainer_evaluating_with(evaluate, short_csv, tmp_path, name="t", **extra):
 
 
 @pytest.fixture
-def injected_faults():
-    """`faults.load(text)` for this test only (the CELESTIAL_FAULT injection point)."""
-    yield faults.load
-    faults.load("")
+def injected_faults(monkeypatch):
+    """CELESTIAL_FAULT for the trainers this test builds after setting it, this test only."""
+    return lambda text: monkeypatch.setenv(faults.ENV_VAR, text)
 
 
 def metrics(tmp_path, name="t", kind=None):
@@ -95,9 +94,9 @@ def test_nonfinite_step_is_skipped_exactly(short_csv, tmp_path):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(short_csv, tmp_path, caplog, injected_faults):
+    injected_faults("nan_input:3-")     # a NaN in every step's inputs from step 3 on
     trainer = make_trainer(short_csv, tmp_path, train__log_interval=2,
                            train__max_consecutive_skips=3)
-    injected_faults("nan_input:3-")     # a NaN in every step's inputs from step 3 on
     assert trainer.train() == 1
     # Skips are counted at each log interval: 2 after step 4, 4 after step 6, past the limit.
     assert ("stopping: 4 optimizer steps in a row had a non-finite loss or gradient "
@@ -179,11 +178,11 @@ def test_throughput_excludes_validation_and_checkpoints(short_csv, tmp_path, inj
             time.sleep(PAUSE_S)
             return evaluate(split, **kw)
         return slow_evaluate
+    clock = JumpingClock(monkeypatch)
+    injected_faults(f"delay:checkpoint_save:{PAUSE_S}")     # inside the save's pause
     trainer = trainer_evaluating_with(slow, short_csv, tmp_path, train__max_steps=4,
                                       train__log_interval=2, train__eval_interval=3,
                                       checkpoint__interval=3, train__validate_at_start=True)
-    clock = JumpingClock(monkeypatch)
-    injected_faults(f"delay:checkpoint_save:{PAUSE_S}")     # inside the save's pause
     assert trainer.train() == 0
     assert clock.jumped >= 3 * PAUSE_S        # the two validations and the save, at least
     train = metrics(tmp_path, kind="train")

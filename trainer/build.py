@@ -5,7 +5,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +14,27 @@ import torch
 
 from model import CelestialPGAT
 from series.dataset import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
-from trainer import distributed, experiment_lock, faults, precision
+from trainer import distributed, experiment_lock, precision
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.config import Config
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
 from trainer.experiment_lock import ExperimentLock
+from trainer.faults import FaultHook, from_environment, no_faults
 from trainer.loop import (
     Progress,
     SplitEvaluator,
     Trainer,
     TrainerParts,
     TrainStep,
-    checkpointed_state,
 )
 from trainer.observer import ObserverFactory, ObserverGroup, RunContext
 from trainer.optim import (
-    apply_optim_settings,
     build_optimizer,
     build_scheduler,
-    set_total_steps,
 )
 from trainer.plugins import plug_in
-from trainer.resume import REGULARISATION_KEYS, RunIdentity, find_resumable, saved_config
+from trainer.resume import check_experiment_folder, resume_if_asked, resume_request
 from trainer.run_log import (
     RunLog,
     guarded_write,
@@ -71,8 +69,8 @@ def resolve_experiment_name(config: Config, config_path: str | None) -> str:
     return distributed.broadcast_object(name)
 
 
-def build_data(config: Config, env: DistEnv) -> DataBundle:
-    faults.delay("data_preparation")
+def build_data(config: Config, env: DistEnv, faults: FaultHook = no_faults) -> DataBundle:
+    faults("data_preparation")
     # The built-in dataset is generated once, by rank 0; the others wait for its verdict.
     agree_on_user_error(lambda: ensure_dataset(config.data) if env.rank == 0 else None)
     return agree_on_user_error(lambda: _prepare_loaders(config, env))
@@ -171,23 +169,6 @@ def maybe_compile(model: torch.nn.Module, enabled: bool,
         return model
 
 
-def check_experiment_folder(checkpoints: CheckpointManager, resume: str, name: str) -> None:
-    if not resume and checkpoints.complete_checkpoints():
-        raise UserError(f"experiment {name!r} already has checkpoints in {checkpoints.folder}: "
-                        f"pass --resume auto to continue it, or choose another --experiment_name")
-
-
-def resume_request(config: Config) -> tuple[str, Path | None]:
-    """(what to resume from, fallback folder). A worker restarted by torchrun continues from
-    the newest checkpoint of the experiment, even when the run was started with
-    `--resume <folder>`: that folder is only the fallback until the run has saved its own
-    (it may be pruned by then)."""
-    requested = config.train.resume
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        return requested, None
-    return "auto", Path(requested) if requested not in ("", "auto") else None
-
-
 def build_trainer(config: Config, env: DistEnv, config_path: str | None = None, *,
                   observers: ObserverFactory | None = None) -> Trainer:
     """The run's Trainer, built from its config (with the observers `observers` builds from
@@ -204,12 +185,13 @@ def build_parts(config: Config, env: DistEnv, config_path: str | None = None, *,
     name = resolve_experiment_name(config, config_path)
     config.train.experiment_name = name
     setup_logging(None, env.rank, config.train.progress_bar)   # the file once the folder exists
-    checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name)
+    faults = from_environment()
+    checkpoints = CheckpointManager(config.checkpoint, Path(config.checkpoint.root) / name, faults)
     log_dir = Path(config.train.log_root) / name
     check_writable([log_dir, checkpoints.folder])
     lock = agree_on_user_error(lambda: take_lock(checkpoints.folder, env))
     try:
-        return build_locked_parts(config, env, checkpoints, log_dir, lock, observers)
+        return build_locked_parts(config, env, checkpoints, log_dir, lock, observers, faults)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -223,17 +205,18 @@ def take_lock(folder: Path, env: DistEnv) -> ExperimentLock | None:
 
 def build_locked_parts(config: Config, env: DistEnv, checkpoints: CheckpointManager,
                        log_dir: Path, lock: ExperimentLock | None,
-                       observers: ObserverFactory | None) -> TrainerParts:
+                       observers: ObserverFactory | None, faults: FaultHook) -> TrainerParts:
     name = config.train.experiment_name
     check_experiment_folder(checkpoints, resume_request(config)[0], name)
-    data = build_data(config, env)        # every input check, before anything is written
+    data = build_data(config, env, faults)    # every input check, before anything is written
     plugged_in = ObserverGroup(plug_in(observers, config))
     progress = Progress(total_steps=total_steps(config, data),
                         length_setting=length_setting(config))
     agree_on_user_error(lambda: check_model_fits(config, data.prepared.spec, env.device))
-    step = build_train_step(config, data.prepared.spec, env, progress.total_steps)
-    resumed_from = start_from_checkpoint(config, env, step, progress, checkpoints,
-                                         data.prepared.spec)
+    step = build_train_step(config, data.prepared.spec, env, progress.total_steps, faults)
+    # Per-rank RNG streams (dropout, graph sampling) derive from the one seed.
+    seed_everything(config.train.seed + 1_000_003 * env.rank)
+    resumed_from = resume_if_asked(config, step, progress, checkpoints, data.prepared.spec)
     run_log = open_run_folder(log_dir, config, env, progress)
     checkpoints.remove_stale_writes()
     context = RunContext(config=config, model=step.model, train_model=step.train_model,
@@ -244,7 +227,8 @@ def build_locked_parts(config: Config, env: DistEnv, checkpoints: CheckpointMana
     return TrainerParts(config=config, env=env, data=data, train_step=step,
                         evaluate=SplitEvaluator(step, data), observers=plugged_in,
                         checkpoints=checkpoints, run_log=run_log, run_context=context,
-                        progress=progress, resumed_from=resumed_from, lock=lock)
+                        progress=progress, resumed_from=resumed_from, lock=lock,
+                        faults=faults)
 
 
 BYTES_PER_PARAMETER = 16      # fp32 weights, gradients and AdamW's two moments
@@ -271,12 +255,14 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def build_train_step(config: Config, spec, env: DistEnv, total: int) -> TrainStep:
+def build_train_step(config: Config, spec, env: DistEnv, total: int,
+                     faults: FaultHook = no_faults) -> TrainStep:
     """The model (identical initial weights on every rank), its optimizer, LR schedule and
     precision: the step every run takes, also timed on its own by the benchmarks."""
-    faults.delay("model_build")
+    faults("model_build")
     seed_everything(config.train.seed)
     model = CelestialPGAT(config.model, spec).to(env.device)
+    faults("model_built", model=model)
     train_model = distributed.wrap_ddp(
         maybe_compile(model, config.train.compile, config.train.compile_mode), env)
     optimizer = build_optimizer(model, config.optim, env.device)
@@ -315,65 +301,6 @@ def length_setting(config: Config) -> str:
     """What the run length was derived from: a resumed run keeps its length (and LR schedule)
     unless these change, even when the number of ranks (so steps per epoch) changes."""
     return f"epochs={config.train.epochs} max_steps={config.train.max_steps}"
-
-
-def start_from_checkpoint(config: Config, env: DistEnv, step: TrainStep, progress: Progress,
-                          checkpoints: CheckpointManager, spec) -> Path | None:
-    """Seed the per-rank RNG streams and load the checkpoint `train.resume` asks for into the
-    parts; returns its folder (None: a fresh start). Refusals are one-line UserErrors on every
-    rank."""
-    # Per-rank RNG streams (dropout, graph sampling) derive from the one seed.
-    seed_everything(config.train.seed + 1_000_003 * env.rank)
-    resume, fallback = resume_request(config)
-    if not resume:
-        return None
-    folder = find_resumable(checkpoints, resume, RunIdentity.of(config, spec), fallback)
-    if folder is None:
-        log.info("--resume auto: no usable checkpoint in %s (none saved yet), starting fresh",
-                 checkpoints.folder)
-        return None
-    load_checkpoint(folder, config, step, progress, checkpoints)
-    return folder
-
-
-def load_checkpoint(folder: Path, config: Config, step: TrainStep, progress: Progress,
-                    checkpoints: CheckpointManager) -> None:
-    """Load the checkpoint in `folder` into the parts; what this run's config changed (the
-    optimizer settings, the run length) applies over it."""
-    if faults.ACTIVE:
-        faults.delay("resume")
-    planned = replace(progress)
-    checkpoints.load(folder, {"app": checkpointed_state(step, progress, config)})
-    log.info("resumed from %s at step %d (epoch %d, %d samples into it)", folder,
-             progress.step, progress.epoch, progress.epoch_position)
-    apply_changed_settings(step, config, saved_config(folder))
-    keep_planned_length(progress, planned, step.scheduler)
-
-
-def apply_changed_settings(step: TrainStep, config: Config, saved: dict) -> None:
-    """A checkpoint restores its own optimizer hyperparameters and LR schedule; settings the
-    resumed run changed are applied over them (and logged), never silently dropped."""
-    now = config.to_dict()
-    changed_optim = {k: (saved.get("optim", {}).get(k), v) for k, v in now["optim"].items()
-                     if saved.get("optim", {}).get(k) != v}
-    changed_model = {k: (saved.get("model", {}).get(k), now["model"][k]) for k in
-                     REGULARISATION_KEYS if saved.get("model", {}).get(k) != now["model"][k]}
-    if changed_optim:
-        apply_optim_settings(step.optimizer, step.scheduler, config.optim)
-    for key, (old, new) in [*(("optim." + k, v) for k, v in changed_optim.items()),
-                            *(("model." + k, v) for k, v in changed_model.items())]:
-        log.info("%s changed on resume (checkpoint %s, this run %s): applied", key, old, new)
-
-
-def keep_planned_length(progress: Progress, planned: Progress, scheduler) -> None:
-    """A resumed run keeps its length (and LR schedule) unless `epochs`/`max_steps` changed."""
-    if progress.length_setting == planned.length_setting:
-        return
-    log.info("run length changed on resume (%s -> %s): %d steps in all, the LR schedule "
-             "follows the new length", progress.length_setting, planned.length_setting,
-             planned.total_steps)
-    progress.total_steps, progress.length_setting = planned.total_steps, planned.length_setting
-    set_total_steps(scheduler, planned.total_steps)
 
 
 def describe_run(trainer: Trainer) -> None:

@@ -14,16 +14,18 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer import distributed, faults
+from trainer import distributed
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.model_file import load_consolidated, save_consolidated
-from trainer.checkpoint.state import AppState, ModelState, OptimizerState, ScalerState
+from trainer.checkpoint.state import checkpointed_state
 from trainer.evaluate import celestial_effect, evaluate
+from trainer.faults import FaultHook, no_faults
 from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
 from trainer.observer import EXIT_PRUNED, ObserverGroup, RunContext, StepContext
 from trainer.preemption import EXIT_PREEMPTED, process_requests, requeue_slurm_job
@@ -117,12 +119,23 @@ def flat_hparams(config) -> dict:
 NO_OBSERVERS = ObserverGroup([])
 
 
-def checkpointed_state(step: TrainStep, progress: Progress, config) -> AppState:
-    """The Stateful parts a sharded checkpoint holds, under the key names it always had."""
-    return AppState({"model": ModelState(step.train_model),
-                     "optimizer": OptimizerState(step.train_model, step.optimizer),
-                     "scheduler": step.scheduler, "scaler": ScalerState(step.scaler),
-                     "progress": progress}, config_yaml=config.to_yaml())
+class StopReason(str, Enum):
+    """Why a run ends before its configured length. Each is decided where it is found (a stop
+    signal in act_on_requests, non-finite steps in _count_skips, a pruning observer and early
+    stopping in validate) through Trainer.stop, and handled in Trainer.finish."""
+
+    SIGNAL = "signal"
+    NONFINITE = "nonfinite"
+    PRUNED = "pruned"
+    EARLY_STOPPING = "early_stopping"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether the state is worth a checkpoint: a diverged or pruned run is not continued."""
+        return self not in (StopReason.NONFINITE, StopReason.PRUNED)
 
 
 class TrainStep:
@@ -146,11 +159,8 @@ class TrainStep:
         """Returns the loss and the step's non-finite flags (on the device: no sync)."""
         observers.before_forward(ctx)
         loss_sum = torch.zeros((), device=self.device)
-        poisoned = faults.poison_gradients(self.model, ctx.step) if faults.ACTIVE else []
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device, non_blocking=True)
-            if faults.ACTIVE and i == 0:
-                faults.corrupt_inputs(batch, ctx.step)
             syncing = i == len(micro_batches) - 1
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -158,13 +168,9 @@ class TrainStep:
                 out = self.train_model(batch.wave, batch.target, batch.future_wave,
                                        return_attention=observers.needs_attention)
                 loss = out.loss(batch.future_target) / len(micro_batches)
-            if faults.ACTIVE:
-                loss = faults.corrupt_loss(loss, ctx.step)
             self.scaler.scale(self.finite_check.guard_loss(loss, batch)).backward()
             loss_sum += loss.detach()
             observers.collect(ctx, out)
-        for handle in poisoned:
-            handle.remove()
         self.scaler.unscale_(self.optimizer)
         observers.after_backward(ctx)
         max_norm = ctx.clip_norm if ctx.clip_norm > 0 else math.inf
@@ -225,6 +231,7 @@ class TrainerParts:
     progress: Progress                # its total_steps and length_setting: this run's plan
     resumed_from: Path | None = None  # the checkpoint loaded into the parts, if any
     lock: ExperimentLock | None = None    # the experiment's one-writer lock, on rank 0
+    faults: FaultHook = no_faults     # called at the named points of trainer.faults
 
 
 class Trainer:
@@ -234,19 +241,26 @@ class Trainer:
         self.model, self.train_model = self.train_step.model, self.train_step.train_model
         self.optimizer, self.scheduler = self.train_step.optimizer, self.train_step.scheduler
         self.observers, self.checkpoints = parts.observers, parts.checkpoints
-        self.run_log, self.lock = parts.run_log, parts.lock
+        self.run_log, self.lock, self.faults = parts.run_log, parts.lock, parts.faults
         self.run_context, self.progress = parts.run_context, parts.progress
         self.app_state = checkpointed_state(self.train_step, self.progress, self.config)
         self.requests = process_requests()
         self.meter = IntervalMeter(self.env.device)
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self.requeue_requested = False
-        self.last_checkpoint_step = self.progress.step if parts.resumed_from else -1
         self.last_validation_step, self.last_validation = -1, {}
         self.last_series: dict = {}     # per-window scores of the last `scored` split
         self.weights_step = -1        # at the end: the step of the weights the run kept
         self.samples_per_step = (self.config.data.batch_size * self.config.train.grad_accum_steps
                                  * self.env.world_size)
+
+    def stop(self, reason: StopReason) -> bool:
+        """Stop the run for `reason`, unless it already stops for another (the first decides);
+        whether `reason` is now the run's."""
+        if self.stop_reason is not None:
+            return False
+        self.stop_reason = reason
+        return True
 
     # ----------------------------------------------------------------- the loop
     def train(self) -> int:
@@ -279,7 +293,7 @@ class Trainer:
         save, so all ranks agree and exit; the run resumes from where it was."""
         self.act_on_requests(f"during {phase}, before any training step: exiting without a new "
                              f"checkpoint")
-        if self.stop_reason != "signal":
+        if self.stop_reason is not StopReason.SIGNAL:
             return False
         self.report_stop()
         return True
@@ -308,8 +322,7 @@ class Trainer:
         ctx = StepContext(step=step, epoch=self.progress.epoch, lr=self.scheduler.get_last_lr()[0],
                           clip_norm=self.config.optim.grad_clip_norm, data_time_s=data_time)
         self.observers.start_step(step)
-        if faults.ACTIVE:
-            faults.hang(step)
+        self.faults("before_step", step)
         loss, part_flags = self.train_step(micro_batches, ctx, self.observers)
         self.progress.step = step
         self.progress.epoch_position += self.samples_per_step
@@ -320,8 +333,7 @@ class Trainer:
 
     # ---------------------------------------------------------- step boundary
     def after_step(self, step: int) -> None:
-        if faults.ACTIVE:
-            faults.kill("step", step)
+        self.faults("after_step", step)
         train = self.config.train
         if step % train.log_interval == 0:
             self.log_interval(step)
@@ -329,8 +341,7 @@ class Trainer:
             self.run_log.advance()
         if train.eval_interval and step % train.eval_interval == 0:
             self.validate()
-        if (step % self.config.checkpoint.interval == 0
-                and self.stop_reason not in ("nonfinite", "pruned")):
+        if self.stop_reason is None or self.stop_reason.keeps_state:
             self.save_checkpoint()
         # After the validation and save: a signal that came during them is acted on now, and
         # a stop right after a save needs no second checkpoint.
@@ -346,12 +357,11 @@ class Trainer:
         if write_failed:     # a log or record could not be written (full disk): all ranks stop
             raise_agreed_write_failure()
         r.save_now = False
-        if stop and self.stop_reason is None:
-            self.stop_reason = "signal"
+        if stop and self.stop(StopReason.SIGNAL):
             self.requeue_requested = requeue and not cancel    # a SIGTERM anywhere cancels
             log.warning("stop requested (signal) at step %d: %s", self.progress.step, then)
-        elif save_now and self.last_checkpoint_step != self.progress.step:
-            self.save_checkpoint()
+        elif save_now:
+            self.save_checkpoint(now=True)
 
     def log_interval(self, step: int) -> None:
         """One sync: read the interval's sums, log them, check for runs of skipped steps."""
@@ -387,8 +397,7 @@ class Trainer:
         if skipped:
             self._record_skips(flags, skipped)
         limit = self.config.train.max_consecutive_skips
-        if p.consecutive_skips >= limit and self.stop_reason is None:
-            self.stop_reason = "nonfinite"
+        if p.consecutive_skips >= limit and self.stop(StopReason.NONFINITE):
             log.error("stopping: %d optimizer steps in a row had a non-finite loss or gradient "
                       "(limit train.max_consecutive_skips=%d). Lower optim.lr, tighten "
                       "optim.grad_clip_norm or check the data.", p.consecutive_skips, limit)
@@ -433,8 +442,7 @@ class Trainer:
         return metrics
 
     def validate(self) -> None:
-        if faults.ACTIVE:
-            faults.delay("validation")
+        self.faults("validation")
         with self.meter.paused():     # not training time
             p, step = self.progress, self.progress.step
             metrics = self.scored("val", what=f"validation at step {step}")
@@ -450,14 +458,12 @@ class Trainer:
                      "90%% %.3f%s", step, metrics["nll"], describe_skill(metrics), metrics["mae"],
                      metrics["coverage_50"], metrics["coverage_90"], " (best)" if improved else "")
             if (self.observers.on_validation(step, {"epoch": p.epoch, **metrics}, self.evaluate)
-                    and self.stop_reason is None):
-                self.stop_reason = "pruned"
+                    and self.stop(StopReason.PRUNED)):
                 log.info("stopping at step %d: an observer pruned the run (validation NLL %.4f)",
                          step, metrics["nll"])
             patience = self.config.train.early_stopping_patience
             stop = patience and p.evals_without_improvement >= patience
-            if distributed.agree_any([bool(stop)])[0] and self.stop_reason is None:
-                self.stop_reason = "early_stopping"
+            if distributed.agree_any([bool(stop)])[0] and self.stop(StopReason.EARLY_STOPPING):
                 log.info("early stopping: no improvement of validation NLL in %d validations "
                          "(best %.4f)", patience, p.best_val_nll)
 
@@ -473,14 +479,14 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, *, last: bool = False, now: bool = False) -> None:
+        """This step's checkpoint, if the manager finds one due (CheckpointManager.maybe_save)."""
         with self.meter.paused():     # not training time; blocked_s is recorded below
-            if faults.ACTIVE:
-                faults.delay("checkpoint_save")
-            blocked = self.checkpoints.save(self.progress.step, {"app": self.app_state},
-                                            checkpoint_files(self.config, self.model.spec))
-        self.last_checkpoint_step = self.progress.step
-        self.run_log.record("checkpoint", self.progress.step, {"blocked_s": blocked})
+            blocked = self.checkpoints.maybe_save(
+                self.progress.step, {"app": self.app_state},
+                lambda: checkpoint_files(self.config, self.model.spec), last=last, now=now)
+        if blocked is not None:
+            self.run_log.record("checkpoint", self.progress.step, {"blocked_s": blocked})
 
     def save_model_file(self, name: str, metrics: dict, weights_step: int | None = None) -> None:
         """A single-file model; its `step` is the step of its weights (default: this one)."""
@@ -530,7 +536,7 @@ class Trainer:
         state for resuming) and return its validation metrics, drawn in TensorBoard as
         `val_kept/*` at the step of those weights (`val/*` keeps the last validation's)."""
         best = self.checkpoints.folder / "best_model.pth"
-        if not (self.stop_reason == "early_stopping" and self.config.train.restore_best):
+        if not (self.stop_reason is StopReason.EARLY_STOPPING and self.config.train.restore_best):
             return None
         distributed.barrier()
         saved = load_consolidated(best)
@@ -548,14 +554,13 @@ class Trainer:
     def finish(self) -> int:
         if self.meter.skip_flags:
             self.log_interval(self.progress.step)    # the steps since the last log line
-        if self.stop_reason == "nonfinite":
+        if self.stop_reason is StopReason.NONFINITE:
             return self.stop_nonfinite()
-        if self.stop_reason == "pruned":
+        if self.stop_reason is StopReason.PRUNED:
             return self.stop_pruned()
-        if self.last_checkpoint_step != self.progress.step:
-            self.save_checkpoint()
+        self.save_checkpoint(last=True)
         self.checkpoints.wait_all_ranks()
-        if self.stop_reason == "signal":
+        if self.stop_reason is StopReason.SIGNAL:
             self.report_stop()
             return EXIT_PREEMPTED
         if self.last_validation_step != self.progress.step:

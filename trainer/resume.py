@@ -1,4 +1,6 @@
-"""Which checkpoint a run resumes from, and whether that checkpoint belongs to this run.
+"""Resuming a run: which checkpoint (and whether it belongs to this run), loading it into the
+parts, applying what the resumed run's config changed, and the note when the number of ranks
+changed.
 
 A checkpoint fits a run when it is intact and safe to load (`checkpoint.verify`) and has the
 run's model config (regularisation strengths may change), data layout (bodies, targets, feature
@@ -12,16 +14,23 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from trainer import distributed
 from trainer.checkpoint.manager import CheckpointManager, verify
-from trainer.checkpoint.manifest import complete_checkpoints_in, read_inside, read_manifest
-from trainer.config import parse_yaml
+from trainer.checkpoint.manifest import complete_checkpoints_in, read_inside, read_manifest, step_of
+from trainer.checkpoint.state import checkpointed_state
+from trainer.config import Config, parse_yaml
 from trainer.errors import UserError
+from trainer.optim import apply_optim_settings, set_total_steps
+
+if TYPE_CHECKING:
+    from model.config import InputSpec
 
 log = logging.getLogger(__name__)
 LAYOUT_FILE = "layout.json"
@@ -95,15 +104,6 @@ def fit_problem(folder: Path, expected: RunIdentity, other_experiment_ok: bool) 
     if saved.experiment != expected.experiment and not other_experiment_ok:
         return f"it belongs to experiment {saved.experiment!r}, not {expected.experiment!r}"
     return None
-
-
-def step_of(folder: Path) -> int:
-    manifest, _ = read_manifest(folder)
-    step = manifest.get("step") if manifest else None
-    if type(step) is int:
-        return step
-    digits = folder.name.rsplit("_", 1)[-1]
-    return int(digits) if digits.isdigit() else -1
 
 
 def find_resumable(manager: CheckpointManager, requested: str, expected: RunIdentity,
@@ -235,3 +235,75 @@ def _would_bury(manager, folder: Path, own: bool) -> str | None:
     return (f"experiment {manager.folder.name!r} already has {newer[0].name}, which "
             f"resuming from here would overwrite or prune: continue it with --resume auto, or "
             f"start from this folder under another --experiment_name")
+
+
+def check_experiment_folder(checkpoints: CheckpointManager, resume: str, name: str) -> None:
+    if not resume and checkpoints.complete_checkpoints():
+        raise UserError(f"experiment {name!r} already has checkpoints in {checkpoints.folder}: "
+                        f"pass --resume auto to continue it, or choose another --experiment_name")
+
+
+def resume_request(config: Config) -> tuple[str, Path | None]:
+    """(what to resume from, fallback folder). A worker restarted by torchrun continues from
+    the newest checkpoint of the experiment, even when the run was started with
+    `--resume <folder>`: that folder is only the fallback until the run has saved its own
+    (it may be pruned by then)."""
+    requested = config.train.resume
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        return requested, None
+    return "auto", Path(requested) if requested not in ("", "auto") else None
+
+
+def resume_if_asked(config: Config, step, progress,
+                    checkpoints: CheckpointManager, spec: InputSpec) -> Path | None:
+    """Load the checkpoint `train.resume` asks for into the parts (`step`: the TrainStep,
+    `progress`: its Progress); returns its folder (None: a fresh start). Refusals are one-line
+    UserErrors on every rank."""
+    resume, fallback = resume_request(config)
+    if not resume:
+        return None
+    folder = find_resumable(checkpoints, resume, RunIdentity.of(config, spec), fallback)
+    if folder is None:
+        log.info("--resume auto: no usable checkpoint in %s (none saved yet), starting fresh",
+                 checkpoints.folder)
+        return None
+    load_checkpoint(folder, config, step, progress, checkpoints)
+    return folder
+
+
+def load_checkpoint(folder: Path, config: Config, step, progress,
+                    checkpoints: CheckpointManager) -> None:
+    """Load the checkpoint in `folder` into the parts; what this run's config changed (the
+    optimizer settings, the run length) applies over it."""
+    planned = replace(progress)
+    checkpoints.load(folder, {"app": checkpointed_state(step, progress, config)})
+    log.info("resumed from %s at step %d (epoch %d, %d samples into it)", folder,
+             progress.step, progress.epoch, progress.epoch_position)
+    apply_changed_settings(step, config, saved_config(folder))
+    keep_planned_length(progress, planned, step.scheduler)
+
+
+def apply_changed_settings(step, config: Config, saved: dict) -> None:
+    """A checkpoint restores its own optimizer hyperparameters and LR schedule; settings the
+    resumed run changed are applied over them (and logged), never silently dropped."""
+    now = config.to_dict()
+    changed_optim = {k: (saved.get("optim", {}).get(k), v) for k, v in now["optim"].items()
+                     if saved.get("optim", {}).get(k) != v}
+    changed_model = {k: (saved.get("model", {}).get(k), now["model"][k]) for k in
+                     REGULARISATION_KEYS if saved.get("model", {}).get(k) != now["model"][k]}
+    if changed_optim:
+        apply_optim_settings(step.optimizer, step.scheduler, config.optim)
+    for key, (old, new) in [*(("optim." + k, v) for k, v in changed_optim.items()),
+                            *(("model." + k, v) for k, v in changed_model.items())]:
+        log.info("%s changed on resume (checkpoint %s, this run %s): applied", key, old, new)
+
+
+def keep_planned_length(progress, planned, scheduler) -> None:
+    """A resumed run keeps its length (and LR schedule) unless `epochs`/`max_steps` changed."""
+    if progress.length_setting == planned.length_setting:
+        return
+    log.info("run length changed on resume (%s -> %s): %d steps in all, the LR schedule "
+             "follows the new length", progress.length_setting, planned.length_setting,
+             planned.total_steps)
+    progress.total_steps, progress.length_setting = planned.total_steps, planned.length_setting
+    set_total_steps(scheduler, planned.total_steps)

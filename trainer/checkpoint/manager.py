@@ -12,6 +12,7 @@ import errno
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from trainer import distributed, faults
+from trainer import distributed
 from trainer.checkpoint.manifest import (
     PREFIX,
     checkpoint_name,
     complete_checkpoints_in,
     fsync_dir,
     listed_files,
+    step_of,
     verified_sizes,
     write_durably,
     write_manifest,
@@ -42,6 +44,7 @@ from trainer.checkpoint.safe_load import (
     refuse_partial_load,
 )
 from trainer.errors import UserError, WriteFailed, first_line
+from trainer.faults import FaultHook, no_faults
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +81,10 @@ def verify(folder: Path) -> str | None:
 class CheckpointManager:
     """Saves, finds, verifies and loads the sharded checkpoints of one experiment."""
 
-    def __init__(self, config: CheckpointConfig, folder: Path) -> None:
-        self.config, self.folder = config, folder
+    def __init__(self, config: CheckpointConfig, folder: Path,
+                 faults: FaultHook = no_faults) -> None:
+        self.config, self.folder, self.faults = config, folder, faults
+        self.last_saved_step = -1               # saved or loaded: never saved again
         self._pending: list[Future] = []        # this rank's async DCP write
         self._pending_tmp: Path | None = None   # the folder it writes
         self._finalizer = ThreadPoolExecutor(max_workers=1) if config.async_save else None
@@ -104,11 +109,22 @@ class CheckpointManager:
             log.warning("removing %s: left by a save that did not finish", stale)
             shutil.rmtree(stale, ignore_errors=True)
 
+    def maybe_save(self, step: int, app_state: dict, files: Callable[[], dict[str, str]], *,
+                   last: bool = False, now: bool = False) -> float | None:
+        """Save checkpoint `step` if one is due: every `checkpoint.interval` steps, when asked
+        (`now`: a save-now signal) and at the run's last step (`last`), never twice for one
+        step. Returns the seconds training was blocked, None when nothing was due."""
+        due = last or now or step % self.config.interval == 0
+        if not due or step == self.last_saved_step:
+            return None
+        return self.save(step, app_state, files())
+
     def save(self, step: int, app_state: dict, files: dict[str, str]) -> float:
         """Write checkpoint `step` with the text `files` (name -> content) beside the shards.
         Returns the seconds training was blocked. A failed write (full disk) on any rank raises
         WriteFailed on every rank, with the partial folder removed and the newest complete
         checkpoint untouched."""
+        self.faults("checkpoint_save")
         started = time.perf_counter()
         self._agreed(self._pending_tmp, self.wait)
         final = self.folder / checkpoint_name(step)
@@ -116,7 +132,7 @@ class CheckpointManager:
         self._agreed(tmp, lambda: self._start_folder(tmp, files))
         rng_file = tmp / f"{RNG_PREFIX}{distributed.rank()}.pt"
         self._agreed(tmp, lambda: torch.save(rng_state(), rng_file))
-        faults.kill("dcp_write", step)
+        self.faults("dcp_write", step)
         if self.config.async_save:
             future = dcp.async_save(app_state, checkpoint_id=str(tmp),
                                     process_group=distributed.checkpoint_group())
@@ -129,6 +145,7 @@ class CheckpointManager:
             self._agreed(tmp, lambda: dcp.save(app_state, checkpoint_id=str(tmp)))
             self._agreed(tmp, lambda: (self._finalize(tmp, final, step)
                                        if distributed.is_main() else None))
+        self.last_saved_step = step
         return time.perf_counter() - started
 
     def _start_folder(self, tmp: Path, files: dict[str, str]) -> None:
@@ -168,9 +185,9 @@ class CheckpointManager:
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
         """Manifest, then one atomic rename: a kill at any point leaves either the finished
         folder or a `.tmp` one, which resume ignores and the next start removes."""
-        faults.kill("manifest", step)
+        self.faults("manifest", step)
         write_manifest(tmp, step)
-        faults.kill("rename", step)
+        self.faults("rename", step)
         if final.exists():
             _remove_aside(final)
         tmp.rename(final)
@@ -199,6 +216,7 @@ class CheckpointManager:
         Only files the manifest lists are read, as regular files inside the folder, and every
         value must be written whole. The folder was verified (by rank 0) before; errors here
         still name it, on one line."""
+        self.faults("resume")
         try:
             sizes = {name: entry["size"] for name, entry in listed_files(folder).items()}
             reader = ConfinedReader(folder, sizes, read_metadata(folder, sizes))
@@ -215,6 +233,7 @@ class CheckpointManager:
                             f"({load_failure(err)})") from None
         for key, part in app_state.items():
             part.load_state_dict(state[key])
+        self.last_saved_step = step_of(folder)
         self._restore_rng(folder, f"{RNG_PREFIX}{distributed.rank()}.pt", sizes)
 
     def _restore_rng(self, folder: Path, name: str, sizes: dict[str, int]) -> None:

@@ -169,3 +169,13 @@ def complete_checkpoints_in(folder: Path) -> list[Path]:
     found = [p for p in folder.iterdir()
              if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+
+
+def step_of(folder: Path) -> int:
+    """The step of checkpoint `folder`: its manifest's, else its name's (-1 if neither)."""
+    manifest, _ = read_manifest(folder)
+    step = manifest.get("step") if manifest else None
+    if type(step) is int:
+        return step
+    digits = folder.name.rsplit("_", 1)[-1]
+    return int(digits) if digits.isdigit() else -1

@@ -66,3 +66,12 @@ class ScalerState(Stateful):
     def load_state_dict(self, sd: dict) -> None:
         if self.scaler.is_enabled():
             self.scaler.load_state_dict(sd)
+
+
+def checkpointed_state(step, progress: Stateful, config) -> AppState:
+    """The Stateful parts a sharded checkpoint holds for a training step (a TrainStep) and
+    its progress, under the key names it always had."""
+    return AppState({"model": ModelState(step.train_model),
+                     "optimizer": OptimizerState(step.train_model, step.optimizer),
+                     "scheduler": step.scheduler, "scaler": ScalerState(step.scaler),
+                     "progress": progress}, config_yaml=config.to_yaml())

@@ -186,6 +186,11 @@ TABLE_COLUMNS = [("nll", 9, "nll", ".4f"), ("crps (scaled)", 15, "crps", ".4f"),
                  ("cover 90%", 11, "coverage_90", ".3f")]
 
 
+def table_cell(value: float, width: int, spec: str) -> str:
+    """A right-aligned cell that keeps at least one space before it, however wide the value."""
+    return f"{' ' + format(value, spec):>{width}}"
+
+
 def table_lines(doc: dict) -> list[str]:
     """A readable summary of the report."""
     lines = [(f"{doc['checkpoint']} (step {doc['step']}) on the {doc['split']} split of "
@@ -195,7 +200,7 @@ def table_lines(doc: dict) -> list[str]:
                  "target units; mase and msis per the look-back's naive one-step MAE", "",
              f"{'forecaster':<34}" + "".join(f"{h:>{w}}" for h, w, _, _ in TABLE_COLUMNS)]
     for f in doc["forecasters"].values():
-        lines.append(f"{f['description']:<34}" + "".join(f"{f[k]:>{w}{spec}}"
+        lines.append(f"{f['description']:<34}" + "".join(table_cell(f[k], w, spec)
                                                          for _, w, k, spec in TABLE_COLUMNS))
     lines += ["", "NLL per target" + "".join(f"{n:>10}" for n in doc["forecasters"])]
     for t in doc["targets"]:

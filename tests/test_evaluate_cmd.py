@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from forecasting.evaluate import REPORT_SCORES, VAL_WARNING, run
+from forecasting.evaluate import REPORT_SCORES, TABLE_COLUMNS, VAL_WARNING, run, table_cell
 from tests.conftest import REPO
 from tests.test_forecast import model_path, read_rows, saved_with, train_tiny, write_rows
 from trainer import distributed
@@ -179,3 +179,12 @@ def test_cli_prints_table_and_refuses_bad_input_without_traceback(trainer, tmp_p
     failed = launch("--checkpoint", tmp_path / "missing.pth")
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert failed.stderr == f"error: checkpoint not found: {tmp_path / 'missing.pth'}\n"
+
+
+def test_table_cells_stay_apart_when_a_value_fills_its_column():
+    """A wQL of 0.0008084 fills its 9 characters: it must not run into the next column."""
+    row = "".join(table_cell(v, w, spec) for v, (_, w, _, spec)
+                  in zip([-1.5, 0.2, 0.01, 0.02, 0.03, 1.916, 0.0008084, 3.0, 0.5, 0.9],
+                         TABLE_COLUMNS))
+    assert len(row.split()) == len(TABLE_COLUMNS), row
+    assert table_cell(1.5, 9, ".4f") == f"{1.5:>9.4f}"      # the usual case is unchanged

@@ -74,6 +74,7 @@ def test_ephemeris_values_are_real():
     assert np.allclose(f["North_Node_lon_sin"], -f["South_Node_lon_sin"], atol=1e-9)
 
 
+@pytest.mark.slow
 def test_planted_driver_is_in_the_returns():
     config = BuiltinDataConfig(start_date="1990-01-01", end_date="2005-12-31")
     dates = np.arange(np.datetime64(config.start_date), np.datetime64(config.end_date) + 1)

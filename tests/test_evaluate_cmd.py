@@ -88,6 +88,7 @@ def test_validation_split_and_default_output(trainer, capsys):
     assert report["split"] == "val" and report["last_date"] < "2002-10-19"
 
 
+@pytest.mark.slow
 def test_calibration_and_paired_tests_in_report_and_table(trainer, test_report, tmp_path, capsys):
     cal = test_report["calibration_by_horizon"]
     model = test_report["forecasters"]["model"]

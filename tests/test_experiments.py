@@ -257,6 +257,7 @@ def test_the_interval_covers_zero_at_its_nominal_rate_in_a_null_case(seed_effect
 
 # --- the report ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_report_files_name_their_splits_and_open_in_a_browser(tmp_path, capsys):
     spec, trials = fabricate_experiment(tmp_path, {"shuffled": 0.08})
     shutil.rmtree(trials[-1].run_dir)          # one missing trial: abl__wide__s5

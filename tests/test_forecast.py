@@ -153,6 +153,7 @@ def test_console_scripts_are_declared():
     assert scripts["celestial-evaluate"] == "forecasting.evaluate:main"
 
 
+@pytest.mark.slow
 def test_future_rows_give_target_dates_and_inputs(model_file, short_csv, tmp_path, capsys):
     future_csv = with_future_rows(short_csv, tmp_path / "future.csv", every_days=2)
     status, printed, _ = forecast(capsys, "--checkpoint", model_file, "--data", future_csv,
@@ -195,6 +196,7 @@ def test_forecast_inputs_equal_training_inputs(model_file, short_csv, tmp_path, 
     assert np.allclose(inputs.targets_OT, prepared.targets_RT.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_user_csv_model_needs_future_rows(model_file, short_csv, tmp_path, capsys):
     user_model = saved_with(model_file, tmp_path / "user.pth", data__source="csv")
     status, _, err = forecast(capsys, "--checkpoint", user_model, "--data", short_csv,
@@ -232,6 +234,7 @@ def test_model_without_future_inputs_dates_by_typical_step(model_file, short_csv
         [str(last + 7 * h) for h in range(1, PRED_LEN + 1)]
 
 
+@pytest.mark.slow
 def test_origins_backtest(model_file, short_csv, tmp_path, capsys):
     status, printed, _ = forecast(capsys, "--checkpoint", model_file, "--data", short_csv,
                                   "--out", tmp_path / "n", "--origins", "3")

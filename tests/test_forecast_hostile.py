@@ -147,6 +147,7 @@ def test_hostile_model_file_is_one_line_in_bounded_time_and_memory(model_file, s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]
 
 
+@pytest.mark.slow
 def test_builtin_data_named_by_a_model_file_is_computed_in_the_users_cache(model_file,
                                                                          tmp_path,
                                                                          monkeypatch):
@@ -289,6 +290,7 @@ def test_a_model_too_large_for_the_memory_is_refused_before_allocating(short_csv
     assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_never_writes_the_dataset_at_a_path_from_the_model_file(model_file, tmp_path,
                                                                         monkeypatch):
     chosen = tmp_path / "chosen_by_the_file" / "data.csv"

@@ -60,6 +60,7 @@ def test_crps_of_a_standard_normal_at_its_mean():
     assert crps == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_crps_agrees_with_properscoring_where_they_overlap():
     g = torch.Generator().manual_seed(3)
     mu, sigma, y = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.1, torch.randn(5)

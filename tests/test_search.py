@@ -221,6 +221,7 @@ def _log10(x: float) -> float:
     return math.log10(x)
 
 
+@pytest.mark.slow
 def test_running_the_search_again_runs_only_the_trials_left(tmp_path, stand_in):
     path = write_search(tmp_path, search={"n_trials": 2})
     _, study, _ = run_study(path, parallel=1)

@@ -193,6 +193,7 @@ def test_parallel_trials_runs_every_layout_through_the_experiment_runner(short_c
     assert summary["verdict"] in ("PASS", "FAIL", "NOT MEASURED")
     assert set(summary["vs_n_times_alone"]) == set(LAYOUTS) - {"alone"}
     assert all(ratio > 0 for ratio in summary["vs_n_times_alone"].values())
+    assert set(summary["pinned_over"]) == {"unpinned", "oversubscribed"}
     report = format_report(result)
     assert "only on an otherwise idle machine" in report and result["machine"]["cpu"] in report
     assert report.count(f"{summary['verdict']}:") == 1 and "pinned / unpinned" in report
@@ -212,6 +213,7 @@ def test_parallel_trials_counts_only_the_time_every_trial_was_training():
     (["--parallel", "999"], "--parallel 999: this process may use only"),
     (["--steps", "10", "--log-interval", "5", "--warmup-intervals", "2"], "leaves no interval"),
     (["--set", "model.no_such_key=1"], "model.no_such_key"),
+    (["--layouts", "alone", "unpinned"], "--layouts must include alone and pinned"),
 ])
 def test_parallel_trials_refuses_bad_options_in_one_line(tmp_path, capsys, args, message):
     from benchmarks.parallel_trials import main

@@ -64,7 +64,6 @@ ALL_ON = ["diagnostics.enable_gradient_diagnostics=true",
 
 def build(config_path: str, overrides: list[str], out: Path, total_steps: int):
     """The trainer of a run with every diagnostic on; no validation or checkpoint in range."""
-    from diagnostics.observers import build_observers
     from trainer import distributed
     from trainer.build import build_parts
     name = f"diagnostics_overhead_{Path(config_path).stem}"
@@ -73,8 +72,7 @@ def build(config_path: str, overrides: list[str], out: Path, total_steps: int):
            f"train.max_steps={total_steps}", "train.eval_interval=0",
            f"checkpoint.interval={10**9}"]
     config = load_benchmark_config(config_path, [*ALL_ON, *CARD, *overrides, *run])
-    return build_parts(config, distributed.init_distributed(config.train.device),
-                       observers=build_observers)
+    return build_parts(config, distributed.init_distributed(config.train.device))
 
 
 def take_batches(trainer, count: int) -> list:

@@ -20,7 +20,6 @@ import jsonschema
 import pytest
 import torch
 
-from diagnostics.observers import build_observers
 from diagnostics.profiling import device_name, peak_tflops
 from diagnostics.schemas import PROFILE_RECORD
 from tests import dist_workers
@@ -45,7 +44,7 @@ BF16_VAL_NLL_TOLERANCE = 0.01
 def trainer_on(device: str, short_csv, tmp_path, name: str, **extra):
     config = small_config(short_csv, tmp_path, name, train__device=device,
                           train__validate_at_start=False, **extra)
-    return build_trainer(config, distributed.init_distributed(device), observers=build_observers)
+    return build_trainer(config, distributed.init_distributed(device))
 
 
 def metric_lines(tmp_path, name: str, kind: str) -> list[dict]:

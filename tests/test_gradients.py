@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diagnostics.gradients import GradientObserver, noise_scale_terms, status_of
-from diagnostics.observers import build_observers
+from diagnostics.plugin import build_observers
 from diagnostics.schemas import GRADIENT_HISTORY, GRADIENT_RECORD
 from tests import dist_workers
 from tests.conftest import small_config

@@ -9,7 +9,7 @@ import pytest
 from diagnostics.attention import AttentionObserver
 from diagnostics.attribution import AttributionObserver
 from diagnostics.gradients import GradientObserver
-from diagnostics.observers import build_observers
+from diagnostics.plugin import build_observers
 from diagnostics.profiling import ProfileObserver
 from tests.conftest import small_config
 from trainer import distributed, plugins

@@ -111,30 +111,22 @@ def test_experiments_use_only_the_offline_analysis_of_diagnostics():
     assert not wrong, sorted(wrong)
 
 
-# The command, and a search trial's training process (train.py plus the search's observer).
-ENTRY_POINTS_OF_EXPERIMENTS = ("launch/experiment.py", "launch/search_trial.py")
+# Packages behind a command: only their entry points import them. experiments: the command,
+# and a search trial's training process (train.py plus the search's observer).
+ENTRY_POINTS = {"experiments": ("launch/experiment.py", "launch/search_trial.py"),
+                "forecasting": ("launch/forecast.py", "launch/evaluate.py")}
 
 
-def test_nothing_imports_experiments():
-    """Only its entry points, the tests and the benchmarks (which drive it as a user would)."""
+@pytest.mark.parametrize("command_package", sorted(ENTRY_POINTS))
+def test_nothing_imports_a_command_package_but_its_entry_points(command_package):
+    """Nothing but its entry points, the tests and the benchmarks (which drive it as a user
+    would)."""
     wrong = {f"{path.relative_to(REPO)} imports {name}"
-             for package in PROJECT - {"experiments", "tests", "benchmarks"}
+             for package in PROJECT - {command_package, "tests", "benchmarks"}
              if (REPO / package).is_dir()
              for path in sources(package) for name in imported_modules(path)
-             if name.split(".")[0] == "experiments"
-             and str(path.relative_to(REPO)) not in ENTRY_POINTS_OF_EXPERIMENTS}
-    assert not wrong, sorted(wrong)
-
-
-ENTRY_POINTS_OF_FORECASTING = ("launch/forecast.py", "launch/evaluate.py")
-
-
-def test_nothing_imports_forecasting_but_its_entry_points():
-    wrong = {f"{path.relative_to(REPO)} imports {name}"
-             for package in PROJECT - {"forecasting", "tests"} if (REPO / package).is_dir()
-             for path in sources(package) for name in imported_modules(path)
-             if name.split(".")[0] == "forecasting"
-             and str(path.relative_to(REPO)) not in ENTRY_POINTS_OF_FORECASTING}
+             if name.split(".")[0] == command_package
+             and str(path.relative_to(REPO)) not in ENTRY_POINTS[command_package]}
     assert not wrong, sorted(wrong)
 
 

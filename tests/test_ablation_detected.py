@@ -3,10 +3,10 @@ through the experiment command, a model trained on block-shuffled bodies forecas
 than the same model trained on the real bodies, and the interval excludes zero.
 
 The setting is the cheapest found that still detects it with a wide margin at several training
-and ablation seeds: a model half the quickstart's width on half its window, 300 steps, 2 seeds,
-one validation (at the end) and no occlusion at it, on the whole built-in history, whose 4,106
-test windows keep the interval narrow. Fewer steps, or fewer years of data, left a smaller
-difference, nearer to not being shown.
+and ablation seeds: a model half the quickstart's width, on half its window and horizon, 300
+steps, 2 seeds, one validation (at the end) and no occlusion at it, on the whole built-in
+history, whose 4,106 test windows keep the interval narrow. Fewer steps, or fewer years of data,
+left a smaller difference, nearer to not being shown.
 """
 from __future__ import annotations
 

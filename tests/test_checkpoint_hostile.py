@@ -243,6 +243,43 @@ def test_malformed_chunks_are_refused_naming_the_value(tmp_path, damage, expecte
     assert_one_line_naming(verify(folder), ".metadata", expected)
 
 
+def shrink_tensor(metadata) -> None:
+    """app.w claims 10 elements; its storage record still holds the 1000 saved."""
+    entry = metadata.state_dict_metadata["app.w"]
+    entry.size = entry.chunks[0].sizes = torch.Size([10])
+
+
+def point_at_value(metadata) -> None:
+    """app.w's chunk points at the bytes of the value app.progress.step."""
+    record = metadata.storage_data[MetadataIndex("app.progress.step")]
+    metadata.storage_data[MetadataIndex("app.w", (0,))] = record
+
+
+def widen_dtype(metadata) -> None:
+    metadata.state_dict_metadata["app.w"].properties.dtype = torch.float64
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (shrink_tensor, "of sizes (10,) needs 40 bytes of torch.float32"),
+    (point_at_value, "of sizes (1000,) needs 4000 bytes of torch.float32"),
+    (widen_dtype, "of sizes (1000,) needs 8000 bytes of torch.float64"),
+    (lambda m: setattr(m.state_dict_metadata["app.w"].properties, "dtype", "float32"),
+     "malformed shape, dtype or chunk list"),
+])
+def test_chunk_whose_record_does_not_hold_its_bytes_is_refused_before_reading(
+        tmp_path, damage, expected, monkeypatch):
+    """Plain data that passes as a slice but is not the saved tensor's: refused by the metadata
+    check, by verify and by the load, before a shard byte is read."""
+    from trainer.checkpoint import safe_load
+    folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
+    rewrite_metadata(folder, damage)
+    assert_one_line_naming(verify(folder), ".metadata", "tensor 'app.w'", expected)
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a shard was opened")
+    monkeypatch.setattr(safe_load._ConfinedFileSystem, "create_stream", no_reading)
+    assert_one_line_naming(load_error(folder), str(folder), "tensor 'app.w'", expected)
+
+
 def test_trainer_refuses_a_checkpoint_that_covers_a_parameter_in_part(short_csv, tmp_path,
                                                                      monkeypatch):
     """The case found: a negative offset in wave_patching_composer.position's chunk resumed
@@ -289,8 +326,9 @@ def test_crafted_tensor_slice_is_refused_in_our_words(tmp_path):
     from tests.test_checkpoint_faults import CodeOnLoad
     marker = tmp_path / "pwned"
     folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
-    crafted = io.BytesIO()
-    torch.save({"payload": CodeOnLoad(marker)}, crafted)
+    crafted = io.BytesIO()      # padded to the bytes app.w's chunk needs: past the metadata check
+    torch.save({"payload": CodeOnLoad(marker), "pad": "x" * 4000}, crafted)
+    assert 4000 <= len(crafted.getvalue()) <= 4000 + 4096
     shard_size = shard(folder).stat().st_size
     with open(shard(folder), "ab") as f:
         f.write(crafted.getvalue())

@@ -164,6 +164,62 @@ def test_manifest_that_is_a_link_to_a_huge_file_is_not_read(tmp_path):
     assert_one_line_naming(run_bounded(verify, folder, memory_mb=300), "manifest.json")
 
 
+def experiment_with_a_linked_step(tmp_path) -> tuple[Path, Path, Path]:
+    """(experiment folder, its real step 5, its step 9: a link to an intact checkpoint
+    elsewhere)."""
+    real = write_checkpoint_with_values(tmp_path / "exp" / STEP_FOLDER)
+    elsewhere = write_checkpoint_with_values(tmp_path / "elsewhere" / "checkpoint_step_000009")
+    link = tmp_path / "exp" / "checkpoint_step_000009"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    return tmp_path / "exp", real, link
+
+
+def test_resume_auto_skips_a_step_folder_that_is_a_symbolic_link(tmp_path, caplog):
+    """The newest step, a link to an intact checkpoint, is skipped with a warning naming it;
+    the newest real one is taken."""
+    experiment, real, link = experiment_with_a_linked_step(tmp_path)
+    manager = CheckpointManager(CheckpointConfig(), experiment)
+    with caplog.at_level("WARNING"):
+        assert find_resumable(manager, "auto", IDENTITY) == real
+    assert f"skipping checkpoint {link}: checkpoint_step_000009: refused: a symbolic link" \
+        in caplog.text
+    assert_one_line_naming(verify(link), "checkpoint_step_000009", "symbolic link")
+    assert_one_line_naming(load_error(link), str(link), "symbolic link")
+
+
+def test_resume_auto_with_only_a_linked_step_stops(tmp_path):
+    experiment, real, _ = experiment_with_a_linked_step(tmp_path)
+    shutil.rmtree(real)
+    error = resume_auto_error(experiment)
+    assert_one_line_naming(error, "none of the 1 checkpoint(s)", "symbolic link")
+
+
+def test_pruning_leaves_a_linked_step_and_its_target_alone(tmp_path):
+    experiment, real, link = experiment_with_a_linked_step(tmp_path)
+    shutil.rmtree(real)
+    manager = CheckpointManager(CheckpointConfig(keep_last=1), experiment)
+    manager.save(12, {"app": Holder({"w": torch.ones(3), "progress": {"step": 12}})},
+                 identity_files())
+    assert manager.complete_checkpoints() == [experiment / "checkpoint_step_000012"]
+    assert link.is_symlink() and verify(link.resolve()) is None
+    assert not list(experiment.glob("*.tmp"))
+
+
+def test_explicit_resume_through_a_symbolic_link_loads_its_target(tmp_path, caplog):
+    """A path the user typed is resolved, as a shell command resolves its arguments: the
+    checkpoint is checked and loaded by its real path."""
+    _, _, link = experiment_with_a_linked_step(tmp_path)
+    typed = tmp_path / "typed" / "mine"
+    typed.parent.mkdir()
+    typed.symlink_to(link, target_is_directory=True)
+    manager = CheckpointManager(CheckpointConfig(), typed.parent)
+    with caplog.at_level("INFO"):
+        folder = find_resumable(manager, str(typed), IDENTITY)
+    assert folder == (tmp_path / "elsewhere" / "checkpoint_step_000009").resolve()
+    assert f"--resume {typed}: resolved to {folder}" in caplog.text
+    manager.load(folder, empty_state())
+
+
 def test_intact_checkpoint_loads_through_the_confined_reader(tmp_path):
     folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
     assert verify(folder) is None

@@ -194,7 +194,7 @@ def test_resume_auto_with_only_a_linked_step_stops(tmp_path):
     assert_one_line_naming(error, "none of the 1 checkpoint(s)", "symbolic link")
 
 
-def test_pruning_leaves_a_linked_step_and_its_target_alone(tmp_path):
+def test_pruning_leaves_a_linked_step_and_its_target_alone_a_save_replaces_the_link(tmp_path):
     experiment, real, link = experiment_with_a_linked_step(tmp_path)
     shutil.rmtree(real)
     manager = CheckpointManager(CheckpointConfig(keep_last=1), experiment)
@@ -202,6 +202,11 @@ def test_pruning_leaves_a_linked_step_and_its_target_alone(tmp_path):
                  identity_files())
     assert manager.complete_checkpoints() == [experiment / "checkpoint_step_000012"]
     assert link.is_symlink() and verify(link.resolve()) is None
+    keeping_two = CheckpointManager(CheckpointConfig(keep_last=2), experiment)
+    keeping_two.save(9, {"app": Holder({"w": torch.ones(3), "progress": {"step": 9}})},
+                     identity_files())       # a save of the link's step replaces the link only
+    assert not link.is_symlink() and verify(link) is None
+    assert verify(tmp_path / "elsewhere" / "checkpoint_step_000009") is None
     assert not list(experiment.glob("*.tmp"))
 
 
@@ -334,6 +339,29 @@ def test_chunk_whose_record_does_not_hold_its_bytes_is_refused_before_reading(
         raise AssertionError("a shard was opened")
     monkeypatch.setattr(safe_load._ConfinedFileSystem, "create_stream", no_reading)
     assert_one_line_naming(load_error(folder), str(folder), "tensor 'app.w'", expected)
+
+
+def test_tensor_of_another_shape_than_the_runs_is_refused_before_reading(tmp_path,
+                                                                          monkeypatch):
+    """A checkpoint whose app.w is consistently (2, 500): plain data to the metadata check, but
+    not this run's (1000,). DCP's planner refuses it in one line before a shard is opened."""
+    from trainer.checkpoint import safe_load
+
+    def reshape(metadata):
+        entry = metadata.state_dict_metadata["app.w"]
+        record = metadata.storage_data.pop(MetadataIndex("app.w", (0,)))
+        entry.size = torch.Size([2, 500])
+        entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 500]))]
+        metadata.storage_data[MetadataIndex("app.w", (0, 0))] = record
+    folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
+    rewrite_metadata(folder, reshape)
+    assert verify(folder) is None
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a shard was opened")
+    monkeypatch.setattr(safe_load._ConfinedFileSystem, "create_stream", no_reading)
+    error = load_error(folder)
+    assert "\n" not in error and "saved torch.Size([2, 500])" in error and "app.w" in error
 
 
 def test_trainer_refuses_a_checkpoint_that_covers_a_parameter_in_part(short_csv, tmp_path,

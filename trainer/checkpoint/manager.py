@@ -275,7 +275,10 @@ class CheckpointManager:
 
 def _remove_aside(folder: Path) -> None:
     """Rename, then delete: a kill mid-delete leaves a `.tmp` folder, not a half checkpoint
-    that looks complete."""
+    that looks complete. A symbolic link (a save replacing a linked step) loses only itself."""
+    if folder.is_symlink():
+        folder.unlink()
+        return
     doomed = folder.with_name(f"{folder.name}.removing.tmp")
     shutil.rmtree(doomed, ignore_errors=True)
     folder.rename(doomed)

@@ -164,6 +164,67 @@ def test_manifest_that_is_a_link_to_a_huge_file_is_not_read(tmp_path):
     assert_one_line_naming(run_bounded(verify, folder, memory_mb=300), "manifest.json")
 
 
+def experiment_with_a_linked_step(tmp_path) -> tuple[Path, Path, Path]:
+    """(experiment folder, its real step 5, its step 9: a link to an intact checkpoint
+    elsewhere)."""
+    real = write_checkpoint_with_values(tmp_path / "exp" / STEP_FOLDER)
+    elsewhere = write_checkpoint_with_values(tmp_path / "elsewhere" / "checkpoint_step_000009")
+    link = tmp_path / "exp" / "checkpoint_step_000009"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    return tmp_path / "exp", real, link
+
+
+def test_resume_auto_skips_a_step_folder_that_is_a_symbolic_link(tmp_path, caplog):
+    """The newest step, a link to an intact checkpoint, is skipped with a warning naming it;
+    the newest real one is taken."""
+    experiment, real, link = experiment_with_a_linked_step(tmp_path)
+    manager = CheckpointManager(CheckpointConfig(), experiment)
+    with caplog.at_level("WARNING"):
+        assert find_resumable(manager, "auto", IDENTITY) == real
+    assert f"skipping checkpoint {link}: checkpoint_step_000009: refused: a symbolic link" \
+        in caplog.text
+    assert_one_line_naming(verify(link), "checkpoint_step_000009", "symbolic link")
+    assert_one_line_naming(load_error(link), str(link), "symbolic link")
+
+
+def test_resume_auto_with_only_a_linked_step_stops(tmp_path):
+    experiment, real, _ = experiment_with_a_linked_step(tmp_path)
+    shutil.rmtree(real)
+    error = resume_auto_error(experiment)
+    assert_one_line_naming(error, "none of the 1 checkpoint(s)", "symbolic link")
+
+
+def test_pruning_leaves_a_linked_step_and_its_target_alone_a_save_replaces_the_link(tmp_path):
+    experiment, real, link = experiment_with_a_linked_step(tmp_path)
+    shutil.rmtree(real)
+    manager = CheckpointManager(CheckpointConfig(keep_last=1), experiment)
+    manager.save(12, {"app": Holder({"w": torch.ones(3), "progress": {"step": 12}})},
+                 identity_files())
+    assert manager.complete_checkpoints() == [experiment / "checkpoint_step_000012"]
+    assert link.is_symlink() and verify(link.resolve()) is None
+    keeping_two = CheckpointManager(CheckpointConfig(keep_last=2), experiment)
+    keeping_two.save(9, {"app": Holder({"w": torch.ones(3), "progress": {"step": 9}})},
+                     identity_files())       # a save of the link's step replaces the link only
+    assert not link.is_symlink() and verify(link) is None
+    assert verify(tmp_path / "elsewhere" / "checkpoint_step_000009") is None
+    assert not list(experiment.glob("*.tmp"))
+
+
+def test_explicit_resume_through_a_symbolic_link_loads_its_target(tmp_path, caplog):
+    """A path the user typed is resolved, as a shell command resolves its arguments: the
+    checkpoint is checked and loaded by its real path."""
+    _, _, link = experiment_with_a_linked_step(tmp_path)
+    typed = tmp_path / "typed" / "mine"
+    typed.parent.mkdir()
+    typed.symlink_to(link, target_is_directory=True)
+    manager = CheckpointManager(CheckpointConfig(), typed.parent)
+    with caplog.at_level("INFO"):
+        folder = find_resumable(manager, str(typed), IDENTITY)
+    assert folder == (tmp_path / "elsewhere" / "checkpoint_step_000009").resolve()
+    assert f"--resume {typed}: resolved to {folder}" in caplog.text
+    manager.load(folder, empty_state())
+
+
 def test_intact_checkpoint_loads_through_the_confined_reader(tmp_path):
     folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
     assert verify(folder) is None
@@ -243,6 +304,66 @@ def test_malformed_chunks_are_refused_naming_the_value(tmp_path, damage, expecte
     assert_one_line_naming(verify(folder), ".metadata", expected)
 
 
+def shrink_tensor(metadata) -> None:
+    """app.w claims 10 elements; its storage record still holds the 1000 saved."""
+    entry = metadata.state_dict_metadata["app.w"]
+    entry.size = entry.chunks[0].sizes = torch.Size([10])
+
+
+def point_at_value(metadata) -> None:
+    """app.w's chunk points at the bytes of the value app.progress.step."""
+    record = metadata.storage_data[MetadataIndex("app.progress.step")]
+    metadata.storage_data[MetadataIndex("app.w", (0,))] = record
+
+
+def widen_dtype(metadata) -> None:
+    metadata.state_dict_metadata["app.w"].properties.dtype = torch.float64
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (shrink_tensor, "of sizes (10,) needs 40 bytes of torch.float32"),
+    (point_at_value, "of sizes (1000,) needs 4000 bytes of torch.float32"),
+    (widen_dtype, "of sizes (1000,) needs 8000 bytes of torch.float64"),
+    (lambda m: setattr(m.state_dict_metadata["app.w"].properties, "dtype", "float32"),
+     "malformed shape, dtype or chunk list"),
+])
+def test_chunk_whose_record_does_not_hold_its_bytes_is_refused_before_reading(
+        tmp_path, damage, expected, monkeypatch):
+    """Plain data that passes as a slice but is not the saved tensor's: refused by the metadata
+    check, by verify and by the load, before a shard byte is read."""
+    from trainer.checkpoint import safe_load
+    folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
+    rewrite_metadata(folder, damage)
+    assert_one_line_naming(verify(folder), ".metadata", "tensor 'app.w'", expected)
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a shard was opened")
+    monkeypatch.setattr(safe_load._ConfinedFileSystem, "create_stream", no_reading)
+    assert_one_line_naming(load_error(folder), str(folder), "tensor 'app.w'", expected)
+
+
+def test_tensor_of_another_shape_than_the_runs_is_refused_before_reading(tmp_path,
+                                                                          monkeypatch):
+    """A checkpoint whose app.w is consistently (2, 500): plain data to the metadata check, but
+    not this run's (1000,). DCP's planner refuses it in one line before a shard is opened."""
+    from trainer.checkpoint import safe_load
+
+    def reshape(metadata):
+        entry = metadata.state_dict_metadata["app.w"]
+        record = metadata.storage_data.pop(MetadataIndex("app.w", (0,)))
+        entry.size = torch.Size([2, 500])
+        entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 500]))]
+        metadata.storage_data[MetadataIndex("app.w", (0, 0))] = record
+    folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
+    rewrite_metadata(folder, reshape)
+    assert verify(folder) is None
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a shard was opened")
+    monkeypatch.setattr(safe_load._ConfinedFileSystem, "create_stream", no_reading)
+    error = load_error(folder)
+    assert "\n" not in error and "saved torch.Size([2, 500])" in error and "app.w" in error
+
+
 def test_trainer_refuses_a_checkpoint_that_covers_a_parameter_in_part(short_csv, tmp_path,
                                                                      monkeypatch):
     """The case found: a negative offset in wave_patching_composer.position's chunk resumed
@@ -289,8 +410,9 @@ def test_crafted_tensor_slice_is_refused_in_our_words(tmp_path):
     from tests.test_checkpoint_faults import CodeOnLoad
     marker = tmp_path / "pwned"
     folder = write_checkpoint_with_values(tmp_path / STEP_FOLDER)
-    crafted = io.BytesIO()
-    torch.save({"payload": CodeOnLoad(marker)}, crafted)
+    crafted = io.BytesIO()      # padded to the bytes app.w's chunk needs: past the metadata check
+    torch.save({"payload": CodeOnLoad(marker), "pad": "x" * 4000}, crafted)
+    assert 4000 <= len(crafted.getvalue()) <= 4000 + 4096
     shard_size = shard(folder).stat().st_size
     with open(shard(folder), "ab") as f:
         f.write(crafted.getvalue())

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from trainer import distributed
-from trainer.checkpoint.manager import CheckpointManager, verify
+from trainer.checkpoint.manager import CheckpointManager, typed_folder, verify
 from trainer.checkpoint.manifest import complete_checkpoints_in, read_inside, read_manifest, step_of
 from trainer.checkpoint.state import checkpointed_state
 from trainer.config import Config, parse_yaml
@@ -151,7 +151,7 @@ def _decide(manager, requested, expected, fallback) -> dict:
 
 
 def _decide_auto(manager, expected, fallback) -> dict:
-    candidates = manager.complete_checkpoints()
+    candidates = manager.resume_candidates()
     first_problem = None
     for candidate in candidates:
         problem = verify(candidate) or fit_problem(candidate, expected, other_experiment_ok=False)
@@ -171,6 +171,7 @@ def _decide_auto(manager, expected, fallback) -> dict:
 
 
 def _decide_explicit(manager, folder: Path, expected, restarting: bool = False) -> dict:
+    folder = typed_folder(folder)
     if not folder.is_dir():
         return {"error": f"--resume {folder}: not a folder"}
     mistaken = _not_a_checkpoint(folder, manager)

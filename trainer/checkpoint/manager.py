@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,10 +26,12 @@ from torch.distributed.checkpoint.stateful import Stateful
 from trainer import distributed
 from trainer.checkpoint.manifest import (
     PREFIX,
+    checkpoint_entries_in,
     checkpoint_name,
     complete_checkpoints_in,
     fsync_dir,
     listed_files,
+    refuse_linked_folder,
     step_of,
     verified_sizes,
     write_durably,
@@ -66,6 +69,7 @@ def verify(folder: Path) -> str | None:
     """None if the folder is a complete, intact checkpoint whose own files are safe to load;
     else what is wrong with it. Never raises."""
     try:
+        refuse_linked_folder(folder)
         sizes = verified_sizes(folder)
         for name in sorted(sizes):
             if name.startswith(RNG_PREFIX) and name.endswith(".pt"):
@@ -76,6 +80,18 @@ def verify(folder: Path) -> str | None:
     except OSError as err:
         return f"unreadable ({first_line(err)})"
     return None
+
+
+def typed_folder(path: Path) -> Path:
+    """The real path of a checkpoint folder the user typed (`--resume <path>`): its symbolic
+    links are followed, as `find -H` or `cp -H` follow the paths on their command line, and
+    the folder is then checked and loaded by that path, so every rank loads what was checked.
+    A path without a link is returned as typed."""
+    real = path.resolve()
+    if real == Path(os.path.abspath(path)):
+        return path
+    log.info("--resume %s: resolved to %s (a symbolic link on the path)", path, real)
+    return real
 
 
 class CheckpointManager:
@@ -94,6 +110,11 @@ class CheckpointManager:
     def complete_checkpoints(self) -> list[Path]:
         """Renamed (complete) checkpoint folders, newest first."""
         return complete_checkpoints_in(self.folder)
+
+    def resume_candidates(self) -> list[Path]:
+        """What `--resume auto` tries, newest first: the complete checkpoints and the links
+        named like one, which it skips with a warning (`verify` refuses them)."""
+        return checkpoint_entries_in(self.folder)
 
     def stale_writes(self) -> list[Path]:
         """Folders a killed save or prune left behind (`*.tmp`): never resumable."""
@@ -218,6 +239,7 @@ class CheckpointManager:
         still name it, on one line."""
         self.faults("resume")
         try:
+            refuse_linked_folder(folder)
             sizes = {name: entry["size"] for name, entry in listed_files(folder).items()}
             reader = ConfinedReader(folder, sizes, read_metadata(folder, sizes))
             state = {key: part.state_dict() for key, part in app_state.items()}
@@ -253,7 +275,10 @@ class CheckpointManager:
 
 def _remove_aside(folder: Path) -> None:
     """Rename, then delete: a kill mid-delete leaves a `.tmp` folder, not a half checkpoint
-    that looks complete."""
+    that looks complete. A symbolic link (a save replacing a linked step) loses only itself."""
+    if folder.is_symlink():
+        folder.unlink()
+        return
     doomed = folder.with_name(f"{folder.name}.removing.tmp")
     shutil.rmtree(doomed, ignore_errors=True)
     folder.rename(doomed)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from trainer import distributed
-from trainer.errors import UserError, first_line
+from trainer.errors import UserError, first_line, short_repr
 
 PREFIX = "checkpoint_step_"
 _MANIFEST = "manifest.json"
@@ -162,13 +162,33 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def complete_checkpoints_in(folder: Path) -> list[Path]:
-    """The renamed (complete) checkpoint folders in an experiment's `folder`, newest first."""
+def checkpoint_entries_in(folder: Path) -> list[Path]:
+    """What `--resume auto` considers in an experiment's `folder`, newest first: the renamed
+    (complete) checkpoint folders and symbolic links named like one (which `verify` refuses)."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir()
-             if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+             if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and (p.is_symlink() or p.is_dir())]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+
+
+def complete_checkpoints_in(folder: Path) -> list[Path]:
+    """The renamed (complete) checkpoint folders in an experiment's `folder`, newest first: real
+    folders only, so that pruning never deletes through a link."""
+    return [p for p in checkpoint_entries_in(folder) if not p.is_symlink()]
+
+
+def refuse_linked_folder(folder: Path) -> None:
+    """A checkpoint folder found in an experiment's folder is read as itself, never through a
+    symbolic link: whoever can write the experiment's folder could otherwise point a step at
+    any folder. (A path the user typed is resolved before, as a shell command resolves its
+    arguments: `typed_folder`.)"""
+    if folder.is_symlink():
+        target = short_repr(os.readlink(folder))
+        raise UserError(f"{folder.name}: refused: a symbolic link (to {target}), not a "
+                        f"checkpoint folder; --resume auto follows no link (pass its target "
+                        f"to --resume to resume from it)")
 
 
 def step_of(folder: Path) -> int:

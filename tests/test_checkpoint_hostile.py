@@ -247,6 +247,7 @@ def test_malformed_chunks_are_refused_naming_the_value(tmp_path, damage, expecte
     assert_one_line_naming(verify(folder), ".metadata", expected)
 
 
+@pytest.mark.slow
 def test_trainer_refuses_a_checkpoint_that_covers_a_parameter_in_part(short_csv, tmp_path,
                                                                      monkeypatch):
     """The case found: a negative offset in wave_patching_composer.position's chunk resumed

@@ -246,6 +246,7 @@ def test_run_config_thresholds_are_taken_over_and_cli_wins():
     assert build_thresholds(config, [("exploding", 20.0)]).exploding == 20.0
 
 
+@pytest.mark.slow
 def test_cli_threshold_override_changes_the_verdict(tmp_path, capsys):
     folder = build_run_folder(tmp_path / "run", coverage_90=0.8, gradients=False, attention=False,
                               profiles=False)
@@ -312,6 +313,7 @@ def test_sick_run_console_and_recommendations(tmp_path, capsys):
     assert_self_contained((out_dir / "report.html").read_text())
 
 
+@pytest.mark.slow
 def test_diagnostics_off_says_what_is_missing_and_analyses_the_rest(tmp_path, capsys):
     folder = build_run_folder(tmp_path / "run", gradients=False, attention=False, profiles=False,
                               coverage_90=0.7)
@@ -503,6 +505,7 @@ def test_compare_overlays_runs_and_shows_every_runs_panels(tmp_path, capsys):
     assert "<td>optim.lr</td><td>0.001</td><td>0.003</td>" in html
 
 
+@pytest.mark.slow
 def test_compare_says_which_run_is_better_on_shared_test_windows(tmp_path, capsys):
     """Both runs wrote test_windows.csv for the same windows: the paired interval decides."""
     a = build_run_folder(tmp_path / "a", test_windows=400, gradients=False, attention=False,

@@ -364,6 +364,7 @@ def test_tensor_of_another_shape_than_the_runs_is_refused_before_reading(tmp_pat
     assert "\n" not in error and "saved torch.Size([2, 500])" in error and "app.w" in error
 
 
+@pytest.mark.slow
 def test_trainer_refuses_a_checkpoint_that_covers_a_parameter_in_part(short_csv, tmp_path,
                                                                      monkeypatch):
     """The case found: a negative offset in wave_patching_composer.position's chunk resumed

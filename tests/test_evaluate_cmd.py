@@ -78,6 +78,7 @@ def test_report_has_every_forecaster_per_target_and_horizon(test_report, short_c
     assert test_report["last_date"] == dates[-1 - PRED_LEN]     # the last window's origin
 
 
+@pytest.mark.slow
 def test_validation_split_and_default_output(trainer, capsys):
     status, printed, _ = evaluate(capsys, "--checkpoint", model_path(trainer), "--split", "val")
     default_out = model_path(trainer).with_name("best_model_val_evaluation.json")

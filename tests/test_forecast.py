@@ -109,6 +109,7 @@ def test_forecast_csv_columns_units_and_builtin_future_rows(model_file, short_cs
             assert abs(q[2] - level) < 0.05 and 0.005 < q[4] - q[0] < 0.2
 
 
+@pytest.mark.slow
 def test_baseline_quantiles_beside_the_models(model_file, short_csv, tmp_path, capsys):
     """Both baselines are random walks: their median is the origin's value, in target units,
     and their bands widen with the horizon."""
@@ -220,6 +221,7 @@ def test_user_csv_model_needs_future_rows(model_file, short_csv, tmp_path, capsy
     assert status == 2 and "or backtest on earlier origins" in err
 
 
+@pytest.mark.slow
 def test_model_without_future_inputs_dates_by_typical_step(model_file, short_csv, tmp_path, capsys):
     no_future = saved_with(model_file, tmp_path / "nf.pth", data__source="csv",
                            model__use_future_celestial=False)

@@ -56,6 +56,7 @@ def train_losses(tmp_path, name: str) -> list[float]:
     return [line["loss"] for line in metric_lines(tmp_path, name, "train")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_profiled_step_components_add_up_to_the_step(short_csv, tmp_path, device):
     trainer = trainer_on(device, short_csv, tmp_path, f"prof_{device}", train__max_steps=4,

@@ -154,6 +154,7 @@ def test_interface_of_reads_this_machines_interfaces():
     assert lib_sh("interface_of 127.0.0.1", {}).stdout.strip() == "lo"
 
 
+@pytest.mark.slow
 def test_rendezvous_port_and_first_host_agree_with_the_trainer(monkeypatch):
     from trainer import distributed
     for name in ("MASTER_ADDR", "MASTER_PORT"):
@@ -247,6 +248,7 @@ def test_usr1_reaches_the_workers_and_spares_the_agent(fake_torchrun):
     assert "received SIGUSR1" in launcher.stdout.read()
 
 
+@pytest.mark.slow
 def test_usr1_before_the_workers_listen_is_sent_again(fake_torchrun):
     env, out = fake_torchrun
     launcher = start_launcher(env, out, FAKE_STARTUP_S="1.5")

@@ -25,6 +25,7 @@ from experiments.search.command import best_trial, claim_search_folder, search_f
 from experiments.search.spec import load_search
 from experiments.search.study import address, open_study
 from tests.postgres import postgres_database
+from tests.processes import running, wait_until
 from tests.test_experiments import (
     TARGETS,
     assert_opens_in_a_browser,
@@ -367,9 +368,8 @@ def test_a_worker_stopped_mid_trial_queues_it_again_and_the_next_worker_finishes
     worker = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     run = tmp_path / "logs" / "s__t000__s1"
-    deadline = time.time() + 120
-    while not (run / "starts.txt").exists() and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until((run / "starts.txt").exists, "the trial's start", timeout=120,
+               alive=running(worker), output=lambda: "".join(worker.communicate()), interval=0.2)
     worker.send_signal(signal.SIGTERM)
     out, err = worker.communicate(timeout=120)
     assert worker.returncode == 130 and "queued again" in err, out + err

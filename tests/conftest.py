@@ -75,7 +75,8 @@ def _seeded():
 
 def pytest_collection_modifyitems(config, items):
     """`extended` tests (the experiment and search commands end to end on the two-node Slurm
-    cluster and on several hosts: minutes) run only when `-m` names them."""
+    cluster and on several hosts, the benchmark scripts run whole: minutes) run only when `-m`
+    names them."""
     if "extended" in (config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="extended tests take minutes: select them with `-m extended`")

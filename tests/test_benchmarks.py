@@ -1,7 +1,9 @@
 """Each benchmark script runs end to end on a tiny model and reports numbers that parse.
 
 Smoke tests only: they show the scripts work, not how fast anything is (benchmarks/RESULTS.md
-holds the measured numbers).
+holds the measured numbers). The runs of whole scripts are `extended` (opt-in, `-m extended`,
+about 3 minutes together): run them when a benchmark or what it drives changes; their unit
+tests and refusals stay in the default suite.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def run_script(name: str, *args: str, env: dict | None = None, timeout: int = 30
     return json.loads(proc.stdout)
 
 
+@pytest.mark.extended
 def test_throughput_reports_rate_memory_flops_and_share_of_peak(short_csv, tmp_path):
     from benchmarks.throughput import format_report
     result = run_script("throughput.py", "--config", QUICKSTART, "--batch-size", "8",
@@ -73,6 +76,7 @@ def test_the_matmul_peak_probe_shrinks_its_product_to_its_time_budget():
     assert gflops > 0 and measured < 4096
 
 
+@pytest.mark.extended
 def test_profile_step_splits_the_whole_step_into_categories(short_csv, tmp_path):
     from benchmarks.profile_step import CATEGORIES, format_report
     result = run_script("profile_step.py", "--config", QUICKSTART, "--batch-size", "8",
@@ -88,6 +92,7 @@ def test_profile_step_splits_the_whole_step_into_categories(short_csv, tmp_path)
     assert "python and dispatch" in report and "operator calls per step" in report
 
 
+@pytest.mark.extended
 def test_compile_speedup_falls_back_and_claims_no_speedup(short_csv, tmp_path):
     result = run_script("compile_speedup.py", "--config", QUICKSTART, "--batch-size", "8",
                         "--warmup", "2", "--steps", "3", "--rounds", "1",
@@ -98,6 +103,7 @@ def test_compile_speedup_falls_back_and_claims_no_speedup(short_csv, tmp_path):
     assert result["eager"]["summary"]["median"] > 0 and result["compiled"]["summary"]["median"] > 0
 
 
+@pytest.mark.extended
 def test_diagnostics_overhead_interleaves_and_sizes_records(short_csv, tmp_path):
     intervals = ["diagnostics.gradient_log_interval=10", "diagnostics.attention_log_interval=10",
                  "diagnostics.profile_interval=20"]
@@ -116,6 +122,7 @@ def test_diagnostics_overhead_interleaves_and_sizes_records(short_csv, tmp_path)
     assert sizes["profile_record"] > 0
 
 
+@pytest.mark.extended
 def test_ddp_scaling_times_two_ranks_and_checkpoint_blocking(short_csv, tmp_path):
     result = run_script("ddp_scaling.py", "--config", QUICKSTART, "--batch-size", "8",
                         "--ranks", "2", "--no-baseline",
@@ -147,6 +154,7 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_77():
 
 
 @NO_GPU
+@pytest.mark.extended
 def test_gpu_check_dry_run_on_cpu_prints_every_number(short_csv, tmp_path):
     proc = run_gpu_check({"GPU_CHECK_ALLOW_CPU": "1", "GPU_CHECK_CONFIG": QUICKSTART,
                           "GPU_CHECK_STEPS": "20", "GPU_CHECK_PROFILE_INTERVAL": "10",
@@ -169,6 +177,7 @@ def test_interval_coverage_reports_both_methods_at_every_size():
     assert [row["seeds"] for row in result["over_seeds"]] == [2, 3, 5, 10]
 
 
+@pytest.mark.extended
 def test_parallel_trials_runs_every_layout_through_the_experiment_runner(short_csv, tmp_path):
     from benchmarks.parallel_trials import LAYOUTS, format_report
     cores = sorted(os.sched_getaffinity(0))

@@ -157,16 +157,19 @@ def test_compile_failure_falls_back_to_eager(short_csv, tmp_path, monkeypatch):
         attempts.append(1)
         raise RuntimeError("compiler failure forced by the test")
     monkeypatch.setattr(compile_fx, "compile_fx", failing_compile_fx)
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)   # restored afterwards
     common = {"train__max_steps": 4, "train__log_interval": 2}
     eager = trainer_on("cpu", short_csv, tmp_path, "eager", **common)
     assert eager.train() == 0
-    try:
-        compiled = trainer_on("cpu", short_csv, tmp_path, "compiled", train__compile=True, **common)
-        assert compiled.train_model is not compiled.model       # it was handed to torch.compile
-        assert compiled.train() == 0
-    finally:
-        torch._dynamo.reset()
+    # torch's own patch restores the setting (pytest's monkeypatch deletes a torch config entry
+    # on undo, which hides it from every later torch.compile in the process).
+    with torch._dynamo.config.patch(suppress_errors=False):
+        try:
+            compiled = trainer_on("cpu", short_csv, tmp_path, "compiled", train__compile=True,
+                                  **common)
+            assert compiled.train_model is not compiled.model   # it was handed to torch.compile
+            assert compiled.train() == 0
+        finally:
+            torch._dynamo.reset()
     assert attempts, "torch.compile never tried to compile: the fallback was not exercised"
     assert train_losses(tmp_path, "compiled") == pytest.approx(train_losses(tmp_path, "eager"),
                                                                abs=1e-6)

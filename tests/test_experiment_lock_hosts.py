@@ -22,9 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.multihost,
               pytest.mark.skipif(netns.unavailable() is not None,
                                  reason=netns.unavailable() or "")]
 
-HOLD = ("import sys, time; from pathlib import Path; from trainer import experiment_lock; "
-        "experiment_lock.acquire(Path(sys.argv[1])); Path(sys.argv[2]).write_text('held'); "
-        "time.sleep(600)")
+HOLD = ("import sys; from tests.test_experiment_lock import _hold_and_die; "
+        "_hold_and_die(sys.argv[1], sys.argv[2])")
 TAKE = ("import logging, sys; from pathlib import Path; from trainer import experiment_lock; "
         "logging.basicConfig(level=logging.INFO, format='%(message)s'); "
         "experiment_lock.acquire(Path(sys.argv[1])).release()")

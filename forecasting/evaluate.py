@@ -4,7 +4,7 @@
 Rebuilds the split from the data the model was trained on (the config saved in the model file;
 `--data` if the file moved; it must exist), checks that its training rows give the scaling
 statistics saved with the model (else the data changed since training), and scores the model and
-the naive baselines on the same windows in one process: every score of trainer/scoring.py with
+the naive baselines on the same windows in one process: every score of scoring/scores.py with
 the quantile scores, overall, per target and per horizon step; skill against each baseline with
 its 95% interval and Diebold-Mariano p-value (stats/intervals.py); the same for NLL and CRPS per
 target, Holm-adjusted; calibration per horizon step; and the NLL rise with every body blanked.
@@ -22,13 +22,7 @@ import numpy as np
 
 from forecasting.forecast import run_command
 from forecasting.model_file import SCALING_KEYS, LoadedModel, input_data, load_model_file
-from series.dataset import PreparedData, WindowDataset, build_loader, prepare
-from stats.intervals import holm, paired_difference
-from trainer.distributed import pick_device
-from trainer.errors import UserError
-from trainer.evaluate import FORECASTERS, celestial_effect, evaluate
-from trainer.run_log import json_safe
-from trainer.scoring import (
+from scoring.scores import (
     BASELINE_NAMES,
     BASELINES,
     DERIVED_SCORES,
@@ -37,6 +31,12 @@ from trainer.scoring import (
     SCORES,
     skill_metrics,
 )
+from series.dataset import PreparedData, WindowDataset, build_loader, prepare
+from stats.intervals import holm, paired_difference
+from trainer.distributed import pick_device
+from trainer.errors import UserError
+from trainer.evaluate import FORECASTERS, celestial_effect, evaluate
+from trainer.run_log import json_safe
 from trainer.test_windows import window_origins, window_rows, write_windows_csv
 
 FORECASTER_NAMES = {"model": "model", **BASELINE_NAMES}
@@ -140,7 +140,7 @@ def _forecaster_scores(flat: dict, name: str, targets: list[str]) -> dict:
 
 
 def difference_entry(flat: dict, name: str) -> dict:
-    """One paired difference of the flat metrics (trainer.scoring.difference_metrics) as a dict."""
+    """One paired difference of the flat metrics (scoring.scores.difference_metrics) as a dict."""
     return {"mean": flat[name], **{k: flat[f"{name}_{k}"]
                                    for k in ("low", "high", "shown", "reason", "dm_pvalue")}}
 

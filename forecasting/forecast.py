@@ -31,10 +31,10 @@ from forecasting.inputs import ForecastInput, prepare_forecast_input, typical_st
 from forecasting.model_file import LoadedModel, input_data, load_model_file
 from forecasting.result import Forecast
 from model.decoder import mixture_mean, mixture_quantiles
+from scoring.scores import BASELINES, baseline_forecasts
 from series.dataset import ensure_dataset, given_data_file, parse_date
 from trainer.distributed import pick_device
 from trainer.errors import UserError
-from trainer.scoring import BASELINES, baseline_forecasts
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 _QUANTILE_NAMES = ("q05", "q25", "q50", "q75", "q95")
@@ -108,7 +108,7 @@ def mixture_forecasts(loaded: LoadedModel, inputs: ForecastInput, rows: list[int
 
 def baseline_quantiles(loaded: LoadedModel, inputs: ForecastInput, rows: list[int]
                        ) -> dict[str, np.ndarray]:
-    """The naive baselines' (N, P, T, Q) quantiles, in target units (trainer/scoring.py)."""
+    """The naive baselines' (N, P, T, Q) quantiles, in target units (scoring/scores.py)."""
     S = loaded.seq_len
     target_NST = torch.tensor(np.stack([inputs.targets_OT[r - S + 1:r + 1] for r in rows]),
                               dtype=torch.float32)

@@ -18,4 +18,4 @@ class Forecast:
     mean_NPT: np.ndarray
     quantiles_NPTQ: np.ndarray
     actual_NPT: np.ndarray            # NaN where the outcome is not in the CSV
-    baseline_quantiles: dict[str, np.ndarray]   # trainer.scoring.BASELINES name -> (N, P, T, Q)
+    baseline_quantiles: dict[str, np.ndarray]   # scoring.scores.BASELINES name -> (N, P, T, Q)

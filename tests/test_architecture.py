@@ -13,8 +13,9 @@ from tests.conftest import REPO
 
 # package -> the project packages it may import (besides itself), from the bottom up
 ALLOWED = {"model": set(), "stats": set(), "series": {"model"},
-           "trainer": {"model", "stats", "series"},
-           "forecasting": {"model", "stats", "series", "trainer"},
+           "scoring": {"model", "stats"},
+           "trainer": {"model", "stats", "series", "scoring"},
+           "forecasting": {"model", "stats", "series", "scoring", "trainer"},
            "diagnostics": {"model", "trainer", "stats"},
            "experiments": {"trainer", "stats", "diagnostics"}}
 # The error vocabulary every command shares (UserError, WriteFailed, their exit statuses):
@@ -24,8 +25,8 @@ DISTRIBUTED_OWNERS = {"trainer/distributed.py",            # process groups and 
                       "trainer/checkpoint/manager.py",     # DCP saves and loads
                       "trainer/checkpoint/safe_load.py",   # DCP's metadata and reader, checked
                       "trainer/checkpoint/state.py"}       # the Stateful parts DCP saves
-PROJECT = {"model", "stats", "series", "trainer", "forecasting", "diagnostics", "experiments",
-           "launch", "benchmarks", "tests"}
+PROJECT = {"model", "stats", "series", "scoring", "trainer", "forecasting", "diagnostics",
+           "experiments", "launch", "benchmarks", "tests"}
 
 
 def imported_modules(path: Path) -> set[str]:

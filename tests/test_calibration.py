@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainer.calibration import NUM_PIT_BINS, calibration_by_horizon, pit_counts
+from scoring.calibration import NUM_PIT_BINS, calibration_by_horizon, pit_counts
 
 
 def test_pit_counts_are_a_histogram_per_step():

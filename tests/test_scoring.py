@@ -1,4 +1,4 @@
-"""Scores, baselines and skill intervals (trainer/scoring.py, the mixture math in model/decoder.py)
+"""Scores, baselines and skill intervals (scoring/scores.py, the mixture math in model/decoder.py)
 and the evaluation that applies them on the same windows (trainer/evaluate.py)."""
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from model.decoder import mixture_cdf, mixture_crps, mixture_quantiles
-from tests.dist_workers import join_group, spawn
-from trainer import distributed
-from trainer.scoring import (
+from scoring.scores import (
     PINBALL_SCORES,
     QUANTILE_LEVELS,
     derived_scores,
@@ -26,6 +24,8 @@ from trainer.scoring import (
     scores,
     skill_metrics,
 )
+from tests.dist_workers import join_group, spawn
+from trainer import distributed
 
 
 def random_mixture(shape=(2, 3), K=3, seed=0):

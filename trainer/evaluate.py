@@ -1,13 +1,13 @@
 """Validation and test metrics of the model and the naive baselines, on the same windows.
 
-Per forecaster (the model, `rw_*` and `ewma_*` baselines, see trainer/scoring.py): NLL and CRPS
+Per forecaster (the model, `rw_*` and `ewma_*` baselines, see scoring/scores.py): NLL and CRPS
 (scaled target units), MAE of the median (target units), coverage of the central 50% and 90%
 intervals; overall and `<metric>_per_target` (and `_by_horizon`, [P][T], on request). For the
 model also the effective number of mixture components (exp of the entropy of pi) and the
 pi-weighted fraction of components whose sigma sits at its floor (sigma collapse).
 Sums are taken on every rank's shard and reduced over all ranks. With `with_series`, per-window
 scores in time order, gathered from all ranks, are returned too (`series`, for skill intervals,
-occlusion and the per-window test file), with `calibration_by_horizon` (trainer/calibration.py).
+occlusion and the per-window test file), with `calibration_by_horizon` (scoring/calibration.py).
 """
 from __future__ import annotations
 
@@ -17,10 +17,8 @@ from contextlib import AbstractContextManager, nullcontext
 import numpy as np
 import torch
 
-from stats.intervals import paired_difference
-from trainer import distributed
-from trainer.calibration import NUM_PIT_BINS, calibration_by_horizon, pit_counts
-from trainer.scoring import (
+from scoring.calibration import NUM_PIT_BINS, calibration_by_horizon, pit_counts
+from scoring.scores import (
     BASELINES,
     PART_SCORES,
     QUANTILE_SCORES,
@@ -32,6 +30,8 @@ from trainer.scoring import (
     quantile_scores,
     scores,
 )
+from stats.intervals import paired_difference
+from trainer import distributed
 
 FORECASTERS = ("model", *BASELINES)
 _MODEL_ONLY = ("effective_components", "sigma_at_floor")
@@ -92,7 +92,7 @@ def evaluate(model, loader, device: torch.device, target_std_T, *,
     `blank_columns` zeroes those feature columns (occlusion); `max_batches` caps the batches
     per rank; `with_c2t` adds `c2t_map`, the (targets x bodies) C->T weights averaged over
     samples, horizon and heads; `with_series` adds `series` (see the module docstring);
-    `target_mean_T` (the training means) adds the quantile scores (trainer/scoring.py).
+    `target_mean_T` (the training means) adds the quantile scores (scoring/scores.py).
     `on_batch` is called after each batch (a progress bar's `update`).
     """
     was_training = model.training

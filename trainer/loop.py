@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from scoring.scores import describe_skill, skill_metrics
 from trainer import distributed
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.model_file import load_consolidated, save_consolidated
@@ -37,7 +38,6 @@ from trainer.run_log import (
     stop_if_any_rank_failed_to_write,
     write_failure,
 )
-from trainer.scoring import describe_skill, skill_metrics
 from trainer.test_windows import write_test_windows
 
 if TYPE_CHECKING:

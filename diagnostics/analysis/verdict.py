@@ -17,7 +17,7 @@ from diagnostics.analysis.load import RunData
 from diagnostics.analysis.overfitting import Overfitting, overfitting
 from diagnostics.analysis.thresholds import Thresholds
 
-# The labels of trainer/scoring.py's BASELINE_NAMES, repeated: the offline analysis reads JSON and
+# The labels of scoring/scores.py's BASELINE_NAMES, repeated: the offline analysis reads JSON and
 # does not import the trainer (nor torch) for two strings.
 BASELINES = {"rw": "random walk (training spread)", "ewma": "random walk (EWMA volatility)"}
 ABLATION_POINTER = "whether they help is for a retrained ablation (see README, Experiments)"

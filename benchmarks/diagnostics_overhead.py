@@ -10,7 +10,7 @@ checkpoint interval). Target: at most 3% slower; each record under 100 KB.
 
 Method. The parts of a run from `build_parts` (the real model, optimizer, observers and run
 folder) make two trainers, one with the observers and one with none, each driven through
-`Trainer.run_step`, as `Trainer.run_epoch` drives it: observers are asked `is_active(step)` and
+`Trainer.take_step`, as `Trainer.run_epoch` drives it: observers are asked `is_active(step)` and
 only the active ones are called. Short blocks of steps alternate between
 the full observer set and none, in ABBA order: this machine's speed drifts by 10-20% over tens
 of seconds (a shared VM), so blocks must be much shorter than that for the drift to cancel.
@@ -91,12 +91,13 @@ class Arms:
     def __init__(self, parts) -> None:
         from dataclasses import replace
 
-        from trainer.loop import Progress, Trainer
+        from trainer.loop import Trainer
         from trainer.observer import ObserverGroup
-        total = parts.progress.total_steps
+        from trainer.train_state import TrainState
+        total = parts.train_state.total_steps
         self.trainers = {"on": Trainer(parts),
                          "off": Trainer(replace(parts, observers=ObserverGroup([]),
-                                                progress=Progress(total_steps=total)))}
+                                                train_state=TrainState(total_steps=total)))}
         self.groups = {arm: t.observers for arm, t in self.trainers.items()}
         self.batch_index = 0
 
@@ -105,18 +106,18 @@ class Arms:
         t = self.trainers[arm]
         started = time.perf_counter()
         for _ in range(num_steps):
-            t.run_step([batches[self.batch_index % len(batches)]], 0.0)
+            t.take_step([batches[self.batch_index % len(batches)]], 0.0)
             self.batch_index += 1
         if t.env.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
     def steps_taken(self, arm: str) -> int:
-        return self.trainers[arm].progress.step
+        return self.trainers[arm].train_state.step
 
     def restart_counter(self, arm: str, step: int) -> None:
         """The next step `arm` takes is `step` + 1 (benchmark blocks only: nothing is saved)."""
-        self.trainers[arm].progress.step = step
+        self.trainers[arm].train_state.step = step
 
 
 def warm_up(arms: Arms, batches: list, steps: int) -> None:

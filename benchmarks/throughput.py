@@ -208,7 +208,7 @@ def synthetic_batches(config, spec, device: torch.device, count: int = 4, seed: 
 
 class TimedStep:
     """The run's training step (`trainer.build.build_train_step`: model, optimizer, schedule
-    and precision) with no data, logs, checkpoints or observers, driven as `Trainer.run_step`
+    and precision) with no data, logs, checkpoints or observers, driven as `Trainer.take_step`
     drives it, minus logging."""
 
     def __init__(self, config, spec, device: torch.device) -> None:

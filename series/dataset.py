@@ -482,6 +482,11 @@ class ResumableDistributedSampler(DistributedSampler):
                          seed=seed, drop_last=drop_last)
         self.position = 0
 
+    def start_epoch(self, epoch: int, position: int = 0) -> None:
+        """The next iteration gives epoch `epoch`'s samples from `position` on."""
+        self.set_epoch(epoch)
+        self.position = position
+
     def _remaining(self) -> list[int]:
         n = len(self.dataset)
         if self.shuffle:
@@ -503,6 +508,30 @@ class ResumableDistributedSampler(DistributedSampler):
         if self.drop_last:
             return rest // self.num_replicas
         return len(range(self.rank, rest, self.num_replicas))
+
+
+@dataclass
+class DataBundle:
+    """The prepared data and this rank's loader for each split."""
+
+    prepared: PreparedData
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+
+    @property
+    def train_sampler(self) -> ResumableDistributedSampler:
+        return self.train_loader.sampler
+
+
+def build_loaders(prepared: PreparedData, config: DataConfig, seq_len: int, pred_len: int,
+                  rank: int, world_size: int, seed: int) -> DataBundle:
+    """A loader per split of `prepared`: the training one shuffles (by `seed` and the epoch)."""
+    loaders = {split: build_loader(WindowDataset(prepared, split, seq_len, pred_len,
+                                                 config.window_stride),
+                                   config, rank, world_size, seed, train=split == "train")
+               for split in ("train", "val", "test")}
+    return DataBundle(prepared, loaders["train"], loaders["val"], loaders["test"])
 
 
 def build_loader(dataset: WindowDataset, config: DataConfig, rank: int, world_size: int,

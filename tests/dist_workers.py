@@ -66,7 +66,7 @@ def trainer_with_poisoned_rank(rank, world_size, port, csv, root, poison_step):
     os.environ[faults.ENV_VAR] = f"nan_input:{poison_step}@1"   # rank 1's inputs, that step
     trainer = build_trainer(config, env)
     trainer.train()
-    result = {"skipped": trainer.progress.skipped_steps, "step": trainer.progress.step,
+    result = {"skipped": trainer.train_state.skipped_steps, "step": trainer.train_state.step,
               "param_sum": float(sum(p.double().sum() for p in trainer.model.parameters()))}
     (Path(root) / f"nan{rank}.json").write_text(json.dumps(result))
     distributed.destroy()
@@ -91,13 +91,13 @@ def state_of(trainer) -> dict:
     for p, st in trainer.optimizer.state.items():
         optim[names[p]] = {k: v.clone() for k, v in st.items()}
     return {"model": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
-            "optim": optim, "step": trainer.progress.step}
+            "optim": optim, "step": trainer.train_state.step}
 
 
 def plain_train_step(model, train_model, optimizer, device: torch.device, world_size: int):
     """The loop's own `TrainStep` around `model`, in fp32 at a constant learning rate: the step
     and its hook order as the trainer runs them, without a config."""
-    from trainer.loop import TrainStep
+    from trainer.step import TrainStep
     return TrainStep(model=model, train_model=train_model, optimizer=optimizer,
                      scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
                      scaler=torch.amp.GradScaler(device.type, enabled=False), device=device,

@@ -10,8 +10,8 @@ import torch
 from model import CelestialPGAT
 from series.dataset import WindowDataset, build_loader, prepare
 from tests.conftest import small_config
-from trainer.loop import TrainStep
 from trainer.observer import StepContext
+from trainer.step import TrainStep
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,18 @@ def test_the_build_asks_for_marks_in_the_cuda_graph_modes(short_csv, tmp_path, m
     spec = prepare(config.data, config.model.seq_len, config.model.pred_len).spec
     step = build_train_step(config, spec, distributed.init_distributed("cpu"), total=10)
     assert step.cuda_graphs is cuda_graphs
+
+
+def test_a_model_that_failed_to_compile_asks_for_no_marks(short_csv, tmp_path, monkeypatch):
+    """torch.compile refused: the step runs the eager model, which has no CUDA graphs to mark."""
+    from trainer import distributed
+    from trainer.build import build_train_step
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(torch, "compile", refuse)
+    config = small_config(short_csv, tmp_path, train__compile=True,
+                          train__compile_mode="reduce-overhead")
+    spec = prepare(config.data, config.model.seq_len, config.model.pred_len).spec
+    step = build_train_step(config, spec, distributed.init_distributed("cpu"), total=10)
+    assert step.train_model is step.model and step.cuda_graphs is False

@@ -183,8 +183,7 @@ def _drain(n: int, world: int, position: int, epoch: int = 3) -> list[list[int]]
     for r in range(world):
         sampler = ResumableDistributedSampler(range(n), world, r, shuffle=True, seed=7,
                                               drop_last=True)
-        sampler.set_epoch(epoch)
-        sampler.position = position
+        sampler.start_epoch(epoch, position)
         out.append(list(sampler))
     return out
 
@@ -211,8 +210,7 @@ def test_loader_workers_give_the_same_batches_in_the_same_order(short_csv, tmp_p
     for workers in (0, 2):
         loader = build_loader(train, dataclasses.replace(config.data, num_workers=workers),
                               rank=1, world_size=2, seed=3, train=True)
-        loader.sampler.set_epoch(1)
-        loader.sampler.position = 2 * config.data.batch_size
+        loader.sampler.start_epoch(1, 2 * config.data.batch_size)
         drawn.append([torch.cat([part.flatten() for part in batch]) for batch in loader])
     assert len(drawn[0]) == len(drawn[1]) > 0
     assert all(torch.equal(a, b) for a, b in zip(drawn[0], drawn[1]))

@@ -121,7 +121,7 @@ def test_world_size_two_to_one(short_csv, tmp_path):
     config = small_config(short_csv, tmp_path, "w1", train__resume=str(checkpoint))
     trainer = build_trainer(config, distributed.init_distributed("cpu"))
     _assert_same_state(dist_workers.state_of(trainer), _reference_state(checkpoint, tmp_path))
-    assert trainer.progress.step == 8 and trainer.progress.epoch_position == 8 * 16 * 2
+    assert trainer.train_state.step == 8 and trainer.train_state.epoch_position == 8 * 16 * 2
     # ... and training goes on from there, on one rank, to a longer configured length.
     code, out = finish(launch(train_args(short_csv, tmp_path, "w1b", train__max_steps=12)
                               + ["--resume", str(checkpoint)], ranks=0))

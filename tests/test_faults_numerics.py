@@ -122,7 +122,7 @@ def test_skips_are_named_on_any_step_and_a_run_of_them_stops_cleanly(short_csv, 
                           checkpoint__interval=6, train__validate_at_start=False)
     trainer = build_trainer(config, distributed.init_distributed("cpu"))
     assert trainer.train() == 1
-    assert trainer.progress.step == 10 and trainer.stop_reason == "nonfinite"
+    assert trainer.train_state.step == 10 and trainer.stop_reason == "nonfinite"
     skips = {r["step"]: r for r in _records(tmp_path, "skips", "skip")}
     assert sorted(skips) == [3, 5, 7, 8, 9, 10]
     assert skips[3]["cause"] == "gradient"
@@ -156,8 +156,8 @@ def faulty_ranks(rank, world_size, port, csv, root):
                           train__validate_at_start=False)
     trainer = build_trainer(config, env)
     code = trainer.train()
-    result = {"code": code, "skipped": trainer.progress.skipped_steps,
-              "step": trainer.progress.step,
+    result = {"code": code, "skipped": trainer.train_state.skipped_steps,
+              "step": trainer.train_state.step,
               "param_sum": float(sum(p.double().sum() for p in trainer.model.parameters()))}
     (Path(root) / f"rank{rank}.json").write_text(json.dumps(result))
     distributed.destroy()

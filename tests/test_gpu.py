@@ -105,7 +105,7 @@ def test_bf16_autocast_stays_finite_and_tracks_fp32(short_csv, tmp_path, device)
                              train__precision=precision, train__max_steps=300,
                              train__log_interval=10, train__epochs=100)
         assert trainer.train() == 0
-        assert trainer.progress.skipped_steps == 0
+        assert trainer.train_state.skipped_steps == 0
     fp32, bf16 = train_losses(tmp_path, f"fp32_{device}"), train_losses(tmp_path, f"bf16_{device}")
     assert len(bf16) == len(fp32) == 30 and all(math.isfinite(loss) for loss in bf16)
     gaps = [abs(a - b) for a, b in zip(bf16, fp32)]
@@ -136,11 +136,11 @@ def test_checkpoint_moves_between_gpu_and_cpu(short_csv, tmp_path, save_on, load
     checkpoint = tmp_path / "checkpoints" / "saved" / "checkpoint_step_000004"
     loader = trainer_on(load_on, short_csv, tmp_path, "moved", train__max_steps=6,
                         train__resume=str(checkpoint))
-    assert loader.progress.step == 4 and loader.env.device.type == load_on
+    assert loader.train_state.step == 4 and loader.env.device.type == load_on
     assert all(p.device.type == load_on for p in loader.model.parameters())
     _assert_same_state(_cpu_state(loader), _reference_state(checkpoint, tmp_path))
     assert loader.train() == 0                       # and training goes on there
-    assert loader.progress.step == 6
+    assert loader.train_state.step == 6
     assert all(math.isfinite(loss) for loss in train_losses(tmp_path, "moved"))
 
 
@@ -184,7 +184,7 @@ def test_reduce_overhead_compile_trains_like_eager(short_csv, tmp_path):
                                                    "train__compile_mode": "reduce-overhead"})):
         trainer = trainer_on("cuda", short_csv, tmp_path, name, train__max_steps=40,
                              train__log_interval=10, **extra)
-        assert trainer.train() == 0 and trainer.progress.skipped_steps == 0
+        assert trainer.train() == 0 and trainer.train_state.skipped_steps == 0
     eager, graphs = train_losses(tmp_path, "eager"), train_losses(tmp_path, "graphs")
     assert len(graphs) == len(eager) == 4 and all(math.isfinite(x) for x in graphs)
     assert max(abs(a - b) for a, b in zip(graphs, eager)) < BF16_LOSS_TOLERANCE

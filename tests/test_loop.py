@@ -113,7 +113,7 @@ def test_early_stopping_after_patience(short_csv, tmp_path):
                                                    "series": dict(series)}
     trainer = trainer_evaluating_with(flat, short_csv, tmp_path, train__early_stopping_patience=2)
     trainer.validate()
-    assert trainer.stop_reason is None and trainer.progress.best_val_nll == 1.0
+    assert trainer.stop_reason is None and trainer.train_state.best_val_nll == 1.0
     trainer.validate()
     assert trainer.stop_reason is None
     trainer.validate()

@@ -64,7 +64,7 @@ def early_stopped(short_csv, tmp_path_factory):
     parts = build_parts(config, distributed.init_distributed("cpu"))
     trainer = Trainer(dataclasses.replace(parts, evaluate=scripted(parts.evaluate)))
     torch.manual_seed(0)
-    assert trainer.train() == 0 and trainer.progress.step == 6
+    assert trainer.train() == 0 and trainer.train_state.step == 6
     return root
 
 

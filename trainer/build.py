@@ -5,7 +5,6 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import psutil
 import torch
 
 from model import CelestialPGAT
-from series.dataset import PreparedData, WindowDataset, build_loader, ensure_dataset, prepare
+from series.dataset import DataBundle, build_loaders, ensure_dataset, prepare
 from trainer import distributed, experiment_lock, precision
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.config import Config
@@ -22,10 +21,10 @@ from trainer.errors import UserError
 from trainer.experiment_lock import ExperimentLock
 from trainer.faults import FaultHook, from_environment, no_faults
 from trainer.loop import (
-    Progress,
     SplitEvaluator,
     Trainer,
     TrainerParts,
+    TrainState,
     TrainStep,
 )
 from trainer.observer import ObserverFactory, ObserverGroup, RunContext
@@ -44,14 +43,6 @@ from trainer.run_log import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataBundle:
-    prepared: PreparedData
-    train_loader: torch.utils.data.DataLoader
-    val_loader: torch.utils.data.DataLoader
-    test_loader: torch.utils.data.DataLoader
 
 
 def resolve_experiment_name(config: Config, config_path: str | None) -> str:
@@ -78,16 +69,13 @@ def build_data(config: Config, env: DistEnv, faults: FaultHook = no_faults) -> D
 
 def _prepare_loaders(config: Config, env: DistEnv) -> DataBundle:
     m = config.model
-    prepared = prepare(config.data, m.seq_len, m.pred_len)
-    datasets = {split: WindowDataset(prepared, split, m.seq_len, m.pred_len,
-                                     config.data.window_stride) for split in prepared.borders}
-    loaders = {split: build_loader(ds, config.data, env.rank, env.world_size, config.train.seed,
-                                   train=split == "train") for split, ds in datasets.items()}
-    if len(loaders["train"]) < config.train.grad_accum_steps:
-        raise UserError(f"the training split gives {len(loaders['train'])} batches per rank, fewer "
-                        f"than train.grad_accum_steps ({config.train.grad_accum_steps}): lower "
-                        f"data.batch_size or use more data")
-    return DataBundle(prepared, loaders["train"], loaders["val"], loaders["test"])
+    data = build_loaders(prepare(config.data, m.seq_len, m.pred_len), config.data, m.seq_len,
+                         m.pred_len, env.rank, env.world_size, config.train.seed)
+    if len(data.train_loader) < config.train.grad_accum_steps:
+        raise UserError(f"the training split gives {len(data.train_loader)} batches per rank, "
+                        f"fewer than train.grad_accum_steps ({config.train.grad_accum_steps}): "
+                        f"lower data.batch_size or use more data")
+    return data
 
 
 def agree_on_user_error(work):
@@ -126,7 +114,7 @@ def _unwritable(folder: Path) -> str | None:
     return None
 
 
-def open_run_folder(log_dir: Path, config: Config, env: DistEnv, progress: Progress) -> RunLog:
+def open_run_folder(log_dir: Path, config: Config, env: DistEnv, train_state: TrainState) -> RunLog:
     """Create logs/<exp>/ (training_full.log with what was logged so far, config.yaml,
     metrics.jsonl, tensorboard/): only once every input has been checked and the checkpoint to
     resume from loaded, so a refused start leaves nothing behind."""
@@ -136,7 +124,7 @@ def open_run_folder(log_dir: Path, config: Config, env: DistEnv, progress: Progr
         config_path = log_dir / "config.yaml"
         with guarded_write(config_path):
             config_path.write_text(config.to_yaml())
-    run_log = RunLog(log_dir if env.rank == 0 else None, progress.total_steps, progress.step,
+    run_log = RunLog(log_dir if env.rank == 0 else None, train_state.total_steps, train_state.step,
                      config.diagnostics.tensorboard, config.train.progress_bar)
     run_log.describe(config.to_yaml())
     stop_if_any_rank_failed_to_write()      # every file of the folder could be opened
@@ -210,14 +198,14 @@ def build_locked_parts(config: Config, env: DistEnv, checkpoints: CheckpointMana
     check_experiment_folder(checkpoints, resume_request(config)[0], name)
     data = build_data(config, env, faults)    # every input check, before anything is written
     plugged_in = ObserverGroup(plug_in(observers, config))
-    progress = Progress(total_steps=total_steps(config, data),
+    train_state = TrainState(total_steps=total_steps(config, data),
                         length_setting=length_setting(config))
     agree_on_user_error(lambda: check_model_fits(config, data.prepared.spec, env.device))
-    step = build_train_step(config, data.prepared.spec, env, progress.total_steps, faults)
+    step = build_train_step(config, data.prepared.spec, env, train_state.total_steps, faults)
     # Per-rank RNG streams (dropout, graph sampling) derive from the one seed.
     seed_everything(config.train.seed + 1_000_003 * env.rank)
-    resumed_from = resume_if_asked(config, step, progress, checkpoints, data.prepared.spec)
-    run_log = open_run_folder(log_dir, config, env, progress)
+    resumed_from = resume_if_asked(config, step, train_state, checkpoints, data.prepared.spec)
+    run_log = open_run_folder(log_dir, config, env, train_state)
     checkpoints.remove_stale_writes()
     context = RunContext(config=config, model=step.model, train_model=step.train_model,
                          optimizer=step.optimizer, spec=data.prepared.spec, log_dir=log_dir,
@@ -227,7 +215,7 @@ def build_locked_parts(config: Config, env: DistEnv, checkpoints: CheckpointMana
     return TrainerParts(config=config, env=env, data=data, train_step=step,
                         evaluate=SplitEvaluator(step, data), observers=plugged_in,
                         checkpoints=checkpoints, run_log=run_log, run_context=context,
-                        progress=progress, resumed_from=resumed_from, lock=lock,
+                        train_state=train_state, resumed_from=resumed_from, lock=lock,
                         faults=faults)
 
 
@@ -263,15 +251,15 @@ def build_train_step(config: Config, spec, env: DistEnv, total: int,
     seed_everything(config.train.seed)
     model = CelestialPGAT(config.model, spec).to(env.device)
     faults("model_built", model=model)
-    train_model = distributed.wrap_ddp(
-        maybe_compile(model, config.train.compile, config.train.compile_mode), env)
+    compiled = maybe_compile(model, config.train.compile, config.train.compile_mode)
+    train_model = distributed.wrap_ddp(compiled, env)
     optimizer = build_optimizer(model, config.optim, env.device)
     dtype = precision.autocast_dtype(agreed_precision(config.train.precision, env))
     return TrainStep(model=model, train_model=train_model, optimizer=optimizer,
                      scheduler=build_scheduler(optimizer, config.optim, total),
                      scaler=torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16),
                      device=env.device, world_size=env.world_size, autocast_dtype=dtype,
-                     cuda_graphs=config.train.compile
+                     cuda_graphs=compiled is not model
                      and config.train.compile_mode in CUDA_GRAPH_MODES)
 
 
@@ -314,4 +302,4 @@ def describe_run(trainer: Trainer) -> None:
     log.info("effective batch %d = %d per rank x %d rank(s) x %d accumulation; %d steps per "
              "epoch, %d steps in all", trainer.samples_per_step, c.data.batch_size,
              env.world_size, c.train.grad_accum_steps, steps_per_epoch(c, trainer.data),
-             trainer.progress.total_steps)
+             trainer.train_state.total_steps)

@@ -1,5 +1,6 @@
-"""The training loop: `Trainer.train()` runs epochs; its `train_step` (a `TrainStep`) is one
-optimizer step.
+"""The training loop: `Trainer.train()` runs epochs, `Trainer.take_step` takes one optimizer
+step (its `train_step`, a `TrainStep` of trainer/step.py) and does what the step boundary asks
+(logging, validation, checkpoints, requests from signals).
 
 Everything that changes control flow (skip a step, stop, save now, early stopping) is decided
 from values every rank has (all-reduced gradients and metrics) or agreed with one small
@@ -12,11 +13,11 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,7 +28,7 @@ from trainer.checkpoint.model_file import load_consolidated, save_consolidated
 from trainer.checkpoint.state import checkpointed_state
 from trainer.evaluate import celestial_effect, evaluate
 from trainer.faults import FaultHook, no_faults
-from trainer.nonfinite import FiniteCheck, describe_skip, skip_message
+from trainer.nonfinite import describe_skip, skip_message
 from trainer.observer import EXIT_PRUNED, ObserverGroup, RunContext, StepContext
 from trainer.preemption import EXIT_PREEMPTED, process_requests, requeue_slurm_job
 from trainer.resources import memory_mb
@@ -38,35 +39,17 @@ from trainer.run_log import (
     stop_if_any_rank_failed_to_write,
     write_failure,
 )
+from trainer.step import TrainStep
 from trainer.test_windows import write_test_windows
+from trainer.train_state import TrainState
 
 if TYPE_CHECKING:
+    from series.dataset import DataBundle
     from trainer.config import Config
     from trainer.experiment_lock import ExperimentLock
     from trainer.run_log import RunLog
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Progress:
-    step: int = 0                   # optimizer steps taken (skipped ones included)
-    epoch: int = 0
-    epoch_position: int = 0         # samples of this epoch's permutation consumed (all ranks)
-    total_steps: int = 0            # fixed at the first start: the LR schedule depends on it
-    length_setting: str = ""        # "epochs=E max_steps=M" that total_steps was computed from
-    best_val_nll: float = math.inf
-    evals_without_improvement: int = 0
-    skipped_steps: int = 0
-    consecutive_skips: int = 0
-
-    # A Stateful part of the checkpoint (loaded in place: whoever holds it sees the new state).
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, sd: dict) -> None:
-        for f in fields(self):
-            setattr(self, f.name, sd[f.name])
 
 
 class IntervalMeter:
@@ -116,9 +99,6 @@ def flat_hparams(config) -> dict:
     return flat
 
 
-NO_OBSERVERS = ObserverGroup([])
-
-
 class StopReason(str, Enum):
     """Why a run ends before its configured length. Each is decided where it is found (a stop
     signal in act_on_requests, non-finite steps in _count_skips, a pruning observer and early
@@ -136,71 +116,6 @@ class StopReason(str, Enum):
     def keeps_state(self) -> bool:
         """Whether the state is worth a checkpoint: a diverged or pruned run is not continued."""
         return self not in (StopReason.NONFINITE, StopReason.PRUNED)
-
-
-class TrainStep:
-    """One optimizer step: forward/backward over the micro-batches, clip, and step (skipped if
-    non-finite). Built from the config in trainer.build; the benchmarks time it on its own."""
-
-    def __init__(self, *, model, train_model: torch.nn.Module, optimizer, scheduler, scaler,
-                 device: torch.device, world_size: int, autocast_dtype,
-                 cuda_graphs: bool = False) -> None:
-        self.model, self.train_model = model, train_model
-        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-        self.device, self.world_size, self.autocast_dtype = device, world_size, autocast_dtype
-        # Compiled with CUDA graphs (train.compile_mode): each forward starts a new generation,
-        # so the previous step's graph outputs may be overwritten once backward has used them.
-        self.cuda_graphs = cuda_graphs
-        self.finite_check = FiniteCheck(model)
-        self.fused_optimizer = bool(optimizer.defaults.get("fused"))
-
-    def __call__(self, micro_batches, ctx: StepContext,
-                 observers: ObserverGroup = NO_OBSERVERS) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the loss and the step's non-finite flags (on the device: no sync)."""
-        observers.before_forward(ctx)
-        loss_sum = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro_batches):
-            batch = batch.to(self.device, non_blocking=True)
-            syncing = i == len(micro_batches) - 1
-            if self.cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with self._no_sync_unless(syncing), self.autocast():
-                out = self.train_model(batch.wave, batch.target, batch.future_wave,
-                                       return_attention=observers.needs_attention)
-                loss = out.loss(batch.future_target) / len(micro_batches)
-            self.scaler.scale(self.finite_check.guard_loss(loss, batch)).backward()
-            loss_sum += loss.detach()
-            observers.collect(ctx, out)
-        self.scaler.unscale_(self.optimizer)
-        observers.after_backward(ctx)
-        max_norm = ctx.clip_norm if ctx.clip_norm > 0 else math.inf
-        ctx.grad_norm, part_flags = self.finite_check.clip(max_norm)
-        ctx.found_inf = (~torch.isfinite(ctx.grad_norm)).float()
-        observers.before_optimizer_step(ctx)
-        self._optimizer_step(ctx.found_inf)
-        return loss_sum, part_flags
-
-    def _optimizer_step(self, found_inf: torch.Tensor) -> None:
-        """Step unless the (all-reduced, so rank-wide) gradient is non-finite. Fused AdamW skips
-        on the device from `found_inf`, with no host sync; other optimizers must read it."""
-        if self.fused_optimizer:
-            self.optimizer.grad_scale, self.optimizer.found_inf = None, found_inf
-            self.optimizer.step()
-        elif found_inf.item() == 0:
-            self.optimizer.step()
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _no_sync_unless(self, syncing: bool):
-        if syncing or self.world_size == 1:
-            return nullcontext()
-        return self.train_model.no_sync()
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
 class SplitEvaluator:
@@ -221,14 +136,14 @@ class TrainerParts:
 
     config: Config
     env: distributed.DistEnv
-    data: Any                         # trainer.build.DataBundle (build imports this module)
+    data: DataBundle
     train_step: TrainStep
     evaluate: Callable[..., dict]     # SplitEvaluator, or a stand-in in tests
     observers: ObserverGroup
     checkpoints: CheckpointManager
     run_log: RunLog
     run_context: RunContext
-    progress: Progress                # its total_steps and length_setting: this run's plan
+    train_state: TrainState           # its total_steps and length_setting: this run's plan
     resumed_from: Path | None = None  # the checkpoint loaded into the parts, if any
     lock: ExperimentLock | None = None    # the experiment's one-writer lock, on rank 0
     faults: FaultHook = no_faults     # called at the named points of trainer.faults
@@ -242,8 +157,8 @@ class Trainer:
         self.optimizer, self.scheduler = self.train_step.optimizer, self.train_step.scheduler
         self.observers, self.checkpoints = parts.observers, parts.checkpoints
         self.run_log, self.lock, self.faults = parts.run_log, parts.lock, parts.faults
-        self.run_context, self.progress = parts.run_context, parts.progress
-        self.app_state = checkpointed_state(self.train_step, self.progress, self.config)
+        self.run_context, self.train_state = parts.run_context, parts.train_state
+        self.app_state = checkpointed_state(self.train_step, self.train_state, self.config)
         self.requests = process_requests()
         self.meter = IntervalMeter(self.env.device)
         self.stop_reason: StopReason | None = None
@@ -272,12 +187,12 @@ class Trainer:
             if self.stopped_before_training("start-up"):
                 return EXIT_PREEMPTED
             self.observers.on_start(self.run_context)
-            if self.progress.step == 0 and self.config.train.validate_at_start:
+            if self.train_state.step == 0 and self.config.train.validate_at_start:
                 self.validate()   # the starting point, so the curve shows what training gained
                 if self.stopped_before_training("the first validation"):
                     return EXIT_PREEMPTED
             self.meter.reset()    # the first interval's clock starts with training
-            while self.stop_reason is None and self.progress.step < self.progress.total_steps:
+            while self.stop_reason is None and self.train_state.step < self.train_state.total_steps:
                 self.run_epoch()
             return self.finish()
         finally:
@@ -300,8 +215,7 @@ class Trainer:
 
     def run_epoch(self) -> None:
         loader = self.data.train_loader
-        loader.sampler.set_epoch(self.progress.epoch)
-        loader.sampler.position = self.progress.epoch_position
+        self.train_state.start_epoch(self.data.train_sampler)
         accum = self.config.train.grad_accum_steps
         micro_batches, data_time, fetch_started = [], 0.0, time.perf_counter()
         for batch in loader:
@@ -309,34 +223,34 @@ class Trainer:
             micro_batches.append(batch)
             if len(micro_batches) == accum:
                 self.meter.data_time += data_time
-                self.run_step(micro_batches, data_time)
+                self.take_step(micro_batches, data_time)
                 micro_batches, data_time = [], 0.0
-                if self.stop_reason or self.progress.step >= self.progress.total_steps:
+                if self.stop_reason or self.train_state.step >= self.train_state.total_steps:
                     return
             fetch_started = time.perf_counter()
         self.end_epoch()
 
-    def run_step(self, micro_batches, data_time: float) -> None:
+    def take_step(self, micro_batches, data_time: float) -> None:
         step_started = time.perf_counter()
-        step = self.progress.step + 1
-        ctx = StepContext(step=step, epoch=self.progress.epoch, lr=self.scheduler.get_last_lr()[0],
+        step = self.train_state.step + 1
+        ctx = StepContext(step=step, epoch=self.train_state.epoch,
+                          lr=self.scheduler.get_last_lr()[0],
                           clip_norm=self.config.optim.grad_clip_norm, data_time_s=data_time)
         self.observers.start_step(step)
         self.faults("before_step", step)
         loss, part_flags = self.train_step(micro_batches, ctx, self.observers)
-        self.progress.step = step
-        self.progress.epoch_position += self.samples_per_step
+        self.train_state.took_step(self.samples_per_step)
         self.meter.add(loss, ctx.grad_norm, ctx.found_inf, ctx.clip_norm, part_flags)
         ctx.step_time_s = time.perf_counter() - step_started
         self.observers.after_step(ctx)
-        self.after_step(step)
+        self.at_step_boundary(step)
 
     # ---------------------------------------------------------- step boundary
-    def after_step(self, step: int) -> None:
+    def at_step_boundary(self, step: int) -> None:
         self.faults("after_step", step)
         train = self.config.train
         if step % train.log_interval == 0:
-            self.log_interval(step)
+            self.log_training(step)
         else:
             self.run_log.advance()
         if train.eval_interval and step % train.eval_interval == 0:
@@ -359,11 +273,11 @@ class Trainer:
         r.save_now = False
         if stop and self.stop(StopReason.SIGNAL):
             self.requeue_requested = requeue and not cancel    # a SIGTERM anywhere cancels
-            log.warning("stop requested (signal) at step %d: %s", self.progress.step, then)
+            log.warning("stop requested (signal) at step %d: %s", self.train_state.step, then)
         elif save_now:
             self.save_checkpoint(now=True)
 
-    def log_interval(self, step: int) -> None:
+    def log_training(self, step: int) -> None:
         """One sync: read the interval's sums, log them, check for runs of skipped steps."""
         m = self.meter
         if self.env.device.type == "cuda":
@@ -372,7 +286,8 @@ class Trainer:
         flags = [int(f) for f in torch.stack(m.skip_flags).tolist()]
         skipped = [step - len(flags) + 1 + i for i, f in enumerate(flags) if f]
         done = len(flags) - len(skipped)
-        values = {"epoch": self.progress.epoch, "loss": m.loss.item() / done if done else math.nan,
+        values = {"epoch": self.train_state.epoch,
+                  "loss": m.loss.item() / done if done else math.nan,
                   "lr": self.scheduler.get_last_lr()[0],
                   "grad_norm": m.norm.item() / done if done else math.nan,
                   "clip_fraction": m.clipped.item() / len(flags), "skipped_steps": len(skipped),
@@ -383,14 +298,14 @@ class Trainer:
         self.run_log.record("train", step, values)
         self.run_log.advance(1, loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         log.info("step %d/%d epoch %d: loss %.4f, lr %.2e, grad norm %.3g, %.1f samples/s",
-                 step, self.progress.total_steps, self.progress.epoch, values["loss"],
+                 step, self.train_state.total_steps, self.train_state.epoch, values["loss"],
                  values["lr"], values["grad_norm"], values["samples_per_s"],
                  extra={"progress_line": True})
         self._count_skips(flags, skipped)
         m.reset()
 
     def _count_skips(self, flags: list[int], skipped: list[int]) -> None:
-        p = self.progress
+        p = self.train_state
         p.skipped_steps += len(skipped)
         for f in flags:
             p.consecutive_skips = p.consecutive_skips + 1 if f else 0
@@ -416,8 +331,7 @@ class Trainer:
             self.run_log.record("skip", step, skip)
 
     def end_epoch(self) -> None:
-        self.progress.epoch += 1
-        self.progress.epoch_position = 0
+        self.train_state.finished_epoch()
         if self.config.train.eval_interval == 0:
             self.validate()
             self.act_on_requests()    # a signal during this validation: stop before the next step
@@ -444,7 +358,7 @@ class Trainer:
     def validate(self) -> None:
         self.faults("validation")
         with self.meter.paused():     # not training time
-            p, step = self.progress, self.progress.step
+            p, step = self.train_state, self.train_state.step
             metrics = self.scored("val", what=f"validation at step {step}")
             improved = metrics["nll"] < p.best_val_nll - 1e-6
             if improved:
@@ -483,10 +397,10 @@ class Trainer:
         """This step's checkpoint, if the manager finds one due (CheckpointManager.maybe_save)."""
         with self.meter.paused():     # not training time; blocked_s is recorded below
             blocked = self.checkpoints.maybe_save(
-                self.progress.step, {"app": self.app_state},
+                self.train_state.step, {"app": self.app_state},
                 lambda: checkpoint_files(self.config, self.model.spec), last=last, now=now)
         if blocked is not None:
-            self.run_log.record("checkpoint", self.progress.step, {"blocked_s": blocked})
+            self.run_log.record("checkpoint", self.train_state.step, {"blocked_s": blocked})
 
     def save_model_file(self, name: str, metrics: dict, weights_step: int | None = None) -> None:
         """A single-file model; its `step` is the step of its weights (default: this one)."""
@@ -497,8 +411,8 @@ class Trainer:
                 save_consolidated(path, self.model, {
                     "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
                     "scaling": self.data.prepared.scaling(),
-                    "step": self.progress.step if weights_step is None else weights_step,
-                    "epoch": self.progress.epoch,
+                    "step": self.train_state.step if weights_step is None else weights_step,
+                    "epoch": self.train_state.epoch,
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
 
     def report_stop(self) -> None:
@@ -517,18 +431,19 @@ class Trainer:
         newest = self.checkpoints.complete_checkpoints()
         log.error("run stopped at step %d after %d non-finite steps in a row (see the `skip` "
                   "lines in metrics.jsonl for what went non-finite); newest checkpoint: %s",
-                  self.progress.step, self.progress.consecutive_skips,
+                  self.train_state.step, self.train_state.consecutive_skips,
                   newest[0] if newest else "none")
         return 1
 
     def stop_pruned(self) -> int:
         """End a run an observer pruned: no checkpoint, no test (it is not to be continued)."""
         self.checkpoints.wait()
-        self.run_log.record("pruned", self.progress.step,
-                            {"epoch": self.progress.epoch, "val_nll": self.last_validation["nll"]})
+        state = self.train_state
+        self.run_log.record("pruned", state.step,
+                            {"epoch": state.epoch, "val_nll": self.last_validation["nll"]})
         stop_if_any_rank_failed_to_write()
         log.info("pruned at step %d: no checkpoint saved, the test split not scored",
-                 self.progress.step)
+                 self.train_state.step)
         return EXIT_PRUNED
 
     def restore_best_weights(self) -> dict | None:
@@ -544,7 +459,7 @@ class Trainer:
         self.weights_step = int(saved["step"])
         metrics = self.scored("val", what=f"validation of the restored weights of step "
                                           f"{self.weights_step}")
-        self.run_log.record("val", self.progress.step, {"epoch": self.progress.epoch,
+        self.run_log.record("val", self.train_state.step, {"epoch": self.train_state.epoch,
                                                         "restored_best": True, **metrics},
                             tag="val_kept", weights_step=self.weights_step)
         log.info("early stopping: restored the best weights, of step %d (validation NLL %.4f)",
@@ -553,7 +468,7 @@ class Trainer:
 
     def finish(self) -> int:
         if self.meter.skip_flags:
-            self.log_interval(self.progress.step)    # the steps since the last log line
+            self.log_training(self.train_state.step)    # the steps since the last log line
         if self.stop_reason is StopReason.NONFINITE:
             return self.stop_nonfinite()
         if self.stop_reason is StopReason.PRUNED:
@@ -563,22 +478,22 @@ class Trainer:
         if self.stop_reason is StopReason.SIGNAL:
             self.report_stop()
             return EXIT_PREEMPTED
-        if self.last_validation_step != self.progress.step:
+        if self.last_validation_step != self.train_state.step:
             self.validate()
-        self.weights_step = self.progress.step       # unless the best weights are restored
+        self.weights_step = self.train_state.step       # unless the best weights are restored
         final = self.restore_best_weights() or self.last_validation
         self.save_model_file("final_model.pth", final, self.weights_step)
         test = self.test()
-        self.run_log.record("test", self.progress.step, test, weights_step=self.weights_step)
+        self.run_log.record("test", self.train_state.step, test, weights_step=self.weights_step)
         self.observers.on_end({"val": final, "test": test,
-                               "best_val_nll": self.progress.best_val_nll})
+                               "best_val_nll": self.train_state.best_val_nll})
         self.run_log.hparams(flat_hparams(self.config), {
-            "hparam/best_val_nll": self.progress.best_val_nll, "hparam/test_nll": test["nll"],
+            "hparam/best_val_nll": self.train_state.best_val_nll, "hparam/test_nll": test["nll"],
             "hparam/test_mae": test["mae"], "hparam/test_coverage_90": test["coverage_90"],
             "hparam/test_skill": test["skill"]})
         log.info("finished at step %d (%s): best validation NLL %.4f, test NLL %.4f (%s)",
-                 self.progress.step, self.stop_reason or "completed",
-                 self.progress.best_val_nll, test["nll"], describe_skill(test))
+                 self.train_state.step, self.stop_reason or "completed",
+                 self.train_state.best_val_nll, test["nll"], describe_skill(test))
         stop_if_any_rank_failed_to_write()    # the final model, test line and summaries
         log.info("logs: %s   checkpoints: %s   analyse with: python launch/analyze.py --log_dir %s",
                  self.run_context.log_dir, self.checkpoints.folder, self.run_context.log_dir)

@@ -31,6 +31,8 @@ from trainer.optim import apply_optim_settings, set_total_steps
 
 if TYPE_CHECKING:
     from model.config import InputSpec
+    from trainer.step import TrainStep
+    from trainer.train_state import TrainState
 
 log = logging.getLogger(__name__)
 LAYOUT_FILE = "layout.json"
@@ -255,11 +257,10 @@ def resume_request(config: Config) -> tuple[str, Path | None]:
     return "auto", Path(requested) if requested not in ("", "auto") else None
 
 
-def resume_if_asked(config: Config, step, progress,
+def resume_if_asked(config: Config, step: TrainStep, train_state: TrainState,
                     checkpoints: CheckpointManager, spec: InputSpec) -> Path | None:
-    """Load the checkpoint `train.resume` asks for into the parts (`step`: the TrainStep,
-    `progress`: its Progress); returns its folder (None: a fresh start). Refusals are one-line
-    UserErrors on every rank."""
+    """Load the checkpoint `train.resume` asks for into the step and the train state; returns
+    its folder (None: a fresh start). Refusals are one-line UserErrors on every rank."""
     resume, fallback = resume_request(config)
     if not resume:
         return None
@@ -268,23 +269,23 @@ def resume_if_asked(config: Config, step, progress,
         log.info("--resume auto: no usable checkpoint in %s (none saved yet), starting fresh",
                  checkpoints.folder)
         return None
-    load_checkpoint(folder, config, step, progress, checkpoints)
+    load_checkpoint(folder, config, step, train_state, checkpoints)
     return folder
 
 
-def load_checkpoint(folder: Path, config: Config, step, progress,
+def load_checkpoint(folder: Path, config: Config, step: TrainStep, train_state: TrainState,
                     checkpoints: CheckpointManager) -> None:
     """Load the checkpoint in `folder` into the parts; what this run's config changed (the
     optimizer settings, the run length) applies over it."""
-    planned = replace(progress)
-    checkpoints.load(folder, {"app": checkpointed_state(step, progress, config)})
+    planned = replace(train_state)
+    checkpoints.load(folder, {"app": checkpointed_state(step, train_state, config)})
     log.info("resumed from %s at step %d (epoch %d, %d samples into it)", folder,
-             progress.step, progress.epoch, progress.epoch_position)
+             train_state.step, train_state.epoch, train_state.epoch_position)
     apply_changed_settings(step, config, saved_config(folder))
-    keep_planned_length(progress, planned, step.scheduler)
+    keep_planned_length(train_state, planned, step.scheduler)
 
 
-def apply_changed_settings(step, config: Config, saved: dict) -> None:
+def apply_changed_settings(step: TrainStep, config: Config, saved: dict) -> None:
     """A checkpoint restores its own optimizer hyperparameters and LR schedule; settings the
     resumed run changed are applied over them (and logged), never silently dropped."""
     now = config.to_dict()
@@ -299,12 +300,13 @@ def apply_changed_settings(step, config: Config, saved: dict) -> None:
         log.info("%s changed on resume (checkpoint %s, this run %s): applied", key, old, new)
 
 
-def keep_planned_length(progress, planned, scheduler) -> None:
+def keep_planned_length(train_state: TrainState, planned: TrainState, scheduler) -> None:
     """A resumed run keeps its length (and LR schedule) unless `epochs`/`max_steps` changed."""
-    if progress.length_setting == planned.length_setting:
+    if train_state.length_setting == planned.length_setting:
         return
     log.info("run length changed on resume (%s -> %s): %d steps in all, the LR schedule "
-             "follows the new length", progress.length_setting, planned.length_setting,
+             "follows the new length", train_state.length_setting, planned.length_setting,
              planned.total_steps)
-    progress.total_steps, progress.length_setting = planned.total_steps, planned.length_setting
+    train_state.total_steps = planned.total_steps
+    train_state.length_setting = planned.length_setting
     set_total_steps(scheduler, planned.total_steps)

@@ -68,10 +68,10 @@ class ScalerState(Stateful):
             self.scaler.load_state_dict(sd)
 
 
-def checkpointed_state(step, progress: Stateful, config) -> AppState:
+def checkpointed_state(step, train_state: Stateful, config) -> AppState:
     """The Stateful parts a sharded checkpoint holds for a training step (a TrainStep) and
-    its progress, under the key names it always had."""
+    its TrainState, under the key names it always had (the train state's is `progress`)."""
     return AppState({"model": ModelState(step.train_model),
                      "optimizer": OptimizerState(step.train_model, step.optimizer),
                      "scheduler": step.scheduler, "scaler": ScalerState(step.scaler),
-                     "progress": progress}, config_yaml=config.to_yaml())
+                     "progress": train_state}, config_yaml=config.to_yaml())

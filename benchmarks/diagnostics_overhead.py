@@ -214,7 +214,7 @@ def measure_config(config_path: str, args: argparse.Namespace, out: Path) -> dic
     c = trainer.config
     return {"config": str(config_path), "batch_size": c.data.batch_size,
             "d_model": c.model.d_model,
-            "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            "parameters": sum(p.numel() for p in trainer.train_step.model.parameters()),
             "device": str(trainer.env.device), "torch_threads": torch.get_num_threads(),
             "block_steps": args.block, "pairs": args.pairs, **result,
             "intervals": intervals(c), "observer_activations": activations(arms),

@@ -66,8 +66,9 @@ def trainer_with_poisoned_rank(rank, world_size, port, csv, root, poison_step):
     os.environ[faults.ENV_VAR] = f"nan_input:{poison_step}@1"   # rank 1's inputs, that step
     trainer = build_trainer(config, env)
     trainer.train()
+    model = trainer.train_step.model
     result = {"skipped": trainer.train_state.skipped_steps, "step": trainer.train_state.step,
-              "param_sum": float(sum(p.double().sum() for p in trainer.model.parameters()))}
+              "param_sum": float(sum(p.double().sum() for p in model.parameters()))}
     (Path(root) / f"nan{rank}.json").write_text(json.dumps(result))
     distributed.destroy()
 
@@ -86,11 +87,12 @@ def resume_and_report_state(rank, world_size, port, csv, root, checkpoint):
 
 def state_of(trainer) -> dict:
     """Model parameters and AdamW moments keyed by parameter name."""
-    names = {p: n for n, p in trainer.model.named_parameters()}
+    names = {p: n for n, p in trainer.train_step.model.named_parameters()}
     optim = {}
-    for p, st in trainer.optimizer.state.items():
+    for p, st in trainer.train_step.optimizer.state.items():
         optim[names[p]] = {k: v.clone() for k, v in st.items()}
-    return {"model": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+    model = trainer.train_step.model
+    return {"model": {n: p.detach().clone() for n, p in model.named_parameters()},
             "optim": optim, "step": trainer.train_state.step}
 
 

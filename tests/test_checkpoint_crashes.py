@@ -159,6 +159,6 @@ def test_changed_optim_on_resume_is_applied_and_logged(short_csv, tmp_path, refe
                           train__resume=str(checkpoint), optim__lr=1e-4)
     trainer = build_trainer(config, distributed.init_distributed("cpu"))
     assert "optim.lr changed on resume (checkpoint 0.0005, this run 0.0001): applied" in caplog.text
-    multiplier = trainer.scheduler.lr_lambdas[0](trainer.scheduler.last_epoch)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * multiplier)
+    multiplier = trainer.train_step.scheduler.lr_lambdas[0](trainer.train_step.scheduler.last_epoch)
+    assert trainer.train_step.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * multiplier)
     shutil.rmtree(tmp_path / "logs", ignore_errors=True)

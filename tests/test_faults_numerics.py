@@ -158,7 +158,8 @@ def faulty_ranks(rank, world_size, port, csv, root):
     code = trainer.train()
     result = {"code": code, "skipped": trainer.train_state.skipped_steps,
               "step": trainer.train_state.step,
-              "param_sum": float(sum(p.double().sum() for p in trainer.model.parameters()))}
+              "param_sum": float(sum(p.double().sum()
+                                     for p in trainer.train_step.model.parameters()))}
     (Path(root) / f"rank{rank}.json").write_text(json.dumps(result))
     distributed.destroy()
 

@@ -137,7 +137,7 @@ def test_checkpoint_moves_between_gpu_and_cpu(short_csv, tmp_path, save_on, load
     loader = trainer_on(load_on, short_csv, tmp_path, "moved", train__max_steps=6,
                         train__resume=str(checkpoint))
     assert loader.train_state.step == 4 and loader.env.device.type == load_on
-    assert all(p.device.type == load_on for p in loader.model.parameters())
+    assert all(p.device.type == load_on for p in loader.train_step.model.parameters())
     _assert_same_state(_cpu_state(loader), _reference_state(checkpoint, tmp_path))
     assert loader.train() == 0                       # and training goes on there
     assert loader.train_state.step == 6

@@ -53,7 +53,7 @@ def test_record_norms_equal_norms_of_grad(short_csv, tmp_path):
         jsonschema.validate(record, GRADIENT_RECORD)
         for name, comp in record["components"].items():
             assert comp["norm"] == pytest.approx(reference[step][name], rel=1e-5)
-            params = trainer.model.component_parameters()[name]
+            params = trainer.train_step.model.component_parameters()[name]
             assert comp["num_params"] == sum(p.numel() for _, p in params)
             assert comp["update_ratio"] > 0 and comp["status"] == "healthy"
         assert record["total_norm"] == pytest.approx(reference[step]["__total__"], rel=1e-5)

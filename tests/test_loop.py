@@ -62,9 +62,9 @@ def test_short_run_writes_logs_checkpoints_and_model_files(short_csv, tmp_path):
 
 
 def _one_step_params(trainer, micro_batches):
-    trainer.model.eval()          # no dropout or graph sampling: both runs see the same function
+    trainer.train_step.model.eval()   # no dropout or graph sampling: both runs see one function
     trainer.train_step(micro_batches, _ctx(trainer))
-    return [p.detach().clone() for p in trainer.model.parameters()]
+    return [p.detach().clone() for p in trainer.train_step.model.parameters()]
 
 
 def _ctx(trainer):
@@ -86,11 +86,11 @@ def test_nonfinite_step_is_skipped_exactly(short_csv, tmp_path):
     trainer = make_trainer(short_csv, tmp_path)
     batch = next(iter(trainer.data.train_loader))
     batch.target[0, 0, 0] = float("nan")
-    before = [p.detach().clone() for p in trainer.model.parameters()]
+    before = [p.detach().clone() for p in trainer.train_step.model.parameters()]
     ctx = _ctx(trainer)
     trainer.train_step([batch], ctx)
     assert ctx.found_inf.item() == 1.0
-    assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.train_step.model.parameters()))
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(short_csv, tmp_path, caplog, injected_faults):

@@ -24,7 +24,7 @@ def test_with_every_flag_off_the_step_asks_for_nothing(short_csv, tmp_path):
 
     def spy(module, args, kwargs):
         requested.append(kwargs.get("return_attention", False))
-    trainer.model.register_forward_pre_hook(spy, with_kwargs=True)
+    trainer.train_step.model.register_forward_pre_hook(spy, with_kwargs=True)
     assert trainer.train() == 0
     assert requested and not any(requested)
     assert not (tmp_path / "logs" / "off" / "gradients").exists()

@@ -293,7 +293,7 @@ def length_setting(config: Config) -> str:
 
 def describe_run(trainer: Trainer) -> None:
     c, env = trainer.config, trainer.env
-    params = sum(p.numel() for p in trainer.model.parameters())
+    params = sum(p.numel() for p in trainer.train_step.model.parameters())
     log.info("experiment %s: logs in %s, checkpoints in %s", c.train.experiment_name,
              trainer.run_context.log_dir, trainer.checkpoints.folder)
     log.info("device %s x %d rank(s), backend %s, precision %s, %s parameters",

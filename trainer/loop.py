@@ -153,8 +153,6 @@ class Trainer:
     def __init__(self, parts: TrainerParts) -> None:
         self.config, self.env, self.data = parts.config, parts.env, parts.data
         self.train_step, self.evaluate = parts.train_step, parts.evaluate
-        self.model, self.train_model = self.train_step.model, self.train_step.train_model
-        self.optimizer, self.scheduler = self.train_step.optimizer, self.train_step.scheduler
         self.observers, self.checkpoints = parts.observers, parts.checkpoints
         self.run_log, self.lock, self.faults = parts.run_log, parts.lock, parts.faults
         self.run_context, self.train_state = parts.run_context, parts.train_state
@@ -234,7 +232,7 @@ class Trainer:
         step_started = time.perf_counter()
         step = self.train_state.step + 1
         ctx = StepContext(step=step, epoch=self.train_state.epoch,
-                          lr=self.scheduler.get_last_lr()[0],
+                          lr=self.train_step.scheduler.get_last_lr()[0],
                           clip_norm=self.config.optim.grad_clip_norm, data_time_s=data_time)
         self.observers.start_step(step)
         self.faults("before_step", step)
@@ -288,7 +286,7 @@ class Trainer:
         done = len(flags) - len(skipped)
         values = {"epoch": self.train_state.epoch,
                   "loss": m.loss.item() / done if done else math.nan,
-                  "lr": self.scheduler.get_last_lr()[0],
+                  "lr": self.train_step.scheduler.get_last_lr()[0],
                   "grad_norm": m.norm.item() / done if done else math.nan,
                   "clip_fraction": m.clipped.item() / len(flags), "skipped_steps": len(skipped),
                   "samples_per_s": len(flags) * self.samples_per_step / elapsed,
@@ -346,7 +344,7 @@ class Trainer:
         with self.run_log.phase(what or f"{split} split", passes * len(loader)) as bar:
             metrics = self.evaluate(split, with_series=True, on_batch=bar.update)
             if with_effect:
-                metrics.update(celestial_effect(self.evaluate, split, self.model.spec,
+                metrics.update(celestial_effect(self.evaluate, split, self.data.prepared.spec,
                                                 self.config.model.pred_len,
                                                 self.config.data.window_stride, base=metrics,
                                                 on_batch=bar.update))
@@ -398,7 +396,7 @@ class Trainer:
         with self.meter.paused():     # not training time; blocked_s is recorded below
             blocked = self.checkpoints.maybe_save(
                 self.train_state.step, {"app": self.app_state},
-                lambda: checkpoint_files(self.config, self.model.spec), last=last, now=now)
+                lambda: checkpoint_files(self.config, self.data.prepared.spec), last=last, now=now)
         if blocked is not None:
             self.run_log.record("checkpoint", self.train_state.step, {"blocked_s": blocked})
 
@@ -408,8 +406,8 @@ class Trainer:
         if distributed.is_main():
             # a failure is held and agreed at the step's end
             with guarded_write(path, leftover=path.with_suffix(".tmp")):
-                save_consolidated(path, self.model, {
-                    "config": self.config.to_dict(), "spec": self.model.spec.to_dict(),
+                save_consolidated(path, self.train_step.model, {
+                    "config": self.config.to_dict(), "spec": self.data.prepared.spec.to_dict(),
                     "scaling": self.data.prepared.scaling(),
                     "step": self.train_state.step if weights_step is None else weights_step,
                     "epoch": self.train_state.epoch,
@@ -455,7 +453,7 @@ class Trainer:
             return None
         distributed.barrier()
         saved = load_consolidated(best)
-        self.model.load_state_dict(saved["model"])
+        self.train_step.model.load_state_dict(saved["model"])
         self.weights_step = int(saved["step"])
         metrics = self.scored("val", what=f"validation of the restored weights of step "
                                           f"{self.weights_step}")

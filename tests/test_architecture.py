@@ -152,7 +152,7 @@ def test_stats_needs_only_numpy_and_scipy():
 
 def test_torch_distributed_is_imported_only_where_it_is_owned():
     users = {str(path.relative_to(REPO))
-             for package in ("model", "trainer", "diagnostics", "launch")
+             for package in (*ALLOWED, "launch")
              for path in sources(package)
              if any(name.startswith("torch.distributed") for name in imported_modules(path))}
     assert users == DISTRIBUTED_OWNERS
@@ -166,3 +166,16 @@ def test_the_offline_analysis_loads_without_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True, timeout=120).stdout
     assert out.strip() == "[]"
+
+
+LONGEST_FUNCTION = 60      # lines, ../shared/STYLE.md's anchor
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    long = [f"{path.relative_to(REPO)}:{node.lineno} {node.name} "
+            f"({node.end_lineno - node.lineno + 1} lines)"
+            for package in sorted(PROJECT) for path in sources(package)
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION]
+    assert not long, long

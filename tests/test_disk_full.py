@@ -206,7 +206,8 @@ def read_only_filesystem(where: Path):
 
 
 def test_read_only_checkpoint_folder_is_refused_before_anything_is_written(short_csv, tmp_path):
-    """It was found only at the first save, after training, as a full disk ("make room")."""
+    """Refused at the start, saying read-only: not met at the first save, after training, and
+    reported as a full disk ("make room")."""
     from tests.test_fuzz_inputs import run_refused
     with read_only_filesystem(tmp_path / "ro") as ro:
         overrides = small_overrides(short_csv, tmp_path, "ro") + [

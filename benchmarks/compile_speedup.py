@@ -13,7 +13,6 @@ would: the compiled setting then runs eager, says so, and no speedup is claimed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,21 +21,14 @@ if __package__ in (None, ""):          # run as a file: make `benchmarks.*` impo
 
 import torch
 
-from benchmarks.throughput import (
-    PRODUCTION,
-    CpuWitness,
-    add_common_options,
-    describe_load,
-    input_spec,
-    load_benchmark_config,
-    machine_info,
-    measure_settings,
-)
+from benchmarks import harness
+from benchmarks.throughput import input_spec, measure_settings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(PRODUCTION), help="YAML config (default: production)")
+    p.add_argument("--config", default=str(harness.PRODUCTION),
+                   help="YAML config (default: production)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "for_loop"])
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
@@ -47,15 +39,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fresh processes per setting, taken in turn (rounds are pooled)")
     p.add_argument("--force-compile-failure", action="store_true",
                    help="make the compiler fail, to exercise the eager fallback")
-    add_common_options(p)
+    harness.add_common_options(p)
     return p.parse_args(argv)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    witness = CpuWitness()
+    witness = harness.CpuWitness()
     overrides = [*args.overrides, f"data.batch_size={args.batch_size}",
                  f"optim.implementation={args.optimizer}"]
-    spec = input_spec(load_benchmark_config(args.config, overrides))
+    spec = input_spec(harness.load_config(args.config, overrides))
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     jobs = [{"config": args.config, "device": device, "spec": spec.to_dict(),
              "overrides": overrides + [f"train.compile={str(compiled).lower()}"],
@@ -67,7 +59,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     ratio = runs["compiled"]["summary"]["median"] / runs["eager"]["summary"]["median"]
     return {"benchmark": "compile_speedup", "config": str(args.config),
             "batch_size": args.batch_size, "device": device, "overrides": overrides,
-            "machine": machine_info(), "eager": runs["eager"], "compiled": runs["compiled"],
+            "machine": harness.machine_info(), "eager": runs["eager"], "compiled": runs["compiled"],
             "compile_outcome": outcome,
             "speedup": ratio if outcome["status"] != "fell back to eager" else None,
             "throughput_ratio": ratio, "load": witness.report()}
@@ -91,14 +83,14 @@ def format_report(r: dict) -> str:
                      f"(throughput ratio {r['throughput_ratio']:.2f}, eager against eager)")
     else:
         lines.append(f"speedup: {r['speedup']:.2f}x (compiled / eager samples/s, medians)")
-    lines.append(describe_load(r["load"]))
+    lines.append(harness.describe_load(r["load"]))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     result = run_benchmark(args)
-    print(json.dumps(result, indent=1) if args.json else format_report(result))
+    harness.print_result(result, args.json, format_report)
 
 
 if __name__ == "__main__":

@@ -23,25 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):          # run as a file: make `benchmarks.*` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import (
-    PRODUCTION,
-    REPO,
-    CpuWitness,
-    add_common_options,
-    describe_load,
-    load_benchmark_config,
-    machine_info,
-)
+from benchmarks import harness
 
 
 def train_command(config: str, ranks: int, name: str, out: Path, steps: int, log_interval: int,
@@ -53,8 +43,8 @@ def train_command(config: str, ranks: int, name: str, out: Path, steps: int, log
            "train.progress_bar=false", "train.validate_at_start=false",
            f"train.eval_interval={10**9}", "train.early_stopping_patience=0"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={ranks}", str(REPO / "launch" / "train.py"), "--config", config,
-            "--set", *overrides, *run]
+            f"--nproc_per_node={ranks}", str(harness.REPO / "launch" / "train.py"),
+            "--config", config, "--set", *overrides, *run]
 
 
 def train(args: argparse.Namespace, out: Path, name: str, ranks: int, threads: int, steps: int,
@@ -63,8 +53,8 @@ def train(args: argparse.Namespace, out: Path, name: str, ranks: int, threads: i
     cmd = train_command(args.config, ranks, name, out, steps, log_interval, checkpoint_interval,
                         [*args.overrides, *extra])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False,
-                          timeout=args.timeout)
+    proc = subprocess.run(cmd, cwd=harness.REPO, env=env, capture_output=True, text=True,
+                          check=False, timeout=args.timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = (out / "logs" / name / "metrics.jsonl").read_text().splitlines()
@@ -147,7 +137,7 @@ def checkpoint_run(args, out: Path, ranks: int, threads: int, mode: str) -> dict
 
 
 def run_benchmark(args: argparse.Namespace, out: Path) -> dict:
-    witness = CpuWitness()
+    witness = harness.CpuWitness()
     cores = os.cpu_count() or 1
     layouts = [(ranks, max(1, cores // ranks)) for ranks in args.ranks]
     if args.baseline and (1, 1) not in layouts:
@@ -155,10 +145,10 @@ def run_benchmark(args: argparse.Namespace, out: Path) -> dict:
     throughput = throughput_runs(args, out, layouts)
     checkpoints = [checkpoint_run(args, out, ranks, max(1, cores // ranks), mode)
                    for ranks in args.ranks for mode in ("sync", "async")] if args.saves else []
-    num_workers = load_benchmark_config(args.config, args.overrides).data.num_workers
+    num_workers = harness.load_config(args.config, args.overrides).data.num_workers
     return {"benchmark": "ddp_scaling", "config": args.config, "per_rank_batch": args.batch_size,
             "overrides": args.overrides, "data_workers_per_rank": num_workers,
-            "machine": machine_info(), "throughput": throughput,
+            "machine": harness.machine_info(), "throughput": throughput,
             "scaling": scaling(throughput, cores), "checkpoints": checkpoints,
             "load": witness.report()}
 
@@ -173,7 +163,8 @@ def scaling(runs: list[dict], cores: int) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(PRODUCTION), help="YAML config (default: production)")
+    p.add_argument("--config", default=str(harness.PRODUCTION),
+                   help="YAML config (default: production)")
     p.add_argument("--batch-size", type=int, default=12, help="per rank (default 12)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
@@ -185,8 +176,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-interval", type=int, default=20)
     p.add_argument("--saves", type=int, default=4, help="saves per checkpoint run (0: none)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per training run")
-    p.add_argument("--out", help="run folders go here (default: a temporary folder, removed)")
-    add_common_options(p)
+    harness.add_out_option(p)
+    harness.add_common_options(p)
     return p.parse_args(argv)
 
 
@@ -216,7 +207,8 @@ def format_report(r: dict) -> str:
     lines += checkpoint_rows(r["checkpoints"])
     lines += ["", ("samples/s: the runs' own train lines (all ranks, data loading included), "
                    "first interval left out; rank-0 RSS: the largest of their memory_mb "
-                   "(resident set at each log step, not a peak)."), describe_load(r["load"])]
+                   "(resident set at each log step, not a peak)."),
+              harness.describe_load(r["load"])]
     return "\n".join(lines)
 
 
@@ -237,13 +229,9 @@ def checkpoint_rows(checkpoints: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ddp_scaling_"))
-    try:
+    with harness.run_folder(args.out, "ddp_scaling_") as out:
         result = run_benchmark(args, out)
-    finally:
-        if not args.out:
-            shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps(result, indent=1) if args.json else format_report(result))
+    harness.print_result(result, args.json, format_report)
 
 
 if __name__ == "__main__":

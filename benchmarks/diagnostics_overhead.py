@@ -30,11 +30,8 @@ drawn from the real loader once, before timing, and reused).
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,17 +40,9 @@ if __package__ in (None, ""):          # run as a file: make `benchmarks.*` impo
 
 import torch
 
-from benchmarks.throughput import (
-    PRODUCTION,
-    REPO,
-    CpuWitness,
-    add_common_options,
-    describe_load,
-    load_benchmark_config,
-    machine_info,
-)
+from benchmarks import harness
 
-QUICKSTART = REPO / "configs" / "quickstart_cpu.yaml"
+QUICKSTART = harness.REPO / "configs" / "quickstart_cpu.yaml"
 TARGET_OVERHEAD, TARGET_RECORD_BYTES = 0.03, 100_000
 CARD = ["train.log_interval=10", "diagnostics.gradient_log_interval=50",
         "diagnostics.attention_log_interval=100", "diagnostics.profile_interval=500"]
@@ -71,7 +60,7 @@ def build(config_path: str, overrides: list[str], out: Path, total_steps: int):
            f"checkpoint.root={out / 'checkpoints'}", "train.progress_bar=false",
            f"train.max_steps={total_steps}", "train.eval_interval=0",
            f"checkpoint.interval={10**9}"]
-    config = load_benchmark_config(config_path, [*ALL_ON, *CARD, *overrides, *run])
+    config = harness.load_config(config_path, [*ALL_ON, *CARD, *overrides, *run])
     return build_parts(config, distributed.init_distributed(config.train.device))
 
 
@@ -200,7 +189,7 @@ def attributed_overhead(pairs: list[dict]) -> float | None:
 
 
 def measure_config(config_path: str, args: argparse.Namespace, out: Path) -> dict:
-    witness = CpuWitness()
+    witness = harness.CpuWitness()
     total = args.warmup * 2 + 2 * args.pairs * args.block
     parts = build(config_path, args.overrides, out, total)
     parts.observers.on_start(parts.run_context)         # as Trainer.train() does
@@ -223,14 +212,14 @@ def measure_config(config_path: str, args: argparse.Namespace, out: Path) -> dic
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", default=[str(QUICKSTART), str(PRODUCTION)])
+    p.add_argument("--configs", nargs="+", default=[str(QUICKSTART), str(harness.PRODUCTION)])
     p.add_argument("--pairs", type=int, default=50, help="on/off block pairs (repetitions)")
     p.add_argument("--block", type=int, default=10, help="steps per block (multiple of 10)")
     p.add_argument("--group", type=int, default=10, help="pairs per group, for the spread")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps per arm first")
     p.add_argument("--num-batches", type=int, default=32, help="real batches, reused in turn")
-    p.add_argument("--out", help="run folders go here (default: a temporary folder, removed)")
-    add_common_options(p)
+    harness.add_out_option(p)
+    harness.add_common_options(p)
     args = p.parse_args(argv)
     if args.block % 10:
         p.error("--block must be a multiple of the log interval, 10")
@@ -271,20 +260,17 @@ def config_rows(c: dict) -> list[str]:
     sizes = ", ".join(f"{k} {v:,}" for k, v in c["record_bytes"].items())
     rows.append(f"  largest record (bytes): {sizes} (target < {TARGET_RECORD_BYTES:,} for "
                 "gradient and attention records)")
-    rows.append("  " + describe_load(c["load"]))
+    rows.append("  " + harness.describe_load(c["load"]))
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="diag_overhead_"))
-    try:
+    with harness.run_folder(args.out, "diag_overhead_") as out:
         configs = [measure_config(path, args, out) for path in args.configs]
-    finally:
-        if not args.out:
-            shutil.rmtree(out, ignore_errors=True)
-    result = {"benchmark": "diagnostics_overhead", "machine": machine_info(), "configs": configs}
-    print(json.dumps(result, indent=1) if args.json else format_report(result))
+    result = {"benchmark": "diagnostics_overhead", "machine": harness.machine_info(),
+              "configs": configs}
+    harness.print_result(result, args.json, format_report)
 
 
 if __name__ == "__main__":

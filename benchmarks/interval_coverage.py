@@ -1,5 +1,5 @@
-"""Coverage of the 95% skill interval on simulated null series: the moving-block bootstrap the
-trainer used before stats/intervals.py, against the studentised HAC interval that replaced it.
+"""Coverage of the 95% skill interval on simulated null series: the studentised HAC interval of
+stats/intervals.py against a percentile moving-block bootstrap, the usual alternative.
 
     python benchmarks/interval_coverage.py                     # 2000 replications per size
     python benchmarks/interval_coverage.py --replications 500 --json
@@ -7,8 +7,8 @@ trainer used before stats/intervals.py, against the studentised HAC interval tha
 Null series: per-window differences of overlapping 24-step windows at stride 1, each the sum of
 its window's Student-t(3) innovations (heavy tails; neighbours share 23 of 24), mean 0. Coverage
 is the share of replications whose interval contains 0; its Monte Carlo standard error is
-sqrt(c (1 - c) / R). "Claimed" is the share called shown (the new method) or excluding 0 (the
-bootstrap, which had no other test): under the null, a false claim of a difference. The seeds
+sqrt(c (1 - c) / R). "Claimed" is the share called shown (stats/intervals.py) or excluding 0
+(the bootstrap, which has no other test): under the null, a false claim of a difference. The seeds
 rows combine 2, 3, 5 or 10 per-seed series (shared window noise, each seed's own window noise and a
 seed effect of standard deviation 0, 1, 3 and 20, a quarter of the replications each) with
 stats.paired_difference_over_seeds at 400 windows.
@@ -18,14 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-if __package__ in (None, ""):          # run as a file: make `stats` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stats.intervals import mean_interval, paired_difference_over_seeds
 
@@ -41,13 +36,13 @@ def overlapping_null(shape: tuple, num_windows: int, rng) -> np.ndarray:
 
 
 def bootstrap_block_length(num_windows: int) -> int:
-    """The trainer's former rule: twice the overlap or n^(1/3), capped at a fifth of n."""
+    """The bootstrap's block length: twice the overlap or n^(1/3), capped at a fifth of n."""
     length = max(math.ceil(2 * PRED_LEN), math.ceil(num_windows ** (1 / 3)))
     return max(1, min(length, num_windows // 5))
 
 
 def bootstrap_interval(values: np.ndarray, rng, num_resamples: int = 1000) -> tuple[float, float]:
-    """The former percentile moving-block bootstrap (Kunsch 1989) of the mean, 1000 resamples."""
+    """The percentile moving-block bootstrap (Kunsch 1989) of the mean, 1000 resamples."""
     n, block = len(values), bootstrap_block_length(len(values))
     starts = rng.integers(0, n - block + 1, size=(num_resamples, math.ceil(n / block)))
     index = (starts[:, :, None] + np.arange(block)).reshape(num_resamples, -1)[:, :n]

@@ -32,25 +32,16 @@ processes used meanwhile and says when the machine was not quiet.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):          # run as a file: make `benchmarks.*` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import (
-    CpuWitness,
-    add_common_options,
-    describe_load,
-    load_benchmark_config,
-    machine_info,
-)
+from benchmarks import harness
 from experiments.plan import build_trials, read_metrics, train_command
 from experiments.runner import Slot, make_slots, run_trials
 from experiments.spec import ExperimentSpec
@@ -161,15 +152,16 @@ def summarize(runs: list[dict], parallel: int) -> dict:
 
 def run_benchmark(args: argparse.Namespace, out: Path, cores: list[int]) -> dict:
     from series.dataset import ensure_dataset
-    config = load_benchmark_config(args.config, args.overrides)
+    config = harness.load_config(args.config, args.overrides)
     ensure_dataset(config.data)            # generated once here, not by every trial at once
-    witness = CpuWitness()
+    witness = harness.CpuWitness()
     runs = [run_layout(args, out, layout, repeat, cores)
             for repeat in range(args.repeats) for layout in LAYOUTS if layout in args.layouts]
     return {"benchmark": "parallel_trials", "config": args.config, "parallel": args.parallel,
             "steps": args.steps, "log_interval": args.log_interval,
             "warmup_intervals": args.warmup_intervals, "batch_size": config.data.batch_size,
-            "overrides": args.overrides, "machine": {**machine_info(), "usable_cores": cores},
+            "overrides": args.overrides,
+            "machine": {**harness.machine_info(), "usable_cores": cores},
             "runs": runs, "summary": summarize(runs, args.parallel), "load": witness.report()}
 
 
@@ -188,8 +180,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="runs of every layout, taken in turn (default 1; median total reported)")
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
                    help="layouts to run (default: all; alone and pinned are needed)")
-    p.add_argument("--out", help="run folders go here (default: a temporary folder, removed)")
-    add_common_options(p)
+    harness.add_out_option(p)
+    harness.add_common_options(p)
     return p.parse_args(argv)
 
 
@@ -208,7 +200,7 @@ def check_args(args: argparse.Namespace, cores: list[int]) -> None:
     if args.steps // args.log_interval <= args.warmup_intervals:
         raise UserError(f"--steps {args.steps} at --log-interval {args.log_interval} leaves no "
                         f"interval after --warmup-intervals {args.warmup_intervals}")
-    load_benchmark_config(args.config, args.overrides)
+    harness.load_config(args.config, args.overrides)
 
 
 def format_report(r: dict) -> str:
@@ -233,7 +225,7 @@ def format_report(r: dict) -> str:
               (f"samples/s: each run's train lines (data loading included), the first "
                f"{r['warmup_intervals']} interval(s) of {r['log_interval']} steps left out; "
                "N-trial layouts: only while all their trials trained."),
-              describe_load(r["load"])]
+              harness.describe_load(r["load"])]
     return "\n".join(lines)
 
 
@@ -277,13 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="parallel_trials_"))
-    try:
+    with harness.run_folder(args.out, "parallel_trials_") as out:
         result = run_benchmark(args, out, cores)
-    finally:
-        if not args.out:
-            shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps(result, indent=1) if args.json else format_report(result))
+    harness.print_result(result, args.json, format_report)
 
 
 if __name__ == "__main__":

@@ -37,14 +37,8 @@ if __package__ in (None, ""):          # run as a file: make `benchmarks.*` impo
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.throughput import (
-    PRODUCTION,
-    TimedStep,
-    input_spec,
-    load_benchmark_config,
-    machine_info,
-    synthetic_batches,
-)
+from benchmarks import harness
+from benchmarks.throughput import TimedStep, input_spec, synthetic_batches
 
 CATEGORIES = ("matmul", "optimizer", "copies and casts", "indexing", "random",
               "elementwise and reductions", "python and dispatch")
@@ -127,7 +121,7 @@ def breakdown(events, wall_s: float, steps: int) -> dict:
 
 def profile_precision(config_path: str, batch_size: int, precision: str, warmup: int,
                       steps: int, overrides: tuple[str, ...] = ()) -> dict:
-    config = load_benchmark_config(config_path, [*overrides, f"data.batch_size={batch_size}",
+    config = harness.load_config(config_path, [*overrides, f"data.batch_size={batch_size}",
                                                  f"train.precision={precision}"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timed = TimedStep(config, input_spec(config), device)
@@ -163,23 +157,22 @@ def format_report(results: list[dict], info: dict, config_path: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(PRODUCTION))
+    parser.add_argument("--config", default=str(harness.PRODUCTION))
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
-                        metavar="KEY=VALUE", help="config overrides, as the trainer's --set")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    harness.add_common_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     results = [profile_precision(args.config, args.batch_size, precision, args.warmup, args.steps,
                                  tuple(args.overrides))
                for precision in args.precision]
+    machine = harness.machine_info()
     if args.json:
-        print(json.dumps({"machine": machine_info(), "config": args.config, "results": results}))
+        print(json.dumps({"machine": machine, "config": args.config, "results": results}))
     else:
-        print(format_report(results, machine_info(), args.config))
+        print(format_report(results, machine, args.config))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import importlib
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -46,82 +45,18 @@ if __package__ in (None, ""):          # run as a file: make `benchmarks.*` impo
 import psutil
 import torch
 
-from trainer import resources
+from benchmarks import harness
 from trainer.precision import cpu_has_native_bf16
 
-REPO = Path(__file__).resolve().parents[1]
-PRODUCTION = REPO / "configs" / "celestial_enhanced_pgat_production.yaml"
 # The targets on a 2-core CPU: the production config at batch 12 (aim 200 samples/s),
 # the quickstart config at batch 64.
 TARGET_SAMPLES_PER_S, TARGET_PEAK_RSS_MB = 150.0, 1000.0
 QUICKSTART_TARGET_SAMPLES_PER_S = 1500.0
-# Other processes (or the hypervisor's steal) taking more than this many cores on average during
-# a measurement make it "not quiet" (the load average lags and counts our own earlier runs too).
-QUIET_OTHER_CORES = 0.1
 # Longest a matrix-product peak probe may take on a CPU (it shrinks the product to fit).
 MATMUL_PROBE_BUDGET_S = 10.0
 
 
 # --------------------------------------------------------------------------- the machine
-def machine_info() -> dict:
-    info = {"cpu": resources.cpu_model_name(), "cores": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _busy_cpu_seconds() -> float:
-    t = psutil.cpu_times()
-    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))
-
-
-def _stolen_cpu_seconds() -> float:
-    """Time the hypervisor gave this VM's virtual cores to someone else (a noisy neighbour)."""
-    return getattr(psutil.cpu_times(), "steal", 0.0)
-
-
-def _own_cpu_seconds() -> float:
-    """This process and its finished (waited-for) children, grandchildren included."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class CpuWitness:
-    """How many cores OTHER processes kept busy while a measurement ran: the whole machine's
-    busy CPU time minus ours (children included, once they have been waited for)."""
-
-    def __init__(self) -> None:
-        self.load_before = os.getloadavg()[0]
-        self.started = time.perf_counter()
-        self.busy0, self.own0 = _busy_cpu_seconds(), _own_cpu_seconds()
-        self.steal0 = _stolen_cpu_seconds()
-
-    def report(self) -> dict:
-        wall = time.perf_counter() - self.started
-        others = (_busy_cpu_seconds() - self.busy0) - (_own_cpu_seconds() - self.own0)
-        other_cores = max(0.0, others / wall) if wall > 0 else 0.0
-        stolen_cores = (_stolen_cpu_seconds() - self.steal0) / wall if wall > 0 else 0.0
-        return {"load_1m_before": round(self.load_before, 2),
-                "load_1m_after": round(os.getloadavg()[0], 2), "wall_s": round(wall, 1),
-                "other_processes_cores": round(other_cores, 3),
-                "stolen_cores": round(stolen_cores, 3),
-                "quiet": other_cores < QUIET_OTHER_CORES and stolen_cores < QUIET_OTHER_CORES}
-
-
-def describe_load(witness: dict) -> str:
-    verdict = "quiet" if witness["quiet"] else "NOT QUIET: these numbers are not trustworthy"
-    return (f"load: 1-min load average {witness['load_1m_before']} before, "
-            f"{witness['load_1m_after']} after; other processes used "
-            f"{witness['other_processes_cores']:.2f} cores on average over "
-            f"{witness['wall_s']} s, the hypervisor took {witness.get('stolen_cores', 0):.2f} "
-            f"({verdict})")
-
-
 def peak_rss_mb() -> float:
     """This process's resident-set high-water mark, VmHWM. Not getrusage's ru_maxrss: on Linux
     a child inherits the parent's resident set at fork into it, even across exec, so a child
@@ -176,12 +111,6 @@ def _sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------ the step being timed
-def load_benchmark_config(config_path: str | None, overrides: list[str]):
-    """The config file with `key=value` overrides (as the CLI's --set reads them)."""
-    from trainer.config import load_config, parse_override
-    return load_config(config_path, [parse_override(text) for text in overrides])
-
-
 def input_spec(config):
     """The real input layout of the config's dataset (generated on first use)."""
     from series.dataset import ensure_dataset, prepare
@@ -266,7 +195,7 @@ def measure_here(job: dict) -> dict:
     """Build the step, warm up, time rounds; runs inside the fresh child process."""
     from model import InputSpec
     from trainer.distributed import pick_device
-    config = load_benchmark_config(job["config"], job["overrides"])
+    config = harness.load_config(job["config"], job["overrides"])
     device = pick_device(job["device"], 0)
     if job.get("force_compile_failure"):
         break_the_compiler()
@@ -301,7 +230,7 @@ def measure_here(job: dict) -> dict:
 def measure_in_subprocess(job: dict, env: dict | None = None, timeout: int = 3600) -> dict:
     """`measure_here` in a fresh Python process (its own peak RSS, its own compile caches)."""
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child"],
-                          input=json.dumps(job), capture_output=True, text=True, cwd=REPO,
+                          input=json.dumps(job), capture_output=True, text=True, cwd=harness.REPO,
                           env={**os.environ, **(env or {})}, timeout=timeout, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -338,16 +267,10 @@ def merge_processes(results: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- the script
-def add_common_options(p: argparse.ArgumentParser) -> None:
-    """--set and --json: the same in every benchmark here."""
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
-                   metavar="KEY=VALUE", help="config overrides, e.g. --set model.d_model=64")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(PRODUCTION), help="YAML config (default: production)")
+    p.add_argument("--config", default=str(harness.PRODUCTION),
+                   help="YAML config (default: production)")
     p.add_argument("--batch-size", type=int, default=12, help="samples per step (default 12)")
     p.add_argument("--optimizer", nargs="+", default=["fused"],
                    choices=["fused", "foreach", "for_loop"], help="AdamW implementation(s)")
@@ -360,7 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fresh processes per setting, taken in turn (rounds are pooled)")
     p.add_argument("--matmul-size", type=int, default=4096)
     p.add_argument("--matmul-repeats", type=int, default=5)
-    add_common_options(p)
+    harness.add_common_options(p)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -387,9 +310,9 @@ def settings(args: argparse.Namespace) -> list[tuple[str, bool]]:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    witness = CpuWitness()
+    witness = harness.CpuWitness()
     overrides = base_overrides(args)
-    config = load_benchmark_config(args.config, overrides)
+    config = harness.load_config(args.config, overrides)
     spec = input_spec(config)
     data_peak_mb = peak_rss_mb()
     facts = model_facts(config, spec)
@@ -414,7 +337,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if bf16_peak:
             run["bf16_matmul_peak_fraction"] = achieved_gflops / bf16_peak
     return {"benchmark": "throughput", "config": str(args.config), "batch_size": args.batch_size,
-            "overrides": overrides, "machine": machine_info(),
+            "overrides": overrides, "machine": harness.machine_info(),
             "model": facts, "matmul_peak_gflops": peak, "matmul_size": size,
             "bf16_matmul_peak_gflops": bf16_peak, "bf16_matmul_size": bf16_size,
             "matmul_dtype": str(dtype).replace("torch.", ""),
@@ -455,7 +378,7 @@ def format_report(r: dict) -> str:
         (f"targets (2 cores): production batch 12 >= {TARGET_SAMPLES_PER_S:.0f} "
          f"samples/s in <= {TARGET_PEAK_RSS_MB / 1000:.1f} GB peak RSS; quickstart batch 64 >= "
          f"{QUICKSTART_TARGET_SAMPLES_PER_S:,.0f} samples/s"),
-        describe_load(r["load"]),
+        harness.describe_load(r["load"]),
     ]
     return "\n".join(lines)
 
@@ -483,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure_here(json.load(sys.stdin))))
         return
     result = run_benchmark(args)
-    print(json.dumps(result, indent=1) if args.json else format_report(result))
+    harness.print_result(result, args.json, format_report)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import sys
 import threading
 from pathlib import Path
 
-# trainer/preemption.py's EXIT_PREEMPTED: the status of a worker that saved and stopped on request
-EXIT_PREEMPTED = 75
+from trainer.preemption import EXIT_PREEMPTED  # installed in the image (pip install -e)
+
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1,
              signal.SIGUSR2: signal.SIGUSR2, signal.SIGINT: signal.SIGTERM}
 

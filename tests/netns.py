@@ -21,6 +21,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.processes import wait_until
+
 PREFIX = "celhost"
 IFNAME = "eth0"
 
@@ -189,11 +191,9 @@ except ConnectionRefusedError:
 
 def wait_reachable(machines: list[Host], timeout: float = 10) -> None:
     """The bridge forwards only after its ports leave the learning state: ping until it does."""
-    deadline = time.monotonic() + timeout
     first, others = machines[0], machines[1:]
     for other in others:
         probe = [sys.executable, "-c", PROBE, other.address]
-        while first.run(probe, capture_output=True, check=False).returncode:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{other.name} ({other.address}) unreachable from {first.name}")
-            time.sleep(0.2)
+        wait_until(lambda probe=probe: first.run(probe, capture_output=True).returncode == 0,
+                   f"{other.name} ({other.address}) reachable from {first.name}",
+                   timeout=timeout, interval=0.2)

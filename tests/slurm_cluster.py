@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests import netns
+from tests.processes import wait_until
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 LOCK_FILE = Path(tempfile.gettempdir()) / "celestial-slurm-cluster.lock"
@@ -177,14 +178,11 @@ class SlurmCluster:
         return self.node_states() == {node.name: "idle" for node in self.nodes}
 
     def wait_until(self, condition, timeout: float, what: str, interval: float = 0.5):
-        """Poll `condition()` until it returns something true; fail with `what` on timeout."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
+        """`condition()`'s first true value; on timeout, fail with `what` and the daemons' logs."""
+        try:
+            return wait_until(condition, what, timeout=timeout, interval=interval)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{self.logs()}") from None
 
     def wait_for_state(self, job_id: str, states: set[str], timeout: float) -> dict[str, str]:
         def reached():
@@ -221,11 +219,7 @@ def start_munge() -> int | None:
     if not Path("/etc/munge/munge.key").exists():
         subprocess.run(["runuser", "-u", "munge", "--", "mungekey", "--create"], check=True)
     subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True, timeout=30)
-    deadline = time.monotonic() + 10
-    while not munge_works():
-        if time.monotonic() > deadline:
-            raise AssertionError("munged started but `munge -n | unmunge` still fails")
-        time.sleep(0.1)
+    wait_until(munge_works, "`munge -n | unmunge` working after munged started", timeout=10)
     return int(MUNGE_PID_FILE.read_text().split()[0])
 
 

@@ -189,8 +189,8 @@ def test_signals_at_awkward_moments_leave_one_checkpoint_each_and_resume(short_c
 
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_and_exits_75_and_a_second_one_stops_at_once(short_csv, tmp_path):
-    """Ctrl-C during a save was reported as a write failure ("make room", exit 74), and
-    elsewhere as a KeyboardInterrupt traceback with no checkpoint."""
+    """Ctrl-C during a save is a stop request like SIGTERM: the checkpoint completes and the run
+    exits 75, with no write failure ("make room", exit 74) and no KeyboardInterrupt traceback."""
     args = _args(short_csv, tmp_path, "ctrl_c", train__max_steps=50, checkpoint__interval=4,
                  train__validate_at_start=False)
     code, out = _signal_during(_start(args, "delay:checkpoint_save:4"), "checkpoint_save",

@@ -70,8 +70,11 @@ def test_profiled_step_components_add_up_to_the_step(short_csv, tmp_path, device
     assert timing["method"] == ("cuda_events" if device == "cuda" else "host_timer")
     parts = timing["components"].values()
     assert all(c["forward_ms"] > 0 and c["backward_ms"] > 0 for c in parts)
-    together = sum(c["forward_ms"] + c["backward_ms"] for c in parts)
-    assert 0.5 * timing["step_time_ms"] < together <= 1.05 * timing["step_time_ms"]
+    # The components' forward and backward and the optimizer step are disjoint intervals inside
+    # the step, read from one clock: together they cannot exceed it (on a FLOP clock they cover
+    # it exactly: tests/test_profiling.py).
+    together = sum(c["forward_ms"] + c["backward_ms"] for c in parts) + timing["optimizer_ms"]
+    assert timing["optimizer_ms"] > 0 and together <= timing["step_time_ms"]
     peak = peak_tflops(device_name(trainer.env.device)) if device == "cuda" else None
     assert record["peak_tflops"] == peak and record["achieved_tflops"] > 0
     if peak is None:                    # a CPU, or a GPU missing from the table: no MFU guessed

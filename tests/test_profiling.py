@@ -1,31 +1,48 @@
-"""Component profiling: host timers cover the step, FLOPs, and the MFU table."""
+"""Component profiling: component times cover the step, FLOPs, and the MFU table."""
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from diagnostics.profiling import ComponentTimer, _Clock, count_flops_per_sample, peak_tflops
+from diagnostics.profiling import ComponentTimer, count_flops_per_sample, peak_tflops
 from tests.test_model import inputs, make_model
 
 
-def test_component_times_cover_the_step_on_cpu():
+class FlopClock:
+    """A clock that reads the FLOPs counted so far: deterministic "time" in which every matrix
+    product of the step takes a known, exact share."""
+    cuda = False
+
+    def __init__(self, counter: FlopCounterMode) -> None:
+        self.counter = counter
+
+    def now(self) -> int:
+        return self.counter.get_total_flops()
+
+    def ms(self, start, end) -> float:
+        return 0.0 if start is None or end is None else float(end - start)
+
+
+def test_component_times_cover_the_step_exactly():
+    """Every matrix product of the model runs inside one of its components, so on a FLOP clock
+    the components' forward and backward times add up to the whole step: a part counted twice
+    makes the sum larger, a part left out makes it smaller."""
     model = make_model()
-    wave, target, future, y = inputs(model, batch=16)
-    components = {n: getattr(model, n) for n in model.component_parameters()}
-    timer = ComponentTimer(components, _Clock(torch.device("cpu")))
-    model(wave, target, future).loss(y).backward()        # warm-up
-    model.zero_grad()
+    wave, target, future, y = inputs(model, batch=4)
+    components = {n: getattr(model, n) for n in model.component_parameters() if n != "other"}
+    counter = FlopCounterMode(display=False)
+    clock = FlopClock(counter)
+    timer = ComponentTimer(components, clock)
     timer.attach()
-    start = time.perf_counter()
-    model(wave, target, future).loss(y).backward()
-    elapsed_ms = (time.perf_counter() - start) * 1e3
+    with counter:
+        start = clock.now()
+        model(wave, target, future).loss(y).backward()
+        step = clock.ms(start, clock.now())
     times = timer.detach()
     assert set(times) == set(components)
     assert all(t["forward_ms"] > 0 and t["backward_ms"] > 0 for t in times.values())
-    total = sum(t["forward_ms"] + t["backward_ms"] for t in times.values())
-    assert 0.5 * elapsed_ms < total <= elapsed_ms * 1.01
+    assert sum(t["forward_ms"] + t["backward_ms"] for t in times.values()) == step
     assert not timer.handles        # nothing left attached after the profiled step
 
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
 from tests import netns
 from tests.postgres import postgres_database
+from tests.processes import running, wait_until
 from tests.test_search import search_data
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.extended]
@@ -55,6 +56,13 @@ def starts(tmp_path) -> dict[str, list[str]]:
             for p in (tmp_path / "logs").glob("*/starts.txt")}
 
 
+def wait_for_trial(tmp_path, name: str, worker: subprocess.Popen) -> None:
+    """Until the worker `name` has started a trial."""
+    wait_until(lambda: any(name in s for s in starts(tmp_path).values()),
+               f"a trial started by worker {name}", timeout=120, alive=running(worker),
+               output=lambda: (tmp_path / f"worker_{name}.log").read_text())
+
+
 def test_a_worker_killed_mid_trial_loses_no_trial_of_a_postgresql_study(tmp_path):
     why = netns.unavailable()
     if why:
@@ -72,12 +80,10 @@ def test_a_worker_killed_mid_trial_loses_no_trial_of_a_postgresql_study(tmp_path
             return host.popen([sys.executable, "-c", WORKER, str(script), str(path)], env=env,
                               stdout=log, stderr=log)
 
-        worker(first, "a", 600.0)                     # its trial never ends by itself
-        deadline = time.time() + 120
-        while not any("a" in s for s in starts(tmp_path).values()) and time.time() < deadline:
-            time.sleep(0.2)
+        doomed = worker(first, "a", 600.0)            # its trial never ends by itself
+        wait_for_trial(tmp_path, "a", doomed)
         other = worker(second, "b", 1.0)
-        time.sleep(2.0)
+        wait_for_trial(tmp_path, "b", other)          # both at work
         first.kill()                                  # killed outright, mid-trial
         assert other.wait(timeout=180) == 0, (tmp_path / "worker_b.log").read_text()
         read = second.run([sys.executable, "-c", READ_STUDY, str(path)], capture_output=True,

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -189,6 +188,7 @@ FAKE_WORKER = """\
 # data), exits 75 on a stop signal, 0 after FAKE_RUN_S.
 import os, signal, sys, time
 out, rank = sys.argv[1], sys.argv[2]
+open(f"{out}/started{rank}", "w").close()
 time.sleep(float(os.environ.get("FAKE_STARTUP_S", "0")))
 got = []
 for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -252,7 +252,7 @@ def test_usr1_reaches_the_workers_and_spares_the_agent(fake_torchrun):
 def test_usr1_before_the_workers_listen_is_sent_again(fake_torchrun):
     env, out = fake_torchrun
     launcher = start_launcher(env, out, FAKE_STARTUP_S="1.5")
-    time.sleep(0.5)                           # workers started, handlers not yet installed
+    wait_for_files(out / "started0", out / "started1")    # handlers installed 1.5 s later
     os.kill(launcher.pid, signal.SIGUSR1)
     assert launcher.wait(30) == 1
     assert (out / "worker0").read_text() == "SIGUSR1" == (out / "worker1").read_text()

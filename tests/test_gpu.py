@@ -169,7 +169,7 @@ def test_compile_failure_falls_back_to_eager(short_csv, tmp_path, monkeypatch):
         try:
             compiled = trainer_on("cpu", short_csv, tmp_path, "compiled", train__compile=True,
                                   **common)
-            assert compiled.train_model is not compiled.model   # it was handed to torch.compile
+            assert compiled.train_step.train_model is not compiled.train_step.model   # compiled
             assert compiled.train() == 0
         finally:
             torch._dynamo.reset()

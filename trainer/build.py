@@ -299,6 +299,9 @@ def describe_run(trainer: Trainer) -> None:
     log.info("device %s x %d rank(s), backend %s, precision %s, %s parameters",
              env.device, env.world_size, env.backend or "none",
              precision.name_of(trainer.train_step.autocast_dtype), f"{params:,}")
+    timeouts = distributed.describe_group_timeouts()
+    if timeouts:
+        log.info("collective timeout (train.collective_timeout_s): %s", timeouts)
     log.info("effective batch %d = %d per rank x %d rank(s) x %d accumulation; %d steps per "
              "epoch, %d steps in all", trainer.samples_per_step, c.data.batch_size,
              env.world_size, c.train.grad_accum_steps, steps_per_epoch(c, trainer.data),

@@ -230,6 +230,19 @@ def group_timeouts() -> dict[str, float]:
     return timeouts
 
 
+def describe_group_timeouts() -> str | None:
+    """How long a collective may wait, read back from the live process groups (None outside
+    one): '10 s on every process group (default, checkpoint)', or each group's where they
+    differ."""
+    timeouts = group_timeouts()
+    if not timeouts:
+        return None
+    if len(set(timeouts.values())) == 1:
+        return (f"{next(iter(timeouts.values())):g} s on every process group "
+                f"({', '.join(timeouts)})")
+    return ", ".join(f"{name} {seconds:g} s" for name, seconds in timeouts.items())
+
+
 _BACKEND_WORDS = ("gloo", "nccl", "c10d", "processgroup", "pair closure")
 _TIMEOUT_WORDS = ("timed out", "timeout")
 _LOST_PEER_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe",

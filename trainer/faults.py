@@ -7,6 +7,9 @@ rank; STEP is `N`, `N-M` or `N-` (from N on). Faults known here:
 
 - `delay:PHASE:SECONDS`: sleep at the start of a phase: data_preparation, model_build, resume,
   validation, checkpoint_save
+- `hold:PHASE:PATH`: hold at the start of a phase until the file PATH exists, logging each stop
+  or save request the process has received (a test signals a run inside a phase and knows each
+  signal was handled before it sends the next or lets the phase go on)
 - `hang:STEP`: sleep forever before optimizer step STEP (a rank that stops participating)
 - `nan_input:STEP`: a NaN in the first micro-batch's inputs at step STEP
 - `nan_loss:STEP`: a NaN loss at step STEP
@@ -32,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -76,6 +80,12 @@ def from_environment() -> FaultHook:
     return from_text(os.environ.get(ENV_VAR, ""))
 
 
+def _request_name(request: tuple[int | None, bool]) -> str:
+    """(stop signal, save requested) -> the name of the newest: SIGTERM, SIGUSR2 (save now)."""
+    stop_signal, save_now = request
+    return "SIGUSR2" if save_now else signal.Signals(stop_signal).name
+
+
 def _steps_match(steps: str, step: int) -> bool:
     """STEP is `N`, `N-M` (N to M) or `N-` (N on)."""
     first, dash, last = steps.partition("-")
@@ -95,6 +105,7 @@ class FaultPlan:
     def __call__(self, point: str, step: int = 0, model: torch.nn.Module | None = None) -> None:
         if point in DELAY_PHASES:
             self.delay(point)
+            self.hold(point)
         elif point == "model_built":
             self.attach(model)
         elif point == "before_step":
@@ -121,6 +132,23 @@ class FaultPlan:
             if fault.args[0] == phase:
                 log.warning("fault injection: delaying %s by %s s", phase, fault.args[1])
                 time.sleep(float(fault.args[1]))
+
+    def hold(self, phase: str) -> None:
+        """`hold:PHASE:PATH`: wait at the start of `phase` until PATH exists; each stop signal
+        and save request received so far is logged once, as the handlers recorded it."""
+        from trainer.preemption import process_requests  # late: only when a hold is asked for
+        for fault in self.mine("hold"):
+            if fault.args[0] != phase:
+                continue
+            release, requests, logged = Path(fault.args[1]), process_requests(), (None, False)
+            log.warning("fault injection: holding %s until %s exists", phase, release)
+            while not release.exists():
+                seen = (requests.stop_signal, requests.save_now)
+                if seen != logged:
+                    log.warning("fault injection: %s received during %s", _request_name(seen),
+                                phase)
+                    logged = seen
+                time.sleep(0.02)
 
     def hang(self, step: int) -> None:
         """`hang:STEP`: stop participating before `step`, for good (as a deadlocked rank)."""

@@ -121,7 +121,7 @@ class StopReason(str, Enum):
 class SplitEvaluator:
     """`evaluate(split, **kwargs)`: the model's metrics on the val or test split."""
 
-    def __init__(self, step: TrainStep, data) -> None:
+    def __init__(self, step: TrainStep, data: DataBundle) -> None:
         self.step, self.data = step, data
 
     def __call__(self, split: str = "val", **kwargs) -> dict:

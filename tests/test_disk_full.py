@@ -179,7 +179,8 @@ def test_rank_0_failing_to_write_the_manifest_stops_both_ranks_at_once(short_csv
         ("train.collective_timeout_s", 120)])
     results = run_two_ranks(argv, tmp_path / "out", manifest_fails=True)
     # A rank left waiting in a collective would fail with the timeout's own error line.
-    assert not any("collective_timeout_s" in r["stderr"] for r in results), results[1]["stderr"]
+    assert not any("did not complete within train.collective_timeout_s" in r["stderr"]
+                   for r in results), results[1]["stderr"]
     lines = [[ln for ln in r["stderr"].splitlines() if ln.startswith("error: ")] for r in results]
     assert [r["status"] for r in results] == [EXIT_WRITE_FAILED] * 2, results[1]["stderr"][-2000:]
     assert lines[0] == lines[1] and len(lines[0]) == 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from experiments.compare import compare_variants, load_trial_scores, select_on_validation
 from experiments.from_analysis import spec_from_analysis
-from experiments.plan import Trial, build_trials, experiment_dir, train_command
+from experiments.plan import Trial, build_trials, experiment_dir, replace_text, train_command
 from experiments.report import ExperimentResult, per_target_lines, verdict_lines, write_outputs
 from experiments.runner import (
     failure_reason,
@@ -122,7 +122,7 @@ def claim_folder(spec: ExperimentSpec, folder: Path) -> None:
                             f"{SPEC_FILE} differs): choose another name")
         return
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(spec.to_yaml())
+    replace_text(path, spec.to_yaml())
 
 
 def collect(spec: ExperimentSpec, trials: list[Trial], folder: Path,

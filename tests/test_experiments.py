@@ -444,3 +444,16 @@ def test_slurm_refuses_an_override_with_white_space(tmp_path, monkeypatch, capsy
     path = write_experiment(tmp_path, overrides={"data.date_column": "the date"})
     assert cli.run([str(path), "--slurm"]) == 2
     assert "white space" in capsys.readouterr().err
+
+
+def test_a_spec_file_is_replaced_whole_for_readers_in_other_workers(tmp_path):
+    """A worker that opened the file before another one rewrote it reads the whole old text
+    (written in place, it would find the file truncated: a search.yaml 'missing key name')."""
+    from experiments.plan import replace_text
+    path = tmp_path / "search.yaml"
+    replace_text(path, "name: old\n")
+    with path.open() as reader:
+        replace_text(path, "name: new\n")
+        assert reader.read() == "name: old\n"
+    assert path.read_text() == "name: new\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["search.yaml"]      # no temporary file left

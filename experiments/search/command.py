@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from experiments.plan import experiment_dir
+from experiments.plan import experiment_dir, replace_text
 from experiments.runner import Slot
 from experiments.search.driver import RUN_ATTR, run_search, runs_counted
 from experiments.search.spec import START, SearchSpec, load_search
@@ -41,12 +41,12 @@ def claim_search_folder(spec: SearchSpec, folder: Path) -> None:
             raise UserError(f"{folder} holds another search named {spec.name!r} (its "
                             f"{SPEC_FILE} differs in more than search.n_trials): choose "
                             f"another name")
-        path.write_text(spec.to_yaml())     # a new budget continues the same study
+        replace_text(path, spec.to_yaml())     # a new budget continues the same study
         return
     if (folder / "experiment.yaml").is_file():
         raise UserError(f"{folder} holds an experiment named {spec.name!r}: choose another name")
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(spec.to_yaml())
+    replace_text(path, spec.to_yaml())
 
 
 def _without_budget(spec: SearchSpec) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from experiments.compare import compare_variants, load_trial_scores, select_on_validation
 from experiments.from_analysis import spec_from_analysis
-from experiments.plan import Trial, build_trials, experiment_dir, replace_text, train_command
+from experiments.plan import Trial, build_trials, experiment_dir, train_command
 from experiments.report import ExperimentResult, per_target_lines, verdict_lines, write_outputs
 from experiments.runner import (
     failure_reason,
@@ -45,6 +45,7 @@ from experiments.search.spec import SearchSpec, load_search
 from experiments.slurm import submit_array, submit_search_workers, wait_for_array
 from experiments.spec import ExperimentSpec, load_spec
 from trainer.errors import UserError
+from trainer.run_log import replace_text
 
 SPEC_FILE = "experiment.yaml"
 

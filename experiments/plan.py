@@ -8,9 +8,7 @@ from its newest checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,18 +53,6 @@ def build_trials(spec: ExperimentSpec) -> list[Trial]:
 def experiment_dir(spec: ExperimentSpec) -> Path:
     log_root = Path(spec.trial_config(spec.control, spec.seeds[0]).train.log_root)
     return log_root / "experiments" / spec.name
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Write `path` whole or not at all: a temporary file beside it, then one rename, so that
-    another worker reading it meanwhile sees the old file or the new one, never part of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def train_command(spec: ExperimentSpec, trial: Trial, ranks: int = 1,

@@ -449,7 +449,7 @@ def test_slurm_refuses_an_override_with_white_space(tmp_path, monkeypatch, capsy
 def test_a_spec_file_is_replaced_whole_for_readers_in_other_workers(tmp_path):
     """A worker that opened the file before another one rewrote it reads the whole old text
     (written in place, it would find the file truncated: a search.yaml 'missing key name')."""
-    from experiments.plan import replace_text
+    from trainer.run_log import replace_text
     path = tmp_path / "search.yaml"
     replace_text(path, "name: old\n")
     with path.open() as reader:

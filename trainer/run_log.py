@@ -154,6 +154,20 @@ def guarded_write(path, leftover: Path | None = None):
                 leftover.unlink(missing_ok=True)
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, then one rename, so that a
+    reader (the analysis, another worker) sees the old file or the new one, never part of one.
+    On an error the temporary file is removed and the error raised."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError:
+        with suppress(OSError):     # its folder is gone or unreadable: nothing to clean
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 # --- the text log ---------------------------------------------------------------------------------
 
 class _RunFileHandler(logging.FileHandler):

@@ -14,13 +14,14 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from experiments.plan import experiment_dir, replace_text
+from experiments.plan import experiment_dir
 from experiments.runner import Slot
 from experiments.search.driver import RUN_ATTR, run_search, runs_counted
 from experiments.search.spec import START, SearchSpec, load_search
 from experiments.search.study import address, open_study
 from trainer.config import load_config
 from trainer.errors import UserError
+from trainer.run_log import replace_text
 
 SPEC_FILE = "search.yaml"
 
